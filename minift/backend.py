@@ -1,0 +1,86 @@
+"""The array module is inferred from the arguments: numpy, or cupy for arrays on a GPU.
+
+There is no global switch. Every compute function starts with ``xp = get_xp(x)`` and uses only
+``xp.*`` and array methods, so the same code runs on NumPy and CuPy. cupy is imported once, guarded:
+minift works, and never imports it, where it is absent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from types import ModuleType
+from typing import Any, TypeAlias
+
+import numpy as np
+
+Array: TypeAlias = np.ndarray
+"""An n-dimensional array: a ``numpy.ndarray``, or a ``cupy.ndarray`` on a GPU."""
+
+_cupy: ModuleType | None = None
+if importlib.util.find_spec("cupy") is not None:  # never import a package that is not there
+    try:
+        import cupy as _cupy
+    except Exception:  # a broken CUDA install must not break the CPU path
+        _cupy = None
+
+
+def get_xp(*arrays: Any) -> ModuleType:
+    """Return ``cupy`` if any argument is a ``cupy.ndarray``, else ``numpy``.
+
+    Non-array arguments (None, Python scalars) are ignored; any other array type is an error, so that
+    a torch tensor passed by mistake fails here and not deep inside a matmul.
+    """
+    for a in arrays:
+        if _cupy is not None and isinstance(a, _cupy.ndarray):
+            return _cupy
+        if a is None or isinstance(a, np.ndarray | np.generic | int | float | bool):
+            continue
+        raise TypeError(f"expected numpy or cupy arrays, got {type(a).__module__}.{type(a).__name__}")
+    return np
+
+
+def gpu_available() -> bool:
+    """True only if cupy imports and sees at least one CUDA device."""
+    if _cupy is None:
+        return False
+    try:
+        return int(_cupy.cuda.runtime.getDeviceCount()) > 0
+    except Exception:
+        return False
+
+
+def xp_for(device: str) -> ModuleType:
+    """The array module of a device name: ``"cpu"`` → numpy, ``"cuda"`` → cupy."""
+    if device == "cpu":
+        return np
+    if device == "cuda":
+        if not gpu_available():
+            raise RuntimeError("device 'cuda' needs CuPy and a CUDA GPU: pip install 'minift[cuda]'")
+        assert _cupy is not None
+        return _cupy
+    raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'cuda'")
+
+
+def to_numpy(a: Any) -> np.ndarray:
+    """Return ``a`` as a NumPy array (copying from the GPU when needed)."""
+    if _cupy is not None and isinstance(a, _cupy.ndarray):
+        return _cupy.asnumpy(a)
+    return np.asarray(a)
+
+
+def to_xp(a: Any, xp: ModuleType) -> Array:
+    """Return ``a`` on the array module ``xp`` (unchanged when it is already there)."""
+    if xp is np:
+        return to_numpy(a)
+    return xp.asarray(a)
+
+
+def scatter_add(target: Array, index: Array, values: Array) -> None:
+    """``target[index] += values`` with repeated indices accumulated (``numpy.add.at``), in place."""
+    xp = get_xp(target)
+    if xp is np:
+        np.add.at(target, index, values)
+    else:
+        import cupyx
+
+        cupyx.scatter_add(target, index, values)

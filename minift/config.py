@@ -1,0 +1,151 @@
+"""Model configuration for the Llama family (Llama, Mistral, Qwen2) and GPT-2.
+
+Field names follow the shape alphabet of ``minift/__init__.py``. Reading and writing Hugging Face
+``config.json`` files lives in ``minift.hub``; this module only states and checks the architecture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from minift.errors import ConfigError
+
+Arch = Literal["llama", "mistral", "qwen2", "gpt2"]
+RopeKind = Literal["default", "linear", "llama3"]
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How RoPE frequencies are rescaled for long contexts (HF ``rope_scaling``/``rope_parameters``)."""
+
+    kind: RopeKind = "default"  # "default": no scaling; "linear": inv_freq / factor; "llama3": banded
+    factor: float = 1.0  # linear and llama3
+    low_freq_factor: float = 1.0  # llama3: wavelengths above orig/low are divided by factor
+    high_freq_factor: float = 4.0  # llama3: wavelengths below orig/high are kept
+    original_max_position_embeddings: int = 8192  # llama3: the context the model was trained on
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("default", "linear", "llama3"):
+            raise ConfigError(
+                f"unsupported RoPE type {self.kind!r}: minift supports 'default', 'linear' and 'llama3'"
+            )
+        if self.kind != "default" and self.factor <= 0:
+            raise ConfigError(f"RoPE scaling factor must be positive, got {self.factor}")
+        if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ConfigError(
+                "llama3 RoPE needs high_freq_factor > low_freq_factor, got "
+                f"{self.high_freq_factor} and {self.low_freq_factor}"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture of a decoder-only transformer.
+
+    ``n_kv_heads`` and ``head_dim`` may be left as None and are then resolved to H and C // H.
+    GPT-2 (``arch="gpt2"``) uses LayerNorm, learned positions, tanh-GELU and biases everywhere.
+    """
+
+    vocab_size: int  # V
+    hidden_size: int  # C
+    intermediate_size: int  # F, the FFN width
+    n_layers: int  # L
+    n_heads: int  # H, query heads
+    n_kv_heads: int | None = None  # K, key/value heads; GQA when K < H (None → H)
+    head_dim: int | None = None  # D; may differ from C // H, e.g. Mistral-Nemo (None → C // H)
+    arch: Arch = "llama"
+    norm_eps: float = 1e-6  # RMSNorm (or GPT-2 LayerNorm) epsilon
+    rope_theta: float = 10000.0  # RoPE base θ
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    max_position_embeddings: int = 2048  # GPT-2: rows of the learned position table
+    tie_word_embeddings: bool = False  # the LM head reuses the token embedding E
+    qkv_bias: bool = False  # bias on q, k, v (Llama attention_bias, always on in Qwen2)
+    o_bias: bool = False  # bias on o (Llama attention_bias; never in Qwen2)
+    mlp_bias: bool = False  # bias on gate, up, down (Llama mlp_bias)
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()  # one or several ids that end generation
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.head_dim is None and self.n_heads > 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.n_heads)
+        if isinstance(self.eos_token_id, int):
+            object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
+        object.__setattr__(self, "eos_token_id", tuple(int(e) for e in self.eos_token_id))
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.arch not in ("llama", "mistral", "qwen2", "gpt2"):
+            raise ConfigError(
+                f"unsupported architecture {self.arch!r}: minift supports llama, mistral, qwen2, gpt2"
+            )
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        if not isinstance(K, int) or K <= 0 or H % K != 0:
+            raise ConfigError(
+                f"n_kv_heads (K={K}) must be a positive divisor of n_heads (H={H}): "
+                "each key/value head serves H // K query heads"
+            )
+        if not isinstance(D, int) or D <= 0:
+            raise ConfigError(f"head_dim must be a positive integer, got {D!r}")
+        if self.uses_rope and D % 2 != 0:
+            raise ConfigError(f"RoPE rotates pairs (i, i + D/2): head_dim must be even, got {D}")
+        if self.arch == "gpt2":
+            if K != H:
+                raise ConfigError("GPT-2 has no grouped-query attention: n_kv_heads must equal n_heads")
+            if H * D != self.hidden_size:
+                raise ConfigError("GPT-2 needs n_heads * head_dim == hidden_size")
+            if not (self.qkv_bias and self.o_bias and self.mlp_bias):
+                raise ConfigError("GPT-2 has biases on every projection: set qkv_bias, o_bias, mlp_bias")
+        if self.norm_eps < 0:
+            raise ConfigError(f"norm_eps must be >= 0, got {self.norm_eps}")
+        if self.rope_theta <= 0:
+            raise ConfigError(f"rope_theta must be positive, got {self.rope_theta}")
+        for name in ("bos_token_id", "pad_token_id"):
+            tok = getattr(self, name)
+            if tok is not None and not 0 <= tok < self.vocab_size:
+                raise ConfigError(f"{name}={tok} is outside the vocabulary [0, {self.vocab_size})")
+
+    @property
+    def uses_rope(self) -> bool:
+        """Llama-family models rotate q and k; GPT-2 adds a learned position embedding instead."""
+        return self.arch != "gpt2"
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per key/value head, H // K."""
+        assert self.n_kv_heads is not None
+        return self.n_heads // self.n_kv_heads
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (minift's own format; ``minift.hub`` writes the HF one)."""
+        d = dataclasses.asdict(self)
+        d["eos_token_id"] = list(self.eos_token_id)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Inverse of ``to_dict``; unknown keys are an error that names them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown ModelConfig fields {unknown}; expected some of {sorted(names)}")
+        d = dict(d)
+        if isinstance(d.get("rope_scaling"), dict):
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ConfigError(f"invalid ModelConfig: {e}") from None

@@ -1,0 +1,1 @@
+"""Pure operations, each a ``<op>_forward`` / ``<op>_backward`` pair with a typed cache."""

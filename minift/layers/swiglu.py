@@ -1,0 +1,39 @@
+"""SwiGLU gating h = silu(g) ⊙ u, the non-linearity of the Llama MLP down(silu(gate x) ⊙ up x)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from minift.backend import Array, get_xp
+
+
+class SwiGLUCache(NamedTuple):
+    g: Array  # (N, F) gate pre-activation; σ(g) is recomputed (one tanh) instead of stored
+    u: Array  # (N, F) up projection
+
+
+def _sigmoid(z: Array) -> Array:
+    # NOTE: 0.5·(1 + tanh(z/2)) never overflows, unlike 1 / (1 + exp(−z)) for very negative z.
+    return 0.5 * (1.0 + get_xp(z).tanh(0.5 * z))
+
+
+def swiglu_forward(g: Array, u: Array) -> tuple[Array, SwiGLUCache]:
+    """h = silu(g) ⊙ u,  silu(g) = g · σ(g).
+
+    Shapes:
+        g, u: (N, F)   returns h: (N, F)
+    """
+    return g * _sigmoid(g) * u, SwiGLUCache(g, u)
+
+
+def swiglu_backward(dh: Array, cache: SwiGLUCache) -> tuple[Array, Array]:
+    """Return (dg, du):  du = dh ⊙ silu(g),  dg = dh ⊙ u ⊙ σ(g)(1 + g(1 − σ(g))).
+
+    Shapes:
+        dh: (N, F)   returns dg, du: (N, F)
+    """
+    g, u = cache
+    s = _sigmoid(g)
+    du = dh * g * s
+    dg = dh * u * s * (1.0 + g * (1.0 - s))
+    return dg, du

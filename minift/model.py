@@ -1,0 +1,481 @@
+"""The decoder: forward and backward composed from ``minift.layers``, top-down and readable.
+
+Llama family (Llama, Mistral, Qwen2), per block:
+
+    h = norm(x);  q, k, v = q(h), k(h), v(h);  q, k = rope(q), rope(k)
+    x = x + o(attention(q, k, v))
+    h = norm(x);  x = x + down(silu(gate(h)) ⊙ up(h))          (GPT-2: down(gelu(up(h))))
+
+then logits = lm_head(norm(x)), or x Eᵀ with tied embeddings. Every projection is a linear slot
+(``minift.slots``), so fine-tuning methods change what the slots keep and return, never this file.
+
+Partial backpropagation follows from two rules:
+1. blocks below the lowest one with a trainable array run in inference mode and keep no cache;
+2. the backward stops after that block, and frozen slots compute dx only.
+
+Gradients come back as a dict keyed by parameter path, the same keys as ``trainable_parameters``.
+Tutorial: tutorials/04_decoder_and_training_step.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from minift.backend import Array, get_xp
+from minift.config import ModelConfig
+from minift.errors import ShapeError
+from minift.layers.attention import AttentionCache, attention_backward, attention_forward, causal_mask
+from minift.layers.cross_entropy import cross_entropy_backward, cross_entropy_forward
+from minift.layers.gelu import gelu_backward, gelu_forward
+from minift.layers.linear import linear_backward_input, linear_backward_weight, linear_forward
+from minift.layers.rope import rope_backward, rope_forward, rope_tables
+from minift.layers.swiglu import SwiGLUCache, swiglu_backward, swiglu_forward
+from minift.slots import Dense, Embedding, Grads, LinearSlot, Norm
+
+SLOT_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass(eq=False)
+class Block:
+    """One transformer block's parameters: two norms and seven linear slots (GPT-2: no gate)."""
+
+    attn_norm: Norm
+    q: LinearSlot  # (H·D, C)
+    k: LinearSlot  # (K·D, C)
+    v: LinearSlot  # (K·D, C)
+    o: LinearSlot  # (C, H·D)
+    mlp_norm: Norm
+    gate: LinearSlot | None  # (F, C); None for GPT-2's GELU MLP
+    up: LinearSlot  # (F, C)
+    down: LinearSlot  # (C, F)
+
+    def slots(self) -> Iterator[tuple[str, LinearSlot]]:
+        """(name, slot) for each linear slot present, in SLOT_NAMES order."""
+        for name in SLOT_NAMES:
+            slot = getattr(self, name)
+            if slot is not None:
+                yield name, slot
+
+
+@dataclass(eq=False)
+class Model:
+    """A decoder-only transformer: its config and its parameters, slot by slot."""
+
+    config: ModelConfig
+    embed: Embedding  # (V, C)
+    blocks: list[Block]
+    final_norm: Norm
+    lm_head: LinearSlot | None  # (V, C); None when tied to ``embed``
+    pos_embed: Embedding | None = None  # (P, C), GPT-2's learned positions
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. the S2FT permutation, the source path
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.embed.weight.dtype
+
+
+class BlockCache(NamedTuple):
+    attn_norm: Any
+    q: Any
+    k: Any
+    v: Any
+    attn: AttentionCache
+    o: Any
+    mlp_norm: Any
+    gate: Any
+    up: Any
+    act: SwiGLUCache | Array  # SwiGLU cache, or GELU's input for GPT-2
+    down: Any
+
+
+class ModelCache(NamedTuple):
+    tokens: Array  # (B, T) integer
+    positions: Array  # (B, T) integer
+    rope: tuple[Array, Array] | None  # cos, sin (B, 1, T, D); None for GPT-2
+    blocks: list[BlockCache | None]  # None below the lowest trainable block
+    final_norm: Any
+    x_final: Array  # (N, C) normalised final hidden state, kept for the LM head's weight gradient
+    head: Any
+    lowest: int  # index of the lowest block the backward must reach (L when none)
+
+
+@dataclass
+class KVCache:
+    """Rotated keys and values of the positions seen so far, per block (inference only)."""
+
+    keys: list[Array | None]  # per block (B, K, P, D)
+    values: list[Array | None]
+
+    @classmethod
+    def empty(cls, n_layers: int) -> KVCache:
+        return cls([None] * n_layers, [None] * n_layers)
+
+    @property
+    def length(self) -> int:
+        """P, the number of cached positions."""
+        return 0 if self.keys[0] is None else int(self.keys[0].shape[2])
+
+
+# ----------------------------------------------------------------------------------------------------
+# parameters
+
+
+def init_model(
+    config: ModelConfig, rng: np.random.Generator, *, dtype: Any = np.float32, std: float = 0.02, xp: Any = np
+) -> Model:
+    """A model with N(0, std²) weights, zero biases and unit norm weights (GPT-2/Llama style init).
+
+    Random numbers come from the host ``rng``; arrays are then created on ``xp`` (numpy or cupy).
+    """
+    c = config
+    C, F, V, H, K, D = c.hidden_size, c.intermediate_size, c.vocab_size, c.n_heads, c.n_kv_heads, c.head_dim
+    assert K is not None and D is not None
+
+    def normal(*shape: int) -> Array:
+        return xp.asarray(rng.normal(0.0, std, size=shape).astype(dtype))
+
+    def zeros_if(flag: bool, n: int) -> Array | None:
+        return xp.zeros(n, dtype=dtype) if flag else None
+
+    def norm() -> Norm:
+        bias = xp.zeros(C, dtype=dtype) if c.arch == "gpt2" else None
+        return Norm(xp.ones(C, dtype=dtype), bias, c.norm_eps)
+
+    blocks = [
+        Block(
+            attn_norm=norm(),
+            q=Dense(normal(H * D, C), zeros_if(c.qkv_bias, H * D)),
+            k=Dense(normal(K * D, C), zeros_if(c.qkv_bias, K * D)),
+            v=Dense(normal(K * D, C), zeros_if(c.qkv_bias, K * D)),
+            o=Dense(normal(C, H * D), zeros_if(c.o_bias, C)),
+            mlp_norm=norm(),
+            gate=None if c.arch == "gpt2" else Dense(normal(F, C), zeros_if(c.mlp_bias, F)),
+            up=Dense(normal(F, C), zeros_if(c.mlp_bias, F)),
+            down=Dense(normal(C, F), zeros_if(c.mlp_bias, C)),
+        )
+        for _ in range(c.n_layers)
+    ]
+    return Model(
+        config=c,
+        embed=Embedding(normal(V, C)),
+        blocks=blocks,
+        final_norm=norm(),
+        lm_head=None if c.tie_word_embeddings else Dense(normal(V, C)),
+        pos_embed=Embedding(normal(c.max_position_embeddings, C)) if c.arch == "gpt2" else None,
+    )
+
+
+def named_modules(model: Model) -> Iterator[tuple[str, Any]]:
+    """(path, holder) for every parameter holder: embeddings, norms and linear slots."""
+    yield "embed", model.embed
+    if model.pos_embed is not None:
+        yield "pos_embed", model.pos_embed
+    for i, block in enumerate(model.blocks):
+        yield f"blocks.{i}.attn_norm", block.attn_norm
+        yield f"blocks.{i}.mlp_norm", block.mlp_norm
+        for name, slot in block.slots():
+            yield f"blocks.{i}.{name}", slot
+    yield "final_norm", model.final_norm
+    if model.lm_head is not None:
+        yield "lm_head", model.lm_head
+
+
+def trainable_parameters(model: Model) -> dict[str, Array]:
+    """Every trainable array by path, e.g. ``blocks.3.o.weight``; the keys of the gradient dict."""
+    return {
+        f"{path}.{name}": array
+        for path, holder in named_modules(model)
+        for name, array in holder.parameters().items()
+    }
+
+
+def set_trainable(model: Model, requires_grad: bool = True) -> Model:
+    """Make every dense array trainable (full fine-tuning) or frozen; returns the same model."""
+    for _, holder in named_modules(model):
+        if isinstance(holder, Dense | Norm | Embedding):
+            holder.requires_grad = requires_grad
+    return model
+
+
+def lowest_trainable_block(model: Model) -> int:
+    """Index of the lowest block the backward must reach: 0 when an embedding is trainable, L if none."""
+    if model.embed.parameters() or (model.pos_embed is not None and model.pos_embed.parameters()):
+        return 0
+    for i, block in enumerate(model.blocks):
+        holders = [block.attn_norm, block.mlp_norm, *(s for _, s in block.slots())]
+        if any(h.parameters() for h in holders):
+            return i
+    return len(model.blocks)
+
+
+# ----------------------------------------------------------------------------------------------------
+# forward
+
+
+def default_positions(tokens: Array, attention_mask: Array | None, past: int) -> Array:
+    """Position ids: past, past+1, … ; with a padding mask, counted over real tokens only
+    (cumsum(mask) − 1, as Hugging Face generation does), so left padding does not shift positions.
+
+    Shapes:
+        tokens: (B, T)   attention_mask: (B, past + T)   returns: (B, T)
+    """
+    xp = get_xp(tokens)
+    B, T = tokens.shape
+    if attention_mask is None:
+        return xp.broadcast_to(xp.arange(past, past + T), (B, T))
+    pos = xp.cumsum(attention_mask, axis=-1) - 1
+    return xp.maximum(pos, 0)[:, past:]
+
+
+def block_forward(
+    block: Block,
+    x: Array,
+    shape: tuple[int, int],
+    rope: tuple[Array, Array] | None,
+    allowed: Array,
+    config: ModelConfig,
+    *,
+    keep: bool,
+    rng: np.random.Generator | None = None,
+    past: tuple[Array, Array] | None = None,
+) -> tuple[Array, BlockCache | None, tuple[Array, Array]]:
+    """One block on the residual stream x; returns (x, cache or None, this block's (k, v)).
+
+    Shapes:
+        x: (N, C) with N = B·T   allowed: (B|1, 1, 1, T, S)   returns x: (N, C), k, v: (B, K, S, D)
+    """
+    xp = get_xp(x)
+    B, T = shape
+    H, K, D = config.n_heads, config.n_kv_heads, config.head_dim
+    h, c_n1 = block.attn_norm.forward(x, keep=keep)
+    q, c_q = block.q.forward(h, keep=keep, rng=rng)  # (N, H·D)
+    k, c_k = block.k.forward(h, keep=keep, rng=rng)  # (N, K·D)
+    v, c_v = block.v.forward(h, keep=keep, rng=rng)
+    q = q.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
+    k = k.reshape(B, T, K, D).transpose(0, 2, 1, 3)  # (B, K, T, D)
+    v = v.reshape(B, T, K, D).transpose(0, 2, 1, 3)
+    if rope is not None:
+        q, k = rope_forward(q, *rope), rope_forward(k, *rope)
+    if past is not None:
+        k = xp.concatenate([past[0], k], axis=2)  # (B, K, S, D)
+        v = xp.concatenate([past[1], v], axis=2)
+    a, c_att = attention_forward(q, k, v, allowed)  # (B, H, T, D)
+    a = a.transpose(0, 2, 1, 3).reshape(B * T, H * D)  # (N, H·D)
+    y, c_o = block.o.forward(a, keep=keep, rng=rng)
+    x = x + y
+
+    h, c_n2 = block.mlp_norm.forward(x, keep=keep)
+    u, c_u = block.up.forward(h, keep=keep, rng=rng)  # (N, F)
+    if block.gate is not None:
+        g, c_g = block.gate.forward(h, keep=keep, rng=rng)
+        m, c_act = swiglu_forward(g, u)
+    else:
+        c_g, m, c_act = None, gelu_forward(u), u
+    y, c_d = block.down.forward(m, keep=keep, rng=rng)  # (N, C)
+    x = x + y
+    cache = BlockCache(c_n1, c_q, c_k, c_v, c_att, c_o, c_n2, c_g, c_u, c_act, c_d) if keep else None
+    return x, cache, (k, v)
+
+
+def model_forward(
+    model: Model,
+    tokens: Array,
+    *,
+    attention_mask: Array | None = None,
+    positions: Array | None = None,
+    kv_cache: KVCache | None = None,
+    train: bool = True,
+    rng: np.random.Generator | None = None,
+) -> tuple[Array, ModelCache | None]:
+    """Logits for every position; with ``train=True`` also the cache the backward needs.
+
+    ``attention_mask`` (1 = token, 0 = padding) covers the cached positions too when a ``kv_cache`` is
+    given; the cache is extended in place with this call's keys and values.
+
+    Shapes:
+        tokens: (B, T) integer   attention_mask: (B, P + T)   positions: (B, T)
+        returns logits: (B, T, V)
+    """
+    c = model.config
+    xp = get_xp(model.embed.weight)
+    if tokens.ndim != 2:
+        raise ShapeError(f"tokens must be (B, T), got shape {tokens.shape}")
+    B, T = tokens.shape
+    past = kv_cache.length if kv_cache is not None else 0
+    if attention_mask is not None and attention_mask.shape != (B, past + T):
+        raise ShapeError(f"attention_mask must be (B, P + T) = {(B, past + T)}, got {attention_mask.shape}")
+    if positions is None:
+        positions = default_positions(tokens, attention_mask, past)
+    lowest = lowest_trainable_block(model) if train else len(model.blocks)
+
+    x = model.embed.forward(tokens)  # (B, T, C)
+    rope = None
+    if c.uses_rope:
+        rope = rope_tables(positions, c.head_dim, c.rope_theta, c.rope_scaling)
+        rope = (rope[0].astype(x.dtype), rope[1].astype(x.dtype))
+    else:
+        assert model.pos_embed is not None
+        x = x + model.pos_embed.forward(positions)
+    x = x.reshape(B * T, -1)  # (N, C)
+    allowed = causal_mask(T, past + T, attention_mask, xp=xp)
+
+    caches: list[BlockCache | None] = []
+    for i, block in enumerate(model.blocks):
+        kv = (kv_cache.keys[i], kv_cache.values[i]) if kv_cache is not None and past else None
+        keep = train and i >= lowest
+        x, cache, (k, v) = block_forward(block, x, (B, T), rope, allowed, c, keep=keep, rng=rng, past=kv)
+        caches.append(cache)
+        if kv_cache is not None:
+            kv_cache.keys[i], kv_cache.values[i] = k, v
+
+    x, c_fn = model.final_norm.forward(x, keep=train)
+    if model.lm_head is None:
+        logits, c_head = linear_forward(x, model.embed.weight), None  # tied: logits = x Eᵀ
+    else:
+        logits, c_head = model.lm_head.forward(x, keep=train, rng=rng)
+    logits = logits.reshape(B, T, -1)  # (B, T, V)
+    if not train:
+        return logits, None
+    return logits, ModelCache(tokens, positions, rope, caches, c_fn, x, c_head, lowest)
+
+
+# ----------------------------------------------------------------------------------------------------
+# backward
+
+
+def _collect(grads: Grads, prefix: str, local: Grads) -> None:
+    for name, g in local.items():
+        grads[f"{prefix}.{name}"] = g
+
+
+def block_backward(
+    block: Block,
+    dx: Array,
+    cache: BlockCache,
+    shape: tuple[int, int],
+    rope: tuple[Array, Array] | None,
+    config: ModelConfig,
+    grads: Grads,
+    prefix: str,
+    *,
+    need_dx: bool = True,
+) -> Array | None:
+    """The block's forward reversed. Adds its parameter gradients to ``grads``; returns dx (N, C), or
+    None when ``need_dx`` is False and no norm below needs it (the lowest trainable block)."""
+    B, T = shape
+    H, K, D = config.n_heads, config.n_kv_heads, config.head_dim
+
+    # MLP: x = x + down(act(gate(h), up(h))),  h = mlp_norm(x)
+    dm, g = block.down.backward(dx, cache.down)
+    _collect(grads, f"{prefix}.down", g)
+    if block.gate is not None:
+        dg, du = swiglu_backward(dm, cache.act)
+        dh, g = block.gate.backward(dg, cache.gate)
+        _collect(grads, f"{prefix}.gate", g)
+    else:
+        du, dh = gelu_backward(dm, cache.act), 0.0
+    dh_u, g = block.up.backward(du, cache.up)
+    _collect(grads, f"{prefix}.up", g)
+    dh = dh + dh_u
+    dn, g = block.mlp_norm.backward(dh, cache.mlp_norm)
+    _collect(grads, f"{prefix}.mlp_norm", g)
+    dx = dx + dn  # the residual carries dx past the MLP
+
+    # attention: x = x + o(attention(rope(q(h)), rope(k(h)), v(h))),  h = attn_norm(x)
+    da, g = block.o.backward(dx, cache.o)
+    _collect(grads, f"{prefix}.o", g)
+    da = da.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
+    dq, dk, dv = attention_backward(da, cache.attn)
+    if dk.shape[2] != T:
+        raise ShapeError("the backward does not support a KV cache (training sees whole sequences)")
+    if rope is not None:
+        dq, dk = rope_backward(dq, *rope), rope_backward(dk, *rope)
+    dq = dq.transpose(0, 2, 1, 3).reshape(B * T, H * D)  # (N, H·D)
+    dk = dk.transpose(0, 2, 1, 3).reshape(B * T, K * D)  # (N, K·D)
+    dv = dv.transpose(0, 2, 1, 3).reshape(B * T, K * D)
+    need_dh = need_dx or block.attn_norm.requires_grad
+    dh = None
+    for name, d, c in (("q", dq, cache.q), ("k", dk, cache.k), ("v", dv, cache.v)):
+        d_in, g = getattr(block, name).backward(d, c, need_dx=need_dh)
+        _collect(grads, f"{prefix}.{name}", g)
+        if need_dh:
+            dh = d_in if dh is None else dh + d_in
+    if not need_dh:
+        return None
+    dn, g = block.attn_norm.backward(dh, cache.attn_norm)
+    _collect(grads, f"{prefix}.attn_norm", g)
+    return dx + dn
+
+
+def model_backward(model: Model, dlogits: Array, cache: ModelCache) -> Grads:
+    """Gradients of every trainable array, keyed as in ``trainable_parameters``.
+
+    Shapes:
+        dlogits: (B, T, V)
+    """
+    c = model.config
+    B, T, V = dlogits.shape
+    dlogits = dlogits.reshape(B * T, V)  # (N, V)
+    grads: Grads = {}
+    if model.lm_head is None:
+        dx = linear_backward_input(dlogits, model.embed.weight)
+        if model.embed.requires_grad:  # tied: E is used twice, the lookup's part is added below
+            grads["embed.weight"] = linear_backward_weight(dlogits, cache.x_final)
+    else:
+        dx, g = model.lm_head.backward(dlogits, cache.head)
+        _collect(grads, "lm_head", g)
+    dx, g = model.final_norm.backward(dx, cache.final_norm)
+    _collect(grads, "final_norm", g)
+
+    need_embed = bool(model.embed.parameters()) or (
+        model.pos_embed is not None and bool(model.pos_embed.parameters())
+    )
+    for i in range(len(model.blocks) - 1, cache.lowest - 1, -1):  # top down, stopping at the lowest
+        block_cache = cache.blocks[i]
+        assert block_cache is not None
+        need_dx = i > cache.lowest or need_embed
+        dx = block_backward(
+            model.blocks[i], dx, block_cache, (B, T), cache.rope, c, grads, f"blocks.{i}", need_dx=need_dx
+        )
+    if not need_embed:
+        return grads
+    assert dx is not None
+    dx = dx.reshape(B, T, -1)
+    for name, g in model.embed.backward(dx, cache.tokens).items():
+        key = f"embed.{name}"
+        grads[key] = grads[key] + g if key in grads else g
+    if model.pos_embed is not None:
+        _collect(grads, "pos_embed", model.pos_embed.backward(dx, cache.positions))
+    return grads
+
+
+def loss_and_grads(
+    model: Model,
+    tokens: Array,
+    targets: Array,
+    *,
+    attention_mask: Array | None = None,
+    rng: np.random.Generator | None = None,
+    loss_scale: float = 1.0,
+) -> tuple[float, Grads]:
+    """Mean next-token cross-entropy over counted targets (−100 = ignored) and its gradients.
+
+    ``targets[b, t]`` is the token that should follow position t (already shifted). ``loss_scale``
+    multiplies the gradients (e.g. 1/k when accumulating k micro-batches); the loss is unscaled.
+
+    Shapes:
+        tokens, targets: (B, T) integer   attention_mask: (B, T)
+    """
+    if targets.shape != tokens.shape:
+        raise ShapeError(f"targets {targets.shape} must have the shape of tokens {tokens.shape}")
+    logits, cache = model_forward(model, tokens, attention_mask=attention_mask, rng=rng)
+    B, T, V = logits.shape
+    loss, ce = cross_entropy_forward(logits.reshape(B * T, V), targets.reshape(-1))
+    if cache is None or not trainable_parameters(model):
+        return loss, {}
+    dlogits = cross_entropy_backward(ce, loss_scale).reshape(B, T, V)
+    return loss, model_backward(model, dlogits, cache)
