@@ -13,6 +13,8 @@ from typing import Any, TypeAlias
 
 import numpy as np
 
+from minift.errors import ConfigError
+
 Array: TypeAlias = np.ndarray
 """An n-dimensional array: a ``numpy.ndarray``, or a ``cupy.ndarray`` on a GPU."""
 
@@ -55,10 +57,10 @@ def xp_for(device: str) -> ModuleType:
         return np
     if device == "cuda":
         if not gpu_available():
-            raise RuntimeError("device 'cuda' needs CuPy and a CUDA GPU: pip install 'minift[cuda]'")
+            raise ConfigError("device 'cuda' needs CuPy and a CUDA GPU: pip install 'minift[cuda]'")
         assert _cupy is not None
         return _cupy
-    raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'cuda'")
+    raise ConfigError(f"unknown device {device!r}: expected 'cpu' or 'cuda'")
 
 
 def to_numpy(a: Any) -> np.ndarray:

@@ -27,7 +27,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"scipy       {scipy.__version__}")
     print(f"tokenizers  {tokenizers.__version__}")
     print(f"safetensors {safetensors.__version__}")
-    print(f"backend     numpy{' + cupy (GPU available)' if gpu_available() else ' (no GPU: cupy absent or no device)'}")
+    gpu = " + cupy (GPU available)" if gpu_available() else " (no GPU: cupy absent or no device)"
+    print(f"backend     numpy{gpu}")
     print(f"BLAS        float32 GEMM {gemm_gflops():.1f} GFLOP/s (1024×1024×1024, best of 5)")
     return 0
 

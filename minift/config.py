@@ -111,7 +111,7 @@ class ModelConfig:
             raise ConfigError(f"rope_theta must be positive, got {self.rope_theta}")
         for name in ("bos_token_id", "pad_token_id"):
             tok = getattr(self, name)
-            if tok is not None and not 0 <= tok < self.vocab_size:
+            if tok is not None and (tok < 0 or tok >= self.vocab_size):
                 raise ConfigError(f"{name}={tok} is outside the vocabulary [0, {self.vocab_size})")
 
     @property

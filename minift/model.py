@@ -133,7 +133,8 @@ def init_model(
     """
     c = config
     C, F, V, H, K, D = c.hidden_size, c.intermediate_size, c.vocab_size, c.n_heads, c.n_kv_heads, c.head_dim
-    assert K is not None and D is not None
+    assert K is not None
+    assert D is not None
 
     def normal(*shape: int) -> Array:
         return xp.asarray(rng.normal(0.0, std, size=shape).astype(dtype))

@@ -22,13 +22,13 @@ import numpy as np
 
 from minift.backend import Array
 from minift.layers.embedding import embedding_backward, embedding_forward
+from minift.layers.layernorm import layernorm_backward, layernorm_forward
 from minift.layers.linear import (
     linear_backward_bias,
     linear_backward_input,
     linear_backward_weight,
     linear_forward,
 )
-from minift.layers.layernorm import layernorm_backward, layernorm_forward
 from minift.layers.rmsnorm import rmsnorm_backward, rmsnorm_forward
 
 Grads = dict[str, Array]

@@ -108,7 +108,13 @@ def check_grad(
 
 
 def assert_close(
-    actual: Array, expected: Array, *, rtol: float = 1e-7, atol: float = 0.0, what: str = "array", show: int = 5
+    actual: Array,
+    expected: Array,
+    *,
+    rtol: float = 1e-7,
+    atol: float = 0.0,
+    what: str = "array",
+    show: int = 5,
 ) -> None:
     """Assert |actual − expected| ≤ atol + rtol·|expected| everywhere, else print the worst entries."""
     a, e = to_numpy(actual), to_numpy(expected)

@@ -53,7 +53,7 @@ def attention_forward(q: Array, k: Array, v: Array, allowed: Array) -> tuple[Arr
     """
     xp = get_xp(q)
     B, H, T, D = q.shape
-    K, S = k.shape[1], k.shape[2]
+    K = k.shape[1]
     G = H // K
     scale = D**-0.5
     q5 = q.reshape(B, K, G, T, D)
