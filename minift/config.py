@@ -101,7 +101,7 @@ class ModelConfig:
         if self.arch == "gpt2":
             if K != H:
                 raise ConfigError("GPT-2 has no grouped-query attention: n_kv_heads must equal n_heads")
-            if H * D != self.hidden_size:
+            if self.hidden_size != H * D:
                 raise ConfigError("GPT-2 needs n_heads * head_dim == hidden_size")
             if not (self.qkv_bias and self.o_bias and self.mlp_bias):
                 raise ConfigError("GPT-2 has biases on every projection: set qkv_bias, o_bias, mlp_bias")
