@@ -1,0 +1,247 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+# ---
+
+# %% [markdown]
+# # 03 · Attention with grouped-query heads and the causal mask, forward and backward
+#
+# **What you will build.** Causal scaled-dot-product attention as a Llama-family model runs it:
+# H query heads sharing K key/value heads (grouped-query attention, GQA), a causal mask so that
+# token t reads only tokens ≤ t, and an optional padding mask. You will write it naively, one head
+# at a time, compare it with the library's batched version, derive its backward (the softmax
+# Jacobian again, plus a sum over the heads of a group), and run the counterexamples behind two
+# design choices: masking with −∞ and caching the probabilities.
+#
+# **Prerequisites.** Tutorial 01 (softmax backward, `check_grad`); tutorial 02 (RoPE is applied to
+# q and k before this step).
+#
+# **Library functions explained here.** `minift.layers.attention.causal_mask`,
+# `minift.layers.attention.attention_forward`, `minift.layers.attention.attention_backward`,
+# `minift.layers.attention.AttentionCache`.
+
+# %%
+import numpy as np
+
+from minift.layers.attention import attention_backward, attention_forward, causal_mask
+from minift.testing import assert_close, check_grad
+
+rng = np.random.default_rng(0)
+B, H, K, T, D = 1, 4, 2, 5, 4  # 4 query heads, 2 key/value heads: G = H // K = 2 per group
+G = H // K
+q = rng.standard_normal((B, H, T, D))
+k = rng.standard_normal((B, K, T, D))
+v = rng.standard_normal((B, K, T, D))
+
+# %% [markdown]
+# ## 1. One head at a time
+#
+# For query head h, with its key/value head `h // G`:
+#
+# `scores = q_h k_{h//G}ᵀ / √D` (T × T), entries above the diagonal set to −∞ (token i may not
+# read key j > i), `p = softmax(scores)` row by row, `out_h = p v_{h//G}`.
+#
+# The 1/√D keeps the scores' variance near 1 when q and k have unit-variance entries, so the
+# softmax does not saturate as D grows.
+
+# %%
+def attention_naive(q, k, v):
+    out = np.zeros_like(q)
+    future = np.triu(np.ones((T, T), dtype=bool), k=1)  # True above the diagonal
+    for b in range(B):
+        for h in range(H):
+            kv = h // G  # the key/value head this query head reads
+            scores = q[b, h] @ k[b, kv].T / np.sqrt(D)  # (T, T)
+            scores[future] = -np.inf
+            p = np.exp(scores - scores.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            out[b, h] = p @ v[b, kv]
+    return out
+
+
+allowed = causal_mask(T, T)  # (1, 1, 1, T, T) boolean: which keys each query may read
+out, cache = attention_forward(q, k, v, allowed)
+assert_close(out, attention_naive(q, k, v), rtol=1e-12, atol=1e-14, what="attention vs naive")
+print("allowed[0, 0, 0] =\n", allowed[0, 0, 0].astype(int))
+
+# %% [markdown]
+# ### How the library avoids the head loop and the copy
+#
+# Hugging Face implements GQA by *repeating* each key/value head G times (`repeat_kv`) and then
+# running ordinary multi-head attention. minift instead views the queries as (B, K, G, T, D):
+# the G query heads of a group sit in their own axis, and one batched matmul per group reads the
+# group's single key/value head through broadcasting. No copy of K or V is made. The two are the
+# same function:
+
+# %%
+k_rep = np.repeat(k, G, axis=1)  # (B, H, T, D): what repeat_kv builds
+v_rep = np.repeat(v, G, axis=1)
+out_mha, _ = attention_forward(q, k_rep, v_rep, allowed)  # plain MHA, K = H
+assert_close(out, out_mha, rtol=1e-12, atol=1e-14, what="GQA vs repeated-KV MHA")
+print("cached for the backward:", cache._fields, "q is stored as", cache.q.shape)
+
+# %% [markdown]
+# ## 2. The causal mask, and why −∞
+#
+# Causality is a property you can test directly: perturb the keys and values of tokens after t and
+# the outputs at positions ≤ t must not move.
+
+# %%
+t = 2
+k2, v2 = k.copy(), v.copy()
+k2[:, :, t + 1 :] += 5.0
+v2[:, :, t + 1 :] -= 3.0
+out2, _ = attention_forward(q, k2, v2, allowed)
+assert np.array_equal(out2[:, :, : t + 1], out[:, :, : t + 1])
+print(f"outputs at positions ≤ {t} are bit-identical after changing the future")
+
+# %% [markdown]
+# Masked scores are set to −∞, not to a "very negative" number. A finite fill value works until
+# the real scores are as large as it is — which happens with large activations, or in low
+# precision where −1e4 is close to the most negative float16. Then the future leaks in:
+
+# %%
+def attention_with_finite_mask(q, k, v, fill):
+    scores = q @ np.repeat(k, G, axis=1).swapaxes(-1, -2) / np.sqrt(D)  # (B, H, T, T)
+    scores = np.where(np.tril(np.ones((T, T), dtype=bool)), scores, fill)
+    p = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    return p @ np.repeat(v, G, axis=1)
+
+
+big_q = q * 3e4  # scores of order 1e4
+leak_a = attention_with_finite_mask(big_q, k, v, fill=-1e4)
+leak_b = attention_with_finite_mask(big_q, k2, v2, fill=-1e4)
+leak = np.abs(leak_a[:, :, : t + 1] - leak_b[:, :, : t + 1]).max()
+exact_a, _ = attention_forward(big_q, k, v, allowed)
+exact_b, _ = attention_forward(big_q, k2, v2, allowed)
+print(f"fill = −1e4: the past moves by {leak:.3f} when the future changes; with −∞ by "
+      f"{np.abs(exact_a - exact_b)[:, :, : t + 1].max()}")
+assert leak > 1e-3
+assert np.array_equal(exact_a[:, :, : t + 1], exact_b[:, :, : t + 1])
+
+# %% [markdown]
+# ### Padding
+#
+# A batch of sequences of different lengths is padded; a `key_mask` (1 = token, 0 = padding)
+# hides the padding keys as well. With left padding, a padding *query* at the start can see no key
+# at all. Its softmax row would be 0/0 = NaN; the library returns zeros instead (such a row is
+# never read by a counted output, but a NaN would poison every sum it touches).
+
+# %%
+key_mask = np.array([[0, 0, 1, 1, 1]])  # two left-padding positions
+allowed_pad = causal_mask(T, T, key_mask)
+out_pad, _ = attention_forward(q, k, v, allowed_pad)
+assert np.all(out_pad[:, :, 0] == 0)
+assert np.isfinite(out_pad).all()
+print("fully masked query rows:", out_pad[0, 0, :2].round(3).tolist())
+
+# %% [markdown]
+# ## 3. The backward pass
+#
+# Forward per head: `s = q kᵀ · c` (c = 1/√D), `p = softmax(s)`, `out = p v`. Reverse it:
+#
+# * `out = p v` is a matrix product: `dp = dout vᵀ`, `dv = pᵀ dout`;
+# * the row-wise softmax (tutorial 01): `ds = p ⊙ (dp − Σ_j dp ⊙ p)`;
+# * `s = c · q kᵀ`: `dq = c · ds k`, `dk = c · dsᵀ q`.
+#
+# A masked entry has `p = 0`, hence `ds = 0`: no gradient flows to the future, and the −∞ needs
+# no special case in the backward. With GQA, a key/value head is *used* by G query heads, so it
+# receives the **sum** of their gradients (tutorial 01: a value used twice gets both gradients).
+
+# %%
+def attention_backward_naive(dout, q, k, v):
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    future = np.triu(np.ones((T, T), dtype=bool), k=1)
+    for b in range(B):
+        for h in range(H):
+            kv = h // G
+            s = q[b, h] @ k[b, kv].T / np.sqrt(D)
+            s[future] = -np.inf
+            p = np.exp(s - s.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            dp = dout[b, h] @ v[b, kv].T
+            dv[b, kv] += p.T @ dout[b, h]  # += : the G heads of a group share v
+            ds = p * (dp - (dp * p).sum(axis=1, keepdims=True))
+            dq[b, h] = ds @ k[b, kv] / np.sqrt(D)
+            dk[b, kv] += ds.T @ q[b, h] / np.sqrt(D)
+    return dq, dk, dv
+
+
+dout = rng.standard_normal(out.shape)
+ours = attention_backward_naive(dout, q, k, v)
+lib = attention_backward(dout, cache)
+for name, a, e in zip(("dq", "dk", "dv"), lib, ours, strict=True):
+    assert_close(a, e, rtol=1e-12, atol=1e-14, what=name)
+
+
+def attn(q, k, v):
+    return attention_forward(q, k, v, allowed)[0]
+
+
+def attn_grads(Gup, q, k, v):
+    dq, dk, dv = attention_backward(Gup, attention_forward(q, k, v, allowed)[1])
+    return {"q": dq, "k": dk, "v": dv}
+
+
+print(check_grad(attn, attn_grads, {"q": q.copy(), "k": k.copy(), "v": v.copy()}))
+
+# %% [markdown]
+# (The naive backward accumulates with `+=` into buffers it allocated itself; the library's
+# backward gets the same group sum from `.sum(axis=2)` over the G axis of its (B, K, G, T, S) view,
+# and returns fresh arrays — calling it twice gives the same answer.)
+#
+# The gradient respects causality too: an upstream gradient on position t alone reaches only the
+# keys and values at positions ≤ t.
+
+# %%
+dout_t = np.zeros_like(dout)
+dout_t[:, :, t] = dout[:, :, t]
+_, dk_t, dv_t = attention_backward(dout_t, cache)
+assert np.all(dk_t[:, :, t + 1 :] == 0)
+assert np.all(dv_t[:, :, t + 1 :] == 0)
+
+# %% [markdown]
+# ## 4. Why the cache keeps the probabilities
+#
+# `AttentionCache` holds q, k, v (each needed for another's gradient) and `p`. The scores `s` are
+# not needed at all once `p` exists, and recomputing `p` in the backward would cost a second
+# `q kᵀ` matmul plus an `exp` per entry. The price is memory: `p` has B·H·T·S entries, which grows
+# with the square of the sequence length and is the largest activation in a block at long T:
+
+# %%
+for T_ in (16, 256, 4096):
+    p_bytes = 4 * 1 * 32 * T_ * T_  # float32, B = 1, H = 32
+    qkv_bytes = 4 * 1 * (32 + 2 * 8) * T_ * 128  # q (H heads) + k, v (K = 8 heads), D = 128
+    print(f"T = {T_:>4}: p takes {p_bytes / 2**20:9.1f} MiB, q+k+v take {qkv_bytes / 2**20:6.1f} MiB")
+
+# %% [markdown]
+# That quadratic term is what FlashAttention removes by recomputing `p` block by block in the
+# backward; a reference implementation keeps it, for clarity. (Tutorial 04 measures where a whole
+# training step's memory goes.)
+#
+# ## Summary
+#
+# * GQA = MHA with each key/value head shared by G query heads; minift views q as (B, K, G, T, D)
+#   instead of copying k and v.
+# * Mask with −∞: exact zeros, no leak at any scale; fully masked rows return zeros, not NaN.
+# * Backward: `dv = pᵀ dout`, `ds = p ⊙ (dp − Σ dp ⊙ p)`, `dq = c · ds k`, `dk = c · dsᵀ q`,
+#   summed over the query heads of each group.
+#
+# ## Exercises
+#
+# 1. **KV cache.** During generation the keys and values of earlier tokens are kept, and only the
+#    newest query is computed. Call `attention_forward` with q of the last position only
+#    (T = 1), the full k and v (S = 5) and `causal_mask(1, 5)`, and show it equals the last row
+#    of the full computation.
+# 2. **Multi-query attention.** With K = 1 every query head shares one key/value head. Check that
+#    the library's `dk` equals the sum over heads of the per-head `dk` of plain MHA on the repeated
+#    keys.
+# 3. **Softmax temperature.** Drop the 1/√D scaling (multiply q by √D) and measure how the entropy
+#    of the attention rows changes for D = 4, 64 and 1024 with standard-normal q and k.
+#
+# Solutions: `tutorials/solutions/03_attention.py`.
