@@ -130,6 +130,6 @@ def assert_close(
     lines = [f"{what}: {int(bad.sum())} of {a.size} entries differ (rtol={rtol:g}, atol={atol:g})",
              f"{'index':<20}{'actual':>16}{'expected':>16}{'|Δ|':>12}"]
     for flat in worst:
-        idx = np.unravel_index(flat, a.shape)
+        idx = tuple(int(i) for i in np.unravel_index(flat, a.shape))  # (0, 2), not (np.int64(0), …)
         lines.append(f"{idx!s:<20}{a64[idx]:>16.8g}{e64[idx]:>16.8g}{err[idx]:>12.3e}")
     raise AssertionError("\n".join(lines))
