@@ -1,0 +1,272 @@
+"""Training checkpoints: trainable arrays and optimizer state as safetensors, the rest as JSON.
+
+A run directory holds one folder per saved step and a ``latest`` file naming the newest complete one:
+
+    run/
+      latest                     "step-00000200"
+      step-00000200/
+        trainable.safetensors    every array of ``trainable_parameters(model)``, keys unchanged
+        optimizer.safetensors    AdamW moments ``m.<key>``, ``v.<key>``
+        state.json               step, optimizer step t, host RNG state, model and training config
+
+Whatever slot kind a method uses, its checkpoint is exactly its trainable arrays (an S2FT block, LoRA
+factors, SORSA's singular values), so the frozen base is not stored: a resumed run rebuilds it the way
+the first run did (same seed or same pretrained folder), and ``restore`` checks the config matches.
+
+Writes are atomic: a step folder is written under a temporary name and renamed into place, then
+``latest`` is replaced by rename too (``os.replace``). A crash at any moment leaves ``latest`` naming
+a complete checkpoint. No pickle: safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save as safetensors_bytes
+
+from minift.backend import Array, get_xp, to_numpy
+from minift.errors import CheckpointError
+from minift.model import Model, trainable_parameters
+from minift.optim import AdamW
+
+FORMAT = "minift-training-checkpoint"
+VERSION = 1
+_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "U8": "u1", "BOOL": "?"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# files
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, flush it to disk, then rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_safetensors(
+    path: str | Path, tensors: Mapping[str, Array], metadata: dict[str, str] | None = None
+) -> None:
+    """Save arrays (NumPy or CuPy) to a safetensors file, atomically."""
+    host = {k: np.ascontiguousarray(to_numpy(a)) for k, a in tensors.items()}
+    _write_atomic(Path(path), safetensors_bytes(host, metadata=metadata))
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """Load a safetensors file, checking its structure first.
+
+    Raises:
+        CheckpointError naming the file, and the tensor where one is at fault, for a missing, truncated
+        or corrupt file (short header, header length beyond the file, bad header JSON, unknown dtype,
+        a tensor whose bytes lie beyond the end of the file or do not match its shape).
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint file ({e.strerror})") from None
+    if len(data) < 8:
+        raise CheckpointError(f"{path}: truncated: {len(data)} bytes, less than the 8-byte header length")
+    n = int.from_bytes(data[:8], "little")
+    if 8 + n > len(data):
+        raise CheckpointError(
+            f"{path}: truncated or corrupt: the header claims {n} bytes but the file has {len(data)} in all"
+        )
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header (invalid JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header: expected a JSON object")
+    body = memoryview(data)[8 + n :]
+    tensors = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = np.dtype(_DTYPES[info["dtype"]])
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(
+                f"{path}: tensor {key!r} has a malformed header entry {info!r}; expected dtype (one of "
+                f"{sorted(_DTYPES)}), shape and data_offsets"
+            ) from None
+        if end > len(body):
+            raise CheckpointError(
+                f"{path}: tensor {key!r} lies at bytes {begin}..{end} of the data section, which has only "
+                f"{len(body)} bytes: the file is truncated"
+            )
+        if not 0 <= begin <= end or end - begin != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(
+                f"{path}: tensor {key!r} has data_offsets {begin}..{end}, which do not fit its shape {shape} "
+                f"and dtype {info['dtype']}"
+            )
+        tensors[key] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape).copy()
+    return tensors
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint state ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt checkpoint state (invalid JSON: {e})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a minift training checkpoint (expected \"format\": \"{FORMAT}\")")
+    if state.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint version {state.get('version')!r}; this minift reads version {VERSION}"
+        )
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint, on the host."""
+
+    path: Path  # the step folder
+    params: dict[str, np.ndarray]  # keyed as trainable_parameters(model)
+    optimizer: dict[str, np.ndarray]  # keyed as AdamW.state_arrays()
+    state: dict[str, Any]  # step, optimizer_t, rng, model_config, train_config, …
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    model: Model,
+    optimizer: AdamW,
+    *,
+    step: int,
+    rng: np.random.Generator,
+    train_config: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write the checkpoint of ``step`` into ``run_dir`` atomically and point ``latest`` at it; keep the
+    newest ``keep`` step folders. Returns the step folder."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    final = run_dir / name
+    tmp = run_dir / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write_safetensors(tmp / "trainable.safetensors", trainable_parameters(model))
+    write_safetensors(tmp / "optimizer.safetensors", optimizer.state_arrays())
+    state = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": step,
+        "optimizer_t": optimizer.t,
+        "rng": rng.bit_generator.state,  # plain ints and strings: JSON holds them exactly
+        "model_config": model.config.to_dict(),
+        "train_config": train_config,
+        **(extra or {}),
+    }
+    _write_atomic(tmp / "state.json", json.dumps(state, indent=1).encode())
+    if final.exists():  # the same step saved again (e.g. after a resume): move the old one aside first
+        old = run_dir / f".{name}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _write_atomic(run_dir / "latest", name.encode())
+    for stale in sorted(run_dir.glob("step-*"))[:-keep] if keep > 0 else []:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(stale)
+    return final
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The step folder ``latest`` names, or None when ``run_dir`` holds no checkpoint yet."""
+    pointer = Path(run_dir) / "latest"
+    if not pointer.exists():
+        return None
+    folder = Path(run_dir) / pointer.read_text(encoding="utf-8").strip()
+    if not folder.is_dir():
+        raise CheckpointError(f"{pointer}: names {folder.name!r}, which is not a checkpoint folder")
+    return folder
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Load a step folder, or the latest checkpoint of a run directory."""
+    path = Path(path)
+    if (path / "latest").exists():
+        found = latest_checkpoint(path)
+        assert found is not None
+        path = found
+    if not (path / "state.json").exists():
+        raise CheckpointError(
+            f"{path}: no checkpoint here (expected state.json, or a run folder with 'latest')"
+        )
+    state = _read_state(path / "state.json")
+    return Checkpoint(
+        path,
+        read_safetensors(path / "trainable.safetensors"),
+        read_safetensors(path / "optimizer.safetensors"),
+        state,
+    )
+
+
+def _copy_into(target: Array, source: np.ndarray, where: str) -> None:
+    if target.shape != source.shape or target.dtype != source.dtype:
+        raise CheckpointError(
+            f"{where}: checkpoint array is {source.dtype}{list(source.shape)}, the model expects "
+            f"{target.dtype}{list(target.shape)}"
+        )
+    target[...] = get_xp(target).asarray(source)
+
+
+def restore(ckpt: Checkpoint, model: Model, optimizer: AdamW, rng: np.random.Generator) -> None:
+    """Put a checkpoint back into a model built as the first run built it: trainable arrays (in place,
+    so views stay views), optimizer moments and step, and the host RNG state.
+
+    Raises:
+        CheckpointError when the model config, the set of trainable arrays or an array's shape or dtype
+        differs from the checkpoint's, naming the file and key.
+    """
+    saved_config = ckpt.state.get("model_config")
+    if saved_config != json.loads(json.dumps(model.config.to_dict())):
+        raise CheckpointError(
+            f"{ckpt.path / 'state.json'}: model_config differs from the model being trained"
+        )
+    params = trainable_parameters(model)
+    file = ckpt.path / "trainable.safetensors"
+    missing, unexpected = sorted(set(params) - set(ckpt.params)), sorted(set(ckpt.params) - set(params))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{file}: trainable arrays differ from the model's: missing {missing}, unexpected {unexpected}"
+        )
+    state = optimizer.state_arrays()
+    opt_file = ckpt.path / "optimizer.safetensors"
+    if set(state) != set(ckpt.optimizer):
+        raise CheckpointError(f"{opt_file}: optimizer state keys differ from the model's trainable arrays")
+    for key, a in params.items():
+        _copy_into(a, ckpt.params[key], f"{file}: {key!r}")
+    for key, a in state.items():
+        _copy_into(a, ckpt.optimizer[key], f"{opt_file}: {key!r}")
+    optimizer.t = int(ckpt.state["optimizer_t"])
+    rng.bit_generator.state = ckpt.state["rng"]

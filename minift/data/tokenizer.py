@@ -1,0 +1,126 @@
+"""A thin wrapper over a Hugging Face ``tokenizers.Tokenizer`` (a ``tokenizer.json`` file).
+
+Special tokens follow the file: the BOS a post-processor adds (Llama's ``TemplateProcessing``
+``<s> $A``) is kept and never added twice; a tokenizer without one (Qwen2) gets no BOS unless
+``add_bos=True`` asks for it. EOS is one id or several (Llama 3 ends turns with either of two).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from minift.errors import DataError
+
+
+class Tokenizer:
+    """Text ↔ ids with the BOS/EOS/PAD conventions training and generation need.
+
+    Args:
+        tokenizer: a ``tokenizers.Tokenizer``.
+        eos_ids: the id(s) that end a sequence; the first one is appended to training examples.
+        bos_id: the BOS id, used only with ``add_bos=True`` when the post-processor adds none.
+        pad_id: the id right/left padding uses (its positions are masked, so any id works); defaults
+            to the first EOS id, as Hugging Face does for models without a pad token.
+        add_bos: None: BOS exactly as the post-processor adds it; True: also when it adds none;
+            False: never (strip the post-processor's prefix).
+    """
+
+    def __init__(
+        self,
+        tokenizer: HFTokenizer,
+        *,
+        eos_ids: int | Sequence[int] = (),
+        bos_id: int | None = None,
+        pad_id: int | None = None,
+        add_bos: bool | None = None,
+    ) -> None:
+        self.hf = tokenizer
+        self.eos_ids: tuple[int, ...] = (eos_ids,) if isinstance(eos_ids, int) else tuple(eos_ids)
+        self.bos_id = bos_id
+        self.pad_id = pad_id if pad_id is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        self.add_bos = add_bos
+        if add_bos and bos_id is None:
+            raise DataError("add_bos=True needs a bos_id")
+
+    @classmethod
+    def from_file(cls, path: str | Path, **kwargs: Any) -> Tokenizer:
+        """Load a ``tokenizer.json``; keyword arguments as in the constructor."""
+        try:
+            hf = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the library raises a bare Exception for missing and malformed files
+            raise DataError(f"{path}: not a readable tokenizer.json ({e})") from None
+        return cls(hf, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> Tokenizer:
+        """Load a Hugging Face model folder's tokenizer: ``tokenizer.json``, with BOS/EOS/PAD tokens from
+        ``tokenizer_config.json`` and EOS id(s) from ``generation_config.json`` when present (the ids
+        generation stops on, which may be several)."""
+        folder = Path(folder)
+        hf_path = folder / "tokenizer.json"
+        tok = cls.from_file(hf_path)
+        config = _read_json(folder / "tokenizer_config.json")
+        ids: dict[str, int | None] = {}
+        for name in ("bos_token", "eos_token", "pad_token"):
+            ids[name] = tok._special_id(config.get(name), folder / "tokenizer_config.json", name)
+        gen_eos = _read_json(folder / "generation_config.json").get("eos_token_id")
+        eos: int | Sequence[int] = gen_eos if gen_eos is not None else (
+            () if ids["eos_token"] is None else ids["eos_token"]
+        )
+        return cls(tok.hf, eos_ids=eos, bos_id=ids["bos_token"], pad_id=ids["pad_token"])
+
+    def _special_id(self, token: Any, path: Path, key: str) -> int | None:
+        if isinstance(token, dict):  # {"content": "<s>", "lstrip": false, ...}
+            token = token.get("content")
+        if token is None:
+            return None
+        tid = self.hf.token_to_id(str(token))
+        if tid is None:
+            raise DataError(f"{path}: {key} {token!r} is not in the vocabulary of tokenizer.json")
+        return int(tid)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf.get_vocab_size(with_added_tokens=True))
+
+    def encode(self, text: str, *, bos: bool = True) -> list[int]:
+        """Ids of ``text``, with BOS (per ``add_bos``) when ``bos`` and never with an EOS: callers
+        append EOS where a training sequence ends (``encode_example``)."""
+        plain = self.hf.encode(text, add_special_tokens=False).ids
+        if not bos or self.add_bos is False:
+            return list(plain)
+        prefix = self._post_processor_prefix(text, plain)
+        if not prefix and self.add_bos and self.bos_id is not None:
+            prefix = [self.bos_id]
+        return prefix + list(plain)
+
+    def _post_processor_prefix(self, text: str, plain: list[int]) -> list[int]:
+        """The ids the post-processor puts before the text (e.g. [BOS]); suffixes such as an EOS a
+        template adds are dropped, so a prompt can be continued."""
+        full = self.hf.encode(text, add_special_tokens=True).ids
+        n = len(plain)
+        for k in range(len(full) - n + 1):
+            if full[k : k + n] == plain:
+                return list(full[:k])
+        return []
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        return str(self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens))
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file, or {} when the (optional) file is absent."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
