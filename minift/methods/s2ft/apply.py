@@ -1,0 +1,64 @@
+"""``apply_s2ft``: select, co-permute, and swap in the partial-backpropagation slots, in one call."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from minift.errors import ConfigError
+from minift.methods.s2ft.config import SIDE, S2FTConfig
+from minift.methods.s2ft.permute import co_permute, plan_layout, scale_segments
+from minift.methods.s2ft.selection import CalibBatch, select_units
+from minift.methods.s2ft.slots import block_slot
+from minift.model import Model, set_trainable
+from minift.slots import Dense
+
+
+def apply_s2ft(
+    model: Model,
+    config: S2FTConfig,
+    calib_batches: Sequence[CalibBatch] | None = None,
+    *,
+    rng: np.random.Generator | None = None,
+) -> Model:
+    """Turn a dense model into an S2FT model, in place, and return it.
+
+    Everything is frozen; per layer, the selected heads and channels (``config.strategy``, scored on
+    ``calib_batches`` where needed, random draws from ``rng``) are co-permuted to the front and the
+    target slots become ``ColumnBlock``/``RowBlock`` whose trainable arrays are views of the blocks.
+    ``model.meta["s2ft"]`` records the configuration and every layer's permutation; use
+    ``unpermute`` to return to original coordinates and ``extract_adapter`` for the sparse update.
+    """
+    c = model.config
+    config.check(c)
+    if "s2ft" in model.meta:
+        raise ConfigError("apply_s2ft: the model already carries S2FT slots")
+    for i, block in enumerate(model.blocks):
+        for name, slot in block.slots():
+            if not isinstance(slot, Dense):
+                raise ConfigError(
+                    f"apply_s2ft needs dense slots; blocks.{i}.{name} is a {type(slot).__name__}"
+                )
+    set_trainable(model, False)
+    selection = select_units(model, config, calib_batches, rng=rng)
+    layouts = {
+        i: plan_layout(h, ch, c.n_heads, c.n_kv_heads, c.intermediate_size)
+        for i, (h, ch) in selection.items()
+    }
+    co_permute(model, layouts)
+    for i, lay in layouts.items():
+        block = model.blocks[i]
+        segments = {
+            "q": scale_segments(lay.head_segments, c.head_dim),
+            "o": scale_segments(lay.head_segments, c.head_dim),
+            "k": scale_segments(lay.kv_segments, c.head_dim),
+            "v": scale_segments(lay.kv_segments, c.head_dim),
+        }
+        segments |= dict.fromkeys(("gate", "up", "down"), lay.channel_segments)
+        for name in (*config.head_targets, *config.channel_targets):
+            slot = getattr(block, name)
+            if segments[name]:
+                setattr(block, name, block_slot(SIDE[name], slot.weight, segments[name], slot.bias))
+    model.meta["s2ft"]["config"] = config.to_dict()
+    return model

@@ -1,0 +1,98 @@
+"""Trainable-parameter budgets: S2FT counts, and the S2FT selection matching a LoRA rank.
+
+LoRA of rank R on a (O, I) matrix trains R·(I + O) parameters; S2FT trains s·I (s output rows) or
+s·O (s input columns) (s2ft.md §3.3). One query head costs D·C on Q or O, and D·C/G on K or V (its
+share of its group's key/value head; exact when whole groups are selected); one FFN channel costs C
+on each of Gate, Up and Down. The paper splits the budget "fairly" between O and Down (Sec. 5.4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from minift.config import ModelConfig
+from minift.errors import ConfigError
+from minift.methods.s2ft.config import S2FTConfig
+
+
+def slot_shape(config: ModelConfig, name: str) -> tuple[int, int]:
+    """(O, I) of a block's linear slot."""
+    C, F, H, K, D = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.n_heads,
+        config.n_kv_heads,
+        config.head_dim,
+    )
+    assert K is not None
+    assert D is not None
+    return {
+        "q": (H * D, C),
+        "k": (K * D, C),
+        "v": (K * D, C),
+        "o": (C, H * D),
+        "gate": (F, C),
+        "up": (F, C),
+        "down": (C, F),
+    }[name]
+
+
+def lora_parameter_count(
+    config: ModelConfig, rank: int, targets: Sequence[str] = ("q", "k", "v", "up", "down")
+) -> int:
+    """R·(I + O) summed over the targets of every layer."""
+    return config.n_layers * sum(rank * sum(slot_shape(config, t)) for t in targets)
+
+
+def head_cost(config: ModelConfig, head_targets: Sequence[str]) -> float:
+    """Parameters one selected query head adds in one layer."""
+    assert config.head_dim is not None
+    assert config.n_kv_heads is not None
+    per = config.head_dim * config.hidden_size
+    G = config.n_heads // config.n_kv_heads
+    return sum(per if t in ("q", "o") else per / G for t in head_targets)
+
+
+def channel_cost(config: ModelConfig, channel_targets: Sequence[str]) -> int:
+    """Parameters one selected FFN channel adds in one layer."""
+    return config.hidden_size * len(channel_targets)
+
+
+def s2ft_parameter_count(config: ModelConfig, s2: S2FTConfig) -> int:
+    """Trainable parameters of an S2FT configuration (K/V counted per head, as in ``head_cost``)."""
+    per_layer = s2.heads * head_cost(config, s2.head_targets) + s2.channels * channel_cost(
+        config, s2.channel_targets
+    )
+    return round(len(s2.layer_ids(config)) * per_layer)
+
+
+def match_lora_budget(
+    config: ModelConfig,
+    rank: int,
+    *,
+    lora_targets: Sequence[str] = ("q", "k", "v", "up", "down"),
+    head_targets: Sequence[str] = ("o",),
+    channel_targets: Sequence[str] = ("down",),
+    head_share: float = 0.5,
+    **options: object,
+) -> S2FTConfig:
+    """The S2FT configuration (heads and channels per layer) whose parameter count is closest to
+    LoRA rank ``rank`` on ``lora_targets``: ``head_share`` of the budget goes to heads, the rest
+    (and what rounding leaves) to channels. ``options`` go to ``S2FTConfig`` (strategy, …)."""
+    if rank < 1 or not 0.0 <= head_share <= 1.0:
+        raise ConfigError(f"LoRA rank must be ≥ 1 and head_share in [0, 1], got {rank} and {head_share}")
+    per_layer = lora_parameter_count(config, rank, lora_targets) / config.n_layers
+    heads = 0
+    if head_targets and head_share > 0:
+        heads = min(config.n_heads, round(head_share * per_layer / head_cost(config, head_targets)))
+    channels = 0
+    if channel_targets:
+        left = per_layer - heads * head_cost(config, head_targets)
+        channels = min(config.intermediate_size, max(0, round(left / channel_cost(config, channel_targets))))
+    return S2FTConfig(
+        heads=heads,
+        channels=channels,
+        head_targets=tuple(head_targets),
+        channel_targets=tuple(channel_targets),
+        **options,
+    )  # type: ignore[arg-type]
