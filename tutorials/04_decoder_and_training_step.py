@@ -1,0 +1,330 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+# ---
+
+# %% [markdown]
+# # 04 · The whole decoder, one training step, and where the memory goes
+#
+# **What you will build.** A Llama-style decoder assembled from the layers of tutorials 01–03,
+# its gradient checked end to end, a few AdamW training steps, and a measurement of the memory a
+# training step needs — and of how much of it disappears when the lower layers are frozen
+# (partial backpropagation, the idea S2FT builds on).
+#
+# **Prerequisites.** Tutorials 01–03.
+#
+# **Library functions explained here.** `minift.ModelConfig`, `minift.init_model`,
+# `minift.model_forward`, `minift.model_backward`, `minift.loss_and_grads`, `minift.set_trainable`,
+# `minift.trainable_parameters`, `minift.model.Block`, `minift.model.ModelCache`,
+# `minift.slots.Dense`, `minift.optim.AdamW`, `minift.optim.Schedule`,
+# `minift.optim.clip_grad_norm`.
+
+# %%
+import tracemalloc
+
+import numpy as np
+
+from minift import (
+    ModelConfig,
+    init_model,
+    loss_and_grads,
+    model_backward,
+    model_forward,
+    set_trainable,
+    trainable_parameters,
+)
+from minift.layers.attention import attention_forward, causal_mask
+from minift.layers.cross_entropy import cross_entropy_backward, cross_entropy_forward
+from minift.layers.linear import linear_forward
+from minift.layers.rmsnorm import rmsnorm_forward
+from minift.layers.rope import rope_forward, rope_tables
+from minift.layers.swiglu import swiglu_forward
+from minift.optim import AdamW, Schedule, clip_grad_norm
+from minift.testing import assert_close, check_grad
+
+rng = np.random.default_rng(0)
+config = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, n_layers=2, n_heads=4,
+                     n_kv_heads=2)
+model = init_model(config, rng, dtype=np.float64, std=0.3)
+print(config)
+
+# %% [markdown]
+# ## 1. What a model is
+#
+# A `Model` holds an embedding table E (V, C), a list of blocks, a final RMSNorm, and an LM head
+# (V, C) — or none, when the head reuses E ("tied embeddings"). A `Block` holds two norms and
+# seven **linear slots**: q, k, v, o for attention and gate, up, down for the SwiGLU MLP. A slot is
+# anything that can run `y = f(x)` forward and give back `dx` and its own parameter gradients;
+# `Dense` is the plain `y = x Wᵀ (+ b)`. The fine-tuning methods of later tutorials (LoRA, PiSSA,
+# SORSA, S2FT) are other slot types swapped into the same places — the model code never changes.
+
+# %%
+block = model.blocks[0]
+for name, slot in block.slots():
+    print(f"  {name:>4}: {type(slot).__name__}  weight {slot.weight.shape}")
+
+# %% [markdown]
+# ## 2. The forward pass, composed by hand from the layers
+#
+# Each block updates the *residual stream* x (one C-vector per token) twice:
+#
+#     x = x + o(attention(rope(q(h)), rope(k(h)), v(h)))     h = attn_norm(x)
+#     x = x + down(silu(gate(h)) ⊙ up(h))                    h = mlp_norm(x)
+#
+# and the logits are `lm_head(final_norm(x))`. Here it is, written with nothing but the layer
+# functions of tutorials 01–03, compared with `model_forward`:
+
+# %%
+B, T = 2, 6
+H, K, D = config.n_heads, config.n_kv_heads, config.head_dim
+tokens = rng.integers(0, config.vocab_size, size=(B, T))
+
+
+def decoder_by_hand(model, tokens):
+    c = model.config
+    x = model.embed.weight[tokens].reshape(B * T, -1)  # (N, C)
+    cos, sin = rope_tables(np.broadcast_to(np.arange(T), (B, T)), D, c.rope_theta, c.rope_scaling)
+    for blk in model.blocks:
+        h, _ = rmsnorm_forward(x, blk.attn_norm.weight, c.norm_eps)
+        q = linear_forward(h, blk.q.weight).reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
+        k = linear_forward(h, blk.k.weight).reshape(B, T, K, D).transpose(0, 2, 1, 3)  # (B, K, T, D)
+        v = linear_forward(h, blk.v.weight).reshape(B, T, K, D).transpose(0, 2, 1, 3)
+        a, _ = attention_forward(rope_forward(q, cos, sin), rope_forward(k, cos, sin), v, causal_mask(T, T))
+        x = x + linear_forward(a.transpose(0, 2, 1, 3).reshape(B * T, H * D), blk.o.weight)
+        h, _ = rmsnorm_forward(x, blk.mlp_norm.weight, c.norm_eps)
+        m, _ = swiglu_forward(linear_forward(h, blk.gate.weight), linear_forward(h, blk.up.weight))
+        x = x + linear_forward(m, blk.down.weight)
+    x, _ = rmsnorm_forward(x, model.final_norm.weight, c.norm_eps)
+    return linear_forward(x, model.lm_head.weight).reshape(B, T, -1)  # (B, T, V)
+
+
+logits, _ = model_forward(model, tokens, train=False)
+assert_close(logits, decoder_by_hand(model, tokens), rtol=1e-12, atol=1e-13, what="logits")
+print("logits", logits.shape, "match the hand-composed decoder")
+
+# %% [markdown]
+# ## 3. The loss and the backward pass
+#
+# A language model predicts the *next* token: the target at position t is the token at t + 1.
+# `loss_and_grads(model, tokens, targets)` expects the targets already shifted, with −100 where
+# nothing should be learned (here, the last position, which has no next token).
+#
+# The backward is the forward reversed (`model_backward`): LM head, final norm, then each block
+# from the top — MLP first, then attention — with the residual stream carrying `dx` past each
+# branch (`dx = dx + d(branch)`), exactly the rule "a value used twice gets both gradients".
+
+# %%
+inputs = tokens
+targets = np.concatenate([tokens[:, 1:], np.full((B, 1), -100)], axis=1)  # (B, T), shifted
+set_trainable(model)  # full fine-tuning: every array trainable
+params = trainable_parameters(model)
+print(len(params), "trainable arrays, e.g.", list(params)[:4])
+
+loss, grads = loss_and_grads(model, inputs, targets)
+assert grads.keys() == params.keys()
+
+# the same thing by hand: forward with a cache, cross-entropy, backward
+logits, cache = model_forward(model, inputs)
+ce_loss, ce_cache = cross_entropy_forward(logits.reshape(B * T, -1), targets.reshape(-1))
+grads_by_hand = model_backward(model, cross_entropy_backward(ce_cache).reshape(logits.shape), cache)
+assert ce_loss == loss
+for key in grads:
+    assert np.array_equal(grads[key], grads_by_hand[key])
+
+# %% [markdown]
+# ### The whole model's gradient, checked by finite differences
+#
+# `check_grad` perturbs each entry of the arrays it is given *in place*. Passing the model's own
+# arrays (not copies) therefore perturbs the model, and the forward can ignore its arguments. A
+# few arrays from different depths are enough to catch a wrong rule anywhere above them.
+
+# %%
+checked = {k: params[k] for k in ("blocks.0.attn_norm.weight", "blocks.0.k.weight",
+                                  "blocks.1.v.weight", "final_norm.weight")}
+
+
+def loss_only(model):
+    """The loss without the backward (train=False keeps no cache): cheap for finite differences."""
+    logits, _ = model_forward(model, inputs, train=False)
+    return cross_entropy_forward(logits.reshape(B * T, -1), targets.reshape(-1))[0]
+
+
+def whole_model_loss(**_):
+    return loss_only(model)
+
+
+def whole_model_grads(G, **_):
+    _, g = loss_and_grads(model, inputs, targets)
+    return {k: G * g[k] for k in checked}
+
+
+print(check_grad(whole_model_loss, whole_model_grads, checked))
+
+# %% [markdown]
+# ### Why backward functions return gradients instead of accumulating them
+#
+# Many hand-written backprop codes add (`+=`) into gradient buffers owned by the parameters, which
+# must then be zeroed before every step; forget once, and the gradient silently doubles. minift's
+# backward functions return fresh arrays, and where a tensor is used twice the composite sums the
+# two parts explicitly. So computing the gradient twice gives the same answer — a property, not a
+# convention you have to remember:
+
+# %%
+_, again = loss_and_grads(model, inputs, targets)
+assert all(np.array_equal(again[k], grads[k]) for k in grads)
+
+# %% [markdown]
+# The clearest "used twice" case is a tied LM head: E is read by the embedding lookup at the
+# bottom and by the head `logits = x Eᵀ` at the top. Its gradient is the sum of both parts, and the
+# check passes only because `model_backward` adds them:
+
+# %%
+tied = set_trainable(init_model(config.replace(tie_word_embeddings=True), rng, dtype=np.float64, std=0.3))
+E = tied.embed.weight
+check_grad(lambda E: loss_only(tied),
+           lambda G, E: {"E": G * loss_and_grads(tied, inputs, targets)[1]["embed.weight"]}, {"E": E})
+print("tied embedding gradient = head part + lookup part: checked")
+
+# %% [markdown]
+# ## 4. A training step
+#
+# One step is: loss and gradients → clip the global gradient norm → AdamW update, in place, at the
+# learning rate the schedule gives for this step. `AdamW` keeps two moment arrays per trainable
+# array and nothing for frozen ones, so its state is exactly as large as what you train.
+#
+# The task: memorise one short sequence. (Tutorial 11 trains on real data with the full loop.)
+
+# %%
+model = set_trainable(init_model(config, np.random.default_rng(1), dtype=np.float32))
+params = trainable_parameters(model)
+opt = AdamW(params, weight_decay=0.0)
+schedule = Schedule(lr_max=3e-2, total_steps=40, kind="cosine", warmup_steps=4)
+seq = np.array([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]])
+x_in, y_out = seq[:, :-1], seq[:, 1:]
+losses = []
+for step in range(schedule.total_steps):
+    loss, grads = loss_and_grads(model, x_in, y_out)
+    norm = clip_grad_norm(grads, max_norm=1.0)
+    opt.step(grads, lr=schedule(step))
+    losses.append(loss)
+print(f"loss {losses[0]:.3f} → {losses[-1]:.3f}; optimizer state {opt.state_bytes()} bytes")
+assert losses[-1] < 0.2 * losses[0]
+assert params["blocks.0.q.weight"] is model.blocks[0].q.weight  # updated in place, not replaced
+
+# %% [markdown]
+# ## 5. Where the memory goes
+#
+# A training step needs, besides the weights: the **cache** the forward keeps for the backward
+# (activations), the **gradients**, and the **optimizer state**. Python's `tracemalloc` sees every
+# NumPy allocation, so the peak of a step is a measured, reproducible number (weights excluded
+# here: they exist before the step starts).
+#
+# First, look inside the cache. It is a tree of NamedTuples; the same array can appear in several
+# places (q, k and v all keep the *same* normalised input h), so count each array once.
+
+# %%
+def arrays_in(obj, seen=None):
+    """Every distinct ndarray inside nested tuples/lists, counted once by identity."""
+    seen = {} if seen is None else seen
+    if isinstance(obj, np.ndarray):
+        seen[id(obj)] = obj
+    elif isinstance(obj, tuple | list):
+        for item in obj:
+            arrays_in(item, seen)
+    return seen
+
+
+big = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=160, n_layers=4, n_heads=4,
+                  n_kv_heads=2)
+Bm, Tm = 4, 64
+tok = np.random.default_rng(2).integers(0, big.vocab_size, size=(Bm, Tm + 1))
+xb, yb = tok[:, :-1], tok[:, 1:]
+
+
+def cache_bytes(model):
+    _, cache = model_forward(model, xb)
+    return sum(a.nbytes for a in arrays_in(cache).values())
+
+
+def step_peak(model):
+    """Peak bytes allocated during loss_and_grads (weights already exist and are not counted)."""
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    before = tracemalloc.get_traced_memory()[0]
+    loss_and_grads(model, xb, yb)
+    peak = tracemalloc.get_traced_memory()[1] - before
+    tracemalloc.stop()
+    return peak
+
+
+full = set_trainable(init_model(big, np.random.default_rng(3)))
+top_only = init_model(big, np.random.default_rng(3))  # frozen everywhere …
+top_only.blocks[-1].down.requires_grad = True  # … except the top block's down projection
+
+_, full_cache = model_forward(full, xb)
+_, top_cache = model_forward(top_only, xb)
+print("blocks with a cache, full FT :", [c is not None for c in full_cache.blocks])
+print("blocks with a cache, top only:", [c is not None for c in top_cache.blocks])
+
+rows = {
+    "full fine-tuning": (cache_bytes(full), step_peak(full)),
+    "top block's down only": (cache_bytes(top_only), step_peak(top_only)),
+}
+weights = sum(a.nbytes for a in trainable_parameters(full).values())
+print(f"weights: {weights / 2**20:.2f} MiB (float32)")
+for name, (cb, peak) in rows.items():
+    print(f"{name:>22}: forward cache {cb / 2**20:6.2f} MiB, step peak {peak / 2**20:6.2f} MiB")
+assert rows["top block's down only"][1] < 0.5 * rows["full fine-tuning"][1]
+
+# %% [markdown]
+# With only the top block trainable, the three lower blocks run in inference mode and keep
+# nothing (`ModelCache.blocks` holds None for them), the backward stops after the top block, and
+# frozen slots compute `dx` only. That is **partial backpropagation**; S2FT (tutorials 08–10)
+# keeps trainable blocks in *every* layer and still saves most of this, by keeping only the
+# activation columns its few trainable columns need.
+#
+# A picture, when matplotlib is installed:
+
+# %%
+try:
+    import matplotlib.pyplot as plt
+except ImportError:  # plots are optional; the numbers above are the lesson
+    plt = None
+if plt is not None:
+    fig, ax = plt.subplots(figsize=(5, 3))
+    names = list(rows)
+    ax.bar(names, [rows[n][1] / 2**20 for n in names], label="step peak")
+    ax.bar(names, [rows[n][0] / 2**20 for n in names], label="forward cache")
+    ax.set_ylabel("MiB")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig("04_memory.png")
+    plt.close(fig)
+    print("saved 04_memory.png")
+
+# %% [markdown]
+# ## Summary
+#
+# * The decoder is the layers composed; the backward is that composition reversed, with the
+#   residual stream summing gradients.
+# * Backward functions return fresh gradients, so a gradient computation is idempotent and tied
+#   weights sum their parts explicitly.
+# * A training step = `loss_and_grads` → `clip_grad_norm` → `AdamW.step(grads, lr=schedule(step))`.
+# * Memory = weights + forward cache + gradients + optimizer state; freezing the bottom of the
+#   network removes its cache and its backward.
+#
+# ## Exercises
+#
+# 1. **Gradient accumulation.** Split a batch of 4 sequences into two micro-batches of 2 and show
+#    that `minift.optim.accumulate_gradients` gives the gradient of the whole batch. Then pad one
+#    micro-batch's targets with −100 and explain why a plain average of the two gradients is wrong.
+# 2. **What the cache holds.** For the `big` config above, list the five largest arrays in a full
+#    fine-tuning cache, with their shapes and which layer keeps them.
+# 3. **Memory against sequence length.** Measure the full-FT step peak for T = 16, 32, 64, 128 and
+#    fit how it grows. Which term is quadratic in T?
+#
+# Solutions: `tutorials/solutions/04_decoder_and_training_step.py`.

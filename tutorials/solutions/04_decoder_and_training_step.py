@@ -1,0 +1,97 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+# ---
+
+# %% [markdown]
+# # Solutions to tutorial 04 · The decoder and a training step
+
+# %%
+import tracemalloc
+
+import numpy as np
+
+from minift import ModelConfig, init_model, loss_and_grads, model_forward, set_trainable
+from minift.optim import accumulate_gradients
+from minift.testing import assert_close
+
+config = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, n_layers=2, n_heads=4,
+                     n_kv_heads=2)
+model = set_trainable(init_model(config, np.random.default_rng(0), dtype=np.float64, std=0.3))
+rng = np.random.default_rng(1)
+
+# %% [markdown]
+# ## 1. Gradient accumulation
+#
+# The loss is a mean over *counted* tokens. Micro-batch i with n_i counted tokens must enter with
+# weight n_i / Σn; a plain average weights a micro-batch with few counted tokens as much as one
+# with many, which is not the gradient of the whole batch.
+
+# %%
+tokens = rng.integers(0, 32, size=(4, 7))
+targets = rng.integers(0, 32, size=(4, 7))
+targets[2:, :5] = -100  # the second micro-batch counts far fewer tokens
+_, whole = loss_and_grads(model, tokens, targets)
+_, accumulated, counted = accumulate_gradients(model, [(tokens[:2], targets[:2], None),
+                                                       (tokens[2:], targets[2:], None)])
+for k in whole:
+    assert_close(accumulated[k], whole[k], rtol=1e-10, atol=1e-14, what=k)
+_, g1 = loss_and_grads(model, tokens[:2], targets[:2])
+_, g2 = loss_and_grads(model, tokens[2:], targets[2:])
+plain = {k: (g1[k] + g2[k]) / 2 for k in g1}
+gap = max(np.abs(plain[k] - whole[k]).max() for k in whole)
+print(f"{counted} counted tokens; token-weighted accumulation is exact, a plain average is off by {gap:.2e}")
+assert gap > 1e-4
+
+# %% [markdown]
+# ## 2. What the cache holds
+#
+# Walk the cache tree keeping the path of each array.
+
+# %%
+big = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=160, n_layers=4, n_heads=4,
+                  n_kv_heads=2)
+full = set_trainable(init_model(big, np.random.default_rng(3)))
+tok = np.random.default_rng(2).integers(0, 256, size=(4, 64))
+_, cache = model_forward(full, tok)
+
+
+def walk(obj, path, found):
+    if isinstance(obj, np.ndarray):
+        found.setdefault(id(obj), (path, obj))
+    elif isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        for f in obj._fields:
+            walk(getattr(obj, f), f"{path}.{f}", found)
+    elif isinstance(obj, tuple | list):
+        for i, item in enumerate(obj):
+            walk(item, f"{path}[{i}]", found)
+    return found
+
+
+largest = sorted(walk(cache, "cache", {}).values(), key=lambda pa: -pa[1].nbytes)[:5]
+for path, a in largest:
+    print(f"{a.nbytes / 1024:8.0f} KiB  {a.shape!s:<22} {path}")
+assert any(".attn.p" in path for path, _ in largest)  # the attention probabilities are among them
+
+# %% [markdown]
+# ## 3. Memory against sequence length
+#
+# The linear terms (activations of width C or F per token) grow like T; the attention
+# probabilities p (B·H·T·T per layer) grow like T². At these tiny widths T² takes over early.
+
+# %%
+peaks = {}
+for T in (16, 32, 64, 128):
+    x = np.random.default_rng(4).integers(0, 256, size=(2, T + 1))
+    tracemalloc.start()
+    loss_and_grads(full, x[:, :-1], x[:, 1:])
+    peaks[T] = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    print(f"T = {T:>3}: step peak {peaks[T] / 2**20:6.2f} MiB")
+growth = [peaks[2 * T] / peaks[T] for T in (16, 32, 64)]
+print("growth per doubling of T:", np.round(growth, 2), "(2 = linear, 4 = quadratic)")
+assert growth[-1] > growth[0]  # the quadratic term takes over as T grows
