@@ -22,25 +22,22 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import save as safetensors_bytes
 
 from minift.backend import Array, get_xp, to_numpy
 from minift.errors import CheckpointError
 from minift.model import Model, trainable_parameters
 from minift.optim import AdamW
+from minift.safetensors_io import read_safetensors, write_safetensors
 
 FORMAT = "minift-training-checkpoint"
 VERSION = 1
-_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "U8": "u1", "BOOL": "?"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -55,68 +52,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def write_safetensors(
-    path: str | Path, tensors: Mapping[str, Array], metadata: dict[str, str] | None = None
-) -> None:
-    """Save arrays (NumPy or CuPy) to a safetensors file, atomically."""
-    host = {k: np.ascontiguousarray(to_numpy(a)) for k, a in tensors.items()}
-    _write_atomic(Path(path), safetensors_bytes(host, metadata=metadata))
-
-
-def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    """Load a safetensors file, checking its structure first.
-
-    Raises:
-        CheckpointError naming the file, and the tensor where one is at fault, for a missing, truncated
-        or corrupt file (short header, header length beyond the file, bad header JSON, unknown dtype,
-        a tensor whose bytes lie beyond the end of the file or do not match its shape).
-    """
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read the checkpoint file ({e.strerror})") from None
-    if len(data) < 8:
-        raise CheckpointError(f"{path}: truncated: {len(data)} bytes, less than the 8-byte header length")
-    n = int.from_bytes(data[:8], "little")
-    if 8 + n > len(data):
-        raise CheckpointError(
-            f"{path}: truncated or corrupt: the header claims {n} bytes but the file has {len(data)} in all"
-        )
-    try:
-        header = json.loads(data[8 : 8 + n])
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header (invalid JSON: {e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header: expected a JSON object")
-    body = memoryview(data)[8 + n :]
-    tensors = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype = np.dtype(_DTYPES[info["dtype"]])
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(
-                f"{path}: tensor {key!r} has a malformed header entry {info!r}; expected dtype (one of "
-                f"{sorted(_DTYPES)}), shape and data_offsets"
-            ) from None
-        if end > len(body):
-            raise CheckpointError(
-                f"{path}: tensor {key!r} lies at bytes {begin}..{end} of the data section, which has only "
-                f"{len(body)} bytes: the file is truncated"
-            )
-        if not 0 <= begin <= end or end - begin != math.prod(shape) * dtype.itemsize:
-            raise CheckpointError(
-                f"{path}: tensor {key!r} has data_offsets {begin}..{end}, which do not fit its shape {shape} "
-                f"and dtype {info['dtype']}"
-            )
-        tensors[key] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape).copy()
-    return tensors
 
 
 def _read_state(path: Path) -> dict[str, Any]:
@@ -173,8 +108,8 @@ def save_checkpoint(
     tmp = run_dir / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    write_safetensors(tmp / "trainable.safetensors", trainable_parameters(model))
-    write_safetensors(tmp / "optimizer.safetensors", optimizer.state_arrays())
+    for file, arrays in (("trainable", trainable_parameters(model)), ("optimizer", optimizer.state_arrays())):
+        write_safetensors(tmp / f"{file}.safetensors", {k: to_numpy(a) for k, a in arrays.items()})
     state = {
         "format": FORMAT,
         "version": VERSION,
@@ -225,8 +160,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     state = _read_state(path / "state.json")
     return Checkpoint(
         path,
-        read_safetensors(path / "trainable.safetensors"),
-        read_safetensors(path / "optimizer.safetensors"),
+        read_safetensors(path / "trainable.safetensors")[0],
+        read_safetensors(path / "optimizer.safetensors")[0],
         state,
     )
 

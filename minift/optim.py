@@ -93,13 +93,6 @@ class AdamW:
         """The moment estimates as one flat dict (``m.<key>``, ``v.<key>``), e.g. for a checkpoint."""
         return {f"m.{k}": a for k, a in self.m.items()} | {f"v.{k}": a for k, a in self.v.items()}
 
-    def load_state_arrays(self, arrays: Mapping[str, Array], t: int) -> None:
-        """Copy ``state_arrays()`` back into the existing moment arrays (in place) and set the step."""
-        for prefix, state in (("m", self.m), ("v", self.v)):
-            for k, a in state.items():
-                a[...] = get_xp(a).asarray(arrays[f"{prefix}.{k}"])
-        self.t = t
-
     def state_bytes(self) -> int:
         """Bytes held by the optimizer state (both moments)."""
         return sum(int(a.nbytes) for a in (*self.m.values(), *self.v.values()))

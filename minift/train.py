@@ -310,7 +310,9 @@ def _resume(
         path = Path(resume)
     ckpt = load_checkpoint(path)
     saved = ckpt.state.get("train_config", {})
-    differ = [key for key in _RESUME_MUST_MATCH if saved.get(key) != run_config[key]]
+    # A decaying schedule depends on the total step count, so extending such a run changes its lr.
+    keys = _RESUME_MUST_MATCH + (("steps",) if run_config["schedule"] != "constant" else ())
+    differ = [key for key in keys if saved.get(key) != run_config[key]]
     if differ:
         raise CheckpointError(
             f"{ckpt.path / 'state.json'}: the run's settings {differ} differ from the checkpoint's "

@@ -21,12 +21,13 @@ from typing import Any, Literal
 import numpy as np
 
 from minift.backend import Array, get_xp, to_numpy
-from minift.checkpoint import _write_atomic, read_safetensors, write_safetensors
+from minift.checkpoint import _write_atomic
 from minift.config import ModelConfig
 from minift.errors import CheckpointError
 from minift.methods.s2ft.permute import expand, layouts_of
 from minift.methods.s2ft.slots import ColumnBlock, RowBlock
 from minift.model import Model
+from minift.safetensors_io import read_safetensors, write_safetensors
 
 FORMAT = "minift-s2ft-adapter"
 WEIGHTS, INDEX = "adapter.safetensors", "adapter.json"
@@ -126,7 +127,7 @@ def load_adapter(directory: str | os.PathLike[str]) -> S2FTAdapter:
         index = json.loads((src / INDEX).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{src / INDEX}: cannot read the S2FT adapter index ({e})") from e
-    tensors = read_safetensors(src / WEIGHTS)
+    tensors, _ = read_safetensors(src / WEIGHTS)
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise CheckpointError(f"{src / INDEX}: 'format' must be {FORMAT!r}")
     blocks = {}
