@@ -33,9 +33,29 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Time training steps of every method (and PyTorch's), with peak memory and MFU."""
+    from minift.bench import cmd_bench as run_bench
+
+    return run_bench(args)
+
+
+def bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", metavar="FILE", help="write machine, config, results and ratios as JSON")
+    p.add_argument("--quick", action="store_true", help="a tiny model and 2 steps: a smoke run in seconds")
+    p.add_argument("--scaling", action="store_true", help="also vary model width and sequence length")
+    p.add_argument("--steps", type=int, help="timed steps per method, median reported (default 5; quick 2)")
+    p.add_argument("--warmup", type=int, help="untimed steps before timing (default 1)")
+    p.add_argument("--methods", nargs="+", help="some of: full lora pissa sorsa s2ft (default: all)")
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference even if installed")
+    p.add_argument("--seed", type=int, default=0, help="seed of the base model and the batch")
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "info": (cmd_info, "print versions, the array backend and the measured BLAS throughput"),
+    "bench": (cmd_bench, "time training steps of every method against PyTorch, with memory and MFU"),
 }
+ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {"bench": bench_arguments}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (func, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(func=func)
+        if name in ARGUMENTS:
+            ARGUMENTS[name](p)
     return parser
 
 

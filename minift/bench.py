@@ -1,0 +1,555 @@
+"""``minift bench``: training-step time, peak memory and model-FLOPs utilisation of every method.
+
+One training step = forward + backward + AdamW update (``minift.optim``) on one batch of random tokens.
+Each method is measured on a fresh copy of the same base model at matched trainable-parameter counts
+(LoRA/PiSSA/SORSA at rank r on every projection; S2FT on O+Down with the same budget), and, when
+PyTorch is installed, the same configuration in PyTorch eager mode on the CPU (full fine-tuning with
+``torch.optim.AdamW``, and PEFT LoRA) in the same run, so that ratios compare like with like.
+
+What is measured:
+- ``step_seconds``: the median of ``steps`` timed steps after ``warmup`` untimed ones.
+- ``peak_bytes`` (minift only): the peak of ``tracemalloc``'s traced memory during one step, after a
+  warm-up step, of everything NumPy allocated since the model was built: base and trainable weights,
+  optimizer state, gradients, activations kept for the backward and temporaries. PyTorch's CPU
+  allocator is not traced by ``tracemalloc``, so its records carry ``None``.
+- ``mfu``: model FLOPs of the step / step time / measured float32 GEMM throughput
+  (``minift.measure.gemm_gflops``). Model FLOPs are the matmuls the method's step must do: every slot's
+  ``flops()`` (forward everywhere; backward only down to the lowest trainable block, dx only where
+  something below needs it) plus attention's q kᵀ and p v (full T×T, as computed; 3× for forward +
+  backward). The optimizer's element-wise work is not counted.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import os
+import platform
+import statistics
+import time
+import tracemalloc
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from minift.config import ModelConfig
+from minift.data.datasets import Batch
+from minift.errors import ConfigError
+from minift.measure import gemm_gflops
+from minift.model import Model, init_model, lowest_trainable_block, set_trainable, trainable_parameters
+from minift.train import GradHook
+
+METHODS = ("full", "lora", "pissa", "sorsa", "s2ft")
+LR = 1e-4  # any small learning rate: the step's cost does not depend on it
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # LoRA/PiSSA/SORSA adapt every projection
+
+
+@dataclass(frozen=True)
+class BenchSize:
+    """The model and batch of one measurement; ``rank`` sets the matched trainable budget."""
+
+    config: ModelConfig
+    batch: int  # B
+    seq: int  # T
+    rank: int  # LoRA/PiSSA/SORSA rank r; S2FT gets the same parameter count
+
+
+BENCH = BenchSize(
+    ModelConfig(
+        vocab_size=4096, hidden_size=512, intermediate_size=1376, n_layers=8, n_heads=8, n_kv_heads=4
+    ),
+    batch=4,
+    seq=256,
+    rank=4,  # ≈ 1.1% of the 27M parameters trainable
+)
+QUICK = BenchSize(
+    ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=160, n_layers=2, n_heads=4, n_kv_heads=2),
+    batch=2,
+    seq=16,
+    rank=2,
+)
+
+
+@dataclass
+class Result:
+    """One record of ``results`` in the JSON report."""
+
+    impl: str  # "minift" or "torch"
+    method: str
+    step_seconds: float
+    peak_bytes: int | None
+    trainable_params: int
+    tokens_per_second: float
+    mfu: float
+    model_flops: int
+
+
+# ----------------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def step_flops(model: Model, batch: int, seq: int) -> int:
+    """Model FLOPs of one training step (matmuls only), following the backward's own stopping rules.
+
+    Attention: q kᵀ and p v cost 2·B·H·T·T·D each forward; the backward does four such products.
+    """
+    c = model.config
+    assert c.head_dim is not None
+    N = batch * seq
+    attn = 4 * batch * c.n_heads * seq * seq * c.head_dim
+    lowest = lowest_trainable_block(model)
+    need_embed = lowest == 0 and bool(
+        model.embed.parameters() or (model.pos_embed is not None and model.pos_embed.parameters())
+    )
+    total = 0
+    for i, block in enumerate(model.blocks):
+        trained = i >= lowest
+        total += attn * (3 if trained else 1)
+        for name, slot in block.slots():
+            # the lowest block's q, k, v pass dx down only when an embedding or attn_norm needs it
+            need_dx = i > lowest or need_embed or name not in ("q", "k", "v") or block.attn_norm.requires_grad
+            fwd, bwd = slot.flops(N, need_dx=need_dx)
+            total += fwd + (bwd if trained else 0)
+    anything_below = lowest < len(model.blocks) or bool(model.final_norm.parameters())
+    if model.lm_head is None:  # tied: logits = x Eᵀ
+        mac = 2 * N * c.hidden_size * c.vocab_size
+        total += mac * (1 + int(anything_below) + int(model.embed.requires_grad))
+    else:
+        fwd, bwd = model.lm_head.flops(N, need_dx=anything_below)
+        total += fwd + bwd
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------
+# timing and memory
+
+
+def median_step_seconds(step: Callable[[], Any], steps: int, warmup: int) -> float:
+    """Median wall time of ``steps`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_step_bytes(build: Callable[[], Callable[[], Any]]) -> int:
+    """Peak traced bytes of one step, everything allocated since ``build()`` started included.
+
+    ``build`` creates the model and optimizer and returns the step; one warm-up step allocates the
+    optimizer state, then the peak is reset to what is live and one more step is traced.
+    """
+    gc.collect()
+    tracemalloc.start()
+    try:
+        step = build()
+        step()
+        tracemalloc.reset_peak()
+        step()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+# ----------------------------------------------------------------------------------------------------
+# minift
+
+
+METHOD_MODULES = {
+    "full": "minift.methods.full",
+    "lora": "minift.methods.lora",
+    "pissa": "minift.methods.pissa",
+    "sorsa": "minift.methods.sorsa",
+    "s2ft": "minift.methods.s2ft",
+}
+
+
+def available_methods() -> dict[str, bool]:
+    """Which methods' modules are importable in this installation of minift."""
+    found = {}
+    for method, module in METHOD_MODULES.items():
+        try:
+            importlib.import_module(module)
+            found[method] = True
+        except ImportError:
+            found[method] = False
+    return found
+
+
+def batch(size: BenchSize, seed: int) -> Batch:
+    """Random tokens and targets, no padding: every position counts."""
+    rng = np.random.default_rng(seed)
+    shape = (size.batch, size.seq)
+    V = size.config.vocab_size
+    return Batch(rng.integers(0, V, shape), rng.integers(0, V, shape), np.ones(shape, dtype=np.int64))
+
+
+def prepare_model(method: str, size: BenchSize, seed: int) -> tuple[Model, list[GradHook]]:
+    """A fresh base model with ``method`` applied at the matched budget, and its gradient hooks.
+
+    LoRA, PiSSA and SORSA adapt every projection at rank r; S2FT trains O heads and Down channels with
+    the parameter count of that LoRA (``match_lora_budget``: half to heads, the rest to channels).
+    """
+    rng = np.random.default_rng(seed)
+    model = init_model(size.config, rng)
+    module = importlib.import_module(METHOD_MODULES[method])
+    r, targets = size.rank, TARGETS
+    if method == "full":
+        return module.apply_full(model), []
+    if method == "lora":
+        return module.apply_lora(model, module.LoRAConfig(r=r, alpha=2.0 * r, targets=targets), rng), []
+    if method == "pissa":
+        return module.apply_pissa(model, module.PiSSAConfig(r=r, alpha=r, targets=targets), rng), []
+    if method == "sorsa":
+        config = module.SORSAConfig(r=r, targets=targets)
+        return module.apply_sorsa(model, config, rng), [module.gradient_hook(config)]
+    if method == "s2ft":
+        config = module.match_lora_budget(size.config, r, lora_targets=targets)
+        return module.apply_s2ft(model, config, rng=rng), []
+    raise ConfigError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
+
+
+def minift_step(method: str, size: BenchSize, seed: int) -> tuple[Callable[[], Any], Model]:
+    """Build the model and optimizer; return (one training step, the model).
+
+    The step is the trainer's own ``train_step``: forward, backward, gradient-norm clipping at 1.0, the
+    method's gradient hooks (SORSA's regularizer) and the AdamW update.
+    """
+    from minift.optim import AdamW
+    from minift.train import train_step
+
+    model, hooks = prepare_model(method, size, seed)
+    micro_batches = [batch(size, seed)]
+    opt = AdamW(trainable_parameters(model))
+    return (lambda: train_step(model, opt, micro_batches, LR, grad_hooks=hooks)), model
+
+
+def bench_minift(
+    method: str, size: BenchSize, blas_gflops: float, steps: int, warmup: int, seed: int
+) -> Result:
+    step, model = minift_step(method, size, seed)
+    seconds = median_step_seconds(step, steps, warmup)
+    flops = step_flops(model, size.batch, size.seq)
+    n_params = sum(int(a.size) for a in trainable_parameters(model).values())
+    del step, model
+    peak = peak_step_bytes(lambda: minift_step(method, size, seed)[0])
+    return _result("minift", method, seconds, peak, n_params, flops, size, blas_gflops)
+
+
+def _result(
+    impl: str,
+    method: str,
+    seconds: float,
+    peak: int | None,
+    n_params: int,
+    flops: int,
+    size: BenchSize,
+    blas_gflops: float,
+) -> Result:
+    return Result(
+        impl=impl,
+        method=method,
+        step_seconds=seconds,
+        peak_bytes=peak,
+        trainable_params=n_params,
+        tokens_per_second=size.batch * size.seq / seconds,
+        mfu=flops / seconds / (blas_gflops * 1e9),
+        model_flops=flops,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# PyTorch
+
+
+def torch_available() -> bool:
+    try:
+        importlib.import_module("torch")
+        importlib.import_module("transformers")
+    except ImportError:
+        return False
+    return True
+
+
+def torch_step(method: str, size: BenchSize, seed: int) -> tuple[Callable[[], float], int]:
+    """The same model in transformers (eager PyTorch, float32, CPU): (one training step, trainable count).
+
+    Full fine-tuning uses ``torch.optim.AdamW`` on every parameter; ``lora`` wraps the model with PEFT
+    LoRA at the same rank and targets as minift's. The step mirrors minift's ``train_step``: forward,
+    backward, ``clip_grad_norm_`` at 1.0, AdamW (no weight decay, as minift's default).
+    """
+    import torch
+    import transformers
+
+    c = size.config
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads,
+        num_key_value_heads=c.n_kv_heads,
+        head_dim=c.head_dim,
+        rms_norm_eps=c.norm_eps,
+        max_position_embeddings=c.max_position_embeddings,
+        tie_word_embeddings=c.tie_word_embeddings,
+    )
+    model: Any = transformers.LlamaForCausalLM(cfg).float()
+    if method == "lora":
+        import peft
+
+        names = {
+            "q": "q_proj",
+            "k": "k_proj",
+            "v": "v_proj",
+            "o": "o_proj",
+            "gate": "gate_proj",
+            "up": "up_proj",
+            "down": "down_proj",
+        }
+        lora = peft.LoraConfig(
+            r=size.rank,
+            lora_alpha=2 * size.rank,
+            lora_dropout=0.0,
+            target_modules=[names[t] for t in TARGETS],
+        )
+        with warnings.catch_warnings():  # PEFT calls a transformers API deprecated in v5
+            warnings.simplefilter("ignore", FutureWarning)
+            model = peft.get_peft_model(model, lora)
+    elif method != "full":
+        raise ValueError(f"no PyTorch reference for {method!r}")
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)  # as minift's AdamW
+    b = batch(size, seed)
+    tokens, targets, mask = (torch.from_numpy(a) for a in b)
+
+    def step() -> float:
+        logits = model(input_ids=tokens, attention_mask=mask).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, c.vocab_size), targets.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step, sum(p.numel() for p in params)
+
+
+def bench_torch(
+    method: str, size: BenchSize, flops: int, blas_gflops: float, steps: int, warmup: int, seed: int
+) -> Result:
+    """Time PyTorch's step; ``flops`` are minift's model FLOPs for the same method and size."""
+    step, n_params = torch_step(method, size, seed)
+    seconds = median_step_seconds(step, steps, warmup)
+    return _result("torch", method, seconds, None, n_params, flops, size, blas_gflops)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the report
+
+
+def _ratio(results: list[Result], a: tuple[str, str], b: tuple[str, str], field: str) -> float | None:
+    by_key = {(r.impl, r.method): r for r in results}
+    if a not in by_key or b not in by_key:
+        return None
+    num, den = getattr(by_key[a], field), getattr(by_key[b], field)
+    return None if num is None or den is None else num / den
+
+
+def ratios(results: list[Result]) -> dict[str, float | None]:
+    """The headline ratios; None where a side is missing (a method not installed, no PyTorch)."""
+    m = "minift"
+    return {
+        "s2ft/full_time": _ratio(results, (m, "s2ft"), (m, "full"), "step_seconds"),
+        "s2ft/full_memory": _ratio(results, (m, "s2ft"), (m, "full"), "peak_bytes"),
+        "s2ft/lora_time": _ratio(results, (m, "s2ft"), (m, "lora"), "step_seconds"),
+        "s2ft/lora_memory": _ratio(results, (m, "s2ft"), (m, "lora"), "peak_bytes"),
+        "pissa/lora_time": _ratio(results, (m, "pissa"), (m, "lora"), "step_seconds"),
+        "sorsa/lora_time": _ratio(results, (m, "sorsa"), (m, "lora"), "step_seconds"),
+        "lora/full_time": _ratio(results, (m, "lora"), (m, "full"), "step_seconds"),
+        "lora/full_memory": _ratio(results, (m, "lora"), (m, "full"), "peak_bytes"),
+        "minift/torch_full_time": _ratio(results, (m, "full"), ("torch", "full"), "step_seconds"),
+        "minift/torch_lora_time": _ratio(results, (m, "lora"), ("torch", "lora"), "step_seconds"),
+    }
+
+
+def measure(
+    size: BenchSize,
+    methods: tuple[str, ...],
+    *,
+    blas_gflops: float,
+    steps: int,
+    warmup: int,
+    seed: int,
+    with_torch: bool,
+    log: Callable[[str], None] = print,
+) -> list[Result]:
+    """Every available method in minift, then PyTorch's full FT and LoRA, all on ``size``."""
+    results: list[Result] = []
+    flops: dict[str, int] = {}
+    for method in methods:
+        r = bench_minift(method, size, blas_gflops, steps, warmup, seed)
+        flops[method] = r.model_flops
+        results.append(r)
+        log(format_result(r))
+    if with_torch:
+        for method in ("full", "lora"):
+            # PyTorch's FLOPs are minift's for the same method; without it, the same model's count
+            f = flops.get(method) or step_flops(prepare_model("full", size, seed)[0], size.batch, size.seq)
+            r = bench_torch(method, size, f, blas_gflops, steps, warmup, seed)
+            results.append(r)
+            log(format_result(r))
+    return results
+
+
+def format_result(r: Result) -> str:
+    peak = "—" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:8.1f} MiB"
+    return (
+        f"{r.impl:<7}{r.method:<7}{r.step_seconds * 1e3:9.1f} ms/step {r.tokens_per_second:9.0f} tok/s"
+        f"  MFU {r.mfu:6.1%}  peak {peak:>12}  trainable {r.trainable_params:,}"
+    )
+
+
+def scaling_sizes(base: BenchSize) -> list[tuple[str, BenchSize]]:
+    """The base size varied along one axis at a time: width C (heads of 64, F ≈ 2.69 C) and length T."""
+    c = base.config
+    out = []
+    for C in (c.hidden_size // 2, c.hidden_size, c.hidden_size * 3 // 2):
+        H = max(1, C // 64)
+        cfg = c.replace(
+            hidden_size=C,
+            intermediate_size=C * c.intermediate_size // c.hidden_size,
+            n_heads=H,
+            n_kv_heads=max(1, H // 2),
+            head_dim=C // H,
+        )
+        out.append(("width", replace(base, config=cfg)))
+    for T in (base.seq // 2, base.seq * 2):
+        out.append(("seq", replace(base, seq=T)))
+    return out
+
+
+def machine_info(blas_gflops: float) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cores": os.cpu_count(),
+        "blas_gflops": blas_gflops,
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+    }
+    try:
+        from threadpoolctl import threadpool_info
+
+        info["blas"] = [
+            {k: p.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
+            for p in threadpool_info()
+            if p.get("user_api") == "blas"
+        ]
+    except ImportError:
+        pass
+    if torch_available():
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    return info
+
+
+def run(
+    size: BenchSize,
+    *,
+    steps: int,
+    warmup: int,
+    seed: int = 0,
+    with_torch: bool = True,
+    scaling: bool = False,
+    methods: tuple[str, ...] = METHODS,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """The whole benchmark as the JSON-ready report (machine, config, results, ratios[, scaling])."""
+    found = available_methods()
+    present = tuple(m for m in methods if found[m])
+    missing = [m for m in methods if m not in present]
+    for m in missing:
+        log(f"minift {m:<7}missing: its module is not installed in this version of minift")
+    with_torch = with_torch and torch_available()
+    blas = gemm_gflops()
+    log(f"float32 GEMM throughput: {blas:.1f} GFLOP/s")
+    kw = dict(blas_gflops=blas, steps=steps, warmup=warmup, seed=seed, with_torch=with_torch, log=log)
+    results = measure(size, present, **kw)
+    n_params = sum(
+        int(a.size)
+        for a in trainable_parameters(
+            set_trainable(init_model(size.config, np.random.default_rng(seed)))
+        ).values()
+    )
+    report: dict[str, Any] = {
+        "machine": machine_info(blas),
+        "config": {
+            "model": size.config.to_dict(),
+            "params": n_params,
+            "batch": size.batch,
+            "seq": size.seq,
+            "rank": size.rank,
+            "lora_targets": list(TARGETS),
+            "steps": steps,
+            "warmup": warmup,
+            "seed": seed,
+        },
+        "results": [asdict(r) for r in results],
+        "missing": missing,
+        "ratios": ratios(results),
+    }
+    if scaling:
+        report["scaling"] = []
+        for axis, s in scaling_sizes(size):
+            log(f"scaling {axis}: C={s.config.hidden_size} T={s.seq}")
+            rs = measure(s, tuple(m for m in present if m in ("full", "lora", "s2ft")), **kw)
+            report["scaling"].append(
+                {
+                    "axis": axis,
+                    "hidden_size": s.config.hidden_size,
+                    "seq": s.seq,
+                    "results": [asdict(r) for r in rs],
+                    "ratios": ratios(rs),
+                }
+            )
+    return report
+
+
+def cmd_bench(args: Any) -> int:
+    """``minift bench``: print one line per result; ``--json FILE`` writes the whole report."""
+    import json
+
+    methods = tuple(args.methods or METHODS)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ConfigError(f"bench --methods: unknown {unknown}; expected some of {' '.join(METHODS)}")
+    size = QUICK if args.quick else BENCH
+    steps = args.steps if args.steps is not None else (2 if args.quick else 5)
+    warmup = args.warmup if args.warmup is not None else 1
+    report = run(
+        size,
+        steps=steps,
+        warmup=warmup,
+        seed=args.seed,
+        with_torch=not args.no_torch,
+        scaling=args.scaling,
+        methods=methods,
+    )
+    for name, value in report["ratios"].items():
+        print(f"{name:<24}{'—' if value is None else f'{value:.3f}'}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
