@@ -1,0 +1,99 @@
+"""The interface an implementation exposes to be checked against the minift spec.
+
+Every argument and result is a NumPy float64 array (an implementation converts internally), and
+model weights use Hugging Face Llama key names (``model.layers.0.self_attn.o_proj.weight``), so
+the spec speaks the lingua franca of checkpoints rather than minift's own structures. Weights are
+in PyTorch's ``[out, in]`` layout.
+
+A *selection* maps a layer index to a list of distinct indices (heads, or FFN channels).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+Weights = dict[str, np.ndarray]
+Selection = dict[int, list[int]]
+
+
+class Implementation(Protocol):
+    """The operations the spec's properties are written against."""
+
+    name: str
+
+    def decoder_logits(self, config: dict[str, Any], weights: Weights, tokens: np.ndarray) -> np.ndarray:
+        """Logits (B, T, V) of a Llama-family decoder (HF ``config.json`` dict) for tokens (B, T)."""
+        ...
+
+    def decoder_loss_and_grads(
+        self, config: dict[str, Any], weights: Weights, tokens: np.ndarray, targets: np.ndarray
+    ) -> tuple[float, Weights]:
+        """Mean cross-entropy of next-token targets (B, T) (−100 ignored, already shifted: targets[b, t]
+        follows position t) and its gradient with respect to every weight, keyed like ``weights``."""
+        ...
+
+    def copermute(
+        self, config: dict[str, Any], weights: Weights, heads: Selection, channels: Selection
+    ) -> tuple[Weights, Any]:
+        """S2FT co-permutation bringing the selected heads and channels of each layer to the front of
+        their matrices; returns the permuted weights and whatever ``unpermute`` needs."""
+        ...
+
+    def unpermute(self, config: dict[str, Any], weights: Weights, state: Any) -> Weights:
+        """Inverse of ``copermute``."""
+        ...
+
+    def s2ft_block_grads(
+        self,
+        config: dict[str, Any],
+        weights: Weights,
+        tokens: np.ndarray,
+        targets: np.ndarray,
+        heads: Selection,
+        channels: Selection,
+    ) -> Weights:
+        """S2FT's partial-backprop gradients of the trained blocks, in original coordinates: for each
+        layer l, ``...layers.l.self_attn.o_proj.weight`` → (C, S·D), the input columns of the selected
+        heads in selection order, and ``...layers.l.mlp.down_proj.weight`` → (C, S), the selected channels."""
+        ...
+
+    def lora_forward(
+        self, x: np.ndarray, W: np.ndarray, A: np.ndarray, B: np.ndarray, scaling: float
+    ) -> np.ndarray:
+        """y = x Wᵀ + scaling · (x Aᵀ) Bᵀ.  x: (N, I), W: (O, I), A: (R, I), B: (O, R)."""
+        ...
+
+    def lora_merge(self, W: np.ndarray, A: np.ndarray, B: np.ndarray, scaling: float) -> np.ndarray:
+        """W + scaling · B A."""
+        ...
+
+    def lora_unmerge(self, W: np.ndarray, A: np.ndarray, B: np.ndarray, scaling: float) -> np.ndarray:
+        """W − scaling · B A."""
+        ...
+
+    def pissa_init(self, W: np.ndarray, r: int, alpha: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """PiSSA's exact-SVD init with scaling alpha / r: (W_res, A (R, I), B (O, R))."""
+        ...
+
+    def sorsa_split(self, W: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """SORSA's split W = W_res + B diag(S) A: (W_res, B (O, R), S (R,), A (R, I))."""
+        ...
+
+    def sorsa_forward(
+        self, x: np.ndarray, W_res: np.ndarray, B: np.ndarray, S: np.ndarray, A: np.ndarray
+    ) -> np.ndarray:
+        """y = x W_resᵀ + ((x Aᵀ) ⊙ S) Bᵀ."""
+        ...
+
+    def sorsa_merge(self, W_res: np.ndarray, B: np.ndarray, S: np.ndarray, A: np.ndarray) -> np.ndarray:
+        """W_res + B diag(S) A."""
+        ...
+
+    def sorsa_regularizer(
+        self, factors: list[tuple[np.ndarray, np.ndarray]]
+    ) -> tuple[float, list[tuple[np.ndarray, np.ndarray]]]:
+        """The orthonormal regularizer over adapted matrices given as (A, B) pairs, and its gradient:
+        mean over the 2·len(factors) matrices of ‖A Aᵀ − I‖_F and ‖Bᵀ B − I‖_F (not squared)."""
+        ...

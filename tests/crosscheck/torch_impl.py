@@ -1,0 +1,225 @@
+"""A second, independent implementation of the minift spec interface, in PyTorch.
+
+Gradients come from torch autograd on a Llama decoder written here in float64 (transformers' own
+runs RMSNorm and RoPE in float32, too coarse for float64 finite differences; its float32 logits and
+gradients are compared with minift in test_against_transformers.py). LoRA merge, unmerge and forward
+come from PEFT's ``lora.Linear``. The S2FT co-permutation is written here from the method's
+definition, not from minift's code. PiSSA follows PEFT's algorithm, transcribed in torch because
+PEFT refuses float64 and the spec is stated in float64.
+Run the spec against it with ``pytest --pyargs minift.spec --impl tests.crosscheck.torch_impl``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import Linear as PeftLoraLinear
+
+Weights = dict[str, np.ndarray]
+
+
+def _t(a: np.ndarray) -> torch.Tensor:
+    return torch.tensor(np.asarray(a), dtype=torch.float64)
+
+
+def _rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return w * x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def llama_forward(config: dict[str, Any], w: dict[str, torch.Tensor], tokens: np.ndarray) -> torch.Tensor:
+    """The Llama decoder in float64 throughout (transformers computes RMSNorm and RoPE in float32,
+    which would make float64 finite differences meaningless)."""
+    H, K, D = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    eps, theta = config["rms_norm_eps"], config["rope_theta"]
+    ids = torch.tensor(tokens)
+    B, T = ids.shape
+    inv = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None]
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()  # (T, D)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    x = w["model.embed_tokens.weight"][ids]
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        h = _rmsnorm(x, w[f"{p}.input_layernorm.weight"], eps)
+        q = (h @ w[f"{p}.self_attn.q_proj.weight"].T).view(B, T, H, D).transpose(1, 2)
+        k = (h @ w[f"{p}.self_attn.k_proj.weight"].T).view(B, T, K, D).transpose(1, 2)
+        v = (h @ w[f"{p}.self_attn.v_proj.weight"].T).view(B, T, K, D).transpose(1, 2)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
+        scores = (q @ k.transpose(-1, -2) / D**0.5).masked_fill(~causal, float("-inf"))
+        a = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * D)
+        x = x + a @ w[f"{p}.self_attn.o_proj.weight"].T
+        h = _rmsnorm(x, w[f"{p}.post_attention_layernorm.weight"], eps)
+        gate, up = h @ w[f"{p}.mlp.gate_proj.weight"].T, h @ w[f"{p}.mlp.up_proj.weight"].T
+        x = x + (torch.nn.functional.silu(gate) * up) @ w[f"{p}.mlp.down_proj.weight"].T
+    return _rmsnorm(x, w["model.norm.weight"], eps) @ w["lm_head.weight"].T
+
+
+def _loss(logits: torch.Tensor, targets: np.ndarray) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), torch.tensor(targets).reshape(-1), ignore_index=-100
+    )
+
+
+class TorchImplementation:
+    name = "torch"
+
+    def decoder_logits(self, config: dict[str, Any], weights: Weights, tokens: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return llama_forward(config, {k: _t(v) for k, v in weights.items()}, tokens).numpy()
+
+    def _grads(
+        self, config: dict[str, Any], weights: Weights, tokens, targets, trainable
+    ) -> tuple[float, dict]:
+        w = {k: _t(v).requires_grad_(trainable(k)) for k, v in weights.items()}
+        loss = _loss(llama_forward(config, w, tokens), targets)
+        loss.backward()
+        return float(loss.detach()), {k: t.grad.numpy() for k, t in w.items() if t.requires_grad}
+
+    def decoder_loss_and_grads(
+        self, config: dict[str, Any], weights: Weights, tokens: np.ndarray, targets: np.ndarray
+    ) -> tuple[float, Weights]:
+        return self._grads(config, weights, tokens, targets, lambda key: True)
+
+    # S2FT -----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _head_order(config: dict[str, Any], selected: list[int]) -> tuple[list[int], list[int]]:
+        """Query-head and kv-head orders: kv groups holding selected heads first, and inside each group
+        its selected heads first, so every query head keeps reading its own kv head."""
+        H, K = config["num_attention_heads"], config["num_key_value_heads"]
+        G = H // K
+        groups = list(dict.fromkeys([h // G for h in selected] + list(range(K))))
+        q_order = []
+        for g in groups:
+            members = [h for h in selected if h // G == g] + [
+                h for h in range(g * G, (g + 1) * G) if h not in selected
+            ]
+            q_order += members
+        return q_order, groups
+
+    def copermute(
+        self, config: dict[str, Any], weights: Weights, heads: dict, channels: dict
+    ) -> tuple[Weights, Any]:
+        D, F = config["head_dim"], config["intermediate_size"]
+        out = dict(weights)
+        state = {}
+        for i in range(config["num_hidden_layers"]):
+            p = f"model.layers.{i}"
+            q_order, kv_order = self._head_order(config, heads[i])
+            ch = list(channels[i]) + [c for c in range(F) if c not in channels[i]]
+            q_rows = [r for h in q_order for r in range(h * D, (h + 1) * D)]
+            kv_rows = [r for g in kv_order for r in range(g * D, (g + 1) * D)]
+            out[f"{p}.self_attn.q_proj.weight"] = weights[f"{p}.self_attn.q_proj.weight"][q_rows]
+            out[f"{p}.self_attn.k_proj.weight"] = weights[f"{p}.self_attn.k_proj.weight"][kv_rows]
+            out[f"{p}.self_attn.v_proj.weight"] = weights[f"{p}.self_attn.v_proj.weight"][kv_rows]
+            out[f"{p}.self_attn.o_proj.weight"] = weights[f"{p}.self_attn.o_proj.weight"][:, q_rows]
+            out[f"{p}.mlp.gate_proj.weight"] = weights[f"{p}.mlp.gate_proj.weight"][ch]
+            out[f"{p}.mlp.up_proj.weight"] = weights[f"{p}.mlp.up_proj.weight"][ch]
+            out[f"{p}.mlp.down_proj.weight"] = weights[f"{p}.mlp.down_proj.weight"][:, ch]
+            state[i] = (q_rows, kv_rows, ch)
+        return out, state
+
+    def unpermute(self, config: dict[str, Any], weights: Weights, state: Any) -> Weights:
+        out = dict(weights)
+        for i, (q_rows, kv_rows, ch) in state.items():
+            p = f"model.layers.{i}"
+            inv_q, inv_kv, inv_ch = np.argsort(q_rows), np.argsort(kv_rows), np.argsort(ch)
+            out[f"{p}.self_attn.q_proj.weight"] = weights[f"{p}.self_attn.q_proj.weight"][inv_q]
+            out[f"{p}.self_attn.k_proj.weight"] = weights[f"{p}.self_attn.k_proj.weight"][inv_kv]
+            out[f"{p}.self_attn.v_proj.weight"] = weights[f"{p}.self_attn.v_proj.weight"][inv_kv]
+            out[f"{p}.self_attn.o_proj.weight"] = weights[f"{p}.self_attn.o_proj.weight"][:, inv_q]
+            out[f"{p}.mlp.gate_proj.weight"] = weights[f"{p}.mlp.gate_proj.weight"][inv_ch]
+            out[f"{p}.mlp.up_proj.weight"] = weights[f"{p}.mlp.up_proj.weight"][inv_ch]
+            out[f"{p}.mlp.down_proj.weight"] = weights[f"{p}.mlp.down_proj.weight"][:, inv_ch]
+        return out
+
+    def s2ft_block_grads(self, config, weights, tokens, targets, heads, channels) -> Weights:
+        """Autograd with only the O and Down weights trainable, restricted to the selected columns."""
+        _, grads = self._grads(
+            config, weights, tokens, targets, lambda key: key.endswith(("o_proj.weight", "down_proj.weight"))
+        )
+        D, out = config["head_dim"], {}
+        for i in range(config["num_hidden_layers"]):
+            o = f"model.layers.{i}.self_attn.o_proj.weight"
+            out[o] = grads[o][:, [c for h in heads[i] for c in range(h * D, (h + 1) * D)]]
+            d = f"model.layers.{i}.mlp.down_proj.weight"
+            out[d] = grads[d][:, channels[i]]
+        return out
+
+    # LoRA and PiSSA ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _peft_lora(W: np.ndarray, A: np.ndarray, B: np.ndarray, scaling: float) -> Any:
+        r = A.shape[0]
+        base = torch.nn.Linear(W.shape[1], W.shape[0], bias=False).to(torch.float64)
+        base.weight.data = _t(W)
+        layer = PeftLoraLinear(
+            base, "default", LoraConfig(r=r, lora_alpha=scaling * r), r=r, lora_alpha=scaling * r
+        )
+        layer.to(torch.float64)
+        layer.lora_A["default"].weight.data = _t(A)
+        layer.lora_B["default"].weight.data = _t(B)
+        assert abs(layer.scaling["default"] - scaling) < 1e-12
+        return layer
+
+    def lora_forward(self, x, W, A, B, scaling) -> np.ndarray:
+        with torch.no_grad():
+            return self._peft_lora(W, A, B, scaling)(_t(x)).numpy()
+
+    def lora_merge(self, W, A, B, scaling) -> np.ndarray:
+        layer = self._peft_lora(W, A, B, scaling)
+        layer.merge()
+        return layer.base_layer.weight.detach().numpy().copy()
+
+    def lora_unmerge(self, W, A, B, scaling) -> np.ndarray:
+        layer = self._peft_lora(W, A, B, scaling)
+        layer.merged_adapters = ["default"]  # W is taken as already merged
+        layer.unmerge()
+        return layer.base_layer.weight.detach().numpy().copy()
+
+    def pissa_init(self, W, r, alpha) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """PEFT's ``pissa_init`` (exact SVD), in float64."""
+        scaling = alpha / r
+        Wt = _t(W)
+        V, S, Uh = torch.linalg.svd(Wt, full_matrices=False)  # PEFT's names: V is the left factor
+        Vr, Sr, Uhr = V[:, :r], S[:r] / scaling, Uh[:r]
+        A = torch.diag(torch.sqrt(Sr)) @ Uhr
+        B = Vr @ torch.diag(torch.sqrt(Sr))
+        return (Wt - scaling * B @ A).numpy(), A.numpy(), B.numpy()
+
+    # SORSA ---------------------------------------------------------------------------------------
+
+    def sorsa_split(self, W, r):
+        U, S, Vh = torch.linalg.svd(_t(W), full_matrices=False)
+        B, Sr, A = U[:, :r], S[:r], Vh[:r]
+        return (_t(W) - B @ torch.diag(Sr) @ A).numpy(), B.numpy(), Sr.numpy(), A.numpy()
+
+    def sorsa_forward(self, x, W_res, B, S, A) -> np.ndarray:
+        x = _t(x)
+        return (x @ _t(W_res).T + ((x @ _t(A).T) * _t(S)) @ _t(B).T).numpy()
+
+    def sorsa_merge(self, W_res, B, S, A) -> np.ndarray:
+        return (_t(W_res) + _t(B) @ torch.diag(_t(S)) @ _t(A)).numpy()
+
+    def sorsa_regularizer(self, factors):
+        """SORSA's ``calc_ortho``: the mean of torch.linalg.matrix_norm(·, 'fro'), by autograd."""
+        tensors = [(_t(A).requires_grad_(True), _t(B).requires_grad_(True)) for A, B in factors]
+        terms = []
+        for A, B in tensors:
+            terms.append(torch.linalg.matrix_norm(A @ A.T - torch.eye(A.shape[0], dtype=A.dtype)))
+            terms.append(torch.linalg.matrix_norm(B.T @ B - torch.eye(B.shape[1], dtype=B.dtype)))
+        value = torch.stack(terms).mean()
+        value.backward()
+        return float(value.detach()), [(A.grad.numpy(), B.grad.numpy()) for A, B in tensors]
+
+
+implementation = TorchImplementation()
