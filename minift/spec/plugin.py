@@ -20,7 +20,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--impl",
         default=os.environ.get("MINIFT_SPEC_IMPL", DEFAULT_IMPL),
-        help="minift spec: module whose `implementation` object implements minift.spec.interface.Implementation",
+        help="minift spec: module whose `implementation` implements minift.spec.interface.Implementation",
     )
 
 
