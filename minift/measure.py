@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import statistics
 import time
+import tracemalloc
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
+
+from minift.data.datasets import Batch
+from minift.model import Model, lowest_trainable_block, named_modules, trainable_parameters
+from minift.optim import AdamW
+from minift.train import train_step
 
 
 def gemm_gflops(n: int = 1024, repeats: int = 5, dtype: type = np.float32) -> float:
@@ -20,3 +29,150 @@ def gemm_gflops(n: int = 1024, repeats: int = 5, dtype: type = np.float32) -> fl
         a @ b
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
+
+
+# ----------------------------------------------------------------------------------------------------
+# one training step: memory, FLOPs, speed
+
+
+def model_bytes(model: Model) -> int:
+    """Bytes of every array the model holds, frozen and trainable (views counted once, by their base)."""
+    seen: dict[int, int] = {}
+    for _, holder in named_modules(model):
+        for value in vars(holder).values():
+            if hasattr(value, "nbytes") and hasattr(value, "shape"):
+                base = value if value.base is None else value.base
+                seen[id(base)] = int(base.nbytes)
+    return sum(seen.values())
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Memory of one training step, measured with ``tracemalloc`` (which traces NumPy's allocations;
+    GPU memory is not traced).
+
+    The weights and the optimizer state exist before the step and are NOT in ``step_peak_bytes``: that
+    is the traced peak *above* them during forward + backward + clipping + AdamW (activations kept for
+    the backward, gradients, temporaries). ``total_bytes`` adds the three.
+    """
+
+    weights_bytes: int  # every array of the model (model_bytes)
+    optimizer_bytes: int  # AdamW moments: 2 × the trainable arrays
+    step_peak_bytes: int  # traced peak during the step, above weights and optimizer state
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.optimizer_bytes + self.step_peak_bytes
+
+
+def step_memory(
+    model: Model, micro_batches: Sequence[Batch], *, optimizer: AdamW | None = None, lr: float = 0.0
+) -> MemoryReport:
+    """Run one training step under ``tracemalloc`` and report its peak (see ``MemoryReport``).
+
+    With the default ``lr = 0`` the weights do not change (AdamW's moments do); pass a fresh
+    ``optimizer`` or none (one is made, before tracing starts).
+    """
+    optimizer = optimizer or AdamW(trainable_parameters(model))
+    was_tracing = tracemalloc.is_tracing()
+    if not was_tracing:
+        tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        baseline = tracemalloc.get_traced_memory()[0]
+        train_step(model, optimizer, micro_batches, lr)
+        peak = tracemalloc.get_traced_memory()[1] - baseline
+    finally:
+        if not was_tracing:
+            tracemalloc.stop()
+    return MemoryReport(model_bytes(model), optimizer.state_bytes(), peak)
+
+
+@dataclass(frozen=True)
+class FlopReport:
+    """Matmul FLOPs (2 per multiply-add) of one training step on B·T tokens; element-wise work (norms,
+    softmax, activations) is not counted, the usual convention for model-FLOPs utilisation.
+
+    ``by_kind`` splits them by slot class (``Dense``, a method's slot class, …), plus ``attention``
+    (the score and value products) and ``lm_head``; each entry is (forward, backward).
+    """
+
+    forward: int
+    backward: int
+    by_kind: dict[str, tuple[int, int]]
+
+    @property
+    def total(self) -> int:
+        return self.forward + self.backward
+
+
+def step_flops(model: Model, batch_size: int, seq_len: int) -> FlopReport:
+    """FLOPs of forward + backward for a (batch_size, seq_len) batch, following what the backward really
+    computes: nothing below the lowest trainable block (partial backprop), no dx where nothing below
+    needs it, and each slot's own count (``slot.flops``).
+    """
+    c = model.config
+    B, T, N = batch_size, seq_len, batch_size * seq_len
+    H, D, C, V = c.n_heads, c.head_dim, c.hidden_size, c.vocab_size
+    assert D is not None
+    lowest = lowest_trainable_block(model)
+    need_embed = bool(model.embed.parameters()) or (
+        model.pos_embed is not None and bool(model.pos_embed.parameters())
+    )
+    by_kind: dict[str, list[int]] = {}
+
+    def add(kind: str, fwd: int, bwd: int) -> None:
+        entry = by_kind.setdefault(kind, [0, 0])
+        entry[0] += fwd
+        entry[1] += bwd
+
+    for i, block in enumerate(model.blocks):
+        backprop = i >= lowest
+        need_dh = (i > lowest or need_embed or block.attn_norm.requires_grad) if backprop else False
+        for name, slot in block.slots():
+            need_dx = need_dh if name in ("q", "k", "v") else True
+            fwd, bwd = slot.flops(N, need_dx=need_dx)
+            add(type(slot).__name__, fwd, bwd if backprop else 0)
+        # scores q kᵀ and output p v: 2 products of B·H·T·T·D MACs; the backward has 4 (dv, dp, dq, dk)
+        att = 2 * B * H * T * T * D
+        add("attention", 2 * att, 4 * att if backprop else 0)
+    if model.lm_head is None:  # tied: x Eᵀ, its dx, and dE when the embedding is trained
+        head = 2 * N * C * V
+        add("lm_head", head, head * (1 + int(model.embed.requires_grad)))
+    else:
+        add("lm_head", *model.lm_head.flops(N, need_dx=True))
+    kinds = {k: (v[0], v[1]) for k, v in by_kind.items()}
+    return FlopReport(sum(v[0] for v in kinds.values()), sum(v[1] for v in kinds.values()), kinds)
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """Wall time of training steps: the median over ``repeats`` after warm-up."""
+
+    median_s: float
+    tokens: int  # input tokens per step (padding excluded)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.median_s
+
+
+def time_step(
+    model: Model,
+    micro_batches: Sequence[Batch],
+    *,
+    optimizer: AdamW | None = None,
+    lr: float = 0.0,
+    repeats: int = 5,
+    warmup: int = 1,
+) -> StepTiming:
+    """Time ``repeats`` training steps (forward + backward + clipping + AdamW) after ``warmup`` steps."""
+    optimizer = optimizer or AdamW(trainable_parameters(model))
+    times = []
+    tokens = 0
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        tokens = train_step(model, optimizer, micro_batches, lr).tokens
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return StepTiming(statistics.median(times), tokens)
