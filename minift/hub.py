@@ -105,6 +105,8 @@ def _rope_from_hf(cfg: Mapping[str, Any], source: str) -> tuple[float, RopeScali
     if kind == "default":
         return theta, RopeScaling()
     try:
+        if kind == "linear":
+            return theta, RopeScaling(kind, float(params["factor"]))
         rs = RopeScaling(
             kind=kind,
             factor=float(params["factor"]),
