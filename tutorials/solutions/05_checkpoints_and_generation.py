@@ -1,0 +1,94 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+# ---
+
+# %% [markdown]
+# # Solutions to tutorial 05 · Checkpoints and generation
+
+# %%
+import time
+
+import numpy as np
+
+from minift import ModelConfig, init_model, model_forward
+from minift.errors import CheckpointError
+from minift.generate import generate
+from minift.hub import load_pretrained, save_pretrained
+from minift.model import KVCache
+from minift.safetensors_io import read_safetensors, write_safetensors
+
+config = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, n_layers=2, n_heads=4,
+                     n_kv_heads=2)
+model = init_model(config, np.random.default_rng(0))
+
+# %% [markdown]
+# ## 1. The work a KV cache saves
+#
+# Without a cache, step i reprocesses all P + i tokens: Σ_{i=0}^{n−1} (P + i) = nP + n(n−1)/2.
+# With a cache: P for the prefill plus 1 per new token, P + n − 1.
+
+# %%
+P, n = 10, 30
+print("tokens processed without cache:", n * P + n * (n - 1) // 2, " with cache:", P + n - 1)
+
+prompt = np.random.default_rng(1).integers(0, 50, size=(1, 64))
+
+
+def without_cache(steps):
+    seq = prompt
+    for _ in range(steps):
+        logits, _ = model_forward(model, seq, train=False)
+        seq = np.concatenate([seq, logits[:, -1].argmax(-1)[:, None]], axis=1)
+    return seq[0, prompt.shape[1]:].tolist()
+
+
+t0 = time.perf_counter()
+slow = without_cache(32)
+t1 = time.perf_counter()
+fast = generate(model, prompt.tolist(), max_new_tokens=32, eos_ids=[])[0]
+t2 = time.perf_counter()
+assert slow == fast
+print(f"32 tokens after a 64-token prompt: {t1 - t0:.3f} s without cache, {t2 - t1:.3f} s with")
+
+# %% [markdown]
+# ## 2. A missing tensor
+
+# %%
+folder = save_pretrained(model, "m")
+tensors, metadata = read_safetensors(folder / "model.safetensors")
+del tensors["model.layers.1.mlp.up_proj.weight"]
+write_safetensors(folder / "model.safetensors", tensors, metadata=metadata)
+try:
+    load_pretrained(folder)
+    message = ""
+except CheckpointError as e:
+    message = str(e)
+print("CheckpointError:", message)
+assert "up_proj" in message, "a checkpoint with a missing tensor must not load"
+
+# %% [markdown]
+# ## 3. Half precision
+#
+# bfloat16 keeps float32's exponent range but only 8 bits of mantissa (~3 significant digits):
+# weights move by up to ~0.4 %, logits by a little more. Greedy choices usually survive unless two
+# tokens are nearly tied.
+
+# %%
+folder = save_pretrained(model, "m16")
+tensors, metadata = read_safetensors(folder / "model.safetensors")
+write_safetensors(folder / "model.safetensors", tensors, metadata=metadata, bf16=True)
+half = load_pretrained(folder)
+tokens = prompt[:, :16]
+full_logits, _ = model_forward(model, tokens, train=False)
+half_logits, _ = model_forward(half, tokens, train=False)
+rel = np.abs(half_logits - full_logits).max() / np.abs(full_logits).max()
+print(f"relative change of the logits with bf16 weights: {rel:.2e}")
+assert 0 < rel < 5e-2
+cache = KVCache.empty(config.n_layers)  # the loaded bf16 model generates like any other
+model_forward(half, tokens, kv_cache=cache, train=False)
+assert cache.length == 16
