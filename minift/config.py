@@ -16,6 +16,13 @@ Arch = Literal["llama", "mistral", "qwen2", "gpt2"]
 RopeKind = Literal["default", "linear", "llama3"]
 
 
+def _reject_unknown_keys(cls: type, d: dict[str, Any], what: str) -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown {what} fields {unknown}; expected some of {sorted(names)}")
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """How RoPE frequencies are rescaled for long contexts (HF ``rope_scaling``/``rope_parameters``)."""
@@ -26,6 +33,12 @@ class RopeScaling:
     high_freq_factor: float = 4.0  # llama3: wavelengths below orig/high are kept
     original_max_position_embeddings: int = 8192  # llama3: the context the model was trained on
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RopeScaling:
+        """From the dict ``ModelConfig.to_dict`` writes; unknown keys are an error that names them."""
+        _reject_unknown_keys(cls, d, "rope_scaling")
+        return cls(**d)
+
     def __post_init__(self) -> None:
         if self.kind not in ("default", "linear", "llama3"):
             raise ConfigError(
@@ -33,6 +46,12 @@ class RopeScaling:
             )
         if self.kind != "default" and self.factor <= 0:
             raise ConfigError(f"RoPE scaling factor must be positive, got {self.factor}")
+        llama3 = self.kind == "llama3"
+        if llama3 and not (self.low_freq_factor > 0 and self.original_max_position_embeddings > 0):
+            raise ConfigError(
+                "llama3 RoPE needs low_freq_factor > 0 and original_max_position_embeddings > 0, got "
+                f"{self.low_freq_factor} and {self.original_max_position_embeddings}"
+            )
         if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
             raise ConfigError(
                 "llama3 RoPE needs high_freq_factor > low_freq_factor, got "
@@ -77,11 +96,12 @@ class ModelConfig:
             object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
         object.__setattr__(self, "eos_token_id", tuple(int(e) for e in self.eos_token_id))
         if isinstance(self.rope_scaling, dict):
-            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+            object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
         self._validate()
 
     def _validate(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads"):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads",
+                     "max_position_embeddings"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.arch not in ("llama", "mistral", "qwen2", "gpt2"):
@@ -109,8 +129,9 @@ class ModelConfig:
             raise ConfigError(f"norm_eps must be >= 0, got {self.norm_eps}")
         if self.rope_theta <= 0:
             raise ConfigError(f"rope_theta must be positive, got {self.rope_theta}")
-        for name in ("bos_token_id", "pad_token_id"):
-            tok = getattr(self, name)
+        ids = [("bos_token_id", self.bos_token_id), ("pad_token_id", self.pad_token_id)]
+        ids += [("eos_token_id", e) for e in self.eos_token_id]
+        for name, tok in ids:
             if tok is not None and (tok < 0 or tok >= self.vocab_size):
                 raise ConfigError(f"{name}={tok} is outside the vocabulary [0, {self.vocab_size})")
 
@@ -138,13 +159,10 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Inverse of ``to_dict``; unknown keys are an error that names them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown ModelConfig fields {unknown}; expected some of {sorted(names)}")
+        _reject_unknown_keys(cls, d, "ModelConfig")
         d = dict(d)
         if isinstance(d.get("rope_scaling"), dict):
-            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+            d["rope_scaling"] = RopeScaling.from_dict(d["rope_scaling"])
         try:
             return cls(**d)
         except TypeError as e:
