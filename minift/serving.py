@@ -172,7 +172,7 @@ def fuse_adapters(adapters: Sequence[S2FTAdapter], weights: Sequence[float]) -> 
             (O, len(union)) if first.axis == "columns" else (len(union), I), dtype=first.delta.dtype
         )
         for p, lam in parts:
-            pos = xp.asarray([where[int(i)] for i in p.indices.tolist()])
+            pos = xp.asarray([where[int(i)] for i in p.indices.tolist()], dtype=xp.int64)
             if first.axis == "columns":
                 delta[:, pos] += lam * p.delta
             else:
@@ -194,7 +194,7 @@ class _GroupedAdapterSlot:
         y, _ = self.base.forward(x, keep=False)
         T = x.shape[0] // self.n_requests  # rows are request-major: row b·T + t
         for requests, e in self.groups:
-            rows = xp.asarray([b * T + t for b in requests for t in range(T)])
+            rows = xp.asarray([b * T + t for b in requests for t in range(T)], dtype=xp.int64)
             xr = x[rows]
             if isinstance(e, LoraFactors):
                 y[rows] += e.scaling * (

@@ -87,7 +87,7 @@ def extract_adapter(model: Model) -> S2FTAdapter:
             order = _feature_order(name, layout, c.head_dim)
             positions = [p for a, b in slot.segments for p in range(a, b)]
             original = [order[p] for p in positions]
-            sort = xp.asarray(sorted(range(len(original)), key=original.__getitem__))
+            sort = xp.asarray(sorted(range(len(original)), key=original.__getitem__), dtype=xp.int64)
             columns = isinstance(slot, ColumnBlock)
             current = xp.concatenate(list(slot.parameters().values()), axis=1 if columns else 0)
             delta = xp.take(current - slot.reference, sort, axis=1 if columns else 0)

@@ -133,7 +133,7 @@ def _gather(a: Array | None, idx: list[int], axis: int) -> Array | None:
     if a is None:
         return None
     xp = get_xp(a)
-    return xp.ascontiguousarray(xp.take(a, xp.asarray(idx), axis=axis))
+    return xp.ascontiguousarray(xp.take(a, xp.asarray(idx, dtype=xp.int64), axis=axis))
 
 
 def _permute_slot(slot: Any, idx: list[int], axis: int) -> None:
