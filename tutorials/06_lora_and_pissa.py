@@ -1,0 +1,239 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+# ---
+
+# %% [markdown]
+# # 06 · LoRA and PiSSA: low-rank updates, SVD initialisation, exact merging
+#
+# **What you will build.** LoRA (Hu et al. 2021, arXiv 2106.09685, eq. 3) freezes a weight W and
+# trains a low-rank update `ΔW = s · B A` instead: A is (R, I), B is (O, R), and R is small, so the
+# update costs R·(I + O) parameters instead of I·O. PiSSA (Meng et al. 2024, arXiv 2404.02948, §3)
+# keeps LoRA's form but initialises B and A from the top-R singular triplets of W and freezes the
+# rest as a residual. You will derive the adapter's backward, check it, see why LoRA starts
+# exactly at the base model, why its A receives no gradient at the first step while PiSSA's does,
+# and merge a trained adapter into the weight exactly.
+#
+# **Prerequisites.** Tutorials 01 (linear backward) and 04 (slots, AdamW).
+#
+# **Library functions explained here.** `minift.methods.lora.lowrank_forward`,
+# `minift.methods.lora.lowrank_backward`, `minift.methods.lora.LowRankLinear`,
+# `minift.methods.lora.LoRAConfig`, `minift.methods.lora.apply_lora`, `minift.methods.lora.merge`,
+# `minift.methods.lora.unmerge`, `minift.methods.pissa.PiSSAConfig`,
+# `minift.methods.pissa.apply_pissa`, `minift.methods.pissa.pissa_factors`,
+# `minift.methods.pissa.top_svd`, and `minift.methods.peft_io.export_peft_adapter`.
+
+# %%
+import copy
+
+import numpy as np
+
+from minift import ModelConfig, init_model, loss_and_grads, model_forward, trainable_parameters
+from minift.methods.lora import (
+    LoRAConfig,
+    LowRankLinear,
+    apply_lora,
+    lowrank_backward,
+    lowrank_forward,
+    merge,
+    unmerge,
+)
+from minift.methods.pissa import PiSSAConfig, apply_pissa, pissa_factors, top_svd
+from minift.optim import AdamW
+from minift.testing import assert_close, check_grad
+
+rng = np.random.default_rng(0)
+
+# %% [markdown]
+# ## 1. The low-rank slot, forward and backward
+#
+# With the frozen W and b, trainable A and B, and the scaling s = alpha / R (PEFT's convention):
+#
+#     h = x Aᵀ            (N, R)   the input projected onto R directions
+#     y = x Wᵀ + b + s · h Bᵀ
+#
+# It never forms the (O, I) product B A. The backward is tutorial 01's linear rule three times:
+#
+#     dB = s · dyᵀ h,   dh = s · dy B,   dA = dhᵀ x,   dx = dy W + dh A
+#
+# so the cache needs `x` (for dA) and `h` (for dB) — and nothing for the frozen path, whose
+# `dx = dy W` reads only W.
+
+# %%
+N, I, O, R, s = 5, 6, 4, 2, 2.0
+x = rng.standard_normal((N, I))
+W = rng.standard_normal((O, I))
+A = rng.standard_normal((R, I))
+B = rng.standard_normal((O, R))
+
+y, cache = lowrank_forward(x, W, A, B, scaling=s)
+assert_close(y, x @ (W + s * B @ A).T, rtol=1e-12, what="factored vs dense W + sBA")
+print("cached:", cache._fields, "with shapes", cache.x.shape, cache.h.shape)
+
+
+def by_hand(G, x, W, A, B):
+    h = x @ A.T
+    dh = s * G @ B
+    return {"x": G @ W + dh @ A, "W": G.T @ x, "A": dh.T @ x, "B": s * G.T @ h}
+
+
+check_grad(lambda x, W, A, B: lowrank_forward(x, W, A, B, scaling=s)[0], by_hand,
+           {"x": x.copy(), "W": W.copy(), "A": A.copy(), "B": B.copy()})
+dy = rng.standard_normal((N, O))
+dx, dA, dB, _ = lowrank_backward(dy, cache, W, A, B, scaling=s)
+ours = by_hand(dy, x, W, A, B)
+for name, got in (("x", dx), ("A", dA), ("B", dB)):
+    assert_close(got, ours[name], rtol=1e-12, what=f"d{name}")
+print("lowrank_backward = the hand-derived rules (and W gets no gradient: it is frozen)")
+
+# %% [markdown]
+# ## 2. LoRA on a model
+#
+# `apply_lora(model, LoRAConfig(r, alpha, targets=…), rng)` freezes everything and swaps each
+# target projection for a `LowRankLinear` slot. PEFT's initialisation: A ~ U(−1/√I, 1/√I), **B = 0**
+# — so `ΔW = 0` and the adapted model *is* the base model at step 0, bit for bit.
+
+# %%
+config = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, n_layers=2, n_heads=4,
+                     n_kv_heads=2)
+base = init_model(config, np.random.default_rng(1), dtype=np.float64, std=0.3)
+tokens = rng.integers(0, 32, size=(2, 9))
+x_in, y_out = tokens[:, :-1], tokens[:, 1:]
+base_logits, _ = model_forward(base, x_in, train=False)
+
+lora_cfg = LoRAConfig(r=2, alpha=4.0, targets=("q", "v", "down"))
+lora = apply_lora(copy.deepcopy(base), lora_cfg, rng=np.random.default_rng(2))
+print("scaling alpha / r =", lora_cfg.scaling, "; q slot:", type(lora.blocks[0].q).__name__)
+assert np.array_equal(model_forward(lora, x_in, train=False)[0], base_logits)
+n_lora = sum(p.size for p in trainable_parameters(lora).values())
+print(f"{n_lora} trainable parameters (dense q, v, down would be "
+      f"{config.n_layers * (16 * 16 + 8 * 16 + 16 * 32)})")
+
+# %% [markdown]
+# B = 0 has a consequence the formulas above make plain: `dA = dhᵀ x` with `dh = s · dy B = 0`.
+# At the first step **only B learns**; A starts moving once B is non-zero. The whole-model
+# gradient shows it:
+
+# %%
+_, g = loss_and_grads(lora, x_in, y_out)
+print("‖dA‖ at step 0:", max(np.abs(v).max() for k, v in g.items() if k.endswith(".A")),
+      " ‖dB‖:", round(max(np.abs(v).max() for k, v in g.items() if k.endswith(".B")), 4))
+assert all(np.all(v == 0) for k, v in g.items() if k.endswith(".A"))
+
+# %% [markdown]
+# ## 3. PiSSA: start from the principal part of W
+#
+# Write W = U diag(σ) Vᵀ. PiSSA puts the top-R triplets into the adapter and freezes the rest:
+#
+#     A = diag(√(σ_R / s)) V_Rᵀ,   B = U_R diag(√(σ_R / s)),   W_res = W − s · B A
+#
+# so `s · B A = U_R diag(σ_R) V_Rᵀ` — by Eckart–Young the best rank-R approximation of W — and
+# `W_res + s · B A = W`: the model is unchanged at initialisation, but the trainable part is the
+# most significant part of W instead of zero, and both A and B get gradients from the first step.
+
+# %%
+w = base.blocks[0].q.weight
+A0, B0, W_res = pissa_factors(w, 2, scaling=2.0)
+U, sig, Vt = top_svd(w, 2)
+assert_close(W_res + 2.0 * B0 @ A0, w, rtol=1e-12, atol=1e-13, what="W_res + sBA = W")
+sigma_all = np.linalg.svd(w, compute_uv=False)
+assert_close(np.linalg.norm(W_res), np.sqrt((sigma_all[2:] ** 2).sum()), rtol=1e-10,
+             what="‖W_res‖ = the energy of the discarded singular values")
+print("singular values of W:", sigma_all.round(3), "→ adapter takes", sig.round(3))
+
+pissa = apply_pissa(copy.deepcopy(base), PiSSAConfig(r=2, alpha=4.0, targets=("q", "v", "down")))
+assert_close(model_forward(pissa, x_in, train=False)[0], base_logits, rtol=1e-10, atol=1e-12,
+             what="PiSSA at init")
+_, g = loss_and_grads(pissa, x_in, y_out)
+print("PiSSA ‖dA‖ at step 0:", round(max(np.abs(v).max() for k, v in g.items() if k.endswith(".A")), 4))
+
+# %% [markdown]
+# For large matrices the exact SVD is the expensive part; `PiSSAConfig(niter=k)` uses the
+# randomized SVD PEFT uses (`pissa_niter_k`), which converges to the exact factors as k grows
+# (exercise 2).
+#
+# ## 4. Training, and merging exactly
+#
+# Train both for a few AdamW steps on the same batch. Then **merge**: fold `s·B A` into the frozen
+# weight, `W ← W + s·B A`, after which the slot is a plain linear layer and inference costs
+# nothing extra. The merged model computes the same function as the adapted one; `unmerge`
+# subtracts the update again.
+
+# %%
+def train(model, steps=30, lr=2e-2):
+    opt = AdamW(trainable_parameters(model))
+    losses = []
+    for _ in range(steps):
+        loss, grads = loss_and_grads(model, x_in, y_out)
+        opt.step(grads, lr=lr)
+        losses.append(loss)
+    return losses
+
+
+curves = {"LoRA": train(lora), "PiSSA": train(pissa)}
+for name, c in curves.items():
+    print(f"{name:>5}: loss {c[0]:.3f} → {c[-1]:.3f}")
+
+for name, model in (("LoRA", lora), ("PiSSA", pissa)):
+    adapted = model_forward(model, x_in, train=False)[0]
+    w_before = model.blocks[0].q.weight.copy()
+    merge(model)
+    assert not trainable_parameters(model)  # the adapter now lives inside the frozen weight
+    assert_close(model_forward(model, x_in, train=False)[0], adapted, rtol=1e-10, atol=1e-12,
+                 what=f"{name} merged vs adapted")
+    unmerge(model)
+    assert_close(model.blocks[0].q.weight, w_before, rtol=1e-12, atol=1e-14, what="unmerge")
+print("merged = adapted, and merge then unmerge returns the weight (to rounding)")
+
+# %% [markdown]
+# A picture, when matplotlib is installed:
+
+# %%
+try:
+    import matplotlib.pyplot as plt
+except ImportError:
+    plt = None
+if plt is not None:
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for name, c in curves.items():
+        ax.plot(c, label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig("06_lora_vs_pissa.png")
+    plt.close(fig)
+
+# %% [markdown]
+# **Sharing adapters.** `minift.methods.peft_io.export_peft_adapter` writes a LoRA as a Hugging
+# Face PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`) that PEFT loads
+# on the same base model. A PiSSA adapter is exported as a LoRA of rank 2R on the *original*
+# W, since `s(B A − B₀ A₀) = s [B, −B₀] [A; A₀]`.
+#
+# ## Summary
+#
+# * LoRA: `y = x Wᵀ + s (x Aᵀ) Bᵀ`; cache `x` and `x Aᵀ`; B = 0 makes the start exact and makes
+#   dA vanish at step 0.
+# * PiSSA: the same slot, initialised with the top-R SVD of W and a frozen residual; exact at
+#   init, and the principal directions train from step 0.
+# * Merging folds `s B A` into W; merged = adapted, and unmerge undoes it.
+#
+# ## Exercises
+#
+# 1. **rsLoRA.** With `use_rslora=True` the scaling is alpha / √r. For r = 1, 4, 16 and alpha = 8,
+#    compare both scalings, and show with `pissa_factors` that PiSSA's `s·B A` does not depend on
+#    the scaling at all.
+# 2. **Randomized SVD.** Measure `‖U_k σ_k V_kᵀ − U σ Vᵀ‖` for the randomized `top_svd(w, r,
+#    niter=k)` with k = 0, 1, 2, 4 on a matrix with slowly decaying singular values.
+# 3. **Dropout.** `LoRAConfig(dropout=0.5)` drops adapter inputs during training only. Show that
+#    a forward with `keep=False` (inference) is deterministic, and that with a fixed mask the slot
+#    still passes `check_grad` (use `lowrank_forward(..., mask=, p=)` directly).
+#
+# Solutions: `tutorials/solutions/06_lora_and_pissa.py`.
+
+# %%
+assert isinstance(lora.blocks[0].q, LowRankLinear)
