@@ -36,12 +36,12 @@ def reverse_records(max_len: int = 3) -> list[dict[str, str]]:
 
 
 def tiny_model(
-    vocab_size: int, *, seed: int = 0, dtype=np.float32, trainable: bool = True, **overrides
+    vocab_size: int, *, seed: int = 0, dtype=np.float32, std: float = 0.1, trainable: bool = True, **overrides
 ) -> Model:
-    """A 2-layer GQA Llama with C = 32: small enough for hundreds of steps in a second or two."""
-    config = ModelConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, n_layers=2, n_heads=4, n_kv_heads=2,
-        eos_token_id=EOS, bos_token_id=BOS, pad_token_id=PAD, **overrides,
-    )
-    model = init_model(config, np.random.default_rng(seed), dtype=dtype, std=0.1)
+    """A 2-layer GQA Llama with C = 32 (``overrides`` change any config field): small enough for
+    hundreds of training steps in a second or two."""
+    fields = {"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64, "n_layers": 2,
+              "n_heads": 4, "n_kv_heads": 2, "eos_token_id": EOS, "bos_token_id": BOS, "pad_token_id": PAD}
+    config = ModelConfig(**(fields | overrides))
+    model = init_model(config, np.random.default_rng(seed), dtype=dtype, std=std)
     return set_trainable(model, trainable)
