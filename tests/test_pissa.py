@@ -117,6 +117,8 @@ def test_pissa_merge_then_unmerge_is_the_identity_and_merged_equals_adapted():
         assert_close(s.weight, w, rtol=1e-12, atol=1e-13, what=p)
 
 
-def test_pissa_rank_above_min_dimension_is_a_config_error():
+def test_pissa_rank_above_min_dimension_or_a_negative_niter_is_a_config_error():
     with pytest.raises(ConfigError, match="rank r=9"):
         apply_pissa(base_model(), PiSSAConfig(r=9, targets=("k",)))
+    with pytest.raises(ConfigError, match="niter"):
+        PiSSAConfig(niter=-1)

@@ -107,6 +107,11 @@ class PiSSAConfig(LoRAConfig):
 
     niter: int | None = None  # PEFT: "pissa" (None) or "pissa_niter_<niter>"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.niter is not None and not (isinstance(self.niter, int) and self.niter >= 0):
+            raise ConfigError(f"niter must be None (exact SVD) or an integer ≥ 0, got {self.niter!r}")
+
 
 def apply_pissa(
     model: Model, config: PiSSAConfig | None = None, rng: np.random.Generator | None = None
