@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from minift.backend import to_numpy
 from minift.errors import CheckpointError
 
 # safetensors dtype codes → the NumPy dtype of their bytes (bf16 is read as its uint16 bit pattern).
@@ -173,7 +174,7 @@ def write_safetensors(
     metadata: Mapping[str, str] | None = None,
     bf16: bool = False,
 ) -> None:
-    """Write NumPy arrays as a safetensors file, atomically (a temporary file, then a rename).
+    """Write arrays (NumPy or CuPy) as a safetensors file, atomically (a temporary file, then a rename).
 
     With ``bf16=True`` floating tensors are rounded to bf16 (``float32_to_bf16``). The header is padded
     with spaces to a multiple of 8 bytes and tensors are laid out by name, as the reference writer does.
@@ -184,7 +185,7 @@ def write_safetensors(
         header["__metadata__"] = dict(metadata)
     blobs, offset = [], 0
     for name in sorted(tensors):
-        a = np.asarray(tensors[name])
+        a = to_numpy(tensors[name])  # NumPy or CuPy in, host bytes out
         if bf16 and a.dtype.kind == "f":
             a, code = float32_to_bf16(a.astype(np.float32)), "BF16"
         elif a.dtype in _CODE_OF:
@@ -204,6 +205,8 @@ def write_safetensors(
             f.write(raw)
             for data in blobs:
                 f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it visible
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
