@@ -30,6 +30,7 @@ from minift.methods.lora import (
 )
 from minift.methods.targets import select_targets, slot_names
 from minift.model import model_backward, model_forward, trainable_parameters
+from minift.slots import Dense
 from minift.testing import assert_close, check_grad
 from tests.adapters import base_model, batch, check_slot_grad, logits, perturb
 
@@ -206,3 +207,16 @@ def test_every_registered_method_has_the_uniform_api():
         assert method.unmerge(method.merge(model)) is model
     with pytest.raises(ConfigError, match="unknown fine-tuning method 'dora'"):
         get_method("dora")
+
+
+def test_adapter_flops_are_the_frozen_base_plus_the_low_rank_products():
+    _, w, A, B, _, _ = _factors(5)  # O 4, I 6, R 3
+    slot, frozen = LowRankLinear(w, A, B, 1.0), Dense(w)
+    n = 10
+    forward, backward = slot.flops(n)
+    base_forward, base_backward = frozen.flops(n)
+    assert forward == base_forward + 2 * n * 3 * (6 + 4)  # x Aᵀ, then g Bᵀ
+    assert backward == base_backward + 2 * n * 3 * (2 * 4 + 2 * 6)  # dB, dg, dA, dx through A
+    assert slot.flops(n, need_dx=False)[1] == 2 * n * 3 * (2 * 4 + 6)
+    slot.merge()
+    assert slot.flops(n) == frozen.flops(n)
