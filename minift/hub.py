@@ -101,10 +101,10 @@ def _rope_from_hf(cfg: Mapping[str, Any], source: str) -> tuple[float, RopeScali
     if kind not in ROPE_TYPES:
         raise ConfigError(f"{source}: unsupported RoPE type {kind!r} (rope_type); minift supports "
                           f"{', '.join(ROPE_TYPES)}")
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    if kind == "default":
-        return theta, RopeScaling()
     try:
+        theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        if kind == "default":
+            return theta, RopeScaling()
         if kind == "linear":
             return theta, RopeScaling(kind, float(params["factor"]))
         rs = RopeScaling(
@@ -120,6 +120,9 @@ def _rope_from_hf(cfg: Mapping[str, Any], source: str) -> tuple[float, RopeScali
         raise ConfigError(f"{source}: {kind} RoPE scaling needs a 'factor'") from None
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: rope_theta and the RoPE scaling parameters must be numbers, got "
+                          f"rope_theta={cfg.get('rope_theta')!r} and {dict(params)}") from None
     return theta, rs
 
 
@@ -131,10 +134,12 @@ def _require(cfg: Mapping[str, Any], source: str, *keys: str) -> Any:
     raise ConfigError(f"{source}: missing required key {keys[0]!r}")
 
 
-def _eos_ids(value: Any) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    return tuple(value) if isinstance(value, list) else (value,)
+def _eos_ids(value: Any, source: str) -> tuple[int, ...]:
+    """``eos_token_id``: an int, a list of ints (e.g. Llama-3-Instruct), or null."""
+    ids = () if value is None else tuple(value) if isinstance(value, list) else (value,)
+    if not all(type(i) is int for i in ids):
+        raise ConfigError(f"{source}: eos_token_id must be an integer or a list of integers, got {value!r}")
+    return ids
 
 
 def config_from_hf(cfg: Mapping[str, Any], *, source: str = "config.json") -> ModelConfig:
@@ -145,7 +150,7 @@ def config_from_hf(cfg: Mapping[str, Any], *, source: str = "config.json") -> Mo
                           f"{', '.join(ARCH_CLASSES)}")
     common: dict[str, Any] = {
         "arch": arch, "vocab_size": _require(cfg, source, "vocab_size"),
-        "bos_token_id": cfg.get("bos_token_id"), "eos_token_id": _eos_ids(cfg.get("eos_token_id")),
+        "bos_token_id": cfg.get("bos_token_id"), "eos_token_id": _eos_ids(cfg.get("eos_token_id"), source),
         "pad_token_id": cfg.get("pad_token_id"),
     }
     if arch == "gpt2":
@@ -184,7 +189,7 @@ def config_from_hf(cfg: Mapping[str, Any], *, source: str = "config.json") -> Mo
                   "mlp_bias": bool(cfg.get("mlp_bias", False)) if arch == "llama" else False}
     try:
         return ModelConfig(**common, **fields)
-    except (ConfigError, TypeError) as e:
+    except (TypeError, ValueError) as e:  # ConfigError included; TypeError/ValueError: e.g. "2" as an id
         raise ConfigError(f"{source}: {e}") from None
 
 
@@ -445,7 +450,7 @@ def _weight_files(folder: Path) -> dict[Path, set[str] | None]:
             assert names is not None
             names.add(name)
         return files
-    pickles = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     if pickles:
         raise CheckpointError(
             f"{folder}: only PyTorch pickle weights ({', '.join(pickles)}) and no model.safetensors. minift "
@@ -531,7 +536,8 @@ def load_pretrained(path: str | os.PathLike[str], *, dtype: Any = np.float32, xp
     gen_path = folder / "generation_config.json"
     generation = _read_json(gen_path) if gen_path.is_file() else None
     if generation is not None:  # generation stops on any EOS id of either file
-        extra = [e for e in _eos_ids(generation.get("eos_token_id")) if e not in config.eos_token_id]
+        extra = [e for e in _eos_ids(generation.get("eos_token_id"), str(gen_path))
+                 if e not in config.eos_token_id]
         config = config.replace(eos_token_id=(*config.eos_token_id, *extra))
 
     found = _locate_tensors(config, _weight_files(folder))

@@ -206,6 +206,8 @@ def test_qwen2_has_q_k_v_biases_and_mistral_none_whatever_the_config_says():
         ({"hidden_size": None}, "missing required key 'hidden_size'"),
         ({"num_key_value_heads": 3}, "n_kv_heads"),
         ({"rope_scaling": {"rope_type": "linear"}}, "needs a 'factor'"),
+        ({"rope_theta": "large"}, "rope_theta and the RoPE scaling parameters must be numbers"),
+        ({"eos_token_id": ["2"]}, "eos_token_id must be an integer or a list of integers"),
     ],
 )
 def test_unsupported_or_invalid_configs_raise_a_config_error_naming_the_file_and_key(
