@@ -1,0 +1,118 @@
+"""The recipe of the embedded base model (``minift/assets/base``): ``minift pretrain`` reruns it.
+
+A small Llama with grouped-query attention (C=128, L=4, H=4 query heads sharing K=2 key/value heads,
+F=344, a 100-character vocabulary; 0.75 M parameters, 3 MB in float32) is trained from a seeded random
+initialisation on the pretraining mix of ``minift.data.tasks`` by minift's own loop (``minift.train``,
+AdamW, cosine schedule), then saved in Hugging Face format with ``minift.hub.save_pretrained``.
+
+The run is deterministic under its seed: the corpus, the initial weights and the batch order are
+functions of ``PretrainRecipe.seed``, and one BLAS thread gives the same floating-point sums each time.
+The held-out prompts of ``pretrain_heldout(seed, n_heldout)`` never appear in the corpus.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from minift.config import ModelConfig
+from minift.data.datasets import BatchStream, encode_example
+from minift.data.tasks import (
+    PAD,
+    SPECIALS,
+    evaluate,
+    pretrain_heldout,
+    pretrain_stream,
+    save_tokenizer,
+    task_tokenizer,
+)
+from minift.hub import load_pretrained, save_pretrained
+from minift.model import Model, init_model, set_trainable
+from minift.train import TrainConfig, TrainResult, train
+
+EMBEDDED = Path(__file__).parent / "assets" / "base"  # the shipped model folder
+
+BASE_CONFIG = ModelConfig(
+    vocab_size=len(SPECIALS) + 96,  # the specials and the 96 characters of tasks.CHARSET
+    hidden_size=128,
+    intermediate_size=344,
+    n_layers=4,
+    n_heads=4,
+    n_kv_heads=2,  # grouped-query attention: two query heads per key/value head
+    arch="llama",
+    norm_eps=1e-6,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=(2,),
+    pad_token_id=SPECIALS.index(PAD),
+)
+
+
+@dataclass(frozen=True)
+class PretrainRecipe:
+    """Everything that determines the base model. The defaults made the shipped one."""
+
+    seed: int = 0
+    steps: int = 2500  # optimizer steps of ``batch_size`` examples
+    batch_size: int = 64
+    corpus_size: int = 65536  # examples drawn from the pretraining stream, revisited every epoch
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    n_heldout: int = 50  # held-out prompts per algorithmic skill, excluded from the corpus
+    init_std: float = 0.02
+
+
+def load_embedded() -> Model:
+    """The shipped base model (float32 NumPy)."""
+    return load_pretrained(EMBEDDED)
+
+
+def pretrain(
+    recipe: PretrainRecipe,
+    out_dir: str | Path,
+    *,
+    eval_every: int = 500,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> tuple[Model, TrainResult]:
+    """Train the base model by ``recipe`` and save it (with its tokenizer) as a Hugging Face folder.
+
+    Every ``eval_every`` steps the exact match on 10 held-out prompts per skill is shown. The folder also
+    gets ``pretrain_recipe.json``: the recipe and the final held-out accuracy per skill.
+    """
+    tokenizer = task_tokenizer()
+    model = set_trainable(init_model(BASE_CONFIG, np.random.default_rng(recipe.seed), std=recipe.init_std))
+    corpus = itertools.islice(pretrain_stream(recipe.seed, recipe.n_heldout), recipe.corpus_size)
+    examples = [encode_example(tokenizer, ex.record) for ex in corpus]
+    data = BatchStream(examples, recipe.batch_size, tokenizer.pad_id, seed=recipe.seed)
+    probe = pretrain_heldout(recipe.seed, 10)
+    config = TrainConfig(
+        steps=recipe.steps,
+        lr=recipe.lr,
+        schedule="cosine",
+        warmup_steps=recipe.warmup_steps,
+        betas=recipe.betas,
+        weight_decay=recipe.weight_decay,
+        max_grad_norm=1.0,
+        seed=recipe.seed,
+        eval_every=eval_every,
+        checkpoint_every=500 if checkpoint_dir else 0,
+        checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
+        progress=progress,
+    )
+    result = train(model, data, config, eval_fn=lambda m, step: evaluate(m, tokenizer, probe), resume=resume)
+    heldout = evaluate(model, tokenizer, pretrain_heldout(recipe.seed, recipe.n_heldout))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_pretrained(model, out_dir, tokenizer_path=save_tokenizer(tmp))
+    record = {"recipe": dataclasses.asdict(recipe), "heldout_exact_match": heldout, "steps": result.steps}
+    (folder / "pretrain_recipe.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return model, result
