@@ -22,13 +22,15 @@ What ``load_pretrained`` leaves in ``model.meta``:
     sliding_window     int | None, Mistral/Qwen2 sliding-window width W when the model uses one: results
                        equal full causal attention only while P + T <= W
 
-Name and layout rules (see ``../shared/reference/hf_formats.md`` §2 and §6):
+Name and layout rules (as transformers' ``modeling_llama.py`` and ``modeling_gpt2.py`` save them):
 - Llama family: ``model.layers.{i}.self_attn.q_proj.weight`` etc., PyTorch's [out, in] layout as minift.
 - GPT-2: an optional ``transformer.`` prefix; ``Conv1D`` weights are stored [in, out] and transposed once
   here; ``attn.c_attn`` holds q, k and v side by side ([C, 3C]) and is split into three slots.
 - Skipped by exact name: ``model.layers.{i}.self_attn.rotary_emb.inv_freq`` (old Llama checkpoints) and
   GPT-2's causal-mask buffers ``h.{i}.attn.bias`` / ``h.{i}.attn.masked_bias``.
-- Tied heads: no ``lm_head.weight`` in the file; the logits reuse the token embedding.
+- Tied heads (``tie_word_embeddings``): no ``lm_head.weight`` in the file, the logits reuse the token
+  embedding; a stored copy must equal the embedding. An untied config without ``lm_head.weight`` is a
+  missing tensor (transformers would initialise a random head there).
 """
 
 from __future__ import annotations
