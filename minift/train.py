@@ -41,6 +41,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
+from minift.backend import get_xp, to_xp
 from minift.checkpoint import latest_checkpoint, load_checkpoint, restore, save_checkpoint
 from minift.data.datasets import Batch, BatchStream
 from minift.errors import CheckpointError, ConfigError, TrainingError
@@ -116,8 +117,10 @@ def train_step(
     """
     # NOTE: a diverged model overflows in exp/matmul; the check below reports it more clearly than
     # NumPy's RuntimeWarnings would.
+    xp = get_xp(model.embed.weight)
+    on_device = [tuple(to_xp(a, xp) for a in b) for b in micro_batches]  # batches are built on the host
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        loss, grads, _ = accumulate_gradients(model, [tuple(b) for b in micro_batches], rng=rng)
+        loss, grads, _ = accumulate_gradients(model, on_device, rng=rng)
         norm = clip_grad_norm(grads, max_grad_norm)  # scales nothing when the norm is not finite
     if not math.isfinite(loss):
         raise TrainingError(f"the loss is {loss}: training diverged (try a lower learning rate)")
@@ -140,7 +143,7 @@ class TrainResult:
     peak_memory_bytes: int | None  # peak RSS of the whole process (None where the OS does not say)
     losses: list[float] = field(default_factory=list)  # this session's steps
     evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)
-    checkpoint: Path | None = None  # the last checkpoint written
+    checkpoint: Path | None = None  # the last checkpoint written (or resumed from)
 
     def summary(self) -> str:
         mem = "n/a" if self.peak_memory_bytes is None else f"{self.peak_memory_bytes / 2**20:.1f} MiB"
@@ -219,8 +222,8 @@ def train(
     rng = np.random.default_rng(config.seed)
     run_config = _run_config(config, data)
     run_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
-    start = _resume(resume, run_dir, run_config, model, optimizer, rng)
-    result = TrainResult(start, 0, 0.0, None)
+    start, resumed_from = _resume(resume, run_dir, run_config, model, optimizer, rng)
+    result = TrainResult(start, 0, 0.0, None, checkpoint=resumed_from)
     k = config.accum_steps
 
     def save(step: int) -> None:
@@ -265,7 +268,7 @@ def train(
     except TrainingError as e:
         bar.close()
         kept = f"the last good checkpoint {result.checkpoint} is intact" if result.checkpoint else (
-            "no checkpoint was written in this run"
+            "no checkpoint was written"
         )
         raise TrainingError(f"step {step + 1} of {config.steps}: {e}; {kept}") from None
     except KeyboardInterrupt:
@@ -297,14 +300,14 @@ def _resume(
     model: Model,
     optimizer: AdamW,
     rng: np.random.Generator,
-) -> int:
-    """Restore a checkpoint if asked to; return the step to start from."""
+) -> tuple[int, Path | None]:
+    """Restore a checkpoint if asked to; return the step to start from and the checkpoint's folder."""
     if resume is False:
-        return 0
+        return 0, None
     if resume is True:
         found = latest_checkpoint(run_dir) if run_dir is not None else None
         if found is None:
-            return 0
+            return 0, None
         path = found
     else:
         path = Path(resume)
@@ -319,4 +322,4 @@ def _resume(
             f"({', '.join(f'{key}={saved.get(key)!r}' for key in differ)}); resume with the same ones"
         )
     restore(ckpt, model, optimizer, rng)
-    return ckpt.step
+    return ckpt.step, ckpt.path
