@@ -130,7 +130,8 @@ def snapshot(model: Model, adapter: S2FTAdapter) -> dict[str, Array]:
     check_adapter(model, adapter)
     out = {}
     for key, e in adapter.blocks.items():
-        w, xp = _weight(model, key), get_xp(e.indices)
+        w = _weight(model, key)
+        xp = get_xp(w)
         out[key] = xp.take(w, xp.asarray(e.indices), axis=0 if e.axis == "rows" else 1)
     return out
 

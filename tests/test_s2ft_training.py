@@ -12,6 +12,7 @@ blocks below the lowest selected layer keep no cache.
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,10 +20,11 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from minift.backend import to_numpy
 from minift.config import ModelConfig
 from minift.errors import ConfigError
 from minift.layers.linear import linear_backward_input, linear_backward_weight, linear_forward
-from minift.methods.s2ft import ColumnBlock, RowBlock, S2FTConfig, apply_s2ft, unpermute
+from minift.methods.s2ft import ColumnBlock, LayerLayout, RowBlock, S2FTConfig, apply_s2ft, unpermute
 from minift.methods.s2ft.permute import expand, layouts_of
 from minift.model import init_model, loss_and_grads, model_forward, set_trainable, trainable_parameters
 from minift.optim import AdamW
@@ -226,3 +228,32 @@ def test_applying_s2ft_twice_or_over_foreign_slots_is_a_config_error():
     foreign = _index_set_model(GQA, ALL, layouts_of(model), 0)
     with pytest.raises(ConfigError, match=r"needs dense slots; blocks\.0\.q is a IndexSetSlot"):
         apply_s2ft(foreign, ALL, rng=np.random.default_rng(0))
+
+
+def test_on_every_array_module_a_step_moves_only_the_blocks_by_the_restricted_full_gradient(xp):
+    model = init_model(GQA, np.random.default_rng(0), dtype=np.float64, std=0.5, xp=xp)
+    apply_s2ft(model, ALL, rng=np.random.default_rng(1))
+    dense = copy.deepcopy(model)
+    for block in dense.blocks:
+        for name, slot in block.slots():
+            setattr(block, name, Dense(slot.weight, slot.bias, requires_grad=True))
+    tokens, targets = (xp.asarray(a) for a in _batch(GQA, 0))
+    _, grads = loss_and_grads(model, tokens, targets)
+    _, full = loss_and_grads(dense, tokens, targets)
+    before = {k: to_numpy(v) for k, v in _weights(model).items()}
+    AdamW(trainable_parameters(model)).step(grads, lr=1e-2)
+    for i, name, slot in _block_slots(model):
+        w, dw = to_numpy(slot.weight), to_numpy(full[f"blocks.{i}.{name}.weight"])
+        inside = np.zeros(w.shape, dtype=bool)
+        for local, (a, b) in zip(slot.parameters(), slot.segments, strict=True):
+            cut = (slice(None), slice(a, b)) if isinstance(slot, ColumnBlock) else (slice(a, b),)
+            assert _rel(to_numpy(grads[f"blocks.{i}.{name}.{local}"]), dw[cut]) <= 1e-10
+            inside[cut] = True
+        np.testing.assert_array_equal(w[~inside], before[f"{i}.{name}"][~inside])
+
+
+def test_the_record_in_model_meta_is_json_and_rebuilds_the_configuration_and_layouts():
+    model = _s2ft_model(GQA, ALL)
+    record = json.loads(json.dumps(model.meta["s2ft"]))
+    assert S2FTConfig.from_dict(record["config"]) == ALL
+    assert {int(i): LayerLayout.from_dict(d) for i, d in record["layers"].items()} == layouts_of(model)

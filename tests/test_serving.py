@@ -21,6 +21,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from minift.config import ModelConfig
+from minift.device import to_device
 from minift.errors import CheckpointError
 from minift.methods.s2ft import (
     AdapterBlock,
@@ -271,3 +272,17 @@ def test_the_signature_names_the_sizes_an_adapter_depends_on():
         "n_kv_heads": 3,
         "head_dim": 2,
     }
+
+
+def test_on_every_array_module_batched_serving_equals_merged_models(xp):
+    _, cols = _trained(S2FTConfig(heads=2, channels=3))
+    _, rows = _trained(ALL, seed=1)
+    base = to_device(_base(), "cpu" if xp is np else "cuda")
+    tokens = xp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (3, 4)))
+    adapters = [cols, rows, _lora(0)]
+    logits = batched_forward(base, tokens, adapters, [2, 0, 1])
+    for b, k in enumerate([2, 0, 1]):
+        own = copy.deepcopy(base)
+        merge_adapter(own, adapters[k])
+        want, _ = model_forward(own, tokens[b : b + 1], train=False)
+        assert_close(logits[b : b + 1], want, rtol=1e-10, atol=1e-11, what=f"request {b}")
