@@ -27,6 +27,7 @@ repository's analysis script, where GA = 1). S is not regularized.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal, NamedTuple
 
@@ -87,21 +88,34 @@ def orthonormality_backward(dvalue: float, cache: OrthoCache) -> Array:
     return (2.0 * dvalue / cache.norm) * (cache.M @ cache.X)
 
 
+def factor_regularizer(factors: Sequence[tuple[Array, Array]]) -> tuple[float, list[tuple[Array, Array]]]:
+    """L_ortho = mean over the 2·len(factors) matrices of ‖A Aᵀ − I‖_F and ‖Bᵀ B − I‖_F (SORSA §3,
+    the official ``calc_ortho``), and its gradient (dA, dB) for every (A, B) pair.
+
+    Shapes:
+        factors: [(A (R, I), B (O, R)), ...]   returns the value and [(dA (R, I), dB (O, R)), ...]
+    """
+    weight = 1.0 / (2 * len(factors))  # the mean over N_mat = 2 · modules matrices
+    total, grads = 0.0, []
+    for A, B in factors:
+        value_a, cache_a = orthonormality_forward(A)
+        value_b, cache_b = orthonormality_forward(B.T)
+        total += value_a + value_b
+        grads.append((orthonormality_backward(weight, cache_a), orthonormality_backward(weight, cache_b).T))
+    return weight * total, grads
+
+
 def orthonormal_regularizer(model: Model) -> tuple[float, Grads]:
     """L_ortho over every SORSA slot and its gradient, keyed like the model's gradients
     (``blocks.{i}.{name}.A`` / ``.B``). Zero, with no gradients, when the model has no SORSA slot."""
     slots = [(path, slot) for path, slot in low_rank_slots(model) if slot.S is not None and not slot.merged]
     if not slots:
         return 0.0, {}
-    weight = 1.0 / (2 * len(slots))  # the mean over N_mat = 2 · modules matrices
-    total, grads = 0.0, {}
-    for path, slot in slots:
-        value_a, cache_a = orthonormality_forward(slot.A)
-        value_b, cache_b = orthonormality_forward(slot.B.T)
-        total += value_a + value_b
-        grads[f"{path}.A"] = orthonormality_backward(weight, cache_a)
-        grads[f"{path}.B"] = orthonormality_backward(weight, cache_b).T
-    return weight * total, grads
+    value, pairs = factor_regularizer([(slot.A, slot.B) for _, slot in slots])
+    grads: Grads = {}
+    for (path, _), (dA, dB) in zip(slots, pairs, strict=True):
+        grads[f"{path}.A"], grads[f"{path}.B"] = dA, dB
+    return value, grads
 
 
 RegMode = Literal["faithful", "plain"]
