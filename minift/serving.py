@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from minift.backend import Array, get_xp, scatter_add
-from minift.errors import CheckpointError
+from minift.errors import CheckpointError, ShapeError
 from minift.methods.s2ft.adapter import AdapterBlock, S2FTAdapter, check_block, model_signature
 from minift.model import KVCache, Model, model_forward
 
@@ -229,7 +229,7 @@ def batched_forward(
     """
     B = tokens.shape[0]
     if len(assignment) != B or any(not -1 <= k < len(adapters) for k in assignment):
-        raise CheckpointError(
+        raise ShapeError(
             f"assignment must give each of the {B} requests an adapter index in [-1, {len(adapters)})"
         )
     per_slot: dict[str, list[tuple[list[int], Entry]]] = {}

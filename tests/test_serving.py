@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from minift.config import ModelConfig
 from minift.device import to_device
-from minift.errors import CheckpointError
+from minift.errors import CheckpointError, ShapeError
 from minift.methods.s2ft import (
     AdapterBlock,
     S2FTAdapter,
@@ -258,8 +258,8 @@ def test_bad_indices_or_files_are_checkpoint_errors_naming_the_problem(tmp_path)
         load_adapter(path)
 
 
-def test_a_bad_request_assignment_is_a_checkpoint_error():
-    with pytest.raises(CheckpointError, match="assignment"):
+def test_a_request_assignment_that_does_not_fit_the_batch_is_a_shape_error():
+    with pytest.raises(ShapeError, match="assignment"):
         batched_forward(_base(), np.zeros((2, 3), dtype=np.int64), [], [0, -1])
 
 

@@ -40,8 +40,8 @@ def apply_s2ft(
                 raise ConfigError(
                     f"apply_s2ft needs dense slots; blocks.{i}.{name} is a {type(slot).__name__}"
                 )
-    set_trainable(model, False)
     selection = select_units(model, config, calib_batches, rng=rng)
+    set_trainable(model, False)
     layouts = {
         i: plan_layout(h, ch, c.n_heads, c.n_kv_heads, c.intermediate_size)
         for i, (h, ch) in selection.items()

@@ -63,6 +63,35 @@ def _sq_col(w: Array) -> Array:
     return (w * w).sum(axis=0)
 
 
+def _frozen(holder: Any) -> Any:
+    return dataclasses.replace(holder, requires_grad=False)
+
+
+def _gradient_probe(model: Model) -> Model:
+    """A shallow copy in which only the O and Down weights are trainable (dense), everything else
+    frozen, so the user's model and its trainable flags are untouched; arrays are shared."""
+    blocks = [
+        dataclasses.replace(
+            b,
+            attn_norm=_frozen(b.attn_norm),
+            mlp_norm=_frozen(b.mlp_norm),
+            **{
+                n: Dense(s.dense_weight(), getattr(s, "bias", None), n in ("o", "down")) for n, s in b.slots()
+            },
+        )
+        for b in model.blocks
+    ]
+    return dataclasses.replace(
+        model,
+        blocks=blocks,
+        meta={},
+        embed=_frozen(model.embed),
+        final_norm=_frozen(model.final_norm),
+        lm_head=None if model.lm_head is None else Dense(model.lm_head.dense_weight()),
+        pos_embed=None if model.pos_embed is None else _frozen(model.pos_embed),
+    )
+
+
 def column_energies(
     model: Model, kind: str, batches: Sequence[CalibBatch] | None
 ) -> list[tuple[Array, Array]]:
@@ -78,30 +107,7 @@ def column_energies(
             model_forward(probe, tokens, train=False)
         return [(b.o.energy, b.down.energy) for b in probe.blocks]
     if kind == "gradient":
-        frozen = dataclasses.replace  # holders are copied frozen so the user's model is untouched
-        blocks = [
-            dataclasses.replace(
-                b,
-                attn_norm=frozen(b.attn_norm, requires_grad=False),
-                mlp_norm=frozen(b.mlp_norm, requires_grad=False),
-                **{
-                    name: Dense(
-                        s.dense_weight(), getattr(s, "bias", None), requires_grad=name in ("o", "down")
-                    )
-                    for name, s in b.slots()
-                },
-            )
-            for b in model.blocks
-        ]
-        probe = dataclasses.replace(
-            model,
-            blocks=blocks,
-            meta={},
-            embed=frozen(model.embed, requires_grad=False),
-            final_norm=frozen(model.final_norm, requires_grad=False),
-            lm_head=None if model.lm_head is None else Dense(model.lm_head.dense_weight()),
-            pos_embed=None if model.pos_embed is None else frozen(model.pos_embed, requires_grad=False),
-        )
+        probe = _gradient_probe(model)
         total: dict[str, Array] = {}
         for tokens, targets in batches:
             _, grads = loss_and_grads(probe, tokens, targets, loss_scale=1.0 / len(batches))
