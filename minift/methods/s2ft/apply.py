@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -40,7 +40,16 @@ def apply_s2ft(
                 raise ConfigError(
                     f"apply_s2ft needs dense slots; blocks.{i}.{name} is a {type(slot).__name__}"
                 )
-    selection = select_units(model, config, calib_batches, rng=rng)
+    return apply_selection(model, config, select_units(model, config, calib_batches, rng=rng))
+
+
+def apply_selection(
+    model: Model, config: S2FTConfig, selection: Mapping[int, tuple[tuple[int, ...], tuple[int, ...]]]
+) -> Model:
+    """Co-permute and swap in the block slots for an explicit selection, in place: layer index →
+    (query heads, FFN channels) in original ids. ``apply_s2ft`` is this after ``select_units``;
+    ``config`` names the target matrices (its counts and strategy are not used here)."""
+    c = model.config
     set_trainable(model, False)
     layouts = {
         i: plan_layout(h, ch, c.n_heads, c.n_kv_heads, c.intermediate_size)
