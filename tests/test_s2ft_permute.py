@@ -10,6 +10,7 @@ restores every weight bitwise.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -132,6 +133,17 @@ def test_the_permutation_is_recorded_and_moves_whole_heads():
     assert model.meta["s2ft"]["layers"]["0"]["head_order"] == list(lay.head_order)
     cols = expand(lay.head_order, GQA.head_dim)  # O column j of the permuted model is original cols[j]
     np.testing.assert_array_equal(model.blocks[0].o.weight, o_before[:, cols])
+
+
+def test_a_layout_that_moves_a_head_out_of_its_group_is_a_config_error():
+    model = init_model(GQA, np.random.default_rng(0))
+    lay = plan_layout((1,), (), 6, 3, 6)
+    swapped = dataclasses.replace(
+        lay, head_order=(lay.head_order[2], *lay.head_order[1:2], lay.head_order[0], *lay.head_order[3:])
+    )
+    with pytest.raises(ConfigError, match="keeping each head in its group"):
+        co_permute(model, {0: swapped})
+    assert "s2ft" not in model.meta
 
 
 def test_permuting_twice_or_unpermuting_an_unpermuted_model_is_a_config_error():

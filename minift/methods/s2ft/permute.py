@@ -172,11 +172,20 @@ def co_permute(model: Model, layouts: dict[int, LayerLayout]) -> Model:
     if "s2ft" in model.meta:
         raise ConfigError("the model is already co-permuted for S2FT; call unpermute first")
     c = model.config
+    G = c.n_heads // c.n_kv_heads
     for i, layout in layouts.items():
-        if sorted(layout.head_order) != list(range(c.n_heads)) or sorted(layout.channel_order) != list(
-            range(c.intermediate_size)
-        ):
-            raise ConfigError(f"layer {i}: the S2FT layout does not match the model's heads/channels")
+        valid = (
+            sorted(layout.head_order) == list(range(c.n_heads))
+            and sorted(layout.kv_order) == list(range(c.n_kv_heads))
+            and sorted(layout.channel_order) == list(range(c.intermediate_size))
+            and all(h // G == layout.kv_order[j // G] for j, h in enumerate(layout.head_order))
+        )
+        if not valid:
+            raise ConfigError(
+                f"layer {i}: the S2FT layout must permute the model's {c.n_heads} heads, {c.n_kv_heads} "
+                f"key/value heads and {c.intermediate_size} channels, keeping each head in its group"
+            )
+    for i, layout in layouts.items():  # validated first, so a bad layout leaves the model untouched
         permute_block(model.blocks[i], layout, c.head_dim)
     model.meta["s2ft"] = {"layers": {str(i): lay.to_dict() for i, lay in layouts.items()}}
     return model
