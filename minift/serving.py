@@ -5,7 +5,8 @@ Two adapter kinds, on weights W (O, I) of the base model in its *original* layou
 
 - S2FT (``S2FTAdapter``): per matrix, indices S and a dense block Δ; W[:, S] += Δ (columns) or
   W[S, :] += Δ (rows). Merging or switching is a scatter-add of S·O (or S·I) values.
-- LoRA (``LoraFactors`` per slot key, the baseline): W += s·B A, a rank-R matmul over all O·I entries.
+- LoRA (``LoraFactors`` per slot key, the baseline; ``lora_factors`` reads them off a LoRA model):
+  W += s·B A, a rank-R matmul over all O·I entries.
 
 Batched serving (S-LoRA style) keeps W shared and adds each request group's update on the fly:
 
@@ -27,6 +28,7 @@ import numpy as np
 
 from minift.backend import Array, get_xp, scatter_add
 from minift.errors import CheckpointError, ShapeError
+from minift.methods.lora import LowRankLinear, low_rank_slots
 from minift.methods.s2ft.adapter import AdapterBlock, S2FTAdapter, check_block, model_signature
 from minift.model import KVCache, Model, model_forward
 
@@ -42,6 +44,20 @@ class LoraFactors(NamedTuple):
 LoraAdapter = Mapping[str, LoraFactors]
 Adapter = S2FTAdapter | LoraAdapter
 Entry = AdapterBlock | LoraFactors
+
+
+def lora_factors(model: Model) -> dict[str, LoraFactors]:
+    """The LoRA adapter of a model trained with ``minift.methods.lora`` (unmerged LowRankLinear slots
+    on the original weights), as factors for serving on the base model."""
+    out = {}
+    for path, slot in low_rank_slots(model):
+        assert isinstance(slot, LowRankLinear)
+        if slot.merged or slot.S is not None or slot.A0 is not None:
+            raise CheckpointError(
+                f"{path}: only an unmerged plain LoRA slot is a delta on the original weight"
+            )
+        out[path] = LoraFactors(slot.A, slot.B, slot.scaling)
+    return out
 
 
 def _entries(adapter: Adapter) -> Mapping[str, Entry]:

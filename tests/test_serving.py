@@ -23,6 +23,8 @@ from hypothesis import strategies as st
 from minift.config import ModelConfig
 from minift.device import to_device
 from minift.errors import CheckpointError, ShapeError
+from minift.methods import lora
+from minift.methods.lora import LoRAConfig, apply_lora
 from minift.methods.s2ft import (
     AdapterBlock,
     S2FTAdapter,
@@ -39,6 +41,7 @@ from minift.serving import (
     LoraFactors,
     batched_forward,
     fuse_adapters,
+    lora_factors,
     merge_adapter,
     restore,
     snapshot,
@@ -206,6 +209,16 @@ def test_a_batch_with_one_adapter_per_request_equals_each_request_on_its_own_mer
         assert_close(logits[b : b + 1], want, rtol=1e-10, atol=1e-11, what=f"request {b} (adapter {k})")
     for key, w in _weights(base).items():  # serving never modifies the shared base
         np.testing.assert_array_equal(w, before[key])
+
+
+def test_lora_factors_of_a_lora_model_served_on_the_base_equal_the_lora_model():
+    model = apply_lora(_base(), LoRAConfig(r=2, targets=("q", "v", "down")), np.random.default_rng(0))
+    for slot in (s for _, s in lora.low_rank_slots(model)):
+        slot.B += np.random.default_rng(1).standard_normal(slot.B.shape)  # as if trained
+    tokens = np.random.default_rng(2).integers(0, CFG.vocab_size, (2, 4))
+    want, _ = model_forward(model, tokens, train=False)
+    got = batched_forward(_base(), tokens, [lora_factors(model)], [0, 0])
+    assert_close(got, want, rtol=1e-10, atol=1e-11, what="logits")
 
 
 def test_an_adapter_for_another_model_is_a_checkpoint_error():
