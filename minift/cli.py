@@ -6,8 +6,15 @@ import argparse
 import platform
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
-from minift.errors import MinIFTError
+from minift.errors import ConfigError, MinIFTError
+
+if TYPE_CHECKING:
+    from minift.data.tokenizer import Tokenizer
+    from minift.finetune import MethodSpec
+    from minift.model import Model
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -51,21 +58,384 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the base model and the batch")
 
 
+# ----------------------------------------------------------------------------------------------------
+# demo, finetune, eval, generate, export, pretrain (the logic lives in minift.demo/finetune/pretrain)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Fine-tune the embedded model with every method and print the comparison table."""
+    from minift.demo import DemoConfig, run_demo
+
+    overrides = {
+        k: v for k, v in (("task", args.task), ("steps", args.steps), ("rank", args.rank)) if v is not None
+    }
+    if args.methods:
+        overrides["methods"] = tuple(args.methods)
+    config = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
+    run_demo(config, args.out, progress=not args.no_progress)
+    return 0
+
+
+def _method_spec(args: argparse.Namespace) -> MethodSpec:
+    from minift.finetune import MethodSpec
+
+    targets = tuple(t for part in args.targets for t in part.split(",") if t) if args.targets else None
+    options = {"targets": targets} if targets else {}
+    return MethodSpec(
+        args.method,
+        rank=args.rank,
+        alpha=args.alpha,
+        heads=args.heads,
+        channels=args.channels,
+        strategy=args.strategy,
+        gamma=args.gamma,
+        dropout=args.dropout,
+        **options,
+    )
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune a model folder (or the embedded model) on a JSONL file."""
+    from minift.finetune import RunConfig, finetune
+
+    spec = _method_spec(args)
+    run = RunConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        schedule=args.schedule,
+        warmup_steps=args.warmup,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        max_length=args.max_length,
+        checkpoint_every=args.checkpoint_every,
+        merge=args.merge,
+        progress=not args.no_progress,
+    )
+    finetune(args.model, args.data, spec, args.out, run, resume=args.resume)
+    written = "merged/, " if args.method == "full" else "adapter/, " + ("merged/, " if args.merge else "")
+    print(f"wrote {args.out} ({written}checkpoints/, finetune.json)")
+    return 0
+
+
+def _model_with_adapter(args: argparse.Namespace) -> tuple[Model, Tokenizer]:
+    from minift.finetune import attach_adapter, load_model
+
+    model, tokenizer = load_model(args.model)
+    if args.adapter:
+        attach_adapter(model, args.adapter)
+    return model, tokenizer
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Exact match and perplexity of a model (with an adapter) on a task split or a JSONL file."""
+    from minift.data.datasets import read_jsonl
+    from minift.data.tasks import TaskExample, evaluate, perplexity, pretrain_heldout, task_splits
+
+    model, tokenizer = _model_with_adapter(args)
+    if args.data:
+        records = read_jsonl(args.data)
+        examples = [
+            TaskExample(r["prompt"], r["completion"].strip(), "data") for r in records if "prompt" in r
+        ]
+        what = args.data
+    elif args.task == "pretraining":  # --limit counts per skill here
+        examples = pretrain_heldout(args.seed, args.limit or 50)
+        records, what = [ex.record for ex in examples], "pretraining skills (held-out prompts)"
+    else:
+        examples = getattr(task_splits(args.task, args.seed), args.split)
+        records, what = [ex.record for ex in examples], f"task {args.task!r}, split {args.split!r}"
+    if args.limit and (args.data or args.task != "pretraining"):
+        examples, records = examples[: args.limit], records[: args.limit]
+    print(f"{what}: {len(records)} records")
+    print(f"perplexity   {perplexity(model, tokenizer, records):.4f}")
+    if examples:
+        for name, value in evaluate(model, tokenizer, examples).items():
+            print(f"exact match  {name:<10} {value:.1%}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Continue prompts with a model (and an adapter): greedy, or sampled with --temperature."""
+    import numpy as np
+
+    from minift.data.tasks import answer_stop_ids, format_prompt
+    from minift.generate import SamplingConfig, generate
+
+    model, tokenizer = _model_with_adapter(args)
+    prompts = list(args.prompt or []) + [format_prompt(q) for q in args.question or []]
+    if not prompts:
+        raise ConfigError("generate needs at least one --prompt TEXT or --question TEXT")
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    stops = answer_stop_ids(tokenizer) if args.question and not args.prompt else tokenizer.eos_ids
+    new = generate(
+        model,
+        [tokenizer.encode(p) for p in prompts],
+        max_new_tokens=args.max_new_tokens,
+        sampling=sampling,
+        eos_ids=stops,
+        pad_id=tokenizer.pad_id,
+        rng=np.random.default_rng(args.seed),
+    )
+    for prompt, ids in zip(prompts, new, strict=True):
+        print(prompt + tokenizer.decode(ids))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a fine-tuned adapter as a PEFT folder and/or the merged model as a Hugging Face folder."""
+    from minift.finetune import merged_model, resolve_model_dir, save_adapter
+    from minift.hub import save_pretrained
+
+    if not args.peft and not args.merged:
+        raise ConfigError("export needs --peft DIR and/or --merged DIR")
+    model, _ = _model_with_adapter(args)
+    if args.peft:
+        if (
+            "s2ft" in model.meta
+            or args.adapter is None
+            or not Path(args.adapter, "adapter_config.json").is_file()
+        ):
+            raise ConfigError(
+                f"{args.adapter}: only LoRA/PiSSA/SORSA adapters have a PEFT form; use --merged"
+            )
+        print(f"wrote {save_adapter(model, args.peft, base=str(resolve_model_dir(args.model)))}")
+    if args.merged:
+        base = resolve_model_dir(args.model)
+        folder = save_pretrained(merged_model(model), args.merged, tokenizer_path=base)
+        print(f"wrote {folder}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Rerun the embedded base model's pretraining recipe."""
+    from minift.pretrain import PretrainRecipe, pretrain
+
+    overrides = {
+        k: v
+        for k, v in (("seed", args.seed), ("steps", args.steps), ("batch_size", args.batch_size))
+        if v is not None
+    }
+    recipe = PretrainRecipe(**overrides)
+    if recipe.warmup_steps > recipe.steps:
+        recipe = PretrainRecipe(**overrides, warmup_steps=recipe.steps // 10)
+    _, result = pretrain(
+        recipe,
+        args.out,
+        checkpoint_dir=args.checkpoint_dir,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    print(f"wrote {args.out} ({result.steps} steps)")
+    return 0
+
+
+def _model_arguments(p: argparse.ArgumentParser, *, adapter: bool = True) -> None:
+    p.add_argument(
+        "--model",
+        default="embedded",
+        metavar="DIR",
+        help="a Hugging Face model folder, or 'embedded' (default): the shipped base model",
+    )
+    if adapter:
+        p.add_argument(
+            "--adapter",
+            metavar="DIR",
+            help="an adapter folder written by 'minift finetune' (PEFT LoRA or S2FT)",
+        )
+
+
+def demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", choices=("shift", "min"), help="the fine-tuning task (default shift)")
+    p.add_argument(
+        "--methods", nargs="+", choices=("full", "lora", "pissa", "sorsa", "s2ft"), help="default: all five"
+    )
+    p.add_argument("--steps", type=int, help="training steps per method (default 120)")
+    p.add_argument("--rank", type=int, help="the matched budget: LoRA rank on every projection (default 4)")
+    p.add_argument(
+        "--out",
+        default="minift-demo",
+        metavar="DIR",
+        help="where results.json and losses.png go (default minift-demo)",
+    )
+    p.add_argument("--quick", action="store_true", help="a smoke run in seconds: 4 steps, tiny evaluation")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def finetune_arguments(p: argparse.ArgumentParser) -> None:
+    _model_arguments(p, adapter=False)
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE.jsonl",
+        help='one {"prompt": ..., "completion": ...} or {"text": ...} object per line',
+    )
+    p.add_argument("--method", required=True, help="full, lora, pissa, sorsa or s2ft")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="the run folder: adapter/, merged/, checkpoints/, finetune.json",
+    )
+    m = p.add_argument_group("method options")
+    m.add_argument(
+        "--rank", type=int, default=8, help="LoRA/PiSSA/SORSA rank; S2FT matches its budget (default 8)"
+    )
+    m.add_argument(
+        "--alpha",
+        type=float,
+        help="LoRA/PiSSA scaling alpha/rank (default alpha = rank); SORSA: default scale 1",
+    )
+    m.add_argument(
+        "--targets", nargs="+", help="projections to adapt: q k v o gate up down, or all (default all)"
+    )
+    m.add_argument("--dropout", type=float, default=0.0, help="adapter dropout (LoRA/PiSSA/SORSA)")
+    m.add_argument("--gamma", type=float, default=4e-4, help="SORSA orthonormal regularizer strength")
+    m.add_argument("--heads", type=int, help="S2FT attention heads per layer (default: matched budget)")
+    m.add_argument("--channels", type=int, help="S2FT FFN channels per layer (default: matched budget)")
+    m.add_argument(
+        "--strategy", default="random", help="S2FT selection: random, weight, activation, product, gradient"
+    )
+    t = p.add_argument_group("training")
+    t.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    t.add_argument("--schedule", default="linear", choices=("constant", "linear", "cosine"))
+    t.add_argument("--warmup", type=int, default=0, help="warm-up steps")
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--max-length", type=int, help="truncate longer examples to this many tokens")
+    t.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
+    t.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints"
+    )
+    t.add_argument("--merge", action="store_true", help="also write the merged model to OUT/merged")
+    t.add_argument("--no-progress", action="store_true")
+
+
+def eval_arguments(p: argparse.ArgumentParser) -> None:
+    _model_arguments(p)
+    p.add_argument("--data", metavar="FILE.jsonl", help="evaluate on this file instead of an embedded task")
+    p.add_argument(
+        "--task",
+        default="pretraining",
+        choices=("pretraining", "shift", "min"),
+        help="an embedded task (default: the pretraining skills)",
+    )
+    p.add_argument(
+        "--split", default="test", choices=("train", "validation", "test", "near_ood", "retention")
+    )
+    p.add_argument("--limit", type=int, help="evaluate at most this many examples (pretraining: per skill)")
+    p.add_argument("--seed", type=int, default=0, help="the tasks' seed")
+
+
+def generate_arguments(p: argparse.ArgumentParser) -> None:
+    _model_arguments(p)
+    p.add_argument("--prompt", action="append", metavar="TEXT", help="a raw prompt (repeatable)")
+    p.add_argument(
+        "--question",
+        action="append",
+        metavar="TEXT",
+        help="a question in the tasks' format 'Q: TEXT\\nA: ' (repeatable)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+
+def export_arguments(p: argparse.ArgumentParser) -> None:
+    _model_arguments(p)
+    p.add_argument("--peft", metavar="DIR", help="write the adapter as a PEFT folder (LoRA/PiSSA/SORSA)")
+    p.add_argument("--merged", metavar="DIR", help="write base + adapter merged, as a Hugging Face folder")
+
+
+def pretrain_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the recipe's 2500)")
+    p.add_argument("--batch-size", type=int, help="examples per step (default 64)")
+    p.add_argument("--seed", type=int, help="the recipe's seed (default 0: the shipped model)")
+    p.add_argument("--checkpoint-dir", metavar="DIR", help="write checkpoints every 500 steps here")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
+    p.add_argument("--no-progress", action="store_true")
+
+
+EXAMPLES = {
+    "demo": """examples:
+  minift demo                      all five methods on the 'shift' task, about 3 minutes on 2 cores
+  minift demo --task min --methods lora s2ft
+  minift demo --quick              a smoke run in seconds""",
+    "finetune": """examples:
+  minift finetune --data train.jsonl --method lora --rank 8 --out runs/lora
+  minift finetune --model ./my-llama --data train.jsonl --method s2ft --heads 1 --channels 64 --out runs/s2ft
+  minift finetune --data train.jsonl --method lora --out runs/lora --steps 400 --resume   (after Ctrl-C)
+
+Each line of train.jsonl is {"prompt": "Q: reverse abc\\nA: ", "completion": "cba"} (loss on the
+completion) or {"text": "..."} (loss on every token). The run folder gets adapter/ (PEFT for
+LoRA/PiSSA/SORSA, minift's S2FT adapter for S2FT), checkpoints/, finetune.json and, with --merge or
+full fine-tuning, merged/ (a Hugging Face model folder).""",
+    "eval": """examples:
+  minift eval                                   the embedded model on its pretraining skills
+  minift eval --adapter runs/lora/adapter --task shift --split near_ood
+  minift eval --model runs/full/merged --data test.jsonl""",
+    "generate": """examples:
+  minift generate --question "reverse abc"
+  minift generate --adapter runs/lora/adapter --question "shift abc"
+  minift generate --model ./my-llama --prompt "Once upon a time" --temperature 0.8 --top-p 0.9""",
+    "export": """examples:
+  minift export --adapter runs/lora/adapter --peft out/peft --merged out/merged
+  minift export --adapter runs/s2ft/adapter --merged out/merged    (S2FT adapters export merged only)""",
+    "pretrain": """examples:
+  minift pretrain --out my-base                 the shipped model's recipe (about 20-30 minutes on 2 cores)
+  minift pretrain --out tiny --steps 200        a quick, weaker base""",
+}
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "info": (cmd_info, "print versions, the array backend and the measured BLAS throughput"),
     "bench": (cmd_bench, "time training steps of every method against PyTorch, with memory and MFU"),
+    "demo": (cmd_demo, "fine-tune the embedded model with every method and print the comparison table"),
+    "finetune": (cmd_finetune, "fine-tune a model on a JSONL file with full, lora, pissa, sorsa or s2ft"),
+    "eval": (cmd_eval, "exact match and perplexity of a model (with an adapter) on a task or a JSONL file"),
+    "generate": (cmd_generate, "continue prompts with a model (and an adapter)"),
+    "export": (
+        cmd_export,
+        "write an adapter as a PEFT folder and/or the merged model as a Hugging Face folder",
+    ),
+    "pretrain": (cmd_pretrain, "rerun the embedded base model's pretraining recipe"),
 }
-ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {"bench": bench_arguments}
+ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "bench": bench_arguments,
+    "demo": demo_arguments,
+    "finetune": finetune_arguments,
+    "eval": eval_arguments,
+    "generate": generate_arguments,
+    "export": export_arguments,
+    "pretrain": pretrain_arguments,
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (and exit status 2), pointing at --help."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="minift",
         description="minift: fine-tuning (full, LoRA, PiSSA, SORSA, S2FT) in pure NumPy.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (func, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=EXAMPLES.get(name),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.set_defaults(func=func)
         if name in ARGUMENTS:
             ARGUMENTS[name](p)
@@ -78,6 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except MinIFTError as e:
+        print(f"minift: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an unwritable output folder, a full disk: the user's to fix, in one line
         print(f"minift: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

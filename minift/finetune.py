@@ -1,0 +1,223 @@
+"""Fine-tuning with any method by name: what ``minift finetune``, ``eval``, ``generate`` and ``export``
+do, and what ``minift demo`` reuses. The command line stays a thin layer over these functions.
+
+A fine-tuning run writes one folder:
+
+    OUT/
+      adapter/          LoRA, PiSSA, SORSA: a PEFT adapter folder (``PeftModel.from_pretrained`` loads it);
+                        S2FT: minift's S2FT adapter (original indices + dense blocks); full FT: none
+      merged/           the fine-tuned model as a Hugging Face folder (always for full FT; else ``merge``)
+      checkpoints/      training checkpoints; a rerun with ``resume`` continues bitwise from the latest
+      finetune.json     the run: base model, data, method and its options, training settings, result
+
+Methods are compared at a **matched trainable budget**: LoRA, PiSSA and SORSA at rank r on the chosen
+projections, S2FT with the heads and channels whose parameter count is closest to that LoRA's
+(``minift.methods.s2ft.match_lora_budget``), full fine-tuning with everything.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from minift.data.datasets import BatchStream, encode_example, read_jsonl
+from minift.data.tokenizer import Tokenizer
+from minift.errors import CheckpointError, ConfigError
+from minift.hub import load_pretrained, save_pretrained
+from minift.methods import full, lora, pissa, sorsa
+from minift.methods import s2ft as s2ft_method
+from minift.methods.peft_io import CONFIG_NAME, export_peft_adapter, load_peft_adapter
+from minift.methods.s2ft.adapter import INDEX as S2FT_INDEX
+from minift.model import SLOT_NAMES, Model, trainable_parameters
+from minift.pretrain import EMBEDDED
+from minift.serving import merge_adapter
+from minift.train import GradHook, TrainConfig, TrainResult, train
+
+METHOD_NAMES = ("full", "lora", "pissa", "sorsa", "s2ft")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method and its options, as the command line's flags give them."""
+
+    method: str
+    rank: int = 8  # LoRA/PiSSA/SORSA rank r; S2FT's budget is matched to LoRA at this rank
+    alpha: float | None = None  # LoRA/PiSSA: scaling alpha / r (default alpha = r); SORSA: None = 1
+    targets: tuple[str, ...] = SLOT_NAMES  # projections LoRA/PiSSA/SORSA adapt (and S2FT's budget counts)
+    heads: int | None = None  # S2FT heads per layer (None: matched budget)
+    channels: int | None = None  # S2FT FFN channels per layer (None: matched budget)
+    strategy: str = "random"  # S2FT selection strategy
+    gamma: float = 4e-4  # SORSA regularizer strength
+    dropout: float = 0.0  # adapter dropout (LoRA/PiSSA/SORSA)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHOD_NAMES:
+            raise ConfigError(f"unknown method {self.method!r}: expected one of {', '.join(METHOD_NAMES)}")
+
+
+def apply_method(
+    model: Model, spec: MethodSpec, rng: np.random.Generator, calib: list[Any] | None = None
+) -> list[GradHook]:
+    """Apply ``spec`` to ``model`` in place; return the gradient hooks its training needs (SORSA's).
+
+    ``calib`` holds (tokens, targets) batches for S2FT's data-driven selection strategies.
+    """
+    r = spec.rank
+    alpha = float(r) if spec.alpha is None else spec.alpha
+    if spec.method == "full":
+        full.apply_full(model)
+    elif spec.method == "lora":
+        lora.apply_lora(
+            model, lora.LoRAConfig(r=r, alpha=alpha, targets=spec.targets, dropout=spec.dropout), rng
+        )
+    elif spec.method == "pissa":
+        pissa.apply_pissa(
+            model, pissa.PiSSAConfig(r=r, alpha=alpha, targets=spec.targets, dropout=spec.dropout), rng
+        )
+    elif spec.method == "sorsa":
+        config = sorsa.SORSAConfig(
+            r=r, alpha=spec.alpha, targets=spec.targets, dropout=spec.dropout, gamma=spec.gamma
+        )
+        sorsa.apply_sorsa(model, config, rng)
+        return [sorsa.gradient_hook(config)]
+    else:
+        config = s2ft_method.match_lora_budget(
+            model.config, r, lora_targets=spec.targets, strategy=spec.strategy
+        )
+        if spec.heads is not None or spec.channels is not None:
+            config = s2ft_method.S2FTConfig(
+                heads=config.heads if spec.heads is None else spec.heads,
+                channels=config.channels if spec.channels is None else spec.channels,
+                strategy=spec.strategy,  # type: ignore[arg-type]
+            )
+        s2ft_method.apply_s2ft(model, config, calib, rng=rng)
+    return []
+
+
+def trainable_count(model: Model) -> int:
+    return sum(int(a.size) for a in trainable_parameters(model).values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# models, adapters, merged models
+
+
+def resolve_model_dir(model: str | Path) -> Path:
+    """``embedded`` names the shipped base model; anything else is a Hugging Face model folder."""
+    return EMBEDDED if str(model) == "embedded" else Path(model)
+
+
+def load_model(model: str | Path) -> tuple[Model, Tokenizer]:
+    """A model folder (or ``embedded``) and its tokenizer."""
+    folder = resolve_model_dir(model)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such model folder (expected config.json, model.safetensors)")
+    return load_pretrained(folder), Tokenizer.from_pretrained(folder)
+
+
+def save_adapter(model: Model, folder: str | Path, *, base: str = "") -> Path | None:
+    """Write the model's adapter (PEFT folder for LoRA/PiSSA/SORSA, S2FT adapter for S2FT); None for
+    full fine-tuning, which has no adapter (its result is the merged model)."""
+    if "s2ft" in model.meta:
+        return s2ft_method.save_adapter(s2ft_method.extract_adapter(model), folder)
+    if model.meta.get("adapter", {}).get("method") == "full":
+        return None
+    return export_peft_adapter(model, folder, base_model_name_or_path=base)
+
+
+def attach_adapter(model: Model, folder: str | Path) -> Model:
+    """Put an adapter written by ``save_adapter`` (or any PEFT LoRA folder) on a base model, in place.
+
+    A PEFT adapter becomes LoRA slots; an S2FT adapter is merged into the weights (it is a sparse
+    update of the original coordinates). A folder that does not fit the model raises CheckpointError.
+    """
+    folder = Path(folder)
+    if (folder / CONFIG_NAME).is_file():
+        return load_peft_adapter(model, folder)
+    if (folder / S2FT_INDEX).is_file():
+        merge_adapter(model, s2ft_method.load_adapter(folder))
+        return model
+    raise CheckpointError(
+        f"{folder}: not an adapter folder (expected {CONFIG_NAME} for PEFT/LoRA or {S2FT_INDEX} for S2FT)"
+    )
+
+
+def merged_model(model: Model) -> Model:
+    """The dense model a fine-tuned model computes, in the base model's original coordinates (a copy;
+    an S2FT model is unpermuted in place first)."""
+    if "s2ft" in model.meta:
+        s2ft_method.unpermute(model)
+    return full.to_dense(model)
+
+
+# ----------------------------------------------------------------------------------------------------
+# a fine-tuning run
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Training settings of ``minift finetune``."""
+
+    steps: int = 200
+    batch_size: int = 16
+    lr: float = 1e-3
+    schedule: str = "linear"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    seed: int = 0
+    max_length: int | None = None
+    checkpoint_every: int = 50
+    merge: bool = False  # also write the merged model (always done for full fine-tuning)
+    progress: bool = True
+
+
+def finetune(
+    model_dir: str | Path,
+    data_path: str | Path,
+    spec: MethodSpec,
+    out_dir: str | Path,
+    run: RunConfig,
+    *,
+    resume: bool = False,
+) -> tuple[Model, TrainResult]:
+    """Fine-tune ``model_dir`` on the JSONL file ``data_path`` with ``spec``; write ``out_dir`` (see the
+    module docstring). With ``resume`` a run continues from ``out_dir/checkpoints``."""
+    out = Path(out_dir)
+    model, tokenizer = load_model(model_dir)
+    examples = [encode_example(tokenizer, r, max_length=run.max_length) for r in read_jsonl(data_path)]
+    data = BatchStream(examples, run.batch_size, tokenizer.pad_id, seed=run.seed)
+    calib = [data.batch(i)[:2] for i in range(min(4, data.batches_per_epoch))]
+    hooks = apply_method(model, spec, np.random.default_rng(run.seed), calib)
+    config = TrainConfig(
+        steps=run.steps,
+        lr=run.lr,
+        schedule=run.schedule,  # type: ignore[arg-type]
+        warmup_steps=run.warmup_steps,
+        weight_decay=run.weight_decay,
+        seed=run.seed,
+        checkpoint_every=run.checkpoint_every,
+        checkpoint_dir=str(out / "checkpoints"),
+        progress=run.progress,
+    )
+    result = train(model, data, config, grad_hooks=hooks, resume=resume)
+    base = str(resolve_model_dir(model_dir))
+    adapter = save_adapter(model, out / "adapter", base=base)
+    trainable = trainable_count(model)
+    if run.merge or spec.method == "full":
+        save_pretrained(merged_model(model), out / "merged", tokenizer_path=resolve_model_dir(model_dir))
+    record = {
+        "base_model": base,
+        "data": str(data_path),
+        "method": asdict(spec),
+        "run": asdict(run),
+        "trainable_parameters": trainable,
+        "steps": result.steps,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "adapter": None if adapter is None else str(adapter),
+    }
+    (out / "finetune.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return model, result
