@@ -38,8 +38,9 @@ CONFIGS = {
     "tied-embeddings": ModelConfig(**_BASE, n_kv_heads=1, tie_word_embeddings=True),
     "llama-biases-qkvo-mlp": ModelConfig(**_BASE, qkv_bias=True, o_bias=True, mlp_bias=True),
     "qwen2-biases-qkv-only": ModelConfig(**_BASE, arch="qwen2", qkv_bias=True, tie_word_embeddings=True),
-    "llama3-rope": ModelConfig(**_BASE, n_kv_heads=1, rope_theta=1e4,
-                               rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 16)),
+    # θ = 100, D = 6: wavelengths 6, 29, 135 fall in the kept, interpolated and divided bands.
+    "llama3-rope": ModelConfig(**_BASE, n_kv_heads=1, head_dim=6, rope_theta=100.0,
+                               rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 64)),
     "linear-rope-head-dim-not-C-over-H": ModelConfig(**_BASE | dict(hidden_size=6, head_dim=4),
                                                      rope_scaling=RopeScaling("linear", 3.0)),
     "gpt2": ModelConfig(**_BASE, arch="gpt2", qkv_bias=True, o_bias=True, mlp_bias=True,

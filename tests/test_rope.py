@@ -22,7 +22,8 @@ from tests import reference as ref
 from tests.strategies import activations, rope_scalings
 
 DEFAULT = RopeScaling()
-LLAMA3 = RopeScaling("llama3", 8.0, 1.0, 4.0, 16)  # orig = 16: all three bands occur at D = 8
+LLAMA3 = RopeScaling("llama3", 8.0, 1.0, 4.0, 64)  # θ = 100, D = 8: wavelengths 6, 20, 63, 199 fall in
+# the kept (< 64/4), interpolated and divided (> 64) bands
 
 
 def _tables(positions, D, theta=100.0, scaling=DEFAULT):
