@@ -216,8 +216,7 @@ if plt is not None:
 
 # %% [markdown]
 # (The learning rates differ — SORSA's adapters need a larger one — so this tiny run illustrates
-# the measurement rather than reproducing the paper's comparison; `minift study` runs the
-# comparison at matched settings.)
+# the measurement rather than reproducing the paper's comparison.)
 #
 # ## Summary
 #

@@ -1,0 +1,241 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+# ---
+
+# %% [markdown]
+# # 11 · Fine-tune a small model on your own data with every method, and compare
+#
+# **What you will build.** The whole workflow end to end, with your own data: a JSONL file of
+# prompt/completion pairs, a base model, the five methods of this project — full fine-tuning,
+# LoRA, PiSSA, SORSA and S2FT — trained by the same loop at matched budgets, and a comparison of
+# what each costs and what each learns — a small, fast version of a full study.
+#
+# **Prerequisites.** Tutorials 04–10 (you have met every piece; this one puts them together).
+#
+# **Library functions explained here.** `minift.data.read_jsonl`, `minift.data.encode_example`,
+# `minift.data.BatchStream`, `minift.data.tasks.task_tokenizer`, `minift.data.tasks.generate_answers`,
+# `minift.data.tasks.exact_match`, `minift.data.collate`, `minift.pretrain.load_embedded`,
+# `minift.train.train`, `minift.train.TrainConfig`, `minift.methods.get_method`,
+# `minift.methods.sorsa.gradient_hook`, `minift.methods.s2ft.apply_s2ft`,
+# `minift.methods.full.to_dense`, `minift.hub.save_pretrained`.
+
+# %%
+import copy
+import itertools
+import json
+import time
+
+import numpy as np
+
+from minift import loss_and_grads, trainable_parameters
+from minift.data import BatchStream, collate, encode_example, read_jsonl
+from minift.data.tasks import (
+    TaskExample,
+    exact_match,
+    generate_answers,
+    pretrain_stream,
+    task_tokenizer,
+)
+from minift.hub import save_pretrained
+from minift.measure import step_memory
+from minift.methods import get_method
+from minift.methods.full import to_dense
+from minift.methods.s2ft import apply_s2ft, match_lora_budget, unpermute
+from minift.methods.sorsa import gradient_hook
+from minift.model import init_model, set_trainable
+from minift.pretrain import BASE_CONFIG, EMBEDDED, load_embedded
+from minift.train import TrainConfig, train
+
+# %% [markdown]
+# ## 1. Your data
+#
+# Any JSONL file whose lines are `{"prompt": …, "completion": …}` (the loss counts on the
+# completion only) or `{"text": …}` (every token counts). Here we write one: a skill the base model
+# never saw — upper-casing a word — in the instruction format of minift's embedded tasks,
+# `Q: <question>\nA: <answer>`. Replace the file with yours; a malformed line raises a `DataError`
+# naming the file and the line.
+
+# %%
+rng = np.random.default_rng(0)
+
+
+def word(r):
+    return "".join(r.choice(list("abcdefghijklmnopqrstuvwxyz"), size=int(r.integers(2, 5))))
+
+
+words = sorted({word(rng) for _ in range(400)})
+rng.shuffle(words)
+test_words, train_words = words[:24], words[24:]
+with open("upper.jsonl", "w", encoding="utf-8") as f:
+    for w in train_words:
+        f.write(json.dumps({"prompt": f"Q: upper {w}\nA: ", "completion": w.upper()}) + "\n")
+records = read_jsonl("upper.jsonl")
+test = [TaskExample(f"Q: upper {w}\nA: ", w.upper(), "upper") for w in test_words]
+print(len(records), "training records, e.g.", records[0])
+
+# %% [markdown]
+# The tokenizer is the embedded tasks' character-level one. `encode_example` adds BOS and EOS and
+# masks the prompt with −100; `BatchStream` pads, shifts and shuffles, deterministically under a
+# seed.
+
+# %%
+tokenizer = task_tokenizer()
+examples = [encode_example(tokenizer, r) for r in records]
+data = BatchStream(examples, batch_size=16, pad_id=tokenizer.pad_id, seed=0)
+print("one example:", examples[0].ids, "\nlabels:     ", examples[0].labels)
+
+# %% [markdown]
+# ## 2. A base model
+#
+# minift ships a small pretrained Llama (`minift.pretrain.load_embedded`, trained by
+# `minift pretrain` on the embedded tasks' pretraining mix). Where that folder is absent — a
+# source checkout without the asset — we pretrain a miniature one on the same mix for a few
+# seconds instead; everything below works with either.
+
+# %%
+if (EMBEDDED / "config.json").is_file():
+    base = load_embedded()
+    print("the embedded base model:", base.config.n_layers, "layers, width", base.config.hidden_size)
+else:
+    tiny = BASE_CONFIG.replace(hidden_size=64, intermediate_size=128, n_layers=2)
+    base = set_trainable(init_model(tiny, np.random.default_rng(0)))
+    mix = [encode_example(tokenizer, ex.record) for ex in itertools.islice(pretrain_stream(0), 1024)]
+    t0 = time.perf_counter()
+    recipe = TrainConfig(steps=60, lr=1e-2, schedule="cosine", warmup_steps=5, progress=False)
+    pre = train(base, BatchStream(mix, 16, tokenizer.pad_id), recipe)
+    set_trainable(base, False)
+    print(f"pretrained a tiny base in {time.perf_counter() - t0:.1f} s: loss {pre.losses[0]:.2f} → "
+          f"{pre.losses[-1]:.2f} (a seconds-long stand-in: expect little of it)")
+
+# %% [markdown]
+# ## 3. Every method, one loop
+#
+# Each method module has the same small API (`minift.methods.get_method(name)`: `Config`,
+# `apply(model, config, rng)`, `merge`), and S2FT has `apply_s2ft`; the training loop
+# `minift.train.train` trains whatever `trainable_parameters(model)` returns. The budgets are
+# matched: LoRA, PiSSA and SORSA at rank 4 on q, k, v, up, down, and S2FT with the heads and
+# channels `match_lora_budget` gives for that rank. SORSA adds its orthonormal regularizer through
+# the loop's gradient hook. Learning rates differ per method, as they do in the papers: adapters
+# with small initial updates need larger ones.
+
+# %%
+targets = ("q", "k", "v", "up", "down")
+steps = 30
+
+
+def make(name):
+    model = copy.deepcopy(base)
+    r = np.random.default_rng(1)
+    if name == "S2FT":
+        return apply_s2ft(model, match_lora_budget(model.config, rank=4), rng=r), [], 1e-2
+    if name == "full":
+        return get_method("full").apply(model, None, r), [], 2e-3
+    module = get_method(name.lower())
+    if name == "SORSA":
+        cfg = module.Config(r=4, targets=targets)
+        return module.apply(model, cfg, r), [gradient_hook(cfg)], 3e-3
+    cfg = module.Config(r=4, alpha=8.0, targets=targets)
+    return module.apply(model, cfg, r), [], 1e-2 if name == "LoRA" else 3e-3
+
+
+test_batch = collate([encode_example(tokenizer, ex.record) for ex in test], tokenizer.pad_id)
+
+
+def held_out(model):
+    """Mean loss on the test answers given their prompts, and greedy exact match."""
+    loss, _ = loss_and_grads(model, test_batch.tokens, test_batch.targets,
+                             attention_mask=test_batch.attention_mask)
+    answers = generate_answers(model, tokenizer, test, max_new_tokens=6)
+    return loss, exact_match(answers, test)
+
+
+before = held_out(base)
+results = {}
+for name in ("full", "LoRA", "PiSSA", "SORSA", "S2FT"):
+    model, hooks, lr = make(name)
+    n_params = sum(p.size for p in trainable_parameters(model).values())
+    memory = step_memory(model, [data.batch(0)]).step_peak_bytes  # lr = 0: measures, changes nothing
+    run = train(model, data, TrainConfig(steps=steps, lr=lr, schedule="cosine", warmup_steps=4,
+                                         progress=False), grad_hooks=hooks)
+    test_loss, accuracy = held_out(model)
+    results[name] = dict(params=n_params, loss=(run.losses[0], run.losses[-1]), seconds=run.wall_s,
+                         memory=memory, test_loss=test_loss, accuracy=accuracy, model=model)
+
+print(f"before fine-tuning: test loss {before[0]:.3f}, exact match {before[1]:.2f}")
+print(f"{'method':>6} {'trainable':>10} {'train loss':>15} {'step peak':>10} {'time':>7} "
+      f"{'test loss':>9} {'exact':>6}")
+for name, r in results.items():
+    print(f"{name:>6} {r['params']:>10} {r['loss'][0]:6.3f} → {r['loss'][1]:6.3f} "
+          f"{r['memory'] / 2**20:6.2f} MiB {r['seconds']:6.2f}s {r['test_loss']:9.3f} {r['accuracy']:6.2f}")
+
+# %% [markdown]
+# What the table shows at this scale (the assertions check what must hold on any machine):
+# every method learns — the training loss falls, and so does the loss on the *held-out*
+# answers; the four parameter-efficient methods train a few percent of what full fine-tuning
+# trains, at matched budgets; and S2FT's training step keeps the least memory. Exact match needs
+# more steps (and a better base than the seconds-long stand-in) before it moves off zero; accuracy
+# and time depend on the base, the seed and the machine: a real comparison uses several seeds and
+# proper evaluation splits (`minift.data.tasks.task_splits` has train, validation, test,
+# near-out-of-domain and retention splits for the embedded tasks).
+
+# %%
+for name, r in results.items():
+    assert r["loss"][1] < r["loss"][0], name
+    assert r["test_loss"] < before[0], name
+peft = {n: r["params"] for n, r in results.items() if n != "full"}
+assert max(peft.values()) < 0.2 * results["full"]["params"]
+assert max(peft.values()) < 1.2 * min(peft.values())  # matched budgets
+assert results["S2FT"]["memory"] < results["full"]["memory"]
+
+# %%
+try:
+    import matplotlib.pyplot as plt
+except ImportError:
+    plt = None
+if plt is not None:
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+    names = list(results)
+    axes[0].bar(names, [results[n]["memory"] / 2**20 for n in names])
+    axes[0].set_ylabel("training step peak (MiB)")
+    axes[1].bar(names, [results[n]["test_loss"] for n in names])
+    axes[1].set_ylabel("held-out answer loss")
+    fig.tight_layout()
+    fig.savefig("11_methods.png")
+    plt.close(fig)
+
+# %% [markdown]
+# ## 4. Ship the result
+#
+# Any method's result can be written as an ordinary Hugging Face checkpoint: `to_dense` folds
+# adapters into plain dense weights (for S2FT, after `unpermute` restores the original
+# coordinates), and `save_pretrained` writes the folder. It then loads anywhere a Llama loads —
+# in minift, or in transformers.
+
+# %%
+s2ft_model = unpermute(results["S2FT"]["model"])
+folder = save_pretrained(to_dense(s2ft_model), "upper-s2ft")
+print("wrote", sorted(p.name for p in folder.iterdir()))
+
+# %% [markdown]
+# ## Summary
+#
+# * Your data is a JSONL file; `encode_example` masks the prompt, `BatchStream` batches it.
+# * Every method is "apply, then the same training loop"; SORSA adds a gradient hook.
+# * Compare at matched budgets, and measure rather than guess: trainable parameters, step memory,
+#   time, and task accuracy.
+#
+# ## Exercises
+#
+# 1. **Plain text.** Write a `{"text": …}` JSONL file of a few sentences and fine-tune with LoRA;
+#    which tokens does the loss count now? (Look at `encode_example`'s labels.)
+# 2. **Where did it forget?** Evaluate the fine-tuned full-FT and S2FT models on a few held-out
+#    pretraining prompts (`minift.data.tasks.pretrain_heldout`) and compare with the base.
+# 3. **S2FT strategies.** Rerun S2FT with `strategy="activation", variant="small"` (the paper's best)
+#    using a few training batches as calibration data.
+#
+# Solutions: `tutorials/solutions/11_finetune_your_own_data.py`.

@@ -1,0 +1,112 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+# ---
+
+# %% [markdown]
+# # Solutions to tutorial 11 · Fine-tuning on your own data
+
+# %%
+import copy
+import itertools
+import json
+
+import numpy as np
+
+from minift import loss_and_grads, set_trainable
+from minift.data import BatchStream, collate, encode_example, read_jsonl
+from minift.data.tasks import pretrain_heldout, pretrain_stream, task_tokenizer
+from minift.methods import get_method
+from minift.methods.s2ft import S2FTConfig, apply_s2ft, unpermute
+from minift.model import init_model
+from minift.pretrain import BASE_CONFIG
+from minift.train import TrainConfig, train
+
+tokenizer = task_tokenizer()
+quick = dict(schedule="cosine", warmup_steps=2, progress=False)
+
+# %% [markdown]
+# ## 1. Plain text
+#
+# With `{"text": …}` every token is a target (BOS, text, EOS), so `labels == ids`; with
+# prompt/completion only the completion and EOS are.
+
+# %%
+with open("notes.jsonl", "w", encoding="utf-8") as f:
+    for line in ("the cat sat on the mat.", "a dog ran in the park.", "the sun is warm today."):
+        f.write(json.dumps({"text": line}) + "\n")
+text_examples = [encode_example(tokenizer, r) for r in read_jsonl("notes.jsonl")]
+assert all(e.labels == e.ids for e in text_examples)
+print("every token counts:", text_examples[0].labels[:8], "…")
+
+base = init_model(BASE_CONFIG.replace(hidden_size=48, intermediate_size=96, n_layers=2),
+                  np.random.default_rng(0))
+lora = get_method("lora")
+model = lora.apply(copy.deepcopy(base), lora.Config(r=4, alpha=8.0), np.random.default_rng(1))
+run = train(model, BatchStream(text_examples, 3, tokenizer.pad_id), TrainConfig(steps=25, lr=2e-2, **quick))
+print(f"LoRA on plain text: loss {run.losses[0]:.2f} → {run.losses[-1]:.2f}")
+assert run.losses[-1] < run.losses[0]
+
+# %% [markdown]
+# ## 2. Where did it forget?
+#
+# Measure the loss on held-out *pretraining* prompts before and after fine-tuning on a new skill.
+# Full fine-tuning moves every weight; S2FT moves a few columns, so its function can drift less
+# far from the base — the paper's argument for its better out-of-domain retention. At this
+# miniature scale the retention numbers are only indicative (run it with several seeds before
+# concluding anything); how much of the model changed is unambiguous.
+
+# %%
+mix = [encode_example(tokenizer, ex.record) for ex in itertools.islice(pretrain_stream(0), 512)]
+base = set_trainable(base)
+train(base, BatchStream(mix, 16, tokenizer.pad_id), TrainConfig(steps=30, lr=1e-2, **quick))
+set_trainable(base, False)
+words = ["ab", "cat", "dog", "sun", "map", "kite", "pen", "owl"] * 8
+upper = [encode_example(tokenizer, {"prompt": f"Q: upper {w}\nA: ", "completion": w.upper()}) for w in words]
+retention = collate([encode_example(tokenizer, ex.record) for ex in pretrain_heldout(0, 4)],
+                    tokenizer.pad_id)
+
+
+def retention_loss(model):
+    return loss_and_grads(model, retention.tokens, retention.targets,
+                          attention_mask=retention.attention_mask)[0]
+
+
+full = get_method("full").apply(copy.deepcopy(base), None, None)
+s2 = apply_s2ft(copy.deepcopy(base), S2FTConfig(heads=1, channels=8), rng=np.random.default_rng(0))
+for model in (full, s2):  # the same learning rate for both
+    train(model, BatchStream(upper, 16, tokenizer.pad_id), TrainConfig(steps=20, lr=3e-3, **quick))
+unpermute(s2)
+
+
+def entries_changed(model):
+    return sum(int((s1.dense_weight() != s0.weight).sum())
+               for b0, b1 in zip(base.blocks, model.blocks, strict=True)
+               for (_, s0), (_, s1) in zip(b0.slots(), b1.slots(), strict=True))
+
+
+print(f"retention loss: base {retention_loss(base):.3f}, full FT {retention_loss(full):.3f}, "
+      f"S2FT {retention_loss(s2):.3f}")
+print(f"projection entries changed: full FT {entries_changed(full)}, S2FT {entries_changed(s2)}")
+assert entries_changed(s2) < 0.1 * entries_changed(full)
+
+# %% [markdown]
+# ## 3. S2FT with small activations
+#
+# Activation scores need calibration batches of (tokens, targets); the "small" variant picks the
+# heads and channels whose inputs are smallest on them (the paper's best in Table 4).
+
+# %%
+data = BatchStream(upper, 16, tokenizer.pad_id)
+calib = [(data.batch(i).tokens, data.batch(i).targets) for i in range(2)]
+small = apply_s2ft(copy.deepcopy(base), S2FTConfig(heads=1, channels=8, strategy="activation",
+                                                   variant="small"), calib)
+print("selected (heads, channels) per layer:",
+      {i: (d["heads"], d["channels"]) for i, d in small.meta["s2ft"]["layers"].items()})
+run = train(small, data, TrainConfig(steps=20, lr=1e-2, **quick))
+print(f"S2FT-A (small): loss {run.losses[0]:.2f} → {run.losses[-1]:.2f}")
+assert run.losses[-1] < run.losses[0]
