@@ -86,7 +86,7 @@ print(len(records), "training records, e.g.", records[0])
 # %%
 tokenizer = task_tokenizer()
 examples = [encode_example(tokenizer, r) for r in records]
-data = BatchStream(examples, batch_size=16, pad_id=tokenizer.pad_id, seed=0)
+data = BatchStream(examples, batch_size=8, pad_id=tokenizer.pad_id, seed=0)
 print("one example:", examples[0].ids, "\nlabels:     ", examples[0].labels)
 
 # %% [markdown]
