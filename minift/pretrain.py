@@ -91,7 +91,8 @@ def pretrain(
     """
     tokenizer = task_tokenizer()
     model = set_trainable(init_model(BASE_CONFIG, np.random.default_rng(recipe.seed), std=recipe.init_std))
-    corpus = itertools.islice(pretrain_stream(recipe.seed, recipe.n_heldout), recipe.corpus_size)
+    n = min(recipe.corpus_size, recipe.steps * recipe.batch_size)  # a short run needs no bigger corpus
+    corpus = itertools.islice(pretrain_stream(recipe.seed, recipe.n_heldout), n)
     examples = [encode_example(tokenizer, ex.record) for ex in corpus]
     data = BatchStream(examples, recipe.batch_size, tokenizer.pad_id, seed=recipe.seed)
     probe = pretrain_heldout(recipe.seed, 10)
