@@ -64,10 +64,11 @@ def test_every_minift_name_the_script_mentions_exists(path):
 
 @pytest.mark.parametrize("path", LESSONS, ids=_id)
 def test_the_tutorial_opens_with_prose_and_ends_with_exercises_that_have_solutions(path):
-    text = path.read_text(encoding="utf-8")
-    cells = [c for c in re.split(r"^# %%", text, flags=re.MULTILINE)[1:]]
+    cells = re.split(r"^# %%", path.read_text(encoding="utf-8"), flags=re.MULTILINE)[1:]
     assert cells[0].startswith(" [markdown]"), "the first cell must be a markdown cell stating the goal"
-    assert re.search(r"^# ## Exercises", text, flags=re.MULTILINE), "an '## Exercises' section is missing"
+    assert "**Library functions explained here.**" in cells[0], "the opening cell must name them"
+    assert cells[-1].startswith(" [markdown]"), "the tutorial must end with its Exercises cell"
+    assert re.search(r"^# ## Exercises", cells[-1], flags=re.MULTILINE), "no '## Exercises' at the end"
     assert (TUTORIALS / "solutions" / path.name).exists(), f"solutions/{path.name} is missing"
 
 

@@ -108,6 +108,7 @@ base_logits, _ = model_forward(base, x_in, train=False)
 lora_cfg = LoRAConfig(r=2, alpha=4.0, targets=("q", "v", "down"))
 lora = apply_lora(copy.deepcopy(base), lora_cfg, rng=np.random.default_rng(2))
 print("scaling alpha / r =", lora_cfg.scaling, "; q slot:", type(lora.blocks[0].q).__name__)
+assert isinstance(lora.blocks[0].q, LowRankLinear)
 assert np.array_equal(model_forward(lora, x_in, train=False)[0], base_logits)
 n_lora = sum(p.size for p in trainable_parameters(lora).values())
 print(f"{n_lora} trainable parameters (dense q, v, down would be "
@@ -234,6 +235,3 @@ if plt is not None:
 #    still passes `check_grad` (use `lowrank_forward(..., mask=, p=)` directly).
 #
 # Solutions: `tutorials/solutions/06_lora_and_pissa.py`.
-
-# %%
-assert isinstance(lora.blocks[0].q, LowRankLinear)
