@@ -389,7 +389,29 @@ full fine-tuning, merged/ (a Hugging Face model folder).""",
     "pretrain": """examples:
   minift pretrain --out my-base                 the shipped model's recipe (about 20-30 minutes on 2 cores)
   minift pretrain --out tiny --steps 200        a quick, weaker base""",
+    "study": """examples:
+  minift study --out study          the default study (about 25 minutes on 2 cores); results.md, plots
+  minift study --quick              a smoke run in seconds (its numbers mean nothing)
+  minift study --seeds 5 --jobs 4   more seeds, on 4 cores""",
 }
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    """Measure the S2FT and SORSA papers' headline claims on the embedded base model and tasks."""
+    from minift.study import cmd_study as run_study
+
+    return run_study(args)
+
+
+def study_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="tiny splits, 4 steps, 2 seeds: a smoke run")
+    p.add_argument("--base", help="a Hugging Face model folder, or 'random' (default: the embedded base)")
+    p.add_argument("--out", metavar="DIR", help="write results.md, results.json and PNG plots into DIR")
+    p.add_argument("--json", metavar="FILE", help="write the whole report (every run) as JSON")
+    p.add_argument("--seeds", type=int, help="seeds per setting (default 3)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (default 150)")
+    p.add_argument("--jobs", type=int, help="worker processes (default: 2 cores at most; quick: 1)")
+
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "info": (cmd_info, "print versions, the array backend and the measured BLAS throughput"),
@@ -403,6 +425,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
         "write an adapter as a PEFT folder and/or the merged model as a Hugging Face folder",
     ),
     "pretrain": (cmd_pretrain, "rerun the embedded base model's pretraining recipe"),
+    "study": (cmd_study, "measure the S2FT and SORSA papers' claims in miniature (accuracy, OOD, SVD)"),
 }
 ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "bench": bench_arguments,
@@ -412,6 +435,7 @@ ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "generate": generate_arguments,
     "export": export_arguments,
     "pretrain": pretrain_arguments,
+    "study": study_arguments,
 }
 
 

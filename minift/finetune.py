@@ -53,6 +53,7 @@ class MethodSpec:
     strategy: str = "random"  # S2FT selection strategy
     gamma: float = 4e-4  # SORSA regularizer strength
     dropout: float = 0.0  # adapter dropout (LoRA/PiSSA/SORSA)
+    variant: str = "large"  # S2FT scored strategies: keep the "large" or the "small" end
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_NAMES:
@@ -86,13 +87,14 @@ def apply_method(
         return [sorsa.gradient_hook(config)]
     else:
         config = s2ft_method.match_lora_budget(
-            model.config, r, lora_targets=spec.targets, strategy=spec.strategy
+            model.config, r, lora_targets=spec.targets, strategy=spec.strategy, variant=spec.variant
         )
         if spec.heads is not None or spec.channels is not None:
             config = s2ft_method.S2FTConfig(
                 heads=config.heads if spec.heads is None else spec.heads,
                 channels=config.channels if spec.channels is None else spec.channels,
                 strategy=spec.strategy,  # type: ignore[arg-type]
+                variant=spec.variant,  # type: ignore[arg-type]
             )
         s2ft_method.apply_s2ft(model, config, calib, rng=rng)
     return []
