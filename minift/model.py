@@ -27,7 +27,7 @@ import numpy as np
 
 from minift.backend import Array, get_xp
 from minift.config import ModelConfig
-from minift.errors import ShapeError
+from minift.errors import DataError, ShapeError
 from minift.layers.attention import AttentionCache, attention_backward, attention_forward, causal_mask
 from minift.layers.cross_entropy import cross_entropy_backward, cross_entropy_forward
 from minift.layers.gelu import gelu_backward, gelu_forward
@@ -305,6 +305,11 @@ def model_forward(
     xp = get_xp(model.embed.weight)
     if tokens.ndim != 2:
         raise ShapeError(f"tokens must be (B, T), got shape {tokens.shape}")
+    # NOTE: an id outside [0, V) must fail here: NumPy reads E[−1] as the last row and CuPy does not
+    # check bounds at all, so the lookup itself would silently return a wrong embedding.
+    lo, hi = (int(tokens.min()), int(tokens.max())) if tokens.size else (0, 0)
+    if lo < 0 or hi >= c.vocab_size:
+        raise DataError(f"token ids must lie in [0, {c.vocab_size}), got ids from {lo} to {hi}")
     B, T = tokens.shape
     past = kv_cache.length if kv_cache is not None else 0
     if attention_mask is not None and attention_mask.shape != (B, past + T):

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from minift.backend import get_xp, to_xp
 from minift.config import ModelConfig, RopeScaling
+from minift.errors import MinIFTError, ShapeError
 from minift.layers.cross_entropy import IGNORE_INDEX, cross_entropy_forward
 from minift.model import (
     KVCache,
@@ -165,3 +166,20 @@ def test_the_kv_cache_forward_equals_the_full_forward(name):
     last, _ = model_forward(model, tokens[:, 3:], kv_cache=cache, train=False)
     assert cache.length == 4
     assert_close(np.concatenate([first, last], axis=1), full, rtol=1e-10, atol=1e-12, what="logits")
+
+
+@pytest.mark.parametrize(("tokens", "message"), [(np.array([[0, V]]), r"token ids must lie in \[0, 7\)"),
+                                                 (np.array([[-100, 1]]), "got ids from -100"),
+                                                 (np.array([1, 2]), r"tokens must be \(B, T\)")],
+                         ids=["id-V", "ignore-index-as-token", "one-dimensional"])
+def test_tokens_of_the_wrong_shape_or_outside_the_vocabulary_are_refused(tokens, message):
+    with pytest.raises(MinIFTError, match=message):
+        model_forward(_model(CONFIGS["gqa"]), tokens, train=False)
+
+
+def test_a_mask_or_targets_of_the_wrong_shape_are_refused():
+    model, (tokens, targets, mask) = _model(CONFIGS["gqa"]), _batch()
+    with pytest.raises(ShapeError, match=r"attention_mask must be \(B, P \+ T\)"):
+        model_forward(model, tokens, attention_mask=mask[:, 1:])
+    with pytest.raises(ShapeError, match="targets"):
+        loss_and_grads(model, tokens, targets[:, 1:])
