@@ -1,0 +1,213 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+# ---
+
+# %% [markdown]
+# # 12 · Checking your own implementation against the minift spec
+#
+# **What you will build.** A second, independent implementation of the low-rank methods (LoRA,
+# PiSSA, SORSA) written straight from the formulas — the kind you would write in another
+# framework — and the check that it is right: the minift *spec*, a set of Hypothesis properties
+# that state the methods' mathematics ("merging does not change the output", "the regularizer is
+# zero exactly for orthonormal factors", "block gradients equal the full gradient restricted to the
+# block") over a small documented interface. You will run them against your implementation, watch
+# them catch a plausible mistake with a shrunk counterexample, and use the exported test vectors,
+# which need no Python at all.
+#
+# **Prerequisites.** Tutorials 06–07 (LoRA, PiSSA, SORSA); 08–09 for the S2FT properties.
+#
+# **Library functions explained here.** `minift.spec.Implementation`, `minift.spec.PROPERTIES`,
+# `minift.spec.minift_impl.implementation`, `minift.spec.export.export_vectors`, and
+# `minift.safetensors_io.read_safetensors` (to read the vectors).
+
+# %%
+import json
+from pathlib import Path
+
+import numpy as np
+
+from minift.safetensors_io import read_safetensors
+from minift.spec import PROPERTIES
+from minift.spec.export import export_vectors
+from minift.spec.minift_impl import implementation as minift_impl
+
+# %% [markdown]
+# ## 1. The interface
+#
+# `minift.spec.Implementation` lists the operations the properties are written against. Every
+# argument is a float64 NumPy array; model weights use Hugging Face Llama names
+# (`model.layers.0.self_attn.o_proj.weight`) in the `[out, in]` layout, so an implementation in
+# PyTorch, JAX or C only needs a thin adapter. The properties, by name:
+
+# %%
+for name in PROPERTIES:
+    print(" ", name)
+
+# %% [markdown]
+# ## 2. A second implementation, from the formulas
+#
+# Here is the low-rank part, written without minift: each method exactly as its paper states it.
+# For the decoder and S2FT operations it delegates to minift's own implementation (writing a
+# decoder is tutorials 01–04).
+
+# %%
+class MyLowRank:
+    name = "my-low-rank"
+
+    def __getattr__(self, op):  # decoder and S2FT operations: borrowed from minift
+        return getattr(minift_impl, op)
+
+    def lora_forward(self, x, W, A, B, scaling):
+        return x @ W.T + scaling * (x @ A.T) @ B.T
+
+    def lora_merge(self, W, A, B, scaling):
+        return W + scaling * B @ A
+
+    def lora_unmerge(self, W, A, B, scaling):
+        return W - scaling * B @ A
+
+    def pissa_init(self, W, r, alpha):
+        s = alpha / r
+        U, sigma, Vt = np.linalg.svd(W, full_matrices=False)
+        root = np.sqrt(sigma[:r] / s)
+        A, B = root[:, None] * Vt[:r], U[:, :r] * root
+        return W - s * B @ A, A, B
+
+    def sorsa_split(self, W, r):
+        U, sigma, Vt = np.linalg.svd(W, full_matrices=False)
+        B, S, A = U[:, :r], sigma[:r], Vt[:r]
+        return W - (B * S) @ A, B, S, A
+
+    def sorsa_forward(self, x, W_res, B, S, A):
+        return x @ W_res.T + ((x @ A.T) * S) @ B.T
+
+    def sorsa_merge(self, W_res, B, S, A):
+        return W_res + (B * S) @ A
+
+    def sorsa_regularizer(self, factors):
+        terms, grads = [], []
+        for A, B in factors:
+            M, N = A @ A.T - np.eye(len(A)), B.T @ B - np.eye(B.shape[1])
+            nm, nn = np.linalg.norm(M), np.linalg.norm(N)
+            terms += [nm, nn]
+            grads.append((2 * M @ A / nm if nm else 0 * A, 2 * B @ N / nn if nn else 0 * B))
+        k = 2 * len(factors)
+        return float(sum(terms) / k), [(gA / k, gB / k) for gA, gB in grads]
+
+
+mine = MyLowRank()
+
+# %% [markdown]
+# ## 3. Run the properties against it
+#
+# Each property is a Hypothesis test `prop(impl)`: Hypothesis draws the shapes, seeds and scalings
+# (each property also has one hand-picked `@example`), and a failure raises with the *shrunk*
+# counterexample — the smallest input it could find that breaks the claim. The number of examples
+# is Hypothesis' active profile (100 by default; the test suite's profiles use fewer). On the
+# command line the same suite is
+#
+#     pytest --pyargs minift.spec --impl mypackage.adapter
+#
+# where `mypackage.adapter` exposes an `implementation` object.
+
+# %%
+low_rank = [n for n in PROPERTIES if n.startswith(("lora", "pissa", "sorsa"))]
+for name in low_rank:
+    PROPERTIES[name](mine)
+    print("passed:", name)
+
+# %% [markdown]
+# ## 4. A plausible mistake, caught
+#
+# The SORSA paper writes its regularizer with Frobenius norms; squaring them is a natural slip (the
+# squared norm is smoother and is what many regularizers use). The value and the gradient then
+# change — and the spec says so, naming the input that broke it. Here the property's own
+# hand-picked `@example` already fails; when only a generated input fails, Hypothesis first
+# shrinks it to a minimal one.
+
+# %%
+class SquaredNorms(MyLowRank):
+    def sorsa_regularizer(self, factors):
+        terms, grads = [], []
+        for A, B in factors:
+            M, N = A @ A.T - np.eye(len(A)), B.T @ B - np.eye(B.shape[1])
+            terms += [np.sum(M * M), np.sum(N * N)]
+            grads.append((4 * M @ A, 4 * B @ N))
+        k = 2 * len(factors)
+        return float(sum(terms) / k), [(gA / k, gB / k) for gA, gB in grads]
+
+
+try:
+    PROPERTIES["sorsa_regularizer_is_the_mean_of_unsquared_frobenius_norms"](SquaredNorms())
+    report = ""
+except AssertionError as e:  # Hypothesis attaches the shrunk input as a note on the exception
+    report = "\n".join([str(e), *getattr(e, "__notes__", [])])
+print(report)
+assert "regularizer" in report
+
+# %% [markdown]
+# Note what does *not* catch it: the squared version is also zero exactly for orthonormal
+# factors, and a finite-difference check of its gradient against its *own* value would pass too.
+# Only properties that state the definition — the value, and the gradient of the defined value —
+# tell the two apart, which is why the spec states definitions and not just invariants.
+
+# %%
+PROPERTIES["sorsa_regularizer_is_zero_exactly_for_orthonormal_factors"](SquaredNorms())
+print("the squared regularizer passes the zero-at-orthonormal property: invariants alone are not enough")
+
+# %% [markdown]
+# ## 5. Test vectors for any language
+#
+# `export_vectors(folder)` (also `minift spec export DIR`) writes each canonical case as
+# `arrays.safetensors` (float64 inputs and expected outputs) plus `case.json` (the property, the
+# scalars, the tolerance). Checking an implementation against them needs only a safetensors
+# reader. Here, the LoRA and SORSA-split cases against `MyLowRank`:
+
+# %%
+folders = export_vectors("spec-vectors")
+print(sorted(f.name for f in folders))
+case = json.loads(Path("spec-vectors/lora/case.json").read_text())
+arrays, _ = read_safetensors("spec-vectors/lora/arrays.safetensors")
+inp = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("input/")}
+s = case["scalars"]["scaling"]
+y = mine.lora_forward(inp["x"], inp["W"], inp["A"], inp["B"], s)
+np.testing.assert_allclose(y, arrays["expected/y"], rtol=case["rtol"])
+np.testing.assert_allclose(mine.lora_merge(inp["W"], inp["A"], inp["B"], s), arrays["expected/merged"],
+                           rtol=case["rtol"])
+
+case = json.loads(Path("spec-vectors/sorsa_split/case.json").read_text())
+arrays, _ = read_safetensors("spec-vectors/sorsa_split/arrays.safetensors")
+W_res, B, S, A = mine.sorsa_split(arrays["input/W"], case["scalars"]["r"])
+np.testing.assert_allclose(W_res, arrays["expected/W_res"], rtol=case["rtol"], atol=1e-12)
+np.testing.assert_allclose(S, arrays["expected/S"], rtol=case["rtol"])
+# singular vectors are unique up to sign: compare each rank-1 pair, B[:, i] A[i]
+for i in range(len(S)):
+    np.testing.assert_allclose(np.outer(B[:, i], A[i]),
+                               np.outer(arrays["expected/B"][:, i], arrays["expected/A"][i]), atol=1e-12)
+print("my implementation matches the exported vectors of", case["name"], "and lora")
+
+# %% [markdown]
+# ## Summary
+#
+# * The spec is a list of properties over a small interface of float64 arrays with Hugging Face
+#   names; any implementation can plug in with an adapter.
+# * Hypothesis explores shapes and seeds and shrinks failures to minimal counterexamples.
+# * State definitions as well as invariants: a squared regularizer satisfies the invariants and
+#   fails the definition.
+# * Exported vectors (safetensors + JSON) check implementations outside Python.
+#
+# ## Exercises
+#
+# 1. **Another slip.** Write a PiSSA that forgets to divide σ by the scaling (A = diag(√σ) Vᵀ,
+#    B = U diag(√σ)) and find which property catches it, and for which `alpha`.
+# 2. **The S2FT properties.** Run the co-permutation and block-gradient properties against
+#    minift's own implementation and time them. What do their configurations cover (MHA, GQA)?
+# 3. **The decoder case.** Load `spec-vectors/decoder_gqa` and check minift's `decoder_logits`
+#    against the expected logits using only the arrays and `case.json`.
+#
+# Solutions: `tutorials/solutions/12_checking_your_implementation.py`.

@@ -1,0 +1,79 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+# ---
+
+# %% [markdown]
+# # Solutions to tutorial 12 · Checking your implementation
+
+# %%
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from minift.safetensors_io import read_safetensors
+from minift.spec import PROPERTIES
+from minift.spec.export import export_vectors
+from minift.spec.minift_impl import implementation as minift_impl
+
+# %% [markdown]
+# ## 1. PiSSA without the division by the scaling
+#
+# With A = diag(√σ) Vᵀ and B = U diag(√σ), `W_res + s·B A = W` still holds (W_res is computed from
+# the factors), so the model is still unchanged at initialisation. But `s·B A = s · U_r Σ_r V_rᵀ`
+# is the principal part only when s = alpha / r = 1. The property that states "s·BA is the rank-r
+# truncated SVD" catches it for every alpha ≠ r. `prop.hypothesis.inner_test` runs a property on
+# one chosen input, without Hypothesis.
+
+# %%
+class NoDivision:
+    def pissa_init(self, W, r, alpha):
+        s = alpha / r
+        U, sigma, Vt = np.linalg.svd(W, full_matrices=False)
+        A, B = np.sqrt(sigma[:r])[:, None] * Vt[:r], U[:, :r] * np.sqrt(sigma[:r])
+        return W - s * B @ A, A, B
+
+
+prop = PROPERTIES["pissa_init_keeps_the_weight_and_adapts_its_principal_part"]
+prop.hypothesis.inner_test(NoDivision(), shape=(6, 5, 2), seed=0, alpha=2.0)  # s = 1: passes
+try:
+    prop.hypothesis.inner_test(NoDivision(), shape=(6, 5, 2), seed=0, alpha=4.0)  # s = 2
+    caught = ""
+except AssertionError as e:
+    caught = str(e)
+print("alpha = r passes; alpha = 2r fails with:", caught)
+assert "truncated SVD" in caught
+
+# %% [markdown]
+# ## 2. The S2FT properties
+#
+# Most draw their configurations from the `llama_configs` strategy of `minift.spec.properties`: H of 2
+# or 4 query heads with K of 1, 2 or 4 key/value heads (MHA, GQA and multi-query), head_dim equal
+# to C / H or not, and random selections of heads and channels per layer.
+
+# %%
+times = {}
+for name in [n for n in PROPERTIES if "permut" in n or "s2ft" in n]:
+    t0 = time.perf_counter()
+    PROPERTIES[name](minift_impl)
+    times[name] = time.perf_counter() - t0
+    print(f"{times[name]:6.2f} s  {name}")
+assert len(times) == 4
+
+# %% [markdown]
+# ## 3. The decoder vector
+
+# %%
+export_vectors("vectors")
+case = json.loads(Path("vectors/decoder_gqa/case.json").read_text())
+arrays, _ = read_safetensors("vectors/decoder_gqa/arrays.safetensors")
+weights = {k.removeprefix("input/weight/"): v for k, v in arrays.items() if k.startswith("input/weight/")}
+logits = minift_impl.decoder_logits(case["scalars"]["config"], weights, arrays["input/tokens"])
+np.testing.assert_allclose(logits, arrays["expected/logits"], rtol=case["rtol"], atol=1e-12)
+print("decoder_gqa: logits", logits.shape, "match the vector")
