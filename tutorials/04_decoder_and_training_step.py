@@ -39,7 +39,7 @@ from minift import (
 )
 from minift.layers.attention import attention_forward, causal_mask
 from minift.layers.cross_entropy import cross_entropy_backward, cross_entropy_forward
-from minift.layers.linear import linear_forward
+from minift.layers.linear import linear_backward_weight, linear_forward
 from minift.layers.rmsnorm import rmsnorm_forward
 from minift.layers.rope import rope_forward, rope_tables
 from minift.layers.swiglu import swiglu_forward
@@ -179,8 +179,7 @@ assert all(np.array_equal(again[k], grads[k]) for k in grads)
 
 # %% [markdown]
 # The clearest "used twice" case is a tied LM head: E is read by the embedding lookup at the
-# bottom and by the head `logits = x Eᵀ` at the top. Its gradient is the sum of both parts, and the
-# check passes only because `model_backward` adds them:
+# bottom and by the head `logits = x Eᵀ` at the top. Its gradient is the sum of both parts:
 
 # %%
 tied = set_trainable(init_model(config.replace(tie_word_embeddings=True), rng, dtype=np.float64, std=0.3))
@@ -188,6 +187,19 @@ E = tied.embed.weight
 check_grad(lambda E: loss_only(tied),
            lambda G, E: {"E": G * loss_and_grads(tied, inputs, targets)[1]["embed.weight"]}, {"E": E})
 print("tied embedding gradient = head part + lookup part: checked")
+
+# %% [markdown]
+# and the head part alone — what a backward that overwrote instead of summing would keep — fails
+# the same check:
+
+# %%
+logits, cache = model_forward(tied, inputs)
+_, ce = cross_entropy_forward(logits.reshape(B * T, -1), targets.reshape(-1))
+head_only = linear_backward_weight(cross_entropy_backward(ce), cache.x_final)  # dlogitsᵀ x_final
+bad = check_grad(lambda E: loss_only(tied), lambda G, E: {"E": G * head_only}, {"E": E},
+                 raise_on_failure=False)
+print(bad)
+assert not bad.ok
 
 # %% [markdown]
 # ## 4. A training step
@@ -208,7 +220,7 @@ x_in, y_out = seq[:, :-1], seq[:, 1:]
 losses = []
 for step in range(schedule.total_steps):
     loss, grads = loss_and_grads(model, x_in, y_out)
-    norm = clip_grad_norm(grads, max_norm=1.0)
+    clip_grad_norm(grads, max_norm=1.0)  # rescales grads in place; returns the norm before
     opt.step(grads, lr=schedule(step))
     losses.append(loss)
 print(f"loss {losses[0]:.3f} → {losses[-1]:.3f}; optimizer state {opt.state_bytes()} bytes")

@@ -120,8 +120,10 @@ for name, m in (("shuffle inside heads (RoPE)", m_a), ("move a head across group
     assert change > 1e-3
 
 # %% [markdown]
-# (Without RoPE, (a) would be harmless — q·k is invariant to the same permutation of both — and
-# with K = H, (b) would be too. The counterexamples are exactly the constraints.)
+# (Without RoPE, (a) would be harmless — q·k is invariant to the same permutation of both. And
+# with K = H, (b) is repaired by swapping the K and V rows of heads 0 and 3 as well; under GQA
+# those rows are shared with the other heads of each group, so no such repair exists. The
+# counterexamples are exactly the constraints.)
 #
 # ## 2. Selecting heads and channels
 #
