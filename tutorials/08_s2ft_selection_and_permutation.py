@@ -124,7 +124,18 @@ for name, m in (("shuffle inside heads (RoPE)", m_a), ("move a head across group
 # with K = H, (b) is repaired by swapping the K and V rows of heads 0 and 3 as well; under GQA
 # those rows are shared with the other heads of each group, so no such repair exists. The
 # counterexamples are exactly the constraints.)
-#
+
+# %%
+mha = init_model(config.replace(n_kv_heads=6), np.random.default_rng(7), dtype=np.float64, std=0.3)
+m_c = copy.deepcopy(mha)
+blk_c = m_c.blocks[0]
+blk_c.q.weight, blk_c.k.weight, blk_c.v.weight = (blk_c.q.weight[rows], blk_c.k.weight[rows],
+                                                  blk_c.v.weight[rows])
+blk_c.o.weight = blk_c.o.weight[:, rows]
+assert_close(logits_of(m_c), logits_of(mha), rtol=1e-11, atol=1e-12, what="MHA head swap with K, V")
+print("with K = H, swapping heads 0 and 3 in Q, K, V rows and O columns changes nothing")
+
+# %% [markdown]
 # ## 2. Selecting heads and channels
 #
 # `S2FTConfig(heads=…, channels=…)` asks for a fixed number of query heads and FFN channels **per
@@ -178,7 +189,6 @@ for new_pos, h0 in enumerate(layout.head_order):
 # and the inverse gather moves each value back untouched.
 
 # %%
-mha = init_model(config.replace(n_kv_heads=6), np.random.default_rng(7), dtype=np.float64, std=0.3)
 for model0 in (base, mha):
     reference = model_forward(model0, tokens, train=False)[0]
     for seed in range(12):
