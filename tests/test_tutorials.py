@@ -72,6 +72,16 @@ def test_the_tutorial_opens_with_prose_and_ends_with_exercises_that_have_solutio
     assert (TUTORIALS / "solutions" / path.name).exists(), f"solutions/{path.name} is missing"
 
 
+@pytest.mark.parametrize("path", LESSONS, ids=_id)
+def test_the_tutorial_opens_as_a_notebook_of_markdown_and_code_cells(path):
+    jupytext = pytest.importorskip("jupytext")
+    cells = jupytext.read(path).cells
+    kinds = {c.cell_type for c in cells}
+    assert kinds == {"markdown", "code"}, f"expected markdown and code cells, got {kinds}"
+    assert cells[0].cell_type == "markdown"
+    assert cells[-1].cell_type == "markdown"
+
+
 def test_the_name_checker_rejects_a_name_that_does_not_exist():
     with pytest.raises(AttributeError):
         _resolve("minift.testing.no_such_function")
