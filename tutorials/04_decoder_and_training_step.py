@@ -290,7 +290,8 @@ weights = sum(a.nbytes for a in trainable_parameters(full).values())
 print(f"weights: {weights / 2**20:.2f} MiB (float32)")
 for name, (cb, peak) in rows.items():
     print(f"{name:>22}: forward cache {cb / 2**20:6.2f} MiB, step peak {peak / 2**20:6.2f} MiB")
-assert rows["top block's down only"][1] < 0.5 * rows["full fine-tuning"][1]
+assert rows["top block's down only"][1] < 0.6 * rows["full fine-tuning"][1]
+assert rows["top block's down only"][0] < 0.5 * rows["full fine-tuning"][0]
 
 # %% [markdown]
 # With only the top block trainable, the three lower blocks run in inference mode and keep
