@@ -101,8 +101,9 @@ print(f"outputs at positions ≤ {t} are bit-identical after changing the future
 
 # %% [markdown]
 # Masked scores are set to −∞, not to a "very negative" number. A finite fill value works until
-# the real scores are as large as it is — which happens with large activations, or in low
-# precision where −1e4 is close to the most negative float16. Then the future leaks in:
+# the real scores are as large as it is — which happens with large activations, and sooner in
+# float16, whose range ends at ±65504 so that the fill cannot be made much larger. Then the
+# future leaks in:
 
 # %%
 def attention_with_finite_mask(q, k, v, fill):
