@@ -21,11 +21,9 @@
 # `minift.model_forward`, `minift.model_backward`, `minift.loss_and_grads`, `minift.set_trainable`,
 # `minift.trainable_parameters`, `minift.model.Block`, `minift.model.ModelCache`,
 # `minift.slots.Dense`, `minift.optim.AdamW`, `minift.optim.Schedule`,
-# `minift.optim.clip_grad_norm`.
+# `minift.optim.clip_grad_norm`, `minift.measure.step_memory`.
 
 # %%
-import tracemalloc
-
 import numpy as np
 
 from minift import (
@@ -37,12 +35,14 @@ from minift import (
     set_trainable,
     trainable_parameters,
 )
+from minift.data import Batch
 from minift.layers.attention import attention_forward, causal_mask
 from minift.layers.cross_entropy import cross_entropy_backward, cross_entropy_forward
 from minift.layers.linear import linear_backward_weight, linear_forward
 from minift.layers.rmsnorm import rmsnorm_forward
 from minift.layers.rope import rope_forward, rope_tables
 from minift.layers.swiglu import swiglu_forward
+from minift.measure import step_memory
 from minift.optim import AdamW, Schedule, clip_grad_norm
 from minift.testing import assert_close, check_grad
 
@@ -232,8 +232,9 @@ assert params["blocks.0.q.weight"] is model.blocks[0].q.weight  # updated in pla
 #
 # A training step needs, besides the weights: the **cache** the forward keeps for the backward
 # (activations), the **gradients**, and the **optimizer state**. Python's `tracemalloc` sees every
-# NumPy allocation, so the peak of a step is a measured, reproducible number (weights excluded
-# here: they exist before the step starts).
+# NumPy allocation, so the peak of a step is a measured, reproducible number:
+# `minift.measure.step_memory` runs one full step (forward, backward, clipping, AdamW) under it
+# and reports the weights, the optimizer state, and the step's peak *above* both.
 #
 # First, look inside the cache. It is a tree of NamedTuples; the same array can appear in several
 # places (q, k and v all keep the *same* normalised input h), so count each array once.
@@ -262,17 +263,6 @@ def cache_bytes(model):
     return sum(a.nbytes for a in arrays_in(cache).values())
 
 
-def step_peak(model):
-    """Peak bytes allocated during loss_and_grads (weights already exist and are not counted)."""
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    before = tracemalloc.get_traced_memory()[0]
-    loss_and_grads(model, xb, yb)
-    peak = tracemalloc.get_traced_memory()[1] - before
-    tracemalloc.stop()
-    return peak
-
-
 full = set_trainable(init_model(big, np.random.default_rng(3)))
 top_only = init_model(big, np.random.default_rng(3))  # frozen everywhere …
 top_only.blocks[-1].down.requires_grad = True  # … except the top block's down projection
@@ -282,14 +272,14 @@ _, top_cache = model_forward(top_only, xb)
 print("blocks with a cache, full FT :", [c is not None for c in full_cache.blocks])
 print("blocks with a cache, top only:", [c is not None for c in top_cache.blocks])
 
-rows = {
-    "full fine-tuning": (cache_bytes(full), step_peak(full)),
-    "top block's down only": (cache_bytes(top_only), step_peak(top_only)),
-}
-weights = sum(a.nbytes for a in trainable_parameters(full).values())
-print(f"weights: {weights / 2**20:.2f} MiB (float32)")
+batch = Batch(xb, yb, np.ones_like(xb))
+models = {"full fine-tuning": full, "top block's down only": top_only}
+reports = {name: step_memory(m, [batch]) for name, m in models.items()}  # lr = 0: weights unchanged
+rows = {name: (cache_bytes(m), reports[name].step_peak_bytes) for name, m in models.items()}
+print(f"weights: {reports['full fine-tuning'].weights_bytes / 2**20:.2f} MiB (float32)")
 for name, (cb, peak) in rows.items():
-    print(f"{name:>22}: forward cache {cb / 2**20:6.2f} MiB, step peak {peak / 2**20:6.2f} MiB")
+    print(f"{name:>22}: forward cache {cb / 2**20:5.2f} MiB, step peak {peak / 2**20:5.2f} MiB, "
+          f"AdamW state {reports[name].optimizer_bytes / 2**20:5.2f} MiB")
 assert rows["top block's down only"][1] < 0.6 * rows["full fine-tuning"][1]
 assert rows["top block's down only"][0] < 0.5 * rows["full fine-tuning"][0]
 

@@ -11,11 +11,11 @@
 # # Solutions to tutorial 04 · The decoder and a training step
 
 # %%
-import tracemalloc
-
 import numpy as np
 
 from minift import ModelConfig, init_model, loss_and_grads, model_forward, set_trainable
+from minift.data import Batch
+from minift.measure import step_memory
 from minift.optim import accumulate_gradients
 from minift.testing import assert_close
 
@@ -87,10 +87,7 @@ assert any(".attn.p" in path for path, _ in largest)  # the attention probabilit
 peaks = {}
 for T in (16, 32, 64, 128):
     x = np.random.default_rng(4).integers(0, 256, size=(2, T + 1))
-    tracemalloc.start()
-    loss_and_grads(full, x[:, :-1], x[:, 1:])
-    peaks[T] = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
+    peaks[T] = step_memory(full, [Batch(x[:, :-1], x[:, 1:], np.ones_like(x[:, :-1]))]).step_peak_bytes
     print(f"T = {T:>3}: step peak {peaks[T] / 2**20:6.2f} MiB")
 growth = [peaks[2 * T] / peaks[T] for T in (16, 32, 64)]
 print("growth per doubling of T:", np.round(growth, 2), "(2 = linear, 4 = quadratic)")
