@@ -325,6 +325,10 @@ def model_forward(
         rope = (rope[0].astype(x.dtype), rope[1].astype(x.dtype))
     else:
         assert model.pos_embed is not None
+        n_pos = model.pos_embed.weight.shape[0]
+        if positions.size and int(positions.max()) >= n_pos:  # the lookup would fail or wrap silently
+            raise ShapeError(f"position {int(positions.max())} is past the {n_pos} learned positions "
+                             "(max_position_embeddings): shorten the sequence")
         x = x + model.pos_embed.forward(positions)
     x = x.reshape(B * T, -1)  # (N, C)
     allowed = causal_mask(T, past + T, attention_mask, xp=xp)
