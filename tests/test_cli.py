@@ -266,3 +266,16 @@ def test_exporting_an_s2ft_adapter_to_peft_is_refused_in_one_line(files, tmp_pat
         capsys,
     )
     assert_one_line_error(code, err, "--merged")
+
+
+def test_the_quick_demo_prints_one_row_per_method_and_writes_its_results(tmp_path, capsys):
+    code, out, err = run(["demo", "--quick", "--out", tmp_path, "--no-progress"], capsys)
+    assert code == 0, err
+    table = out[out.index("method ") :]
+    for method in ("base", "full", "lora", "pissa", "sorsa", "s2ft"):
+        assert f"\n{method} " in table
+    report = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["method"]: r for r in report["rows"]}
+    assert rows["lora"]["trainable_parameters"] == rows["pissa"]["trainable_parameters"]
+    assert abs(rows["s2ft"]["trainable_parameters"] / rows["lora"]["trainable_parameters"] - 1) < 0.05
+    assert len(rows["full"]["losses"]) == report["config"]["steps"]
