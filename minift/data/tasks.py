@@ -365,15 +365,16 @@ def generate_answers(
 
 
 def perplexity(
-    model: Model, tokenizer: Tokenizer, examples: list[TaskExample], *, batch_size: int = 64
+    model: Model, tokenizer: Tokenizer, records: list[dict[str, str]], *, batch_size: int = 64
 ) -> float:
-    """exp of the mean cross-entropy over answer tokens and EOS, given the prompts."""
+    """exp of the mean cross-entropy over the tokens the records train on: a completion and its EOS
+    given the prompt (``{"prompt", "completion"}``), or every token (``{"text"}``); for a task
+    example pass ``example.record``."""
     xp = get_xp(model.embed.weight)
     total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
+    for start in range(0, len(records), batch_size):
         batch = collate(
-            [encode_example(tokenizer, ex.record) for ex in examples[start : start + batch_size]],
-            tokenizer.pad_id,
+            [encode_example(tokenizer, r) for r in records[start : start + batch_size]], tokenizer.pad_id
         )
         logits, _ = model_forward(
             model, xp.asarray(batch.tokens), attention_mask=xp.asarray(batch.attention_mask), train=False
