@@ -47,15 +47,16 @@ class GradReport:
 def numerical_grad(loss: Callable[[], float], x: Array, eps: float = 1e-6) -> np.ndarray:
     """Central differences (L(x + εe_i) − L(x − εe_i)) / 2ε for every entry of x, perturbed in place."""
     grad = np.zeros(x.shape, dtype=np.float64)
-    flat = x.reshape(-1)  # a view: perturbing it perturbs x
-    for i in range(flat.size):
-        old = flat[i].item()
-        flat[i] = old + eps
+    # Index x itself, not x.reshape(-1): for a non-contiguous view (an S2FT block W[:, :s]) reshape
+    # makes a copy, and perturbing the copy would leave the forward unchanged (a zero gradient).
+    for idx in np.ndindex(*x.shape):
+        old = x[idx].item()
+        x[idx] = old + eps
         plus = loss()
-        flat[i] = old - eps
+        x[idx] = old - eps
         minus = loss()
-        flat[i] = old
-        grad.reshape(-1)[i] = (plus - minus) / (2 * eps)
+        x[idx] = old
+        grad[idx] = (plus - minus) / (2 * eps)
     return grad
 
 

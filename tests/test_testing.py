@@ -1,6 +1,7 @@
 """minift.testing is the checker every gradient spec relies on, so it is specified too: check_grad
 passes a right backward and catches a wrong one (even a wrong input gradient alone, and a missing
-gradient), refuses float32, and assert_close reports a table of the worst entries.
+gradient), perturbs non-contiguous views in place, refuses float32, and assert_close reports a table
+of the worst entries.
 """
 
 from __future__ import annotations
@@ -38,6 +39,15 @@ def test_check_grad_catches_a_wrong_input_gradient(rng, wrong):
     assert [c.rel_error > report.tol for c in report.checks] == [True, False]
     with pytest.raises(AssertionError, match="<-- FAIL"):
         check_grad(_forward, wrong, args)
+
+
+def test_check_grad_perturbs_a_non_contiguous_view_in_place(rng):
+    w, x = rng.standard_normal((3, 4)), rng.standard_normal((2, 4))
+    block = w[:, :2]  # a column block: a view, not contiguous (S2FT's trainable arrays look like this)
+    report = check_grad(lambda block: x @ w.T, lambda G, block: {"block": (G.T @ x)[:, :2]}, {"block": block},
+                        raise_on_failure=False)
+    assert report.checks[0].norm > 0  # the forward saw the perturbation
+    assert report.ok
 
 
 def test_check_grad_refuses_float32_arrays():
