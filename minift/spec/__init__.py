@@ -5,12 +5,9 @@ Implement the operations of ``minift.spec.interface.Implementation`` in a module
 
     pytest --pyargs minift.spec --impl mypackage.adapter
 
-Each property that fails prints Hypothesis' shrunk counterexample. minift itself is the built-in
+Each property that fails prints Hypothesis' counterexample. minift itself is the built-in
 implementation (``minift.spec.minift_impl``); ``minift spec export DIR`` writes the same cases as
-language-agnostic test vectors. Tutorial: tutorials/12_checking_your_implementation.py.
+language-agnostic test vectors. The properties live in ``minift.spec.properties`` and are imported
+only when used: Hypothesis binds a property's settings when it is defined, so the active profile
+must be loaded first (and the pytest plugin, imported by every pytest run, stays light).
 """
-
-from minift.spec.interface import Implementation
-from minift.spec.properties import PROPERTIES
-
-__all__ = ["PROPERTIES", "Implementation"]
