@@ -21,9 +21,10 @@
 #
 # **Prerequisites.** Tutorials 06–07 (LoRA, PiSSA, SORSA); 08–09 for the S2FT properties.
 #
-# **Library functions explained here.** `minift.spec.Implementation`, `minift.spec.PROPERTIES`,
-# `minift.spec.minift_impl.implementation`, `minift.spec.export.export_vectors`, and
-# `minift.safetensors_io.read_safetensors` (to read the vectors).
+# **Library functions explained here.** `minift.spec.interface.Implementation`,
+# `minift.spec.properties.PROPERTIES`, `minift.spec.minift_impl.implementation`,
+# `minift.spec.export.export_vectors`, and `minift.safetensors_io.read_safetensors` (to read the
+# vectors).
 
 # %%
 import json
@@ -32,14 +33,14 @@ from pathlib import Path
 import numpy as np
 
 from minift.safetensors_io import read_safetensors
-from minift.spec import PROPERTIES
 from minift.spec.export import export_vectors
 from minift.spec.minift_impl import implementation as minift_impl
+from minift.spec.properties import PROPERTIES
 
 # %% [markdown]
 # ## 1. The interface
 #
-# `minift.spec.Implementation` lists the operations the properties are written against. Every
+# `minift.spec.interface.Implementation` lists the operations the properties are written against. Every
 # argument is a float64 NumPy array; model weights use Hugging Face Llama names
 # (`model.layers.0.self_attn.o_proj.weight`) in the `[out, in]` layout, so an implementation in
 # PyTorch, JAX or C only needs a thin adapter. The properties, by name:

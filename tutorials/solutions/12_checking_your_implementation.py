@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from minift.safetensors_io import read_safetensors
-from minift.spec import PROPERTIES
 from minift.spec.export import export_vectors
 from minift.spec.minift_impl import implementation as minift_impl
+from minift.spec.properties import PROPERTIES
 
 # %% [markdown]
 # ## 1. PiSSA without the division by the scaling
