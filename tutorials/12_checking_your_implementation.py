@@ -109,8 +109,9 @@ mine = MyLowRank()
 # Each property is a Hypothesis test `prop(impl)`: Hypothesis draws the shapes, seeds and scalings
 # (each property also has one hand-picked `@example`), and a failure raises with the *shrunk*
 # counterexample — the smallest input it could find that breaks the claim. The number of examples
-# is Hypothesis' active profile (100 by default; the test suite's profiles use fewer). On the
-# command line the same suite is
+# comes from the Hypothesis profile active when `minift.spec.properties` is first imported (100
+# by default; load a profile before that import to change it). On the command line the same
+# suite is
 #
 #     pytest --pyargs minift.spec --impl mypackage.adapter
 #
