@@ -61,7 +61,7 @@ import numpy as np
 from minift.backend import get_xp
 from minift.data.datasets import BatchStream, encode_example
 from minift.data.tasks import TaskSplits, evaluate, perplexity, task_splits, task_tokenizer
-from minift.errors import ConfigError
+from minift.errors import ConfigError, TrainingError
 from minift.finetune import MethodSpec, apply_method, save_adapter, trainable_count
 from minift.hub import load_pretrained, model_state, save_pretrained
 from minift.methods.lora import low_rank_slots
@@ -178,12 +178,13 @@ class RunResult:
     trainable: int  # trainable parameters
     losses: list[float]  # training loss per step
     validation: float  # exact match on the validation split
-    validation_ppl: float
+    validation_ppl: float | None  # None when the run diverged
     test: float  # in-domain exact match
     near_ood: float
     retention: dict[str, float]  # exact match on held-out pretraining prompts: "all" and per skill
     svd: list[tuple[int, float, float]]  # (step, ΔΣ, ΔD), means over the target projections
     wall_s: float
+    diverged: str | None = None  # why training stopped; such a run has no losses and scores zero
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -262,13 +263,29 @@ def execute(spec: RunSpec, base: Model, config: StudyConfig, adapter_dir: Path |
         progress=False,
     )
     record = None if traj is None else (lambda m, step: traj.record(m, step))
-    result = train(model, data, train_config, eval_fn=record, grad_hooks=hooks)
+    try:
+        losses = train(model, data, train_config, eval_fn=record, grad_hooks=hooks).losses
+    except (TrainingError, np.linalg.LinAlgError) as e:  # non-finite loss or weights (SVD of inf)
+        # a learning rate too high for the method: the run scores zero and the sweep goes on
+        return RunResult(
+            spec,
+            trainable_count(model),
+            [],
+            0.0,
+            None,
+            0.0,
+            0.0,
+            {"all": 0.0},
+            [],
+            time.perf_counter() - t0,
+            diverged=str(e),
+        )
     if spec.keep and adapter_dir is not None:
         save_adapter(model, adapter_dir / spec.key)
     return RunResult(
         spec=spec,
         trainable=trainable_count(model),
-        losses=[float(x) for x in result.losses],
+        losses=[float(x) for x in losses],
         validation=evaluate(model, tok, data_splits.validation)["all"],
         validation_ppl=perplexity(model, tok, [ex.record for ex in data_splits.validation]),
         test=evaluate(model, tok, data_splits.test)["all"],
@@ -341,10 +358,10 @@ class Runner:
         out = []
         for r in results:
             out.append(r)
+            loss = "diverged" if r.diverged else f"loss {r.losses[-1]:.3f}"
             self.log(
                 f"  {r.spec.key:<44} val {r.validation:6.1%}  test {r.test:6.1%}  near-OOD "
-                f"{r.near_ood:6.1%}  retention {r.retention['all']:6.1%}  loss {r.losses[-1]:.3f}  "
-                f"({r.wall_s:.0f} s)"
+                f"{r.near_ood:6.1%}  retention {r.retention['all']:6.1%}  {loss}  ({r.wall_s:.0f} s)"
             )
         return out
 
@@ -354,8 +371,12 @@ class Runner:
 
 
 def choose_lr(results: Sequence[RunResult]) -> float:
-    """The learning rate of the best run by validation exact match, then validation perplexity."""
-    return min(results, key=lambda r: (-r.validation, r.validation_ppl)).spec.lr
+    """The learning rate of the best run by validation exact match, then validation perplexity; runs
+    that diverged are never chosen."""
+    ok = [r for r in results if not r.diverged]
+    if not ok:
+        raise TrainingError(f"study: {results[0].spec.name} diverged at every learning rate of its grid")
+    return min(ok, key=lambda r: (-r.validation, r.validation_ppl)).spec.lr
 
 
 def _seeds(config: StudyConfig, first: int = 0) -> range:
@@ -530,7 +551,7 @@ def _row(runs: Sequence[RunResult], config: StudyConfig) -> dict[str, Any]:
         "test": asdict(Stat.of(r.test for r in runs)),
         "near_ood": asdict(Stat.of(r.near_ood for r in runs)),
         "retention": asdict(Stat.of(r.retention["all"] for r in runs)),
-        "final_loss": asdict(Stat.of(smoothed(r.losses, config.smooth)[-1] for r in runs)),
+        "final_loss": asdict(Stat.of(smoothed(r.losses, config.smooth)[-1] for r in runs if r.losses)),
     }
 
 
@@ -546,13 +567,16 @@ def summarize(
         ablation[name] = _row(_group(final, name, task), config)
     sorsa_names = ("full", "lora", "pissa", "sorsa", "sorsa-gamma0")
     sorsa_runs = {m: _group(final, m, task) for m in sorsa_names}
-    target = max(smoothed(r.losses, config.smooth)[-1] for runs in sorsa_runs.values() for r in runs)
+    curves = [smoothed(r.losses, config.smooth) for runs in sorsa_runs.values() for r in runs if r.losses]
+    target = max(c[-1] for c in curves)
     sorsa_rows = {}
     for m, runs in sorsa_runs.items():
         row = _row(runs, config)
-        row["steps_to_target"] = asdict(Stat.of(steps_to(r.losses, target, config.smooth) for r in runs))  # type: ignore[misc]
-        row["delta_sigma"] = asdict(Stat.of(r.svd[-1][1] for r in runs))
-        row["delta_d"] = asdict(Stat.of(r.svd[-1][2] for r in runs))
+        # every run reaches the target, the highest final smoothed loss, at its last step at the latest
+        steps = [steps_to(r.losses, target, config.smooth) for r in runs if r.losses]
+        row["steps_to_target"] = asdict(Stat.of(s for s in steps if s is not None))
+        row["delta_sigma"] = asdict(Stat.of(r.svd[-1][1] for r in runs if r.svd))
+        row["delta_d"] = asdict(Stat.of(r.svd[-1][2] for r in runs if r.svd))
         sorsa_rows[m] = row
     fusion_rows = {}
     for kind in ("lora", "s2ft-overlapping", "s2ft-disjoint"):
@@ -792,6 +816,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             ],
         ),
         "",
+        *_diverged_note(report),
         "## Claims",
         "",
         "A claim is *reproduced* when the measured difference is in the claimed direction and larger than "
@@ -804,6 +829,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _diverged_note(report: dict[str, Any]) -> list[str]:
+    runs = [r for r in report["final_runs"] + report["sweep_runs"] if r["diverged"]]
+    if not runs:
+        return []
+    keys = ", ".join(sorted({RunSpec(**r["spec"]).key for r in runs}))
+    return [f"Diverged (exact match counted as zero; no loss or SVD statistics): {keys}.", ""]
 
 
 def _ablation_label(name: str) -> str:
@@ -840,7 +873,9 @@ def write_plots(report: dict[str, Any], folder: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in t["sorsa"]:
-        curves = [smoothed(r.losses, cfg["smooth"]) for r in _group(runs, m, cfg["task"])]
+        curves = [smoothed(r.losses, cfg["smooth"]) for r in _group(runs, m, cfg["task"]) if r.losses]
+        if not curves:
+            continue
         ax.plot(
             range(1, len(curves[0]) + 1),
             [statistics.fmean(c) for c in zip(*curves, strict=True)],
@@ -858,7 +893,9 @@ def write_plots(report: dict[str, Any], folder: Path) -> list[Path]:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in t["sorsa"]:
-        curves = [r.svd for r in _group(runs, m, cfg["task"])]
+        curves = [r.svd for r in _group(runs, m, cfg["task"]) if r.svd]
+        if not curves:
+            continue
         ax.plot(
             [statistics.fmean(c[j][1] for c in curves) for j in range(len(curves[0]))],
             [statistics.fmean(c[j][2] for c in curves) for j in range(len(curves[0]))],

@@ -13,7 +13,7 @@ import pytest
 
 from minift.cli import main
 from minift.config import ModelConfig
-from minift.errors import ConfigError
+from minift.errors import ConfigError, TrainingError
 from minift.hub import save_pretrained
 from minift.model import init_model
 from minift.study import (
@@ -166,3 +166,14 @@ def test_a_missing_base_model_folder_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "nowhere" in err
     assert "Traceback" not in err
+
+
+def test_a_diverging_run_is_flagged_evaluated_and_never_chosen_as_the_learning_rate(tiny):
+    diverged = execute(RunSpec("full", "shift", 1e12, 0), tiny, QUICK)
+    assert diverged.diverged is not None
+    assert "diverged" in diverged.diverged
+    assert diverged.losses == []
+    fine = _result("full", 1e-3, 0.0, 50.0)
+    assert choose_lr([diverged, fine]) == 1e-3
+    with pytest.raises(TrainingError, match="every learning rate"):
+        choose_lr([diverged])
