@@ -29,7 +29,7 @@ from minift.backend import Array, get_xp
 from minift.config import ModelConfig
 from minift.errors import DataError, ShapeError
 from minift.layers.attention import AttentionCache, attention_backward, attention_forward, causal_mask
-from minift.layers.cross_entropy import cross_entropy_backward, cross_entropy_forward
+from minift.layers.cross_entropy import IGNORE_INDEX, cross_entropy_backward, cross_entropy_forward
 from minift.layers.gelu import gelu_backward, gelu_forward
 from minift.layers.linear import linear_backward_input, linear_backward_weight, linear_forward
 from minift.layers.rope import rope_backward, rope_forward, rope_tables
@@ -482,6 +482,10 @@ def loss_and_grads(
     """
     if targets.shape != tokens.shape:
         raise ShapeError(f"targets {targets.shape} must have the shape of tokens {tokens.shape}")
+    bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= model.config.vocab_size))
+    if bool(bad.any()):  # the loss's lookup would fail, or wrap silently on CuPy
+        raise DataError(f"targets must be token ids in [0, {model.config.vocab_size}) or {IGNORE_INDEX} "
+                        f"(ignored), got {int(targets[bad][0])}")
     logits, cache = model_forward(model, tokens, attention_mask=attention_mask, rng=rng)
     B, T, V = logits.shape
     loss, ce = cross_entropy_forward(logits.reshape(B * T, V), targets.reshape(-1))

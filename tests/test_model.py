@@ -5,8 +5,9 @@ Properties: the forward equals a naive float64 reference written from the raw we
 configs covering GQA, tied embeddings, attention/MLP biases (Llama q,k,v,o and Qwen2 q,k,v only),
 linear and llama3 RoPE, head_dim ≠ C/H and GPT-2; padding changes no unmasked logit; float32 in gives
 float32 logits and gradients; inputs are not mutated; the backward is idempotent; the KV-cache forward
-equals the full forward; token ids outside [0, V), arrays of the wrong shape and sequences longer than
-GPT-2's learned positions are refused with a MinIFTError instead of a wrong (or wrapped) lookup.
+equals the full forward; token ids (and targets other than −100) outside [0, V), arrays of the wrong
+shape and sequences longer than GPT-2's learned positions are refused with a MinIFTError instead of a
+wrong (or wrapped) lookup.
 """
 
 from __future__ import annotations
@@ -184,6 +185,14 @@ def test_a_mask_or_targets_of_the_wrong_shape_are_refused():
         model_forward(model, tokens, attention_mask=mask[:, 1:])
     with pytest.raises(ShapeError, match="targets"):
         loss_and_grads(model, tokens, targets[:, 1:])
+
+
+@pytest.mark.parametrize("bad", [V, -1])
+def test_targets_outside_the_vocabulary_other_than_the_ignore_index_are_refused(bad):
+    model, (tokens, targets, _) = _model(CONFIGS["gqa"]), _batch()
+    targets[1, 2] = bad
+    with pytest.raises(MinIFTError, match=rf"in \[0, 7\) or -100 \(ignored\), got {bad}$"):
+        loss_and_grads(model, tokens, targets)
 
 
 def test_a_gpt2_sequence_longer_than_its_learned_positions_is_refused():
