@@ -53,18 +53,22 @@ def attention_forward(q: Array, k: Array, v: Array, allowed: Array) -> tuple[Arr
     """
     xp = get_xp(q)
     B, H, T, D = q.shape
-    K = k.shape[1]
+    K, S = k.shape[1], k.shape[2]
     G = H // K
     scale = D**-0.5
     q5 = q.reshape(B, K, G, T, D)
-    scores = (q5 @ k[:, :, None].swapaxes(-1, -2)) * scale  # (B, K, G, T, S)
-    scores = xp.where(allowed, scores, -xp.inf)
+    # The G query heads of a group are stacked as G·T rows, so each kv head is one (G·T, D) × (D, S)
+    # matmul; the 5-D views are only for the mask, which broadcasts over K and G.
+    scores = (q5.reshape(B, K, G * T, D) @ k.swapaxes(-1, -2)).reshape(B, K, G, T, S)
+    # In place from here on: scores is a fresh temporary, and p reuses its memory.
+    scores *= scale
+    xp.copyto(scores, -xp.inf, where=~allowed)
     m = scores.max(axis=-1, keepdims=True)
-    m = xp.where(xp.isfinite(m), m, 0.0)  # fully masked rows: exp(−inf − 0) = 0
-    e = xp.exp(scores - m)
-    denom = e.sum(axis=-1, keepdims=True)
-    p = e / xp.where(denom == 0, 1.0, denom)  # (B, K, G, T, S)
-    out = p @ v[:, :, None]  # (B, K, G, T, D)
+    scores -= xp.where(xp.isfinite(m), m, 0.0)  # fully masked rows: exp(−inf − 0) = 0
+    p = xp.exp(scores, out=scores)
+    denom = p.sum(axis=-1, keepdims=True)
+    p /= xp.where(denom == 0, 1.0, denom)  # (B, K, G, T, S)
+    out = p.reshape(B, K, G * T, S) @ v  # (B, K, G·T, D)
     return out.reshape(B, H, T, D), AttentionCache(q5, k, v, p, scale)
 
 
@@ -80,11 +84,14 @@ def attention_backward(dout: Array, cache: AttentionCache) -> tuple[Array, Array
     """
     q5, k, v, p, scale = cache
     B, K, G, T, D = q5.shape
-    dout5 = dout.reshape(B, K, G, T, D)
-    dv = (p.swapaxes(-1, -2) @ dout5).sum(axis=2)  # (B, K, S, D)
-    dp = dout5 @ v[:, :, None].swapaxes(-1, -2)  # (B, K, G, T, S)
-    ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+    S = k.shape[2]
+    p = p.reshape(B, K, G * T, S)  # the G heads of a group stacked, as in the forward
+    dout = dout.reshape(B, K, G * T, D)
+    dv = p.swapaxes(-1, -2) @ dout  # (B, K, S, D): the matmul sums over the G heads
+    ds = dout @ v.swapaxes(-1, -2)  # dp (B, K, G·T, S), turned into ds in place
+    ds -= (ds * p).sum(axis=-1, keepdims=True)
+    ds *= p
     ds *= scale
-    dq = ds @ k[:, :, None]  # (B, K, G, T, D)
-    dk = (ds.swapaxes(-1, -2) @ q5).sum(axis=2)  # (B, K, S, D)
+    dq = ds @ k  # (B, K, G·T, D)
+    dk = ds.swapaxes(-1, -2) @ q5.reshape(B, K, G * T, D)  # (B, K, S, D)
     return dq.reshape(B, K * G, T, D), dk, dv
