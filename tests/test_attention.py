@@ -1,7 +1,8 @@
 """Causal grouped-query attention: out = softmax(q kᵀ / √D, masked) v, query head h reading kv head
 h // (H/K) (hf_formats.md §3, §4.3, §4.5).
 
-Properties: matches the naive per-query reference (GQA, padding, cached keys); dq, dk, dv match
+Properties: the mask lets query i (at absolute position S − T + i) see the non-padding keys j ≤ S − T + i;
+the forward matches the naive per-query reference (GQA, padding, cached keys); dq, dk, dv match
 finite differences; the output at t does not depend on tokens after t; GQA with K = H is plain
 multi-head attention, and GQA equals MHA on repeat_interleaved keys and values (with dk, dv summed
 over the group); masked padding keys change no output; a query with no visible key gives zeros, not
@@ -17,6 +18,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from minift.backend import to_numpy
 from minift.layers.attention import attention_backward, attention_forward, causal_mask
 from minift.testing import assert_close, check_grad
 from tests import reference as ref
@@ -30,6 +32,16 @@ def _qkv(rng, B, H, K, T, S, D, scale=1.0):
 
 def _attend(q, k, v, key_mask=None):
     return attention_forward(q, k, v, causal_mask(q.shape[2], k.shape[2], key_mask))[0]
+
+
+def test_causal_mask_lets_query_i_see_key_j_iff_j_is_at_most_its_position_and_not_padding(xp):
+    T, S = 3, 5  # two cached positions: query i sits at absolute position 2 + i
+    key_mask = np.array([[1, 1, 1, 1, 1], [0, 1, 1, 0, 1]])
+    allowed = causal_mask(T, S, xp.asarray(key_mask), xp=xp)
+    assert allowed.shape == (2, 1, 1, T, S)
+    expected = np.array([[[j <= 2 + i and key_mask[b, j] == 1 for j in range(S)] for i in range(T)]
+                         for b in range(2)])
+    np.testing.assert_array_equal(to_numpy(allowed)[:, 0, 0], expected)
 
 
 @pytest.mark.parametrize(("H", "K", "T", "S"), [(2, 2, 4, 4), (4, 2, 4, 4), (3, 1, 2, 5)])

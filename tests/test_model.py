@@ -1,13 +1,14 @@
 """The whole decoder (Llama family and GPT-2), forward and hand-written backward composed from layers/.
 
-Properties: the forward equals a naive float64 reference written from the raw weights (hf_formats.md
-§3, §6.4); the gradient of the loss matches finite differences for every trainable parameter, on tiny
-configs covering GQA, tied embeddings, attention/MLP biases (Llama q,k,v,o and Qwen2 q,k,v only),
-linear and llama3 RoPE, head_dim ≠ C/H and GPT-2; padding changes no unmasked logit; float32 in gives
-float32 logits and gradients; inputs are not mutated; the backward is idempotent; the KV-cache forward
-equals the full forward; token ids (and targets other than −100) outside [0, V), arrays of the wrong
-shape and sequences longer than GPT-2's learned positions are refused with a MinIFTError instead of a
-wrong (or wrapped) lookup.
+Properties: the forward equals a naive float64 reference written from the raw weights (hf_formats.md §3,
+§6.4); the gradient of the loss matches finite differences for every trainable parameter, on tiny
+configs covering GQA, tied embeddings, attention/MLP biases (Llama q,k,v,o and Qwen2 q,k,v only), linear
+and llama3 RoPE, head_dim ≠ C/H and GPT-2; padding changes no unmasked logit, and left padding with
+ignored targets changes neither the loss nor the gradients; the float32 forward agrees with the float64
+one to float32 precision; float32 in gives float32 logits and gradients; inputs are not mutated; the
+backward is idempotent; the KV-cache forward equals the full forward; token ids (and targets other than
+−100) outside [0, V), arrays of the wrong shape and sequences longer than GPT-2's learned positions are
+refused with a MinIFTError instead of a wrong (or wrapped) lookup.
 """
 
 from __future__ import annotations
@@ -61,12 +62,12 @@ def _model(config: ModelConfig, seed: int = 0, dtype=np.float64, xp=np):
     return model
 
 
-def _batch(seed: int = 0, B: int = 2, T: int = 4):
-    """Tokens, shifted targets with an ignored one, and a mask with left padding in row 1."""
+def _batch(seed: int = 0):
+    """(B, T) = (2, 4) tokens, shifted targets with an ignored one, and a mask with left padding in row 1."""
     rng = np.random.default_rng(seed)
-    tokens, targets = rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))
+    tokens, targets = rng.integers(0, V, (2, 4)), rng.integers(0, V, (2, 4))
     targets[0, 0] = IGNORE_INDEX
-    mask = np.ones((B, T), dtype=np.int64)
+    mask = np.ones((2, 4), dtype=np.int64)
     mask[1, 0] = 0
     targets[1, 0] = IGNORE_INDEX
     return tokens, targets, mask
@@ -123,8 +124,31 @@ def test_padding_changes_no_unmasked_logit(config, n_pad, pad_id, seed):
                             attention_mask=np.concatenate([zeros, ones], axis=1), train=False)
     right, _ = model_forward(model, np.concatenate([tokens, pad], axis=1),
                              attention_mask=np.concatenate([ones, zeros], axis=1), train=False)
+    assert np.isfinite(left).all()  # padding queries see no key at all: zeros, not NaN
     assert_close(left[:, n_pad:], alone, rtol=1e-10, atol=1e-12, what="left-padded logits")
     assert_close(right[:, :3], alone, rtol=1e-10, atol=1e-12, what="right-padded logits")
+
+
+@pytest.mark.parametrize("name", ["gqa", "gpt2"])
+def test_left_padding_with_ignored_targets_changes_neither_the_loss_nor_the_gradients(name):
+    model, (tokens, targets, _) = _model(CONFIGS[name]), _batch()
+    tokens, targets = tokens[:1], targets[:1]
+    loss, grads = loss_and_grads(model, tokens, targets)
+    padded_tokens = np.concatenate([np.zeros((1, 2), dtype=tokens.dtype), tokens], axis=1)
+    padded_targets = np.concatenate([np.full((1, 2), IGNORE_INDEX), targets], axis=1)
+    mask = np.concatenate([np.zeros((1, 2)), np.ones((1, 4))], axis=1).astype(np.int64)
+    loss_p, grads_p = loss_and_grads(model, padded_tokens, padded_targets, attention_mask=mask)
+    assert abs(loss_p - loss) <= 1e-12
+    for key in grads:
+        assert_close(grads_p[key], grads[key], rtol=1e-9, atol=1e-12, what=key)
+
+
+@pytest.mark.parametrize("name", ["gqa", "gpt2"])
+def test_the_float32_forward_agrees_with_the_float64_forward_to_float32_precision(name):
+    tokens = _batch()[0]
+    logits64, _ = model_forward(_model(CONFIGS[name]), tokens, train=False)
+    logits32, _ = model_forward(_model(CONFIGS[name], dtype=np.float32), tokens, train=False)
+    assert_close(logits32, logits64, rtol=1e-4, atol=1e-5, what="float32 logits")
 
 
 @pytest.mark.parametrize("name", ["gqa", "gpt2"])
