@@ -21,12 +21,6 @@ def activations(shape: tuple[int, ...], *, bound: float = 4.0, dtype=np.float64)
 
 
 @st.composite
-def shapes_BTC(draw, *, max_B: int = 2, max_T: int = 6, max_C: int = 8) -> tuple[int, int, int]:
-    """(B, T, C)."""
-    return (draw(st.integers(1, max_B)), draw(st.integers(1, max_T)), draw(st.integers(1, max_C)))
-
-
-@st.composite
 def attention_shapes(draw, *, max_T: int = 5) -> tuple[int, int, int, int, int, int]:
     """(B, H, K, T, S, D) with K dividing H and S ≥ T (S − T cached positions)."""
     K = draw(st.integers(1, 2))
