@@ -41,6 +41,29 @@ def test_rope_forward_matches_the_naive_pairwise_rotation(xp, rng, scaling):
     assert_close(y, expected, rtol=1e-6, atol=1e-6, what="y")
 
 
+@given(D=st.sampled_from([2, 4, 8, 64, 128]), theta=st.sampled_from([10.0, 1e4, 5e5, 1e6]),
+       scaling=rope_scalings())
+@example(D=128, theta=5e5, scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192))  # Llama 3.1
+@example(D=64, theta=5e5, scaling=RopeScaling("llama3", 32.0, 1.0, 4.0, 8192))  # Llama 3.2
+def test_inv_freq_matches_a_float64_transcription_of_hugging_face_to_float32_precision(D, theta, scaling):
+    inv = rope_inv_freq(D, theta, scaling)
+    assert inv.dtype == np.float32
+    assert inv.shape == (D // 2,)
+    # θ^(2j/D) in float32 is exp(e·ln θ) with e rounded to float32: ~ulp·ln θ ≈ 1e-6 relative.
+    assert_close(inv, ref.rope_inv_freq(D, theta, scaling), rtol=1e-5, atol=0, what="inv_freq")
+
+
+def test_rope_tables_are_float32_cos_and_sin_of_position_times_inv_freq_duplicated():
+    positions = np.array([[0, 1, 7]])
+    cos, sin = rope_tables(positions, 6, 100.0, LLAMA3)
+    assert cos.dtype == sin.dtype == np.float32
+    assert cos.shape == (1, 1, 3, 6)
+    phi = positions[0, :, None] * ref.rope_inv_freq(6, 100.0, LLAMA3)  # (T, D/2)
+    phi = np.concatenate([phi, phi], axis=-1)
+    assert_close(cos[0, 0], np.cos(phi), rtol=0, atol=1e-6, what="cos")
+    assert_close(sin[0, 0], np.sin(phi), rtol=0, atol=1e-6, what="sin")
+
+
 def test_rope_backward_gives_the_finite_difference_gradient_of_x(rng):
     cos, sin = _tables([[0, 1, 2], [4, 2, 7]], 6)
     check_grad(lambda x: rope_forward(x, cos, sin), lambda G, x: {"x": rope_backward(G, cos, sin)},
@@ -77,29 +100,6 @@ def test_rope_backward_is_the_rotation_by_minus_phi(dy, p):
     assert_close(rope_backward(dy, cos, sin), rope_forward(dy, cos, -sin), rtol=1e-12, atol=1e-12, what="dx")
     assert_close(rope_backward(rope_forward(dy, cos, sin), cos, sin), dy, rtol=3e-7, atol=1e-12,
                  what="R(−φ) R(φ) dy")  # the identity to float32 precision of cos² + sin²
-
-
-@given(D=st.sampled_from([2, 4, 8, 64, 128]), theta=st.sampled_from([10.0, 1e4, 5e5, 1e6]),
-       scaling=rope_scalings())
-@example(D=128, theta=5e5, scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192))  # Llama 3.1
-@example(D=64, theta=5e5, scaling=RopeScaling("llama3", 32.0, 1.0, 4.0, 8192))  # Llama 3.2
-def test_inv_freq_matches_a_float64_transcription_of_hugging_face_to_float32_precision(D, theta, scaling):
-    inv = rope_inv_freq(D, theta, scaling)
-    assert inv.dtype == np.float32
-    assert inv.shape == (D // 2,)
-    # θ^(2j/D) in float32 is exp(e·ln θ) with e rounded to float32: ~ulp·ln θ ≈ 1e-6 relative.
-    assert_close(inv, ref.rope_inv_freq(D, theta, scaling), rtol=1e-5, atol=0, what="inv_freq")
-
-
-def test_rope_tables_are_float32_cos_and_sin_of_position_times_inv_freq_duplicated():
-    positions = np.array([[0, 1, 7]])
-    cos, sin = rope_tables(positions, 6, 100.0, LLAMA3)
-    assert cos.dtype == sin.dtype == np.float32
-    assert cos.shape == (1, 1, 3, 6)
-    phi = positions[0, :, None] * ref.rope_inv_freq(6, 100.0, LLAMA3)  # (T, D/2)
-    phi = np.concatenate([phi, phi], axis=-1)
-    assert_close(cos[0, 0], np.cos(phi), rtol=0, atol=1e-6, what="cos")
-    assert_close(sin[0, 0], np.sin(phi), rtol=0, atol=1e-6, what="sin")
 
 
 def test_rope_keeps_float32(xp, rng):
