@@ -489,7 +489,9 @@ def loss_and_grads(
     logits, cache = model_forward(model, tokens, attention_mask=attention_mask, rng=rng)
     B, T, V = logits.shape
     loss, ce = cross_entropy_forward(logits.reshape(B * T, V), targets.reshape(-1))
+    del logits  # the backward needs only the probabilities in ce: free the (B, T, V) logits now
     if cache is None or not trainable_parameters(model):
         return loss, {}
     dlogits = cross_entropy_backward(ce, loss_scale).reshape(B, T, V)
+    del ce  # nor the probabilities, once dlogits exists
     return loss, model_backward(model, dlogits, cache)

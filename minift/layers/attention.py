@@ -59,9 +59,9 @@ def attention_forward(q: Array, k: Array, v: Array, allowed: Array) -> tuple[Arr
     q5 = q.reshape(B, K, G, T, D)
     # The G query heads of a group are stacked as G·T rows, so each kv head is one (G·T, D) × (D, S)
     # matmul; the 5-D views are only for the mask, which broadcasts over K and G.
-    scores = (q5.reshape(B, K, G * T, D) @ k.swapaxes(-1, -2)).reshape(B, K, G, T, S)
+    # The scale goes on q (T·D values) rather than on the scores (T·S values).
+    scores = ((q5 * scale).reshape(B, K, G * T, D) @ k.swapaxes(-1, -2)).reshape(B, K, G, T, S)
     # In place from here on: scores is a fresh temporary, and p reuses its memory.
-    scores *= scale
     xp.copyto(scores, -xp.inf, where=~allowed)
     m = scores.max(axis=-1, keepdims=True)
     scores -= xp.where(xp.isfinite(m), m, 0.0)  # fully masked rows: exp(−inf − 0) = 0
@@ -82,16 +82,18 @@ def attention_backward(dout: Array, cache: AttentionCache) -> tuple[Array, Array
     Shapes:
         dout: (B, H, T, D)   returns dq: (B, H, T, D), dk, dv: (B, K, S, D)
     """
+    xp = get_xp(dout)
     q5, k, v, p, scale = cache
     B, K, G, T, D = q5.shape
     S = k.shape[2]
     p = p.reshape(B, K, G * T, S)  # the G heads of a group stacked, as in the forward
     dout = dout.reshape(B, K, G * T, D)
     dv = p.swapaxes(-1, -2) @ dout  # (B, K, S, D): the matmul sums over the G heads
-    ds = dout @ v.swapaxes(-1, -2)  # dp (B, K, G·T, S), turned into ds in place
-    ds -= (ds * p).sum(axis=-1, keepdims=True)
+    ds = dout @ v.swapaxes(-1, -2)  # dp (B, K, G·T, S), turned into ds / scale in place
+    ds -= xp.einsum("...s,...s->...", ds, p)[..., None]  # Σ_j dp ⊙ p without an (…, S) temporary
     ds *= p
-    ds *= scale
     dq = ds @ k  # (B, K, G·T, D)
+    dq *= scale  # the scale goes on dq and dk (T·D values each) rather than on ds
     dk = ds.swapaxes(-1, -2) @ q5.reshape(B, K, G * T, D)  # (B, K, S, D)
+    dk *= scale
     return dq.reshape(B, K * G, T, D), dk, dv

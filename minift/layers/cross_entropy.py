@@ -29,12 +29,13 @@ def cross_entropy_forward(logits: Array, targets: Array) -> tuple[float, CrossEn
     """
     xp = get_xp(logits)
     shifted = logits - logits.max(axis=-1, keepdims=True)  # NOTE: row max keeps exp from overflowing
-    e = xp.exp(shifted)
-    sum_e = e.sum(axis=-1, keepdims=True)  # (N, 1)
-    probs = e / sum_e
     counted = targets != IGNORE_INDEX
     safe_targets = xp.where(counted, targets, 0)
     picked = xp.take_along_axis(shifted, safe_targets[:, None], axis=-1)[:, 0]  # (N,)
+    # exp and the normalisation in place: (N, V) is the largest array of the step
+    probs = xp.exp(shifted, out=shifted)
+    sum_e = probs.sum(axis=-1, keepdims=True)  # (N, 1)
+    probs /= sum_e
     nll = (xp.log(sum_e[:, 0]) - picked) * counted
     count = int(counted.sum())
     loss = float(nll.sum()) / max(count, 1)

@@ -23,7 +23,9 @@ def rmsnorm_forward(x: Array, w: Array, eps: float) -> tuple[Array, RMSNormCache
     """
     xp = get_xp(x)
     rstd = 1.0 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + eps)  # (N, 1)
-    return x * rstd * w, RMSNormCache(x, rstd)
+    y = x * rstd
+    y *= w  # in place: one (N, C) temporary instead of two
+    return y, RMSNormCache(x, rstd)
 
 
 def rmsnorm_backward(dy: Array, cache: RMSNormCache, w: Array) -> tuple[Array, Array]:
@@ -38,6 +40,7 @@ def rmsnorm_backward(dy: Array, cache: RMSNormCache, w: Array) -> tuple[Array, A
     x, rstd = cache
     xhat = x * rstd  # (N, C)
     dw = (dy * xhat).sum(axis=0)
-    g = dy * w
-    dx = rstd * (g - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+    dx = dy * w  # g, turned into dx in place (it is a fresh temporary)
+    dx -= xhat * (dx * xhat).mean(axis=-1, keepdims=True)
+    dx *= rstd
     return dx, dw

@@ -14,7 +14,10 @@ class SwiGLUCache(NamedTuple):
 
 def _sigmoid(z: Array) -> Array:
     # NOTE: 0.5·(1 + tanh(z/2)) never overflows, unlike 1 / (1 + exp(−z)) for very negative z.
-    return 0.5 * (1.0 + get_xp(z).tanh(0.5 * z))
+    s = get_xp(z).tanh(0.5 * z)
+    s += 1.0  # in place on the fresh tanh: (N, F) temporaries are what these element-wise ops cost
+    s *= 0.5
+    return s
 
 
 def swiglu_forward(g: Array, u: Array) -> tuple[Array, SwiGLUCache]:
@@ -23,17 +26,26 @@ def swiglu_forward(g: Array, u: Array) -> tuple[Array, SwiGLUCache]:
     Shapes:
         g, u: (N, F)   returns h: (N, F)
     """
-    return g * _sigmoid(g) * u, SwiGLUCache(g, u)
+    h = _sigmoid(g)
+    h *= g
+    h *= u
+    return h, SwiGLUCache(g, u)
 
 
 def swiglu_backward(dh: Array, cache: SwiGLUCache) -> tuple[Array, Array]:
-    """Return (dg, du):  du = dh ⊙ silu(g),  dg = dh ⊙ u ⊙ σ(g)(1 + g(1 − σ(g))).
+    """Return (dg, du):  du = dh ⊙ silu(g),  dg = dh ⊙ u ⊙ silu'(g),
+    silu'(g) = σ(g)(1 + g(1 − σ(g))) = σ(g) + silu(g)(1 − σ(g)).
 
     Shapes:
         dh: (N, F)   returns dg, du: (N, F)
     """
     g, u = cache
     s = _sigmoid(g)
-    du = dh * g * s
-    dg = dh * u * s * (1.0 + g * (1.0 - s))
+    silu = g * s
+    du = dh * silu
+    dg = 1.0 - s  # built up in place into dg = dh ⊙ u ⊙ (σ + silu·(1 − σ))
+    dg *= silu
+    dg += s
+    dg *= u
+    dg *= dh
     return dg, du
