@@ -444,7 +444,10 @@ def machine_info(blas_gflops: float) -> dict[str, Any]:
         "cpu": platform.processor() or platform.machine(),
         "python": platform.python_version(),
         "numpy": np.__version__,
-        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE"),
+        # the BLAS and PyTorch thread counts and the OpenBLAS kernel follow these when they are set
+        "env": {
+            k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE")
+        },
     }
     try:
         from threadpoolctl import threadpool_info

@@ -1,0 +1,94 @@
+"""``minift bench``: the --quick smoke run, the JSON report's schema, and the step-FLOP count.
+
+No timing is asserted anywhere: timings depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from minift.bench import METHODS, QUICK, available_methods, prepare_model, ratios, step_flops
+from minift.cli import main
+from minift.model import init_model, set_trainable
+
+RESULT_KEYS = {"impl", "method", "step_seconds", "peak_bytes", "trainable_params", "tokens_per_second", "mfu"}
+RATIO_KEYS = {
+    "s2ft/full_time",
+    "s2ft/full_memory",
+    "s2ft/lora_time",
+    "s2ft/lora_memory",
+    "minift/torch_full_time",
+    "minift/torch_lora_time",
+}
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory) -> dict:
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    assert main(["bench", "--quick", "--steps", "1", "--warmup", "0", "--json", str(path)]) == 0
+    return json.loads(path.read_text())
+
+
+def test_quick_bench_writes_machine_config_results_and_ratios(quick_report):
+    assert quick_report["machine"]["cores"] >= 1
+    assert quick_report["machine"]["blas_gflops"] > 0
+    assert (quick_report["config"]["batch"], quick_report["config"]["seq"]) == (QUICK.batch, QUICK.seq)
+    assert set(quick_report["ratios"]) >= RATIO_KEYS
+    for record in quick_report["results"]:
+        assert set(record) >= RESULT_KEYS
+        assert min(record["step_seconds"], record["mfu"], record["trainable_params"]) > 0
+        assert record["tokens_per_second"] == pytest.approx(QUICK.batch * QUICK.seq / record["step_seconds"])
+
+
+def test_every_installed_method_is_measured_and_every_other_is_reported_missing(quick_report):
+    measured = {r["method"] for r in quick_report["results"] if r["impl"] == "minift"}
+    found = available_methods()
+    assert measured == {m for m in METHODS if found[m]}
+    assert set(quick_report["missing"]) == {m for m in METHODS if not found[m]}
+    for record in quick_report["results"]:
+        if record["impl"] == "minift":
+            assert record["peak_bytes"] > 0
+
+
+def test_a_ratio_is_the_quotient_of_its_two_records_or_none_when_one_is_missing(quick_report):
+    by = {(r["impl"], r["method"]): r for r in quick_report["results"]}
+    got = quick_report["ratios"]["s2ft/full_time"]
+    if ("minift", "s2ft") in by:
+        assert got == pytest.approx(
+            by["minift", "s2ft"]["step_seconds"] / by["minift", "full"]["step_seconds"]
+        )
+    else:
+        assert got is None
+    assert ratios([])["minift/torch_full_time"] is None
+
+
+def test_full_fine_tuning_step_costs_three_forwards_of_matmuls():
+    c = QUICK.config
+    model = set_trainable(init_model(c, np.random.default_rng(0)))
+    N, T = QUICK.batch * QUICK.seq, QUICK.seq
+    D, F, C = c.head_dim, c.intermediate_size, c.hidden_size
+    per_layer = (
+        2 * N * C * (2 * c.n_heads * D + 2 * c.n_kv_heads * D + 3 * F)
+        + 4 * QUICK.batch * c.n_heads * T * T * D
+    )
+    forward = c.n_layers * per_layer + 2 * N * C * c.vocab_size
+    assert step_flops(model, QUICK.batch, QUICK.seq) == 3 * forward
+
+
+def test_a_frozen_model_step_costs_one_forward_and_s2ft_lies_between_one_and_three():
+    c = QUICK.config
+    frozen = init_model(c, np.random.default_rng(0))
+    forward = step_flops(frozen, QUICK.batch, QUICK.seq)
+    full = step_flops(set_trainable(init_model(c, np.random.default_rng(0))), QUICK.batch, QUICK.seq)
+    assert full == 3 * forward
+    if available_methods()["s2ft"]:
+        s2ft = step_flops(prepare_model("s2ft", QUICK, 0)[0], QUICK.batch, QUICK.seq)
+        assert forward < s2ft < full
+
+
+def test_an_unknown_method_is_a_one_line_error(capsys):
+    assert main(["bench", "--quick", "--methods", "dora"]) == 2
+    assert "dora" in capsys.readouterr().err
