@@ -72,10 +72,10 @@ print("allowed[0, 0, 0] =\n", allowed[0, 0, 0].astype(int))
 # ### How the library avoids the head loop and the copy
 #
 # Hugging Face implements GQA by *repeating* each key/value head G times (`repeat_kv`) and then
-# running ordinary multi-head attention. minift instead views the queries as (B, K, G, T, D):
-# the G query heads of a group sit in their own axis, and one batched matmul per group reads the
-# group's single key/value head through broadcasting. No copy of K or V is made. The two are the
-# same function:
+# running ordinary multi-head attention. minift instead groups the queries by key/value head:
+# the G query heads of a group are stacked as G·T rows, (B, K, G·T, D), so that one batched
+# matmul per group reads the group's single key/value head. No copy of K or V is made. The two
+# are the same function:
 
 # %%
 k_rep = np.repeat(k, G, axis=1)  # (B, H, T, D): what repeat_kv builds
@@ -192,9 +192,10 @@ def attn_grads(Gup, q, k, v):
 print(check_grad(attn, attn_grads, {"q": q.copy(), "k": k.copy(), "v": v.copy()}))
 
 # %% [markdown]
-# (The naive backward accumulates with `+=` into buffers it allocated itself; the library's
-# backward gets the same group sum from `.sum(axis=2)` over the G axis of its (B, K, G, T, S) view,
-# and returns fresh arrays — calling it twice gives the same answer.)
+# (The naive backward accumulates with `+=` into buffers it allocated itself. The library's
+# backward gets the same group sum for free: with the G heads stacked as G·T rows,
+# `dv = pᵀ dout` and `dk = dsᵀ q` contract over all G·T rows at once, which *is* the sum over
+# the group. And it returns fresh arrays — calling it twice gives the same answer.)
 #
 # The gradient respects causality too: an upstream gradient on position t alone reaches only the
 # keys and values at positions ≤ t.
