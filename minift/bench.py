@@ -419,10 +419,11 @@ def format_result(r: Result) -> str:
 
 
 def scaling_sizes(base: BenchSize) -> list[tuple[str, BenchSize]]:
-    """The base size varied along one axis at a time: width C (heads of 64, F ≈ 2.69 C) and length T."""
+    """The base size varied along one axis at a time: width C (heads of 64, F ≈ 2.69 C) halved and
+    ×1.5, and length T halved and doubled. The base point itself is the report's ``results``."""
     c = base.config
     out = []
-    for C in (c.hidden_size // 2, c.hidden_size, c.hidden_size * 3 // 2):
+    for C in (c.hidden_size // 2, c.hidden_size * 3 // 2):
         H = max(1, C // 64)
         cfg = c.replace(
             hidden_size=C,
