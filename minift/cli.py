@@ -246,11 +246,11 @@ def _model_arguments(p: argparse.ArgumentParser, *, adapter: bool = True) -> Non
 
 
 def demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", choices=("shift", "min"), help="the fine-tuning task (default shift)")
+    p.add_argument("--task", choices=("min", "shift"), help="the fine-tuning task (default min)")
     p.add_argument(
         "--methods", nargs="+", choices=("full", "lora", "pissa", "sorsa", "s2ft"), help="default: all five"
     )
-    p.add_argument("--steps", type=int, help="training steps per method (default 120)")
+    p.add_argument("--steps", type=int, help="training steps per method (default 300)")
     p.add_argument("--rank", type=int, help="the matched budget: LoRA rank on every projection (default 4)")
     p.add_argument(
         "--out",
@@ -363,8 +363,8 @@ def pretrain_arguments(p: argparse.ArgumentParser) -> None:
 
 EXAMPLES = {
     "demo": """examples:
-  minift demo                      all five methods on the 'shift' task, about 3 minutes on 2 cores
-  minift demo --task min --methods lora s2ft
+  minift demo                      all five methods on the "min" task, 1-2 minutes on 2 cores
+  minift demo --task shift --methods lora s2ft --steps 600
   minift demo --quick              a smoke run in seconds""",
     "finetune": """examples:
   minift finetune --data train.jsonl --method lora --rank 8 --out runs/lora

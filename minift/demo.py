@@ -33,19 +33,20 @@ from minift.measure import step_memory
 from minift.model import Model
 from minift.train import TrainConfig, train
 
-# Per-method peak learning rates for the embedded model: full FT and S2FT move the weights
-# themselves, the low-rank methods move small factors and take larger steps (as in the papers).
-LEARNING_RATES = {"full": 1e-3, "lora": 5e-3, "pissa": 2e-3, "sorsa": 2e-3, "s2ft": 3e-3}
+# Per-method peak learning rates, picked once on the "min" task: for each method the smallest of
+# {3e-4, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2} tried that reaches about 90% in-domain exact match in 300 steps.
+# Larger rates learn no better and forget more of the pretraining skills.
+LEARNING_RATES = {"full": 3e-4, "lora": 2e-3, "pissa": 1e-3, "sorsa": 1e-3, "s2ft": 1e-2}
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    task: str = "shift"
+    task: str = "min"
     rank: int = 4  # the matched budget: LoRA rank r on every projection
-    steps: int = 120
+    steps: int = 300
     batch_size: int = 16
-    n_eval: int = 50  # examples per evaluation split (test, near-OOD); retention: 6 per skill
-    n_retention: int = 6
+    n_eval: int = 100  # examples per evaluation split (test, near-OOD)
+    n_retention: int = 15  # held-out prompts per pretraining skill
     seed: int = 0
     methods: tuple[str, ...] = METHOD_NAMES
 

@@ -61,7 +61,9 @@ class PretrainRecipe:
     seed: int = 0
     steps: int = 2500  # optimizer steps of ``batch_size`` examples
     batch_size: int = 64
-    corpus_size: int = 65536  # examples drawn from the pretraining stream, revisited every epoch
+    # Examples drawn from the pretraining stream; None: steps × batch_size, every example seen once.
+    # Revisiting a smaller corpus lets the model memorise string reversal instead of learning it.
+    corpus_size: int | None = None
     lr: float = 3e-3
     warmup_steps: int = 100
     weight_decay: float = 0.1
@@ -91,7 +93,7 @@ def pretrain(
     """
     tokenizer = task_tokenizer()
     model = set_trainable(init_model(BASE_CONFIG, np.random.default_rng(recipe.seed), std=recipe.init_std))
-    n = min(recipe.corpus_size, recipe.steps * recipe.batch_size)  # a short run needs no bigger corpus
+    n = recipe.steps * recipe.batch_size if recipe.corpus_size is None else recipe.corpus_size
     corpus = itertools.islice(pretrain_stream(recipe.seed, recipe.n_heldout), n)
     examples = [encode_example(tokenizer, ex.record) for ex in corpus]
     data = BatchStream(examples, recipe.batch_size, tokenizer.pad_id, seed=recipe.seed)
