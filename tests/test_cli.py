@@ -203,14 +203,17 @@ def test_export_writes_a_peft_adapter_and_a_merged_model_that_computes_the_adapt
     )
 
 
-def test_pretrain_writes_a_model_folder_with_its_recipe(tmp_path, capsys):
-    code, _, err = run(
-        ["pretrain", "--out", tmp_path / "base", "--steps", 2, "--batch-size", 4, "--no-progress"], capsys
-    )
-    assert code == 0, err
-    recipe = json.loads((tmp_path / "base" / "pretrain_recipe.json").read_text())
+def test_pretrain_writes_a_model_folder_with_its_recipe_and_the_same_weights_each_time(tmp_path, capsys):
+    for name in ("a", "b"):
+        code, _, err = run(
+            ["pretrain", "--out", tmp_path / name, "--steps", 2, "--batch-size", 4, "--no-progress"], capsys
+        )
+        assert code == 0, err
+    recipe = json.loads((tmp_path / "a" / "pretrain_recipe.json").read_text())
     assert recipe["recipe"]["steps"] == 2
-    assert load_pretrained(tmp_path / "base").config.n_kv_heads == 2
+    assert load_pretrained(tmp_path / "a").config.n_kv_heads == 2
+    a = (tmp_path / "a" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
 # ----------------------------------------------------------------------------------------------------
