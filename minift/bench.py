@@ -7,7 +7,9 @@ PyTorch is installed, the same configuration in PyTorch eager mode on the CPU (f
 ``torch.optim.AdamW``, and PEFT LoRA) in the same run, so that ratios compare like with like.
 
 What is measured:
-- ``step_seconds``: the median of ``steps`` timed steps after ``warmup`` untimed ones.
+- ``step_seconds``: the median of ``steps`` timed steps after ``warmup`` untimed ones, the
+  implementations and methods taking turns step by step so that a shared machine's changing load
+  affects them alike.
 - ``peak_bytes`` (minift only): the peak of ``tracemalloc``'s traced memory during one step, after a
   warm-up step, of everything NumPy allocated since the model was built: base and trainable weights,
   optimizer state, gradients, activations kept for the backward and temporaries. PyTorch's CPU
@@ -43,6 +45,7 @@ from minift.model import Model, init_model, lowest_trainable_block, set_trainabl
 from minift.train import GradHook
 
 METHODS = ("full", "lora", "pissa", "sorsa", "s2ft")
+Key = tuple[str, str]  # (impl, method)
 LR = 1e-4  # any small learning rate: the step's cost does not depend on it
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # LoRA/PiSSA/SORSA adapt every projection
 
@@ -83,8 +86,8 @@ class Result:
     peak_bytes: int | None
     trainable_params: int
     tokens_per_second: float
-    mfu: float
-    model_flops: int
+    mfu: float | None  # None when the method's FLOPs are unknown (PyTorch LoRA without minift's LoRA)
+    model_flops: int | None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -127,16 +130,24 @@ def step_flops(model: Model, batch: int, seq: int) -> int:
 # timing and memory
 
 
-def median_step_seconds(step: Callable[[], Any], steps: int, warmup: int) -> float:
-    """Median wall time of ``steps`` calls after ``warmup`` untimed ones."""
+def interleaved_step_seconds(
+    steps: dict[Key, Callable[[], Any]], rounds: int, warmup: int
+) -> dict[Key, float]:
+    """Median wall time of every step over ``rounds`` rounds, after ``warmup`` untimed ones.
+
+    Each round runs every step once, so a change in the machine's load (other processes on a shared
+    machine) slows all of them alike and the ratios between them stay meaningful.
+    """
     for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for step in steps.values():
+            step()
+    times: dict[Key, list[float]] = {key: [] for key in steps}
+    for _ in range(rounds):
+        for key, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - t0)
+    return {key: statistics.median(ts) for key, ts in times.items()}
 
 
 def peak_step_bytes(build: Callable[[], Callable[[], Any]]) -> int:
@@ -230,25 +241,13 @@ def minift_step(method: str, size: BenchSize, seed: int) -> tuple[Callable[[], A
     return (lambda: train_step(model, opt, micro_batches, LR, grad_hooks=hooks)), model
 
 
-def bench_minift(
-    method: str, size: BenchSize, blas_gflops: float, steps: int, warmup: int, seed: int
-) -> Result:
-    step, model = minift_step(method, size, seed)
-    seconds = median_step_seconds(step, steps, warmup)
-    flops = step_flops(model, size.batch, size.seq)
-    n_params = sum(int(a.size) for a in trainable_parameters(model).values())
-    del step, model
-    peak = peak_step_bytes(lambda: minift_step(method, size, seed)[0])
-    return _result("minift", method, seconds, peak, n_params, flops, size, blas_gflops)
-
-
 def _result(
     impl: str,
     method: str,
     seconds: float,
     peak: int | None,
     n_params: int,
-    flops: int,
+    flops: int | None,
     size: BenchSize,
     blas_gflops: float,
 ) -> Result:
@@ -259,7 +258,7 @@ def _result(
         peak_bytes=peak,
         trainable_params=n_params,
         tokens_per_second=size.batch * size.seq / seconds,
-        mfu=flops / seconds / (blas_gflops * 1e9),
+        mfu=None if flops is None else flops / seconds / (blas_gflops * 1e9),
         model_flops=flops,
     )
 
@@ -343,15 +342,6 @@ def torch_step(method: str, size: BenchSize, seed: int) -> tuple[Callable[[], fl
     return step, sum(p.numel() for p in params)
 
 
-def bench_torch(
-    method: str, size: BenchSize, flops: int, blas_gflops: float, steps: int, warmup: int, seed: int
-) -> Result:
-    """Time PyTorch's step; ``flops`` are minift's model FLOPs for the same method and size."""
-    step, n_params = torch_step(method, size, seed)
-    seconds = median_step_seconds(step, steps, warmup)
-    return _result("torch", method, seconds, None, n_params, flops, size, blas_gflops)
-
-
 # ----------------------------------------------------------------------------------------------------
 # the report
 
@@ -381,6 +371,13 @@ def ratios(results: list[Result]) -> dict[str, float | None]:
     }
 
 
+def _minift_entry(method: str, size: BenchSize, seed: int) -> tuple[Callable[[], Any], tuple[int, int]]:
+    """(the step, (trainable parameters, model FLOPs)); the step alone keeps the model alive."""
+    step, model = minift_step(method, size, seed)
+    n_params = sum(int(a.size) for a in trainable_parameters(model).values())
+    return step, (n_params, step_flops(model, size.batch, size.seq))
+
+
 def measure(
     size: BenchSize,
     methods: tuple[str, ...],
@@ -392,29 +389,36 @@ def measure(
     with_torch: bool,
     log: Callable[[str], None] = print,
 ) -> list[Result]:
-    """Every available method in minift, then PyTorch's full FT and LoRA, all on ``size``."""
-    results: list[Result] = []
-    flops: dict[str, int] = {}
+    """Every method in minift and PyTorch's full FT and LoRA on ``size``: timed side by side
+    (interleaved), then minift's peak memory method by method on a fresh model."""
+    step_fns: dict[Key, Callable[[], Any]] = {}
+    counts: dict[Key, tuple[int, int | None]] = {}  # (trainable parameters, model FLOPs)
     for method in methods:
-        r = bench_minift(method, size, blas_gflops, steps, warmup, seed)
-        flops[method] = r.model_flops
-        results.append(r)
-        log(format_result(r))
+        step_fns["minift", method], counts["minift", method] = _minift_entry(method, size, seed)
     if with_torch:
         for method in ("full", "lora"):
-            # PyTorch's FLOPs are minift's for the same method; without it, the same model's count
-            f = flops.get(method) or step_flops(prepare_model("full", size, seed)[0], size.batch, size.seq)
-            r = bench_torch(method, size, f, blas_gflops, steps, warmup, seed)
-            results.append(r)
-            log(format_result(r))
+            step_fns["torch", method], n_params = torch_step(method, size, seed)
+            # PyTorch does the same matmuls: its FLOPs are minift's for the method (unknown without it)
+            counts["torch", method] = (n_params, counts.get(("minift", method), (0, None))[1])
+    seconds = interleaved_step_seconds(step_fns, steps, warmup)
+    step_fns.clear()  # free every model before tracing memory
+    results = []
+    for (impl, method), t in seconds.items():
+        peak = None
+        if impl == "minift":
+            peak = peak_step_bytes(lambda method=method: minift_step(method, size, seed)[0])
+        n_params, flops = counts[impl, method]
+        results.append(_result(impl, method, t, peak, n_params, flops, size, blas_gflops))
+        log(format_result(results[-1]))
     return results
 
 
 def format_result(r: Result) -> str:
     peak = "—" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:8.1f} MiB"
+    mfu = "—" if r.mfu is None else f"{r.mfu:6.1%}"
     return (
         f"{r.impl:<7}{r.method:<7}{r.step_seconds * 1e3:9.1f} ms/step {r.tokens_per_second:9.0f} tok/s"
-        f"  MFU {r.mfu:6.1%}  peak {peak:>12}  trainable {r.trainable_params:,}"
+        f"  MFU {mfu:>6}  peak {peak:>12}  trainable {r.trainable_params:,}"
     )
 
 

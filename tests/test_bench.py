@@ -39,7 +39,8 @@ def test_quick_bench_writes_machine_config_results_and_ratios(quick_report):
     assert set(quick_report["ratios"]) >= RATIO_KEYS
     for record in quick_report["results"]:
         assert set(record) >= RESULT_KEYS
-        assert min(record["step_seconds"], record["mfu"], record["trainable_params"]) > 0
+        assert min(record["step_seconds"], record["trainable_params"]) > 0
+        assert (record["mfu"] is None and record["impl"] == "torch") or record["mfu"] > 0
         assert record["tokens_per_second"] == pytest.approx(QUICK.batch * QUICK.seq / record["step_seconds"])
 
 
