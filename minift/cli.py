@@ -409,7 +409,7 @@ def study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="write results.md, results.json and PNG plots into DIR")
     p.add_argument("--json", metavar="FILE", help="write the whole report (every run) as JSON")
     p.add_argument("--seeds", type=int, help="seeds per setting (default 3)")
-    p.add_argument("--steps", type=int, help="optimizer steps per run (default 150)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (default 300)")
     p.add_argument("--jobs", type=int, help="worker processes (default: 2 cores at most; quick: 1)")
 
 

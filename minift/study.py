@@ -21,7 +21,7 @@ SORSA (Cao et al. 2024, abstract; analysis §5 of the reference notes)
   - smaller singular-value and singular-vector deviation (ΔΣ, ΔD; ``minift.methods.svd_analysis``) of
     the adapted weights than full FT, LoRA and SORSA without its regularizer (γ = 0).
 
-Protocol. One task (``shift``; ``min`` as the second adapter of the fusion experiment), the same
+Protocol. One task (``min``; ``shift`` as the second adapter of the fusion experiment), the same
 steps, batch size, warm-up and linear decay (the S2FT paper's schedule), AdamW with betas (0.9, 0.95)
 and no weight decay, clipping at 1.0. LoRA, PiSSA and SORSA have rank R and scaling 1 on the S2FT
 paper's LoRA targets (q, k, v, up, down), built as ``minift finetune`` builds them
@@ -86,22 +86,22 @@ ABLATION_LABELS = {"random": "R", "weight": "W", "activation": "A", "product": "
 class StudyConfig:
     """Everything that determines the study's numbers (besides the base model)."""
 
-    task: str = "shift"  # the fine-tuning task of every comparison
-    second_task: str = "min"  # the other adapter of the fusion experiment
+    task: str = "min"  # the fine-tuning task of every comparison
+    second_task: str = "shift"  # the other adapter of the fusion experiment
     seeds: int = 3  # n ≥ 1; mean ± std over seeds 0 … n−1
-    steps: int = 150  # optimizer steps per run
+    steps: int = 300  # optimizer steps per run
     batch_size: int = 16
-    warmup_steps: int = 15
+    warmup_steps: int = 30
     betas: tuple[float, float] = (0.9, 0.95)  # the S2FT scripts' AdamW betas
     rank: int = 4  # R of LoRA, PiSSA and SORSA; S2FT gets LoRA's parameter count
     targets: tuple[str, ...] = ("q", "k", "v", "up", "down")  # the S2FT paper's LoRA targets
     lrs: dict[str, tuple[float, ...]] = field(
         default_factory=lambda: {
-            "full": (3e-4, 1e-3, 3e-3),
-            "lora": (2e-3, 5e-3, 1.5e-2),
-            "s2ft": (1e-3, 3e-3, 1e-2),
-            "pissa": (7e-4, 2e-3, 6e-3),
-            "sorsa": (7e-4, 2e-3, 6e-3),
+            "full": (1e-4, 3e-4, 1e-3),
+            "lora": (7e-4, 2e-3, 6e-3),
+            "s2ft": (3e-3, 1e-2, 3e-2),
+            "pissa": (3e-4, 1e-3, 3e-3),
+            "sorsa": (3e-4, 1e-3, 3e-3),
         }
     )
     gamma: float = 4e-4  # SORSA's γ (the paper's Llama-2 value)
