@@ -76,6 +76,18 @@ QUICK = BenchSize(
 )
 
 
+DEFINITIONS = {
+    "step": "forward + backward + gradient-norm clipping at 1.0 + the method's gradient hooks + AdamW "
+    "(minift.train.train_step; PyTorch: loss.backward, clip_grad_norm_, torch.optim.AdamW)",
+    "step_seconds": "median over the timed steps, implementations and methods taking turns step by step",
+    "peak_bytes": "tracemalloc peak during one step after a warm-up step, of everything NumPy allocated "
+    "since the model was built: weights, optimizer state, gradients, activations and temporaries "
+    "(BLAS work buffers are not traced; PyTorch's allocator is not traced, hence null)",
+    "mfu": "model FLOPs per step (matmuls the method's step must do: slot flops() plus attention) "
+    "/ step_seconds / machine.blas_gflops",
+}
+
+
 @dataclass
 class Result:
     """One record of ``results`` in the JSON report."""
@@ -516,6 +528,7 @@ def run(
         "results": [asdict(r) for r in results],
         "missing": missing,
         "ratios": ratios(results),
+        "definitions": DEFINITIONS,
     }
     if scaling:
         report["scaling"] = []
