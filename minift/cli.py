@@ -450,6 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="minift",
         description="minift: fine-tuning (full, LoRA, PiSSA, SORSA, S2FT) in pure NumPy.",
+        epilog="""start here:
+  minift demo                                             every method on the embedded model, one table
+  minift finetune --data train.jsonl --method lora --out runs/lora
+  minift generate --adapter runs/lora/adapter --question "min 3 1 2"
+Each command's --help shows more examples.""",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (func, help_text) in COMMANDS.items():
