@@ -10,26 +10,22 @@ What is measured:
 - ``step_seconds``: the median of ``steps`` timed steps after ``warmup`` untimed ones, the
   implementations and methods taking turns step by step so that a shared machine's changing load
   affects them alike.
-- ``peak_bytes`` (minift only): the peak of ``tracemalloc``'s traced memory during one step, after a
-  warm-up step, of everything NumPy allocated since the model was built: base and trainable weights,
-  optimizer state, gradients, activations kept for the backward and temporaries. PyTorch's CPU
+- ``peak_bytes`` (minift only): ``minift.measure.step_memory(...).total_bytes`` on a fresh model: every
+  weight of the model (frozen and trainable), the AdamW state, and the ``tracemalloc`` peak of one
+  step above them (gradients, activations kept for the backward, temporaries). PyTorch's CPU
   allocator is not traced by ``tracemalloc``, so its records carry ``None``.
-- ``mfu``: model FLOPs of the step / step time / measured float32 GEMM throughput
-  (``minift.measure.gemm_gflops``). Model FLOPs are the matmuls the method's step must do: every slot's
-  ``flops()`` (forward everywhere; backward only down to the lowest trainable block, dx only where
-  something below needs it) plus attention's q kᵀ and p v (full T×T, as computed; 3× for forward +
-  backward). The optimizer's element-wise work is not counted.
+- ``mfu``: model FLOPs of the step (``minift.measure.step_flops``: the matmuls the method's backward
+  really does, partial backpropagation included) / step time / measured float32 GEMM throughput
+  (``minift.measure.gemm_gflops``). The optimizer's element-wise work is not counted.
 """
 
 from __future__ import annotations
 
-import gc
 import importlib
 import os
 import platform
 import statistics
 import time
-import tracemalloc
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -40,8 +36,8 @@ import numpy as np
 from minift.config import ModelConfig
 from minift.data.datasets import Batch
 from minift.errors import ConfigError
-from minift.measure import gemm_gflops
-from minift.model import Model, init_model, lowest_trainable_block, set_trainable, trainable_parameters
+from minift.measure import gemm_gflops, step_flops, step_memory
+from minift.model import Model, init_model, set_trainable, trainable_parameters
 from minift.train import GradHook
 
 METHODS = ("full", "lora", "pissa", "sorsa", "s2ft")
@@ -80,11 +76,10 @@ DEFINITIONS = {
     "step": "forward + backward + gradient-norm clipping at 1.0 + the method's gradient hooks + AdamW "
     "(minift.train.train_step; PyTorch: loss.backward, clip_grad_norm_, torch.optim.AdamW)",
     "step_seconds": "median over the timed steps, implementations and methods taking turns step by step",
-    "peak_bytes": "tracemalloc peak during one step after a warm-up step, of everything NumPy allocated "
-    "since the model was built: weights, optimizer state, gradients, activations and temporaries "
-    "(BLAS work buffers are not traced; PyTorch's allocator is not traced, hence null)",
-    "mfu": "model FLOPs per step (matmuls the method's step must do: slot flops() plus attention) "
-    "/ step_seconds / machine.blas_gflops",
+    "peak_bytes": "weights + AdamW state + tracemalloc peak of one step above them (minift.measure."
+    "step_memory); BLAS work buffers are not traced, nor is PyTorch's allocator (hence null)",
+    "mfu": "model FLOPs per step (minift.measure.step_flops: the matmuls of forward and partial "
+    "backward) / step_seconds / machine.blas_gflops",
 }
 
 
@@ -100,42 +95,6 @@ class Result:
     tokens_per_second: float
     mfu: float | None  # None when the method's FLOPs are unknown (PyTorch LoRA without minift's LoRA)
     model_flops: int | None
-
-
-# ----------------------------------------------------------------------------------------------------
-# FLOPs
-
-
-def step_flops(model: Model, batch: int, seq: int) -> int:
-    """Model FLOPs of one training step (matmuls only), following the backward's own stopping rules.
-
-    Attention: q kᵀ and p v cost 2·B·H·T·T·D each forward; the backward does four such products.
-    """
-    c = model.config
-    assert c.head_dim is not None
-    N = batch * seq
-    attn = 4 * batch * c.n_heads * seq * seq * c.head_dim
-    lowest = lowest_trainable_block(model)
-    need_embed = lowest == 0 and bool(
-        model.embed.parameters() or (model.pos_embed is not None and model.pos_embed.parameters())
-    )
-    total = 0
-    for i, block in enumerate(model.blocks):
-        trained = i >= lowest
-        total += attn * (3 if trained else 1)
-        for name, slot in block.slots():
-            # the lowest block's q, k, v pass dx down only when an embedding or attn_norm needs it
-            need_dx = i > lowest or need_embed or name not in ("q", "k", "v") or block.attn_norm.requires_grad
-            fwd, bwd = slot.flops(N, need_dx=need_dx)
-            total += fwd + (bwd if trained else 0)
-    anything_below = lowest < len(model.blocks) or bool(model.final_norm.parameters())
-    if model.lm_head is None:  # tied: logits = x Eᵀ
-        mac = 2 * N * c.hidden_size * c.vocab_size
-        total += mac * (1 + int(anything_below) + int(model.embed.requires_grad))
-    else:
-        fwd, bwd = model.lm_head.flops(N, need_dx=anything_below)
-        total += fwd + bwd
-    return total
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -160,24 +119,6 @@ def interleaved_step_seconds(
             step()
             times[key].append(time.perf_counter() - t0)
     return {key: statistics.median(ts) for key, ts in times.items()}
-
-
-def peak_step_bytes(build: Callable[[], Callable[[], Any]]) -> int:
-    """Peak traced bytes of one step, everything allocated since ``build()`` started included.
-
-    ``build`` creates the model and optimizer and returns the step; one warm-up step allocates the
-    optimizer state, then the peak is reset to what is live and one more step is traced.
-    """
-    gc.collect()
-    tracemalloc.start()
-    try:
-        step = build()
-        step()
-        tracemalloc.reset_peak()
-        step()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -387,7 +328,7 @@ def _minift_entry(method: str, size: BenchSize, seed: int) -> tuple[Callable[[],
     """(the step, (trainable parameters, model FLOPs)); the step alone keeps the model alive."""
     step, model = minift_step(method, size, seed)
     n_params = sum(int(a.size) for a in trainable_parameters(model).values())
-    return step, (n_params, step_flops(model, size.batch, size.seq))
+    return step, (n_params, step_flops(model, size.batch, size.seq).total)
 
 
 def measure(
@@ -418,7 +359,9 @@ def measure(
     for (impl, method), t in seconds.items():
         peak = None
         if impl == "minift":
-            peak = peak_step_bytes(lambda method=method: minift_step(method, size, seed)[0])
+            model, _ = prepare_model(method, size, seed)
+            peak = step_memory(model, [batch(size, seed)], lr=LR).total_bytes
+            del model
         n_params, flops = counts[impl, method]
         results.append(_result(impl, method, t, peak, n_params, flops, size, blas_gflops))
         log(format_result(results[-1]))
