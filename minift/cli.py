@@ -72,7 +72,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.methods:
         overrides["methods"] = tuple(args.methods)
     config = DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
-    run_demo(config, args.out, progress=not args.no_progress)
+    run_demo(config, args.out, jobs=args.jobs)
     return 0
 
 
@@ -259,7 +259,9 @@ def demo_arguments(p: argparse.ArgumentParser) -> None:
         help="where results.json and losses.png go (default minift-demo)",
     )
     p.add_argument("--quick", action="store_true", help="a smoke run in seconds: 4 steps, tiny evaluation")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--jobs", type=int, default=2, help="methods trained at once, one process and core each (default 2)"
+    )
 
 
 def finetune_arguments(p: argparse.ArgumentParser) -> None:

@@ -272,7 +272,7 @@ def test_exporting_an_s2ft_adapter_to_peft_is_refused_in_one_line(files, tmp_pat
 
 
 def test_the_quick_demo_prints_one_row_per_method_and_writes_its_results(tmp_path, capsys):
-    code, out, err = run(["demo", "--quick", "--out", tmp_path, "--no-progress"], capsys)
+    code, out, err = run(["demo", "--quick", "--out", tmp_path, "--jobs", 1], capsys)
     assert code == 0, err
     table = out[out.index("method ") :]
     for method in ("base", "full", "lora", "pissa", "sorsa", "s2ft"):
