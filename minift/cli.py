@@ -209,7 +209,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """Rerun the embedded base model's pretraining recipe."""
-    from minift.pretrain import PretrainRecipe, pretrain
+    from minift.pretrain import PretrainRecipe, pretrain_single_threaded
 
     overrides = {
         k: v
@@ -219,14 +219,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     recipe = PretrainRecipe(**overrides)
     if recipe.warmup_steps > recipe.steps:
         recipe = PretrainRecipe(**overrides, warmup_steps=recipe.steps // 10)
-    _, result = pretrain(
-        recipe,
-        args.out,
-        checkpoint_dir=args.checkpoint_dir,
-        resume=args.resume,
-        progress=not args.no_progress,
+    steps = pretrain_single_threaded(
+        recipe, args.out, checkpoint_dir=args.checkpoint_dir, resume=args.resume, progress=not args.no_progress
     )
-    print(f"wrote {args.out} ({result.steps} steps)")
+    print(f"wrote {args.out} ({steps} steps)")
     return 0
 
 
@@ -410,7 +406,7 @@ def study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", help="a Hugging Face model folder, or 'random' (default: the embedded base)")
     p.add_argument("--out", metavar="DIR", help="write results.md, results.json and PNG plots into DIR")
     p.add_argument("--json", metavar="FILE", help="write the whole report (every run) as JSON")
-    p.add_argument("--seeds", type=int, help="seeds per setting (default 3)")
+    p.add_argument("--seeds", type=int, help="seeds per setting (default 5)")
     p.add_argument("--steps", type=int, help="optimizer steps per run (default 300)")
     p.add_argument("--jobs", type=int, help="worker processes (default: 2 cores at most; quick: 1)")
 
