@@ -219,9 +219,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     recipe = PretrainRecipe(**overrides)
     if recipe.warmup_steps > recipe.steps:
         recipe = PretrainRecipe(**overrides, warmup_steps=recipe.steps // 10)
-    steps = pretrain_single_threaded(
-        recipe, args.out, checkpoint_dir=args.checkpoint_dir, resume=args.resume, progress=not args.no_progress
-    )
+    options = {"checkpoint_dir": args.checkpoint_dir, "resume": args.resume, "progress": not args.no_progress}
+    steps = pretrain_single_threaded(recipe, args.out, **options)
     print(f"wrote {args.out} ({steps} steps)")
     return 0
 

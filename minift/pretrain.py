@@ -6,7 +6,8 @@ initialisation on the pretraining mix of ``minift.data.tasks`` by minift's own l
 AdamW, cosine schedule), then saved in Hugging Face format with ``minift.hub.save_pretrained``.
 
 The run is deterministic under its seed: the corpus, the initial weights and the batch order are
-functions of ``PretrainRecipe.seed``, and one BLAS thread gives the same floating-point sums each time.
+functions of ``PretrainRecipe.seed``, and ``pretrain_single_threaded`` (what ``minift pretrain`` runs)
+trains in a process with one BLAS thread, so the floating-point sums do not depend on the machine.
 The held-out prompts of ``pretrain_heldout(seed, n_heldout)`` never appear in the corpus.
 """
 
@@ -15,9 +16,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import multiprocessing
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -119,3 +123,22 @@ def pretrain(
     record = {"recipe": dataclasses.asdict(recipe), "heldout_exact_match": heldout, "steps": result.steps}
     (folder / "pretrain_recipe.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return model, result
+
+
+def _pretrain_steps(recipe: PretrainRecipe, out_dir: str, options: dict[str, Any]) -> int:
+    return pretrain(recipe, out_dir, **options)[1].steps
+
+
+def pretrain_single_threaded(recipe: PretrainRecipe, out_dir: str | Path, **options: Any) -> int:
+    """``pretrain`` in a spawned process with one BLAS thread; returns the step count reached.
+
+    Threads would only contend on these small matrices, and a fixed thread count keeps the weights
+    bitwise reproducible from one machine to the next.
+    """
+    from minift.study import _single_threaded_blas  # here, not at the top: minift.study imports this module
+
+    with (
+        _single_threaded_blas(),
+        ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool,
+    ):
+        return pool.submit(_pretrain_steps, recipe, str(out_dir), options).result()
