@@ -389,7 +389,7 @@ full fine-tuning, merged/ (a Hugging Face model folder).""",
     "study": """examples:
   minift study --out study          the default study (about 25 minutes on 2 cores); results.md, plots
   minift study --quick              a smoke run in seconds (its numbers mean nothing)
-  minift study --seeds 5 --jobs 4   more seeds, on 4 cores""",
+  minift study --seeds 8 --jobs 4   more seeds, on 4 cores""",
 }
 
 

@@ -20,6 +20,7 @@ from minift.study import (
     ABLATION,
     METHODS,
     QUICK,
+    Runner,
     RunResult,
     RunSpec,
     Stat,
@@ -177,3 +178,19 @@ def test_a_diverging_run_is_flagged_evaluated_and_never_chosen_as_the_learning_r
     assert choose_lr([diverged, fine]) == 1e-3
     with pytest.raises(TrainingError, match="every learning rate"):
         choose_lr([diverged])
+
+
+def test_worker_processes_give_the_same_runs_as_this_process(tiny, tmp_path):
+    specs = [
+        RunSpec("lora", "min", 1e-2, 1, svd=True),
+        RunSpec("s2ft", "shift", 1e-2, 0, "gradient", "large"),
+    ]
+
+    def runs(jobs: int) -> list[dict]:
+        runner = Runner(tiny, QUICK, tmp_path / f"jobs{jobs}", jobs, log=lambda line: None)
+        try:
+            return [r.to_dict() | {"wall_s": None} for r in runner.run(specs)]
+        finally:
+            runner.close()
+
+    assert runs(2) == runs(1)
