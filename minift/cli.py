@@ -359,6 +359,12 @@ def pretrain_arguments(p: argparse.ArgumentParser) -> None:
 
 
 EXAMPLES = {
+    "spec": """examples:
+  minift spec export vectors/       decoder, S2FT, LoRA, PiSSA and SORSA cases; vectors/README.md says
+                                    what each case's arrays must satisfy
+
+To run the spec itself against your own Python implementation:
+  pytest --pyargs minift.spec --impl mypackage.adapter""",
     "demo": """examples:
   minift demo                      all five methods on the "min" task, 1-2 minutes on 2 cores
   minift demo --task shift --methods lora s2ft --steps 600
@@ -410,6 +416,20 @@ def study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, help="worker processes (default: 2 cores at most; quick: 1)")
 
 
+def cmd_spec(args: argparse.Namespace) -> int:
+    """Write the spec's canonical cases as language-agnostic test vectors."""
+    from minift.spec.export import export_vectors
+
+    folders = export_vectors(args.dir)
+    print(f"wrote {len(folders)} cases and README.md to {args.dir}")
+    return 0
+
+
+def spec_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["export"], help="export: write the test vectors")
+    p.add_argument("dir", metavar="DIR", help="folder to write (created if missing)")
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "info": (cmd_info, "print versions, the array backend and the measured BLAS throughput"),
     "bench": (cmd_bench, "time training steps of every method against PyTorch, with memory and MFU"),
@@ -423,6 +443,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     ),
     "pretrain": (cmd_pretrain, "rerun the embedded base model's pretraining recipe"),
     "study": (cmd_study, "measure the S2FT and SORSA papers' claims in miniature (accuracy, OOD, SVD)"),
+    "spec": (cmd_spec, "export the spec's cases as test vectors (safetensors + JSON) for any language"),
 }
 ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "bench": bench_arguments,
@@ -433,6 +454,7 @@ ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "export": export_arguments,
     "pretrain": pretrain_arguments,
     "study": study_arguments,
+    "spec": spec_arguments,
 }
 
 

@@ -71,3 +71,11 @@ def test_exported_vectors_state_their_property_and_reproduce(tmp_path):
     lora = load_file(str(tmp_path / "lora" / "arrays.safetensors"))
     x, W, A, B = (lora[f"input/{k}"] for k in ["x", "W", "A", "B"])
     np.testing.assert_allclose(x @ W.T + 2.0 * (x @ A.T) @ B.T, lora["expected/y"], rtol=1e-12)
+
+
+def test_minift_spec_export_writes_the_vectors_from_the_command_line(tmp_path, capsys):
+    from minift.cli import main
+
+    assert main(["spec", "export", str(tmp_path / "vectors")]) == 0
+    assert "wrote 7 cases" in capsys.readouterr().out
+    assert (tmp_path / "vectors" / "sorsa_regularizer" / "case.json").is_file()
