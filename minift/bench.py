@@ -15,8 +15,10 @@ What is measured:
   step above them (gradients, activations kept for the backward, temporaries). PyTorch's CPU
   allocator is not traced by ``tracemalloc``, so its records carry ``None``.
 - ``mfu``: model FLOPs of the step (``minift.measure.step_flops``: the matmuls the method's backward
-  really does, partial backpropagation included) / step time / measured float32 GEMM throughput
-  (``minift.measure.gemm_gflops``). The optimizer's element-wise work is not counted.
+  really does, partial backpropagation included) / step time / float32 GEMM throughput. The GEMM
+  takes its turn among the steps, so it is measured under the same load (``blas_gflops_in_run``);
+  ``machine.blas_gflops`` is ``minift.measure.gemm_gflops`` before the run. The optimizer's
+  element-wise work is not counted.
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ DEFINITIONS = {
     "peak_bytes": "weights + AdamW state + tracemalloc peak of one step above them (minift.measure."
     "step_memory); BLAS work buffers are not traced, nor is PyTorch's allocator (hence null)",
     "mfu": "model FLOPs per step (minift.measure.step_flops: the matmuls of forward and partial "
-    "backward) / step_seconds / machine.blas_gflops",
+    "backward) / step_seconds / blas_gflops_in_run (the median of a 1024³ GEMM's turns among the steps)",
 }
 
 
@@ -324,6 +326,16 @@ def ratios(results: list[Result]) -> dict[str, float | None]:
     }
 
 
+GEMM_N, GEMM_REPEATS = 1024, 16  # one round's GEMM turn: 16 products of 1024³, ~0.1–0.3 s
+GEMM_FLOPS = 2 * GEMM_N**3 * GEMM_REPEATS
+
+
+def _gemm_round() -> Callable[[], Any]:
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((GEMM_N, GEMM_N)).astype(np.float32) for _ in range(2))
+    return lambda: [a @ b for _ in range(GEMM_REPEATS)]
+
+
 def _minift_entry(method: str, size: BenchSize, seed: int) -> tuple[Callable[[], Any], tuple[int, int]]:
     """(the step, (trainable parameters, model FLOPs)); the step alone keeps the model alive."""
     step, model = minift_step(method, size, seed)
@@ -335,16 +347,19 @@ def measure(
     size: BenchSize,
     methods: tuple[str, ...],
     *,
-    blas_gflops: float,
     steps: int,
     warmup: int,
     seed: int,
     with_torch: bool,
     log: Callable[[str], None] = print,
-) -> list[Result]:
+) -> tuple[list[Result], float]:
     """Every method in minift and PyTorch's full FT and LoRA on ``size``: timed side by side
-    (interleaved), then minift's peak memory method by method on a fresh model."""
-    step_fns: dict[Key, Callable[[], Any]] = {}
+    (interleaved), then minift's peak memory method by method on a fresh model.
+
+    A GEMM takes its turn in every round too, and its median throughput (returned, GFLOP/s) is the
+    MFU's denominator: measured under the same load as the steps, not only on an idle machine.
+    """
+    step_fns: dict[Key, Callable[[], Any]] = {("blas", "gemm"): _gemm_round()}
     counts: dict[Key, tuple[int, int | None]] = {}  # (trainable parameters, model FLOPs)
     for method in methods:
         step_fns["minift", method], counts["minift", method] = _minift_entry(method, size, seed)
@@ -355,6 +370,8 @@ def measure(
             counts["torch", method] = (n_params, counts.get(("minift", method), (0, None))[1])
     seconds = interleaved_step_seconds(step_fns, steps, warmup)
     step_fns.clear()  # free every model before tracing memory
+    blas_gflops = GEMM_FLOPS / seconds.pop(("blas", "gemm")) / 1e9
+    log(f"float32 GEMM throughput during the run: {blas_gflops:.1f} GFLOP/s")
     results = []
     for (impl, method), t in seconds.items():
         peak = None
@@ -365,7 +382,7 @@ def measure(
         n_params, flops = counts[impl, method]
         results.append(_result(impl, method, t, peak, n_params, flops, size, blas_gflops))
         log(format_result(results[-1]))
-    return results
+    return results, blas_gflops
 
 
 def format_result(r: Result) -> str:
@@ -446,9 +463,9 @@ def run(
         log(f"minift {m:<7}missing: its module is not installed in this version of minift")
     with_torch = with_torch and torch_available()
     blas = gemm_gflops()
-    log(f"float32 GEMM throughput: {blas:.1f} GFLOP/s")
-    kw = dict(blas_gflops=blas, steps=steps, warmup=warmup, seed=seed, with_torch=with_torch, log=log)
-    results = measure(size, present, **kw)
+    log(f"float32 GEMM throughput: {blas:.1f} GFLOP/s (best of 5, before the run)")
+    kw = dict(steps=steps, warmup=warmup, seed=seed, with_torch=with_torch, log=log)
+    results, blas_in_run = measure(size, present, **kw)
     n_params = sum(
         int(a.size)
         for a in trainable_parameters(
@@ -468,6 +485,7 @@ def run(
             "warmup": warmup,
             "seed": seed,
         },
+        "blas_gflops_in_run": blas_in_run,
         "results": [asdict(r) for r in results],
         "missing": missing,
         "ratios": ratios(results),
@@ -477,12 +495,13 @@ def run(
         report["scaling"] = []
         for axis, s in scaling_sizes(size):
             log(f"scaling {axis}: C={s.config.hidden_size} T={s.seq}")
-            rs = measure(s, tuple(m for m in present if m in ("full", "lora", "s2ft")), **kw)
+            rs, blas_in_run = measure(s, tuple(m for m in present if m in ("full", "lora", "s2ft")), **kw)
             report["scaling"].append(
                 {
                     "axis": axis,
                     "hidden_size": s.config.hidden_size,
                     "seq": s.seq,
+                    "blas_gflops_in_run": blas_in_run,
                     "results": [asdict(r) for r in rs],
                     "ratios": ratios(rs),
                 }

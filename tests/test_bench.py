@@ -34,6 +34,7 @@ def quick_report(tmp_path_factory) -> dict:
 def test_quick_bench_writes_machine_config_results_and_ratios(quick_report):
     assert quick_report["machine"]["cores"] >= 1
     assert quick_report["machine"]["blas_gflops"] > 0
+    assert quick_report["blas_gflops_in_run"] > 0
     assert (quick_report["config"]["batch"], quick_report["config"]["seq"]) == (QUICK.batch, QUICK.seq)
     assert set(quick_report["ratios"]) >= RATIO_KEYS
     for record in quick_report["results"]:
