@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -224,6 +224,18 @@ def unmerge(model: Model) -> Model:
 # the method
 
 
+def check_adapter_config(config: Any) -> None:
+    """Validate and normalise the fields every low-rank config has (r, dropout, targets, layers), in
+    place on a frozen dataclass; raises ConfigError saying what is wrong."""
+    if not (isinstance(config.r, int) and config.r > 0):
+        raise ConfigError(f"adapter rank r must be a positive integer, got {config.r!r}")
+    if not 0.0 <= config.dropout < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), got {config.dropout!r}")
+    object.__setattr__(config, "targets", slot_names(config.targets))
+    if config.layers is not None:
+        object.__setattr__(config, "layers", tuple(int(i) for i in config.layers))
+
+
 @dataclass(frozen=True)
 class LoRAConfig:
     """LoRA hyperparameters, named and defaulted as PEFT's ``LoraConfig``."""
@@ -236,13 +248,7 @@ class LoRAConfig:
     layers: tuple[int, ...] | None = None  # layers_to_transform; None = all
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.r, int) and self.r > 0):
-            raise ConfigError(f"adapter rank r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        object.__setattr__(self, "targets", slot_names(self.targets))
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        check_adapter_config(self)
 
     @property
     def scaling(self) -> float:

@@ -109,8 +109,13 @@ class PiSSAConfig(LoRAConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.niter is not None and not (isinstance(self.niter, int) and self.niter >= 0):
-            raise ConfigError(f"niter must be None (exact SVD) or an integer ≥ 0, got {self.niter!r}")
+        check_niter(self.niter)
+
+
+def check_niter(niter: int | None) -> None:
+    """None (exact SVD) or a number of randomized subspace iterations ≥ 0."""
+    if niter is not None and not (isinstance(niter, int) and niter >= 0):
+        raise ConfigError(f"niter must be None (exact SVD) or an integer ≥ 0, got {niter!r}")
 
 
 def apply_pissa(

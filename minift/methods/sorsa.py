@@ -35,9 +35,16 @@ import numpy as np
 
 from minift.backend import Array, get_xp
 from minift.errors import ConfigError
-from minift.methods.lora import LowRankLinear, adapt_slot, low_rank_slots, merge, unmerge
-from minift.methods.pissa import top_svd
-from minift.methods.targets import freeze, replace_slot, select_targets, slot_names
+from minift.methods.lora import (
+    LowRankLinear,
+    adapt_slot,
+    check_adapter_config,
+    low_rank_slots,
+    merge,
+    unmerge,
+)
+from minift.methods.pissa import check_niter, top_svd
+from minift.methods.targets import freeze, replace_slot, select_targets
 from minift.model import SLOT_NAMES, Model
 from minift.slots import Grads
 
@@ -168,13 +175,8 @@ class SORSAConfig:
     mode: RegMode = "faithful"  # divide the regularizer by the accumulation steps (see module doc)
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.r, int) and self.r > 0):
-            raise ConfigError(f"adapter rank r must be a positive integer, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        object.__setattr__(self, "targets", slot_names(self.targets))
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        check_adapter_config(self)
+        check_niter(self.niter)
         SORSARegularizer(self.gamma, self.mode)  # validates gamma and mode
 
     @property
