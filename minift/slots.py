@@ -65,13 +65,10 @@ class LinearSlot(Protocol):
         ...
 
 
-@dataclass(eq=False)
-class Dense:
-    """A dense projection y = x Wᵀ + b, frozen or trained in full (full fine-tuning)."""
+class WeightShape:
+    """``in_features``/``out_features`` of a slot whose function has the shape of its ``weight`` (O, I)."""
 
-    weight: Array  # (O, I), PyTorch's [out, in] layout
-    bias: Array | None = None  # (O,)
-    requires_grad: bool = False  # the bias, when present, is trained together with the weight
+    weight: Array
 
     @property
     def in_features(self) -> int:
@@ -80,6 +77,15 @@ class Dense:
     @property
     def out_features(self) -> int:
         return int(self.weight.shape[0])
+
+
+@dataclass(eq=False)
+class Dense(WeightShape):
+    """A dense projection y = x Wᵀ + b, frozen or trained in full (full fine-tuning)."""
+
+    weight: Array  # (O, I), PyTorch's [out, in] layout
+    bias: Array | None = None  # (O,)
+    requires_grad: bool = False  # the bias, when present, is trained together with the weight
 
     def forward(
         self, x: Array, *, keep: bool, rng: np.random.Generator | None = None

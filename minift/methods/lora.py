@@ -31,7 +31,7 @@ from minift.errors import ConfigError
 from minift.layers.linear import linear_backward_input, linear_backward_weight, linear_forward
 from minift.methods.targets import freeze, replace_slot, select_targets, slot_names, slot_paths
 from minift.model import Model
-from minift.slots import Dense, Grads
+from minift.slots import Dense, Grads, WeightShape
 
 # ----------------------------------------------------------------------------------------------------
 # the pure forward/backward pair
@@ -108,7 +108,7 @@ def lowrank_backward(
 
 
 @dataclass(eq=False)
-class LowRankLinear:
+class LowRankLinear(WeightShape):
     """A frozen linear layer plus a trainable low-rank adapter s · B diag(S) A (see the module doc).
 
     LoRA: ``weight`` is the pretrained W, S is None. PiSSA: ``weight`` is the residual W − s B₀A₀,
@@ -128,14 +128,6 @@ class LowRankLinear:
     B0: Array | None = None  # (O, R)
     S0: Array | None = None  # (R,) (SORSA)
     merged: bool = False  # the delta is folded into ``weight``; the slot is then a plain linear layer
-
-    @property
-    def in_features(self) -> int:
-        return int(self.weight.shape[1])
-
-    @property
-    def out_features(self) -> int:
-        return int(self.weight.shape[0])
 
     @property
     def rank(self) -> int:

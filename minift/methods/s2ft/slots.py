@@ -35,7 +35,7 @@ import numpy as np
 
 from minift.backend import Array, get_xp
 from minift.layers.linear import linear_backward_input, linear_backward_weight, linear_forward
-from minift.slots import Grads
+from minift.slots import Grads, WeightShape
 
 Segments = tuple[tuple[int, int], ...]  # contiguous [start, stop) ranges, ascending and disjoint
 
@@ -51,7 +51,7 @@ def segment_size(segments: Segments) -> int:
 
 
 @dataclass(eq=False)
-class ColumnBlock:
+class ColumnBlock(WeightShape):
     """Frozen W (O, I) whose input columns W[:, a:b] of each segment are trainable (O and Down).
 
     ``reference`` holds a copy of the blocks as they were when the slot was made (O, S), so the
@@ -62,14 +62,6 @@ class ColumnBlock:
     segments: Segments
     reference: Array  # (O, S): the initial blocks, concatenated in segment order
     bias: Array | None = None  # (O,), frozen
-
-    @property
-    def in_features(self) -> int:
-        return int(self.weight.shape[1])
-
-    @property
-    def out_features(self) -> int:
-        return int(self.weight.shape[0])
 
     def forward(
         self, x: Array, *, keep: bool, rng: np.random.Generator | None = None
@@ -104,7 +96,7 @@ class ColumnBlock:
 
 
 @dataclass(eq=False)
-class RowBlock:
+class RowBlock(WeightShape):
     """Frozen W (O, I) whose output rows W[a:b, :] of each segment are trainable (Q, K, V, Gate, Up).
 
     Every selected row's gradient needs all input columns, so the whole x is kept. ``reference`` is
@@ -115,14 +107,6 @@ class RowBlock:
     segments: Segments
     reference: Array  # (S, I)
     bias: Array | None = None  # (O,), frozen
-
-    @property
-    def in_features(self) -> int:
-        return int(self.weight.shape[1])
-
-    @property
-    def out_features(self) -> int:
-        return int(self.weight.shape[0])
 
     def forward(self, x: Array, *, keep: bool, rng: np.random.Generator | None = None) -> tuple[Array, Any]:
         return linear_forward(x, self.weight, self.bias), (x if keep else None)
