@@ -393,8 +393,8 @@ full fine-tuning, merged/ (a Hugging Face model folder).""",
   minift pretrain --out my-base                 the shipped model's recipe (about 20-30 minutes on 2 cores)
   minift pretrain --out tiny --steps 200        a quick, weaker base""",
     "study": """examples:
-  minift study --out study          the default study (about 25 minutes on 2 cores); results.md, plots
-  minift study --quick              a smoke run in seconds (its numbers mean nothing)
+  minift study --out study          the default study (15 minutes on 2 busy cores); results.md, plots
+  minift study --quick              a smoke run, under a minute (its numbers mean nothing)
   minift study --seeds 8 --jobs 4   more seeds, on 4 cores""",
 }
 
@@ -413,7 +413,7 @@ def study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="FILE", help="write the whole report (every run) as JSON")
     p.add_argument("--seeds", type=int, help="seeds per setting (default 5)")
     p.add_argument("--steps", type=int, help="optimizer steps per run (default 300)")
-    p.add_argument("--jobs", type=int, help="worker processes (default: 2 cores at most; quick: 1)")
+    p.add_argument("--jobs", type=int, help="worker processes (default: 2 at most; quick: 1; 0: none)")
 
 
 def cmd_spec(args: argparse.Namespace) -> int:
