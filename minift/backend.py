@@ -7,7 +7,10 @@ minift works, and never imports it, where it is absent.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
+from collections.abc import Iterator
 from types import ModuleType
 from typing import Any, TypeAlias
 
@@ -86,3 +89,23 @@ def scatter_add(target: Array, index: Array, values: Array) -> None:
         import cupyx
 
         cupyx.scatter_add(target, index, values)
+
+
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@contextlib.contextmanager
+def single_threaded_blas_children() -> Iterator[None]:
+    """Processes started inside this block get one BLAS thread (the variables are read when a process
+    loads its BLAS). On small matrices, jobs × 1 threads use the cores without the threads contending,
+    and a run's floating-point sums do not depend on the machine or its load. This process is unchanged."""
+    saved = {k: os.environ.get(k) for k in _THREAD_VARS}
+    os.environ.update(dict.fromkeys(_THREAD_VARS, "1"))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

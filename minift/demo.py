@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from minift.backend import single_threaded_blas_children
 from minift.data.datasets import BatchStream, encode_example
 from minift.data.tasks import TaskExample, TaskSplits, evaluate, generate_answers, task_splits
 from minift.data.tokenizer import Tokenizer
@@ -33,7 +34,6 @@ from minift.errors import MinIFTError
 from minift.finetune import METHOD_NAMES, MethodSpec, apply_method, load_model, trainable_count
 from minift.measure import step_memory
 from minift.model import Model
-from minift.study import _single_threaded_blas
 from minift.train import TrainConfig, train
 
 # Per-method peak learning rates, picked once by a small sweep on the "min" task (1e-4 … 1e-2): for each
@@ -158,7 +158,7 @@ def run_methods(config: DemoConfig, splits: TaskSplits, jobs: int) -> list[tuple
     ctx = multiprocessing.get_context("spawn")
     work = [(method, config, splits) for method in config.methods]
     results = []
-    with _single_threaded_blas(), ProcessPoolExecutor(max(1, jobs), mp_context=ctx) as pool:
+    with single_threaded_blas_children(), ProcessPoolExecutor(max(1, jobs), mp_context=ctx) as pool:
         for row, answer in pool.map(_method_job, work):
             status = (
                 row.get("error")

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from minift.backend import single_threaded_blas_children
 from minift.config import ModelConfig
 from minift.data.datasets import BatchStream, encode_example
 from minift.data.tasks import (
@@ -135,10 +136,8 @@ def pretrain_single_threaded(recipe: PretrainRecipe, out_dir: str | Path, **opti
     Threads would only contend on these small matrices, and a fixed thread count keeps the weights
     bitwise reproducible from one machine to the next.
     """
-    from minift.study import _single_threaded_blas  # here, not at the top: minift.study imports this module
-
     with (
-        _single_threaded_blas(),
+        single_threaded_blas_children(),
         ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool,
     ):
         return pool.submit(_pretrain_steps, recipe, str(out_dir), options).result()

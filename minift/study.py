@@ -42,7 +42,6 @@ matplotlib is installed.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import json
@@ -52,14 +51,14 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from minift.backend import get_xp
+from minift.backend import get_xp, single_threaded_blas_children
 from minift.data.datasets import BatchStream, encode_example
 from minift.data.tasks import TaskSplits, evaluate, perplexity, task_splits, task_tokenizer
 from minift.errors import ConfigError, TrainingError
@@ -301,9 +300,6 @@ def execute(spec: RunSpec, base: Model, config: StudyConfig, adapter_dir: Path |
 # running many: in this process, or in worker processes with one BLAS thread each
 
 
-_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-
-
 @functools.lru_cache(maxsize=1)
 def _worker_base(path: str) -> Model:
     return load_pretrained(path)
@@ -312,22 +308,6 @@ def _worker_base(path: str) -> Model:
 def _worker(job: tuple[RunSpec, str, StudyConfig, str]) -> dict[str, Any]:
     spec, base_path, config, adapter_dir = job
     return execute(spec, _worker_base(base_path), config, Path(adapter_dir)).to_dict()
-
-
-@contextlib.contextmanager
-def _single_threaded_blas() -> Iterator[None]:
-    """Worker processes start with one BLAS thread: jobs × 1 threads use the cores without contention,
-    and a run's floating-point sums do not depend on the machine's load."""
-    saved = {k: os.environ.get(k) for k in _THREAD_VARS}
-    os.environ.update(dict.fromkeys(_THREAD_VARS, "1"))
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 class Runner:
@@ -345,7 +325,7 @@ class Runner:
         self.pool = None
         if jobs > 0:
             self.base_path = save_pretrained(base, workdir / "base")
-            with _single_threaded_blas():
+            with single_threaded_blas_children():
                 self.pool = multiprocessing.get_context("spawn").Pool(jobs)
 
     def close(self) -> None:
