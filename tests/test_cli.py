@@ -10,27 +10,17 @@ import pytest
 
 import minift.train
 from minift.cli import COMMANDS, main
-from minift.config import ModelConfig
 from minift.data.tasks import save_tokenizer, task_splits
 from minift.finetune import attach_adapter
 from minift.hub import load_pretrained, save_pretrained
 from minift.model import init_model, model_forward
 from minift.safetensors_io import read_safetensors
 from minift.testing import assert_close
+from tests.toy import task_world_config
 
 
 def _model_folder(path, hidden: int):
-    config = ModelConfig(
-        vocab_size=100,
-        hidden_size=hidden,
-        intermediate_size=24,
-        n_layers=2,
-        n_heads=2,
-        n_kv_heads=1,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    config = task_world_config(hidden)
     tok = save_tokenizer(path.parent / f"tok-{path.name}")
     return save_pretrained(init_model(config, np.random.default_rng(0), std=0.1), path, tokenizer_path=tok)
 

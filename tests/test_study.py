@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from minift.cli import main
-from minift.config import ModelConfig
 from minift.errors import ConfigError, TrainingError
 from minift.hub import save_pretrained
 from minift.model import init_model
@@ -34,6 +33,7 @@ from minift.study import (
     sweep_specs,
     verdict,
 )
+from tests.toy import task_world_config
 
 
 def _result(method: str, lr: float, validation: float, ppl: float) -> RunResult:
@@ -99,17 +99,7 @@ def test_a_study_config_refuses_one_task_for_both_fusion_adapters():
 
 @pytest.fixture(scope="module")
 def tiny():
-    config = ModelConfig(
-        vocab_size=100,
-        hidden_size=16,
-        intermediate_size=24,
-        n_layers=2,
-        n_heads=2,
-        n_kv_heads=1,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    config = task_world_config()
     return init_model(config, np.random.default_rng(0), std=0.1)
 
 

@@ -13,7 +13,6 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from minift.config import ModelConfig
 from minift.data.datasets import encode_example
 from minift.data.tasks import (
     BOS,
@@ -37,6 +36,7 @@ from minift.data.tasks import (
 from minift.data.tokenizer import Tokenizer
 from minift.generate import generate
 from minift.model import init_model
+from tests.toy import task_world_config
 
 
 def _question(ex: TaskExample) -> str:
@@ -221,17 +221,7 @@ def test_training_records_count_the_answer_and_eos_only():
 
 
 def _tiny(std: float) -> object:
-    config = ModelConfig(
-        vocab_size=100,
-        hidden_size=16,
-        intermediate_size=24,
-        n_layers=2,
-        n_heads=2,
-        n_kv_heads=1,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    config = task_world_config()
     return init_model(config, np.random.default_rng(0), std=std)
 
 

@@ -45,3 +45,18 @@ def tiny_model(
     config = ModelConfig(**(fields | overrides))
     model = init_model(config, np.random.default_rng(seed), dtype=dtype, std=std)
     return set_trainable(model, trainable)
+
+
+def task_world_config(hidden: int = 16) -> ModelConfig:
+    """A tiny GQA Llama over the embedded tasks' 100-id character vocabulary (``minift.data.tasks``)."""
+    return ModelConfig(
+        vocab_size=100,
+        hidden_size=hidden,
+        intermediate_size=24,
+        n_layers=2,
+        n_heads=2,
+        n_kv_heads=1,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
