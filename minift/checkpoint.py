@@ -70,6 +70,12 @@ def _read_state(path: Path) -> dict[str, Any]:
     return state
 
 
+def _step_of(folder: Path) -> int | None:
+    """The step a ``step-NNNNNNNN`` folder holds, or None for any other name."""
+    digits = folder.name.removeprefix("step-")
+    return int(digits) if digits != folder.name and digits.isdigit() else None
+
+
 # ----------------------------------------------------------------------------------------------------
 # checkpoints
 
@@ -99,8 +105,9 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     keep: int = 2,
 ) -> Path:
-    """Write the checkpoint of ``step`` into ``run_dir`` atomically and point ``latest`` at it; keep the
-    newest ``keep`` step folders. Returns the step folder."""
+    """Write the checkpoint of ``step`` into ``run_dir`` atomically and point ``latest`` at it; keep it
+    and the newest ``keep`` − 1 folders of earlier steps (folders of later steps, left by another run,
+    are not touched). Returns the step folder."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
@@ -129,7 +136,12 @@ def save_checkpoint(
     else:
         os.replace(tmp, final)
     _write_atomic(run_dir / "latest", name.encode())
-    for stale in sorted(run_dir.glob("step-*"))[:-keep] if keep > 0 else []:
+    # Prune among the steps before this one: a folder of a later step belongs to another (longer) run
+    # written into the same folder, and pruning by name alone would delete the checkpoint just written.
+    earlier = sorted(
+        (s, p) for p in run_dir.glob("step-*") if (s := _step_of(p)) is not None and s < step
+    )
+    for _, stale in earlier[: max(len(earlier) - (keep - 1), 0)] if keep > 0 else []:
         with contextlib.suppress(OSError):
             shutil.rmtree(stale)
     return final

@@ -114,3 +114,19 @@ def test_restoring_into_a_model_of_another_config_is_a_checkpoint_error(tmp_path
     other = tiny_model(9, trainable=False, rope_theta=500.0)
     with pytest.raises(CheckpointError, match="model_config differs"):
         restore(load_checkpoint(tmp_path), other, AdamW({}), rng)
+
+
+def test_saving_an_earlier_step_into_a_run_folder_keeps_the_checkpoint_just_written(tmp_path):
+    # A fresh run written into the folder of a longer earlier run: pruning by name alone would delete
+    # the new step-00000001 at once (it sorts before the old run's folders) and leave `latest`
+    # naming a folder that no longer exists.
+    model, opt, rng = _trained()
+    for step in (5, 6):
+        save_checkpoint(tmp_path, model, opt, step=step, rng=rng, train_config={}, keep=2)
+    for step in (1, 2, 3):
+        folder = save_checkpoint(tmp_path, model, opt, step=step, rng=rng, train_config={}, keep=2)
+        assert folder.is_dir()
+        assert load_checkpoint(tmp_path).step == step
+    kept = sorted(p.name for p in tmp_path.iterdir())
+    assert kept == ["latest", "step-00000002", "step-00000003", "step-00000005", "step-00000006"]
+
