@@ -67,6 +67,12 @@ def _read_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: checkpoint version {state.get('version')!r}; this minift reads version {VERSION}"
         )
+    for key in ("step", "optimizer_t"):
+        if not (type(state.get(key)) is int and state[key] >= 0):
+            raise CheckpointError(f"{path}: {key!r} must be an integer >= 0, got {state.get(key)!r}")
+    if not isinstance(state.get("rng"), dict):
+        raise CheckpointError(f"{path}: 'rng' must be the host RNG's state (a JSON object), got "
+                              f"{state.get('rng')!r}")
     return state
 
 
@@ -211,9 +217,16 @@ def restore(ckpt: Checkpoint, model: Model, optimizer: AdamW, rng: np.random.Gen
     opt_file = ckpt.path / "optimizer.safetensors"
     if set(state) != set(ckpt.optimizer):
         raise CheckpointError(f"{opt_file}: optimizer state keys differ from the model's trainable arrays")
+    try:
+        type(rng.bit_generator)().state = ckpt.state["rng"]  # checked on a scratch generator first
+    except (TypeError, ValueError, KeyError) as e:
+        kind = type(rng.bit_generator).__name__
+        raise CheckpointError(
+            f"{ckpt.path / 'state.json'}: 'rng' is not a {kind} state ({type(e).__name__}: {e})"
+        ) from None
     for key, a in params.items():
         _copy_into(a, ckpt.params[key], f"{file}: {key!r}")
     for key, a in state.items():
         _copy_into(a, ckpt.optimizer[key], f"{opt_file}: {key!r}")
-    optimizer.t = int(ckpt.state["optimizer_t"])
+    optimizer.t = ckpt.state["optimizer_t"]
     rng.bit_generator.state = ckpt.state["rng"]

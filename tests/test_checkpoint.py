@@ -130,3 +130,24 @@ def test_saving_an_earlier_step_into_a_run_folder_keeps_the_checkpoint_just_writ
     kept = sorted(p.name for p in tmp_path.iterdir())
     assert kept == ["latest", "step-00000002", "step-00000003", "step-00000005", "step-00000006"]
 
+
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        (lambda s: s.pop("step"), "step"),
+        (lambda s: s.update(step="two"), "step"),
+        (lambda s: s.pop("optimizer_t"), "optimizer_t"),
+        (lambda s: s.pop("rng"), "rng"),
+        (lambda s: s.update(rng={"bit_generator": "PCG64", "state": 3}), "rng"),
+    ],
+)
+def test_a_state_file_with_a_missing_or_bad_entry_is_a_checkpoint_error_naming_the_key(tmp_path, edit, key):
+    model, opt, rng = _trained()
+    folder = save_checkpoint(tmp_path, model, opt, step=2, rng=rng, train_config={})
+    path = folder / "state.json"
+    state = json.loads(path.read_text())
+    edit(state)
+    path.write_text(json.dumps(state))
+    fresh, fresh_opt, fresh_rng = _trained(seed=1)
+    with pytest.raises(CheckpointError, match=rf"{path}: .*{key}"):
+        restore(load_checkpoint(folder), fresh, fresh_opt, fresh_rng)
