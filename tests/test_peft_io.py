@@ -171,3 +171,32 @@ def test_export_needs_an_unmerged_adapter_on_a_llama_family_model(tmp_path):
     low_rank_slots(model)[0][1].merge()
     with pytest.raises(ConfigError, match="merged"):
         export_peft_adapter(model, tmp_path)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[1, 2]", "expected a JSON object"),
+    (b"\xff\xfe{}", "not valid JSON"),
+    ({"r": "eight"}, r"'r' must be a positive integer, got 'eight'"),
+    ({"r": 0}, r"'r' must be a positive integer, got 0"),
+    ({"lora_alpha": None}, r"'lora_alpha' must be a number, got None"),
+    ({"lora_dropout": "x"}, r"'lora_dropout' must be a number in \[0, 1\), got 'x'"),
+    ({"target_modules": "q_proj("}, r"'target_modules' 'q_proj\(' is not a valid regular expression"),
+    ({"target_modules": [1]}, r"'target_modules' must be a string or a list of strings"),
+])
+def test_a_malformed_adapter_config_is_a_checkpoint_error_naming_the_file_and_key(folder, text, message):
+    path = folder / CONFIG_NAME
+    if isinstance(text, dict):
+        _edit_config(folder, **text)
+    else:
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(CheckpointError, match=rf"{path}: .*{message}"):
+        load_peft_adapter(base_model(), folder)
+
+
+def test_loading_onto_an_already_adapted_model_changes_nothing_before_refusing(folder):
+    model = base_model()
+    model.blocks[1].v = _lora().blocks[1].v  # one target already adapted, another still dense
+    before = [type(s).__name__ for b in model.blocks for _, s in b.slots()]
+    with pytest.raises(ConfigError, match=r"blocks\.1\.v .*not a plain dense projection"):
+        load_peft_adapter(model, folder)
+    assert [type(s).__name__ for b in model.blocks for _, s in b.slots()] == before

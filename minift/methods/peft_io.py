@@ -172,14 +172,42 @@ def _is_targeted(config: dict[str, Any], module: str, layer: int) -> bool:
     return layer == layers if isinstance(layers, int) else layer in layers
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _read_config(folder: Path) -> tuple[Path, dict[str, Any]]:
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{path}: no adapter config (expected a PEFT adapter folder)")
     try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    r = config.get("r", 8)
+    if not (type(r) is int and r > 0):
+        raise CheckpointError(f"{path}: 'r' must be a positive integer, got {r!r}")
+    if not _is_number(config.get("lora_alpha", 8)):
+        raise CheckpointError(f"{path}: 'lora_alpha' must be a number, got {config['lora_alpha']!r}")
+    dropout = config.get("lora_dropout", 0.0)
+    if not (_is_number(dropout) and 0 <= dropout < 1):
+        raise CheckpointError(f"{path}: 'lora_dropout' must be a number in [0, 1), got {dropout!r}")
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise CheckpointError(
+                f"{path}: 'target_modules' {targets!r} is not a valid regular expression ({e})"
+            ) from None
+    elif not (targets is None or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        raise CheckpointError(
+            f"{path}: 'target_modules' must be a string or a list of strings, got {targets!r}"
+        )
     if config.get("peft_type") != "LORA":
         raise CheckpointError(f"{path}: peft_type={config.get('peft_type')!r}; minift loads 'LORA' adapters")
     if config.get("init_lora_weights", True) not in (True, False, "gaussian"):
@@ -251,14 +279,15 @@ def load_peft_adapter(model: Model, path: str | Path) -> Model:
                     f"(r={r} from {config_path}; {slot.out_features}×{slot.in_features} base weight)"
                 )
 
+    dense = {(i, s): adapt_slot(getattr(model.blocks[i], s), i, s) for i, s in targeted}
+
     freeze(model)
     scaling = alpha / (math.sqrt(r) if use_rslora else r)
     dropout = float(config.get("lora_dropout", 0.0))
-    for i, s in targeted:
-        dense = adapt_slot(getattr(model.blocks[i], s), i, s)
-        xp, dtype = get_xp(dense.weight), dense.weight.dtype
+    for (i, s), base in dense.items():
+        xp, dtype = get_xp(base.weight), base.weight.dtype
         A, B = (to_xp(found[(i, s)][f].astype(dtype), xp) for f in "AB")
-        slot = LowRankLinear(dense.weight, A, B, scaling, bias=dense.bias, dropout=dropout)
+        slot = LowRankLinear(base.weight, A, B, scaling, bias=base.bias, dropout=dropout)
         replace_slot(model, i, s, slot)
     model.meta["adapter"] = {
         "method": "lora", "r": r, "alpha": alpha, "dropout": dropout, "use_rslora": use_rslora,
