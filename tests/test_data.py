@@ -138,6 +138,19 @@ def test_a_jsonl_file_of_both_record_kinds_reads_back_skipping_blank_lines(tmp_p
     assert read_jsonl(path) == [{"prompt": "ab=", "completion": "ba"}, {"text": "abc"}]
 
 
+
+def test_unicode_line_separators_inside_a_json_string_do_not_split_the_record(tmp_path):
+    # JSON allows U+2028, U+2029 and U+0085 unescaped in strings (json.dumps(ensure_ascii=False) writes
+    # them so); a JSONL line ends only at "\n" (or "\r\n"), so they must not split it.
+    records = [{"text": "a\u2028b"}, {"prompt": "c\u2029", "completion": "\x85d"}]
+    path = tmp_path / "data.jsonl"
+    lines = [json.dumps(r, ensure_ascii=False).encode() for r in records]
+    path.write_bytes(b"\r\n".join([*lines, b"[]", b""]))
+    with pytest.raises(DataError, match=rf"{path}:3: expected a JSON object"):
+        read_jsonl(path)
+    path.write_bytes(b"\n".join(lines))
+    assert read_jsonl(path) == records
+
 @pytest.mark.parametrize(
     ("line", "expected"),
     [

@@ -45,7 +45,9 @@ def read_jsonl(path: str | Path) -> list[Record]:
     """
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # split on "\n" only: str.splitlines also breaks at U+2028, U+2029 and U+0085, which JSON allows
+        # unescaped inside strings (read_text has already turned "\r\n" into "\n")
+        lines = path.read_text(encoding="utf-8").split("\n")
     except OSError as e:
         raise DataError(f"{path}: cannot read the data file ({e.strerror})") from None
     except UnicodeDecodeError as e:
