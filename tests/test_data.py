@@ -68,6 +68,13 @@ def test_a_special_token_missing_from_the_vocabulary_is_a_data_error_naming_the_
         Tokenizer.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("value", ["</s>", [EOS, "3"], True, {"id": 3}])
+def test_a_generation_eos_that_is_not_ids_is_a_data_error_naming_the_file(tmp_path, value):
+    char_tokenizer().hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": value}))
+    with pytest.raises(DataError, match=r"generation_config\.json: eos_token_id must be"):
+        Tokenizer.from_pretrained(tmp_path)
+
 def test_an_unreadable_tokenizer_file_is_a_data_error_naming_it(tmp_path):
     bad = tmp_path / "tokenizer.json"
     bad.write_text("{not json")

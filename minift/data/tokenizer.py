@@ -69,6 +69,9 @@ class Tokenizer:
         for name in ("bos_token", "eos_token", "pad_token"):
             ids[name] = tok._special_id(config.get(name), folder / "tokenizer_config.json", name)
         gen_eos = _read_json(folder / "generation_config.json").get("eos_token_id")
+        if gen_eos is not None and not _is_ids(gen_eos):
+            raise DataError(f"{folder / 'generation_config.json'}: eos_token_id must be an integer or a list "
+                            f"of integers, got {gen_eos!r}")
         eos: int | Sequence[int] = gen_eos if gen_eos is not None else (
             () if ids["eos_token"] is None else ids["eos_token"]
         )
@@ -111,6 +114,11 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return str(self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens))
+
+
+def _is_ids(value: Any) -> bool:
+    """An id (int, not bool) or a list of ids."""
+    return all(type(i) is int for i in (value if isinstance(value, list) else [value]))
 
 
 def _read_json(path: Path) -> dict[str, Any]:
