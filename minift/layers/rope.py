@@ -56,7 +56,11 @@ def rope_tables(positions: Array, D: int, theta: float, scaling: RopeScaling) ->
 
 
 def rotate_half(x: Array) -> Array:
-    """rotate_half(x) = concat(−x[..., D/2:], x[..., :D/2])."""
+    """rotate_half(x) = concat(−x[..., D/2:], x[..., :D/2]): the pair (i, i + D/2) maps to (−x_{i+D/2}, x_i).
+
+    Shapes:
+        x: (..., D) with D even   returns: like x
+    """
     xp = get_xp(x)
     half = x.shape[-1] // 2
     return xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
