@@ -17,8 +17,9 @@ from minift.train import train_step
 
 
 def gemm_gflops(n: int = 1024, repeats: int = 5, dtype: type = np.float32) -> float:
-    """Measured float32 GEMM throughput (GFLOP/s) of this machine's BLAS: best of ``repeats`` n×n×n
-    products, 2n³ FLOPs each. The ceiling against which model-FLOPs utilisation is reported."""
+    """Measured GEMM throughput (GFLOP/s) of this machine's BLAS in ``dtype`` (float32 by default): best
+    of ``repeats`` n×n×n products, 2n³ FLOPs each. The ceiling against which model-FLOPs utilisation is
+    reported."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n)).astype(dtype)
     b = rng.standard_normal((n, n)).astype(dtype)
