@@ -299,3 +299,21 @@ def test_on_every_array_module_batched_serving_equals_merged_models(xp):
         merge_adapter(own, adapters[k])
         want, _ = model_forward(own, tokens[b : b + 1], train=False)
         assert_close(logits[b : b + 1], want, rtol=1e-10, atol=1e-11, what=f"request {b}")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda ix: ix.update(blocks=[]), r"'blocks' must map slot keys to \{axis, shape\}"),
+        (lambda ix: ix.update(model=[1, 2]), r"'model' must map sizes to integers"),
+        (lambda ix: ix["blocks"].update({"blocks.0.o": "columns"}), r"block 'blocks\.0\.o' needs 'axis'"),
+    ],
+)
+def test_a_malformed_adapter_index_is_a_checkpoint_error_naming_it(tmp_path, edit, message):
+    _, adapter = _trained()
+    path = save_adapter(adapter, tmp_path / "a")
+    index = json.loads((path / "adapter.json").read_text())
+    edit(index)
+    (path / "adapter.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"adapter\.json: {message}"):
+        load_adapter(path)

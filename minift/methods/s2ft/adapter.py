@@ -130,8 +130,15 @@ def load_adapter(directory: str | os.PathLike[str]) -> S2FTAdapter:
     tensors, _ = read_safetensors(src / WEIGHTS)
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise CheckpointError(f"{src / INDEX}: 'format' must be {FORMAT!r}")
+    entries, signature = index.get("blocks", {}), index.get("model", {})
+    if not isinstance(entries, dict):
+        raise CheckpointError(
+            f"{src / INDEX}: 'blocks' must map slot keys to {{axis, shape}}, got {entries!r}"
+        )
+    if not (isinstance(signature, dict) and all(type(v) is int for v in signature.values())):
+        raise CheckpointError(f"{src / INDEX}: 'model' must map sizes to integers, got {signature!r}")
     blocks = {}
-    for key, meta in index.get("blocks", {}).items():
+    for key, meta in entries.items():
         where = f"{src / WEIGHTS}, key {key!r}"
         if f"{key}.indices" not in tensors or f"{key}.delta" not in tensors:
             raise CheckpointError(f"{where}: '{key}.indices' and '{key}.delta' are both required")
@@ -144,7 +151,7 @@ def load_adapter(directory: str | os.PathLike[str]) -> S2FTAdapter:
         blk = AdapterBlock(axis, tensors[f"{key}.indices"], tensors[f"{key}.delta"], shape)
         check_block(blk, where)
         blocks[key] = blk
-    return S2FTAdapter(blocks, dict(index.get("model", {})))
+    return S2FTAdapter(blocks, dict(signature))
 
 
 def check_block(blk: AdapterBlock, where: str) -> None:
