@@ -158,9 +158,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     pointer = Path(run_dir) / "latest"
     if not pointer.exists():
         return None
-    folder = Path(run_dir) / pointer.read_text(encoding="utf-8").strip()
-    if not folder.is_dir():
-        raise CheckpointError(f"{pointer}: names {folder.name!r}, which is not a checkpoint folder")
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{pointer}: cannot read the name of the latest step folder ({e})") from None
+    folder = Path(run_dir) / name
+    if _step_of(folder) is None or folder.name != name or not folder.is_dir():
+        raise CheckpointError(f"{pointer}: names {name!r}, which is not a step folder of this run")
     return folder
 
 

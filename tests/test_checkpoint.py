@@ -151,3 +151,12 @@ def test_a_state_file_with_a_missing_or_bad_entry_is_a_checkpoint_error_naming_t
     fresh, fresh_opt, fresh_rng = _trained(seed=1)
     with pytest.raises(CheckpointError, match=rf"{path}: .*{key}"):
         restore(load_checkpoint(folder), fresh, fresh_opt, fresh_rng)
+
+
+@pytest.mark.parametrize("pointer", [b"", b"\xff\xfe", b"state.json", b"../elsewhere"])
+def test_a_latest_file_that_names_no_step_folder_is_a_checkpoint_error_naming_it(tmp_path, pointer):
+    model, opt, rng = _trained()
+    save_checkpoint(tmp_path, model, opt, step=2, rng=rng, train_config={})
+    (tmp_path / "latest").write_bytes(pointer)
+    with pytest.raises(CheckpointError, match=rf"{tmp_path / 'latest'}: .*step folder"):
+        latest_checkpoint(tmp_path)
