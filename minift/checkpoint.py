@@ -45,13 +45,17 @@ VERSION = 1
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, flush it to disk, then rename over ``path``."""
+    """Write ``data`` to a temporary file beside ``path``, flush it to disk, then rename over ``path``;
+    on failure ``path`` is unchanged and the temporary is removed."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # left only when the write failed
 
 
 def _read_state(path: Path) -> dict[str, Any]:
