@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from minift.backend import get_xp, to_numpy, to_xp
+from minift.checkpoint import _write_atomic
 from minift.errors import CheckpointError, ConfigError
 from minift.methods.lora import LowRankLinear, adapt_slot, low_rank_slots
 from minift.methods.targets import HF_MODULES, freeze, replace_slot
@@ -98,7 +99,8 @@ def export_peft_adapter(
 ) -> Path:
     """Write the model's LoRA/PiSSA/SORSA adapters as a PEFT adapter folder; returns the folder.
 
-    Tensors are written in float32 (bf16 with ``bf16=True``).
+    Tensors are written in float32 (bf16 with ``bf16=True``). Each file is replaced atomically
+    (temporary file + rename), so an interrupted export never leaves a truncated file.
     """
     _check_arch(model)
     slots = low_rank_slots(model)
@@ -147,7 +149,7 @@ def export_peft_adapter(
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     write_safetensors(folder / WEIGHTS_NAME, tensors, metadata={"format": "pt"}, bf16=bf16)
-    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _write_atomic(folder / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     return folder
 
 
