@@ -2,7 +2,7 @@
 
 Every compute function infers its array module from its arguments, so after ``to_device(model,
 "cuda")`` the same forward, backward, optimizer and method code runs on the GPU. Sampling in
-generation stays on the host: only the [V] logits row of the next token is copied back.
+generation stays on the host: only the last position's logits, (B, V), are copied back each step.
 """
 
 from __future__ import annotations
