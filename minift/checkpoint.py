@@ -125,8 +125,6 @@ def save_checkpoint(
     tmp = run_dir / f".{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for file, arrays in (("trainable", trainable_parameters(model)), ("optimizer", optimizer.state_arrays())):
-        write_safetensors(tmp / f"{file}.safetensors", {k: to_numpy(a) for k, a in arrays.items()})
     state = {
         "format": FORMAT,
         "version": VERSION,
@@ -137,7 +135,14 @@ def save_checkpoint(
         "train_config": train_config,
         **(extra or {}),
     }
-    _write_atomic(tmp / "state.json", json.dumps(state, indent=1).encode())
+    try:
+        files = (("trainable", trainable_parameters(model)), ("optimizer", optimizer.state_arrays()))
+        for file, arrays in files:
+            write_safetensors(tmp / f"{file}.safetensors", {k: to_numpy(a) for k, a in arrays.items()})
+        _write_atomic(tmp / "state.json", json.dumps(state, indent=1).encode())
+    except BaseException:  # a full disk or Ctrl-C: no half-written folder is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # the same step saved again (e.g. after a resume): move the old one aside first
         old = run_dir / f".{name}.old-{os.getpid()}"
         os.replace(final, old)

@@ -12,6 +12,7 @@ from minift.errors import CheckpointError
 from minift.methods.s2ft.slots import block_slot
 from minift.model import trainable_parameters
 from minift.optim import AdamW
+from minift.safetensors_io import write_safetensors
 from tests.toy import tiny_model
 
 
@@ -176,3 +177,25 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path, mo
         checkpoint._write_atomic(target, b"step-00000002")
     assert target.read_text() == "step-00000001"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
+
+
+def test_a_checkpoint_that_fails_half_way_leaves_no_temporary_folder_and_the_last_one_intact(
+    tmp_path, monkeypatch
+):
+    from minift import checkpoint
+
+    model, opt, rng = _trained()
+    save_checkpoint(tmp_path, model, opt, step=1, rng=rng, train_config={})
+    written = []
+
+    def write_then_fail(path, tensors, **kw):
+        if written:
+            raise OSError(28, "No space left on device")
+        written.append(path)
+        write_safetensors(path, tensors, **kw)
+
+    monkeypatch.setattr(checkpoint, "write_safetensors", write_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint(tmp_path, model, opt, step=2, rng=rng, train_config={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000001"]
+    assert load_checkpoint(tmp_path).step == 1
