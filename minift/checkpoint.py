@@ -15,7 +15,9 @@ the first run did (same seed or same pretrained folder), and ``restore`` checks 
 
 Writes are atomic: a step folder is written under a temporary name and renamed into place, then
 ``latest`` is replaced by rename too (``os.replace``). A crash at any moment leaves ``latest`` naming
-a complete checkpoint. No pickle: safetensors and JSON only.
+a complete checkpoint, with one exception: when a step that already has a folder is saved again, the
+old folder is moved aside (``.step-N.old-PID``) for the instant between two renames, since a
+directory cannot replace a non-empty one in a single rename. No pickle: safetensors and JSON only.
 """
 
 from __future__ import annotations
