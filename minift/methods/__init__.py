@@ -3,7 +3,9 @@ and merge/unmerge/export. The model code never changes.
 
 ``METHODS`` maps a method's name to its module; every module offers ``Config``, ``apply(model, config,
 rng)``, ``merge(model)`` and ``unmerge(model)`` (see ``minift.methods.full``). Modules are imported on
-first use, so ``import minift.methods`` stays cheap.
+first use, so ``import minift.methods`` stays cheap. S2FT is not in ``METHODS``: its ``apply_s2ft`` also
+takes calibration batches and it has no merge/unmerge pair (``unpermute`` returns the trained weights
+to the original layout), so ``minift.methods.s2ft`` keeps its own names.
 """
 
 from __future__ import annotations
