@@ -182,6 +182,7 @@ def test_export_needs_an_unmerged_adapter_on_a_llama_family_model(tmp_path):
     ({"lora_dropout": "x"}, r"'lora_dropout' must be a number in \[0, 1\), got 'x'"),
     ({"target_modules": "q_proj("}, r"'target_modules' 'q_proj\(' is not a valid regular expression"),
     ({"target_modules": [1]}, r"'target_modules' must be a string or a list of strings"),
+    ({"layers_to_transform": "0"}, r"'layers_to_transform' must be null, an integer or a list of integers"),
 ])
 def test_a_malformed_adapter_config_is_a_checkpoint_error_naming_the_file_and_key(folder, text, message):
     path = folder / CONFIG_NAME

@@ -174,6 +174,10 @@ def _is_targeted(config: dict[str, Any], module: str, layer: int) -> bool:
     return layer == layers if isinstance(layers, int) else layer in layers
 
 
+def _all_ints(values: list[Any]) -> bool:
+    return all(type(v) is int for v in values)
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -209,6 +213,11 @@ def _read_config(folder: Path) -> tuple[Path, dict[str, Any]]:
     elif not (targets is None or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
         raise CheckpointError(
             f"{path}: 'target_modules' must be a string or a list of strings, got {targets!r}"
+        )
+    layers = config.get("layers_to_transform")
+    if not (layers is None or type(layers) is int or (isinstance(layers, list) and _all_ints(layers))):
+        raise CheckpointError(
+            f"{path}: 'layers_to_transform' must be null, an integer or a list of integers, got {layers!r}"
         )
     if config.get("peft_type") != "LORA":
         raise CheckpointError(f"{path}: peft_type={config.get('peft_type')!r}; minift loads 'LORA' adapters")
