@@ -84,9 +84,12 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
             if len(prefix) < 8:
                 raise _fail(path, f"{size} bytes is too short for a safetensors file (8-byte header length)")
             (n,) = struct.unpack("<Q", prefix)
-            if n > MAX_HEADER_BYTES or 8 + n > size:
+            if 8 + n > size:
                 raise _fail(path, f"header length {n} goes beyond the file's {size} bytes: the file is "
                                   "truncated or not a safetensors file")
+            if n > MAX_HEADER_BYTES:
+                raise _fail(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit of "
+                                  "safetensors readers: not a safetensors file")
             raw = f.read(n)
     except OSError as e:
         raise _fail(path, f"cannot read: {e.strerror or e}") from None

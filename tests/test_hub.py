@@ -450,3 +450,13 @@ def test_a_missing_extra_misshapen_or_integer_tensor_is_a_checkpoint_error_namin
     with pytest.raises(CheckpointError, match=match) as err:
         load_pretrained(folder)
     assert "model.safetensors" in str(err.value)
+
+
+def test_a_header_over_the_readers_limit_is_named_as_such_not_as_truncation(tmp_path, monkeypatch):
+    from minift import safetensors_io
+
+    path = tmp_path / "t.safetensors"
+    safetensors_io.write_safetensors(path, {"x": np.zeros(3, np.float32)})
+    monkeypatch.setattr(safetensors_io, "MAX_HEADER_BYTES", 16)
+    with pytest.raises(CheckpointError, match=rf"{path}: header length \d+ exceeds the 16-byte limit"):
+        safetensors_io.read_header(path)
