@@ -583,8 +583,8 @@ def save_pretrained(
     Files: config.json, model.safetensors (metadata ``{"format": "pt"}``, the model's own float dtype),
     generation_config.json, and the tokenizer files from ``tokenizer_path`` (a tokenizer.json or its
     folder; default ``model.meta["tokenizer_path"]``). Everything is written into a temporary folder
-    first; a new folder then appears by one rename, and in an existing folder each file is replaced
-    atomically. Returns the folder.
+    first; a new folder then appears by one rename, and an existing folder is swapped whole (keeping
+    its other files), so no crash leaves a mix of old and new files. Returns the folder.
     """
     folder = Path(path)
     config = model.config
@@ -614,8 +614,15 @@ def save_pretrained(
         if not folder.exists():
             os.rename(tmp, folder)
             return folder
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, folder / f.name)
+        # An existing folder is swapped whole, never file by file: a crash between two files would
+        # leave a new config.json beside old weights. Its other files (notes, adapters) move along.
+        for f in folder.iterdir():
+            if not (tmp / f.name).exists():
+                os.rename(f, tmp / f.name)
+        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+        os.rename(folder, old / folder.name)
+        os.rename(tmp, folder)  # between these two renames the previous model sits whole in `old`
+        shutil.rmtree(old, ignore_errors=True)
         return folder
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

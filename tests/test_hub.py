@@ -12,7 +12,9 @@ The outside oracle (transformers itself) is in ``tests/crosscheck/``.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import struct
 import tempfile
 from pathlib import Path
@@ -460,3 +462,23 @@ def test_a_header_over_the_readers_limit_is_named_as_such_not_as_truncation(tmp_
     monkeypatch.setattr(safetensors_io, "MAX_HEADER_BYTES", 16)
     with pytest.raises(CheckpointError, match=rf"{path}: header length \d+ exceeds the 16-byte limit"):
         safetensors_io.read_header(path)
+
+
+def test_a_crash_while_replacing_a_saved_model_never_leaves_a_mix_of_old_and_new(tmp_path, monkeypatch):
+    folder = saved(LLAMA, tmp_path / "m")
+    real_replace, calls = os.replace, []
+
+    def replace_then_crash(src, dst):
+        if Path(dst).parent == folder:  # a file published into the saved folder
+            calls.append(dst)
+            if len(calls) > 1:  # the process dies after publishing one file
+                raise OSError("simulated crash")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_then_crash)
+    with contextlib.suppress(OSError):
+        save_pretrained(random_model(LLAMA.replace(norm_eps=1e-3), seed=9), folder)
+    monkeypatch.undo()
+    loaded = load_pretrained(folder)  # whichever model the folder holds, it holds all of it
+    expected = random_model(LLAMA, seed=9) if loaded.config.norm_eps == 1e-3 else random_model(LLAMA)
+    assert_same_state(loaded, expected)
