@@ -132,6 +132,15 @@ def test_the_lora_matched_budget_is_within_one_unit_of_lora(rank, head_targets, 
     assert abs(s2ft_parameter_count(big, s2) - lora_parameter_count(big, rank)) <= slack
 
 
+def test_a_budget_for_some_layers_spends_loras_whole_count_on_those_layers():
+    big = ModelConfig(
+        vocab_size=11, hidden_size=64, intermediate_size=512, n_layers=4, n_heads=8, n_kv_heads=8
+    )
+    s2 = match_lora_budget(big, 4, layers=(1, 2))
+    slack = 2 * max(channel_cost(big, ("down",)), head_cost(big, ("o",)) / 2)
+    assert abs(s2ft_parameter_count(big, s2) - lora_parameter_count(big, 4)) <= slack
+
+
 def test_the_counted_budget_is_what_apply_s2ft_makes_trainable():
     s2 = S2FTConfig(heads=2, channels=3, head_targets=("q", "o"), channel_targets=("up", "down"))
     model = apply_s2ft(_model(), s2, rng=np.random.default_rng(0))

@@ -81,7 +81,11 @@ def match_lora_budget(
     (and what rounding leaves) to channels. ``options`` go to ``S2FTConfig`` (strategy, …)."""
     if rank < 1 or not 0.0 <= head_share <= 1.0:
         raise ConfigError(f"LoRA rank must be ≥ 1 and head_share in [0, 1], got {rank} and {head_share}")
-    per_layer = lora_parameter_count(config, rank, lora_targets) / config.n_layers
+    layers = options.get("layers")
+    n_layers = config.n_layers if layers is None else len(layers)  # S2FT spends the budget on these
+    if n_layers == 0:
+        raise ConfigError("S2FT layers is empty: the budget needs at least one layer to go to")
+    per_layer = lora_parameter_count(config, rank, lora_targets) / n_layers
     heads = 0
     if head_targets and head_share > 0:
         heads = min(config.n_heads, round(head_share * per_layer / head_cost(config, head_targets)))
