@@ -93,8 +93,16 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
             raw = f.read(n)
     except OSError as e:
         raise _fail(path, f"cannot read: {e.strerror or e}") from None
+    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:  # json.loads would silently keep the last of the two
+                raise _fail(path, f"the header names tensor {key!r} twice")
+            seen[key] = value
+        return seen
+
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _fail(path, f"the header is not valid JSON ({e})") from None
     if not isinstance(header, dict):

@@ -403,10 +403,13 @@ def corrupt_bytes(folder: Path, how: str) -> None:
         path.write_bytes(data[:8] + b"#" + data[9:])
     elif how == "tiny file":
         path.write_bytes(b"\x01\x02")
-    elif how == "wrong byte count":
+    elif how in ("wrong byte count", "duplicate name"):
         header = json.loads(data[8:8 + n])
         header["model.norm.weight"]["shape"] = [7]
         raw = json.dumps(header).encode()
+        if how == "duplicate name":  # the same tensor twice: which entry to believe is not defined
+            entry = json.dumps({"model.norm.weight": header["model.norm.weight"]})[1:-1]
+            raw = raw[:-1] + b", " + entry.encode() + b"}"
         raw += b" " * (-len(raw) % 8)
         path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
 
@@ -420,6 +423,7 @@ def corrupt_bytes(folder: Path, how: str) -> None:
         ("bad header json", "header is not valid JSON"),
         ("tiny file", "too short"),
         ("wrong byte count", "tensor 'model.norm.weight': .* bytes of data for shape \\[7\\]"),
+        ("duplicate name", "names tensor 'model.norm.weight' twice"),
     ],
 )
 def test_a_corrupt_safetensors_file_is_a_checkpoint_error_naming_the_file(tmp_path, how, match):
