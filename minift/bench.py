@@ -23,6 +23,7 @@ What is measured:
 
 from __future__ import annotations
 
+import copy
 import importlib
 import os
 import platform
@@ -385,6 +386,86 @@ def measure(
     return results, blas_gflops
 
 
+# ----------------------------------------------------------------------------------------------------
+# serving: adapter switch and batched multi-adapter inference, S2FT against LoRA
+
+
+def serving_adapters(size: BenchSize, seed: int) -> tuple[Model, list[Any], list[Any]]:
+    """The frozen base and two random adapters of each kind at the matched budget: S2FT adapters
+    extracted from perturbed S2FT models (``match_lora_budget``, original coordinates), and LoRA
+    factors of rank r on every projection."""
+    from minift.methods.s2ft import apply_s2ft, extract_adapter, match_lora_budget
+    from minift.serving import LoraFactors
+
+    rng = np.random.default_rng(seed)
+    base = init_model(size.config, rng)
+    s2_config = match_lora_budget(size.config, size.rank, lora_targets=TARGETS)
+    s2ft, lora = [], []
+    for k in range(2):
+        tuned = apply_s2ft(copy.deepcopy(base), s2_config, rng=np.random.default_rng(seed + k))
+        for p in trainable_parameters(tuned).values():
+            p += rng.normal(0.0, 0.01, p.shape).astype(p.dtype)
+        s2ft.append(extract_adapter(tuned))
+        lora.append({
+            f"blocks.{i}.{name}": LoraFactors(
+                rng.normal(0.0, 0.01, (size.rank, slot.in_features)).astype(np.float32),
+                rng.normal(0.0, 0.01, (slot.out_features, size.rank)).astype(np.float32),
+                1.0,
+            )
+            for i, block in enumerate(base.blocks)
+            for name, slot in block.slots()
+        })
+    return base, s2ft, lora
+
+
+def _switcher(model: Model, adapters: list[Any]) -> Callable[[], None]:
+    """A step that switches ``model`` (which holds adapters[0] merged) to the other adapter, in turn."""
+    from minift.serving import merge_adapter, switch_adapter
+
+    merge_adapter(model, adapters[0])
+    current = [0]
+
+    def step() -> None:
+        switch_adapter(model, adapters[current[0]], adapters[1 - current[0]])
+        current[0] = 1 - current[0]
+
+    return step
+
+
+def measure_serving(size: BenchSize, *, steps: int, warmup: int, seed: int) -> dict[str, Any]:
+    """Seconds of an adapter switch (unmerge one adapter, merge another, whole model) and of one
+    batched forward in which the B requests alternate between two adapters, S2FT and LoRA timed in
+    turns, with the plain base forward for reference."""
+    from minift.model import model_forward
+    from minift.serving import batched_forward
+
+    base, s2ft, lora = serving_adapters(size, seed)
+    tokens = batch(size, seed).tokens
+    assignment = [b % 2 for b in range(size.batch)]
+    seconds = interleaved_step_seconds(
+        {
+            ("switch", "s2ft"): _switcher(copy.deepcopy(base), s2ft),
+            ("switch", "lora"): _switcher(copy.deepcopy(base), lora),
+            ("serve", "base"): lambda: model_forward(base, tokens, train=False),
+            ("serve", "s2ft"): lambda: batched_forward(base, tokens, s2ft, assignment),
+            ("serve", "lora"): lambda: batched_forward(base, tokens, lora, assignment),
+        },
+        steps,
+        warmup,
+    )
+    return {
+        "batch": size.batch,
+        "seq": size.seq,
+        "assignment": assignment,
+        "seconds": {f"{what}/{method}": t for (what, method), t in seconds.items()},
+        "ratios": {
+            "s2ft/lora_switch_time": seconds["switch", "s2ft"] / seconds["switch", "lora"],
+            "s2ft/lora_serving_time": seconds["serve", "s2ft"] / seconds["serve", "lora"],
+            "s2ft/base_serving_time": seconds["serve", "s2ft"] / seconds["serve", "base"],
+        },
+    }
+
+
 def format_result(r: Result) -> str:
     peak = "—" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:8.1f} MiB"
     mfu = "—" if r.mfu is None else f"{r.mfu:6.1%}"
@@ -491,6 +572,10 @@ def run(
         "ratios": ratios(results),
         "definitions": DEFINITIONS,
     }
+    if "s2ft" in present and "lora" in present:
+        report["serving"] = measure_serving(size, steps=steps, warmup=warmup, seed=seed)
+        for what, t in report["serving"]["seconds"].items():
+            log(f"serving {what:<12}{t * 1e3:9.1f} ms")
     if scaling:
         report["scaling"] = []
         for axis, s in scaling_sizes(size):
@@ -529,7 +614,7 @@ def cmd_bench(args: Any) -> int:
         scaling=args.scaling,
         methods=methods,
     )
-    for name, value in report["ratios"].items():
+    for name, value in {**report["ratios"], **report.get("serving", {}).get("ratios", {})}.items():
         print(f"{name:<24}{'—' if value is None else f'{value:.3f}'}")
     if args.json:
         with open(args.json, "w") as f:

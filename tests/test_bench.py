@@ -6,6 +6,7 @@ No timing is asserted anywhere: timings depend on the machine and its load.
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -64,6 +65,33 @@ def test_a_ratio_is_the_quotient_of_its_two_records_or_none_when_one_is_missing(
     else:
         assert got is None
     assert ratios([])["minift/torch_full_time"] is None
+
+
+def test_serving_times_an_adapter_switch_and_a_batched_forward_of_s2ft_against_lora(quick_report):
+    serving = quick_report["serving"]
+    assert set(serving["seconds"]) == {"switch/s2ft", "switch/lora", "serve/base", "serve/s2ft", "serve/lora"}
+    assert min(serving["seconds"].values()) > 0
+    assert serving["ratios"]["s2ft/lora_switch_time"] == pytest.approx(
+        serving["seconds"]["switch/s2ft"] / serving["seconds"]["switch/lora"]
+    )
+    assert set(serving["assignment"]) == {0, 1}  # the batch mixes both adapters
+
+
+def test_the_served_adapters_change_the_model_and_s2ft_touches_only_its_blocks():
+    from minift.bench import serving_adapters
+    from minift.serving import merge_adapter
+
+    base, s2ft, lora = serving_adapters(QUICK, seed=0)
+    n_weights = sum(int(s.weight.size) for b in base.blocks for _, s in b.slots())
+    for adapter, most_changed in ((s2ft[0], 0.2), (lora[0], 1.0)):
+        merged = copy.deepcopy(base)
+        merge_adapter(merged, adapter)
+        changed = sum(
+            int((s1.weight != s0.weight).sum())
+            for b0, b1 in zip(base.blocks, merged.blocks, strict=True)
+            for (_, s0), (_, s1) in zip(b0.slots(), b1.slots(), strict=True)
+        )
+        assert 0 < changed <= most_changed * n_weights
 
 
 def test_an_unknown_method_is_a_one_line_error(capsys):
