@@ -15,24 +15,10 @@ from minift.cli import main
 from minift.errors import ConfigError, TrainingError
 from minift.hub import save_pretrained
 from minift.model import init_model
-from minift.study import (
-    ABLATION,
-    METHODS,
-    QUICK,
-    Runner,
-    RunResult,
-    RunSpec,
-    Stat,
-    StudyConfig,
-    choose_lr,
-    execute,
-    follow_up_specs,
-    render_markdown,
-    smoothed,
-    steps_to,
-    sweep_specs,
-    verdict,
-)
+from minift.study.config import ABLATION, METHODS, QUICK, StudyConfig
+from minift.study.experiments import choose_lr, follow_up_specs, sweep_specs
+from minift.study.report import Stat, render_markdown, smoothed, steps_to, verdict
+from minift.study.runs import Runner, RunResult, RunSpec, execute
 from tests.toy import task_world_config
 
 
