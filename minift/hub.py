@@ -50,6 +50,7 @@ import numpy as np
 from minift.backend import Array, to_numpy, to_xp
 from minift.config import ModelConfig, RopeScaling
 from minift.errors import CheckpointError, ConfigError
+from minift.jsonio import read_json_object
 from minift.model import Block, Model, named_modules
 from minift.safetensors_io import FLOAT_CODES, TensorInfo, read_header, read_tensor, write_safetensors
 from minift.slots import Dense, Embedding, Norm
@@ -75,18 +76,6 @@ _SKIPPED = {  # buffers that are not parameters, matched by their whole name
 
 # ----------------------------------------------------------------------------------------------------
 # config.json
-
-
-def _read_json(path: Path, *, error: type[Exception] = CheckpointError) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise error(f"{path}: cannot read: {e.strerror or e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise error(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise error(f"{path}: expected a JSON object")
-    return data
 
 
 def _rope_from_hf(cfg: Mapping[str, Any], source: str) -> tuple[float, RopeScaling]:
@@ -438,7 +427,7 @@ def _weight_files(folder: Path) -> dict[Path, set[str] | None]:
     if single.is_file():
         return {single: None}
     if index.is_file():
-        data = _read_json(index)
+        data = read_json_object(index)
         weight_map = data.get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
@@ -533,10 +522,10 @@ def load_pretrained(path: str | os.PathLike[str], *, dtype: Any = np.float32, xp
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise CheckpointError(f"{folder}: no config.json (a Hugging Face model folder needs one)")
-    hf_config = _read_json(cfg_path, error=ConfigError)
+    hf_config = read_json_object(cfg_path, error=ConfigError)
     config = config_from_hf(hf_config, source=str(cfg_path))
     gen_path = folder / "generation_config.json"
-    generation = _read_json(gen_path) if gen_path.is_file() else None
+    generation = read_json_object(gen_path) if gen_path.is_file() else None
     if generation is not None:  # generation stops on any EOS id of either file
         extra = [e for e in _eos_ids(generation.get("eos_token_id"), str(gen_path))
                  if e not in config.eos_token_id]

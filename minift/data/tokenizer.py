@@ -7,7 +7,6 @@ Special tokens follow the file: the BOS a post-processor adds (Llama's ``Templat
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 
 from minift.errors import DataError
+from minift.jsonio import read_json_object
 
 
 class Tokenizer:
@@ -123,12 +123,4 @@ def _is_ids(value: Any) -> bool:
 
 def _read_json(path: Path) -> dict[str, Any]:
     """A JSON object file, or {} when the (optional) file is absent."""
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: invalid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, error=DataError) if path.exists() else {}

@@ -39,6 +39,7 @@ import numpy as np
 from minift.backend import get_xp, to_numpy, to_xp
 from minift.checkpoint import _write_atomic
 from minift.errors import CheckpointError, ConfigError
+from minift.jsonio import read_json_object
 from minift.methods.lora import LowRankLinear, adapt_slot, low_rank_slots
 from minift.methods.targets import HF_MODULES, freeze, replace_slot
 from minift.model import SLOT_NAMES, Model
@@ -186,14 +187,7 @@ def _read_config(folder: Path) -> tuple[Path, dict[str, Any]]:
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{path}: no adapter config (expected a PEFT adapter folder)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    config = read_json_object(path)
     r = config.get("r", 8)
     if not (type(r) is int and r > 0):
         raise CheckpointError(f"{path}: 'r' must be a positive integer, got {r!r}")

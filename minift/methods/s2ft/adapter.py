@@ -24,6 +24,7 @@ from minift.backend import Array, get_xp, to_numpy
 from minift.checkpoint import _write_atomic
 from minift.config import ModelConfig
 from minift.errors import CheckpointError
+from minift.jsonio import read_json_object
 from minift.methods.s2ft.permute import expand, layouts_of
 from minift.methods.s2ft.slots import ColumnBlock, RowBlock
 from minift.model import Model
@@ -123,12 +124,9 @@ def save_adapter(adapter: S2FTAdapter, directory: str | os.PathLike[str]) -> Pat
 def load_adapter(directory: str | os.PathLike[str]) -> S2FTAdapter:
     """Read an adapter written by ``save_adapter``; CheckpointError names what is missing or wrong."""
     src = Path(directory)
-    try:
-        index = json.loads((src / INDEX).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{src / INDEX}: cannot read the S2FT adapter index ({e})") from e
+    index = read_json_object(src / INDEX)
     tensors, _ = read_safetensors(src / WEIGHTS)
-    if not isinstance(index, dict) or index.get("format") != FORMAT:
+    if index.get("format") != FORMAT:
         raise CheckpointError(f"{src / INDEX}: 'format' must be {FORMAT!r}")
     entries, signature = index.get("blocks", {}), index.get("model", {})
     if not isinstance(entries, dict):
