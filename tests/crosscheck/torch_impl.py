@@ -106,6 +106,18 @@ class TorchImplementation:
             q_order += members
         return q_order, groups
 
+    @staticmethod
+    def _gather_layer(out: Weights, weights: Weights, layer: int, q: Any, kv: Any, ch: Any) -> None:
+        """Reorder one layer's coupled matrices: Q rows and O columns by ``q``, K/V rows by ``kv``,
+        Gate/Up rows and Down columns by ``ch``."""
+        p = f"model.layers.{layer}"
+        for name, idx, axis in (
+            ("self_attn.q_proj", q, 0), ("self_attn.k_proj", kv, 0), ("self_attn.v_proj", kv, 0),
+            ("self_attn.o_proj", q, 1), ("mlp.gate_proj", ch, 0), ("mlp.up_proj", ch, 0),
+            ("mlp.down_proj", ch, 1),
+        ):
+            out[f"{p}.{name}.weight"] = np.take(weights[f"{p}.{name}.weight"], idx, axis=axis)
+
     def copermute(
         self, config: dict[str, Any], weights: Weights, heads: dict, channels: dict
     ) -> tuple[Weights, Any]:
@@ -113,33 +125,18 @@ class TorchImplementation:
         out = dict(weights)
         state = {}
         for i in range(config["num_hidden_layers"]):
-            p = f"model.layers.{i}"
             q_order, kv_order = self._head_order(config, heads[i])
             ch = list(channels[i]) + [c for c in range(F) if c not in channels[i]]
             q_rows = [r for h in q_order for r in range(h * D, (h + 1) * D)]
             kv_rows = [r for g in kv_order for r in range(g * D, (g + 1) * D)]
-            out[f"{p}.self_attn.q_proj.weight"] = weights[f"{p}.self_attn.q_proj.weight"][q_rows]
-            out[f"{p}.self_attn.k_proj.weight"] = weights[f"{p}.self_attn.k_proj.weight"][kv_rows]
-            out[f"{p}.self_attn.v_proj.weight"] = weights[f"{p}.self_attn.v_proj.weight"][kv_rows]
-            out[f"{p}.self_attn.o_proj.weight"] = weights[f"{p}.self_attn.o_proj.weight"][:, q_rows]
-            out[f"{p}.mlp.gate_proj.weight"] = weights[f"{p}.mlp.gate_proj.weight"][ch]
-            out[f"{p}.mlp.up_proj.weight"] = weights[f"{p}.mlp.up_proj.weight"][ch]
-            out[f"{p}.mlp.down_proj.weight"] = weights[f"{p}.mlp.down_proj.weight"][:, ch]
+            self._gather_layer(out, weights, i, q_rows, kv_rows, ch)
             state[i] = (q_rows, kv_rows, ch)
         return out, state
 
     def unpermute(self, config: dict[str, Any], weights: Weights, state: Any) -> Weights:
         out = dict(weights)
         for i, (q_rows, kv_rows, ch) in state.items():
-            p = f"model.layers.{i}"
-            inv_q, inv_kv, inv_ch = np.argsort(q_rows), np.argsort(kv_rows), np.argsort(ch)
-            out[f"{p}.self_attn.q_proj.weight"] = weights[f"{p}.self_attn.q_proj.weight"][inv_q]
-            out[f"{p}.self_attn.k_proj.weight"] = weights[f"{p}.self_attn.k_proj.weight"][inv_kv]
-            out[f"{p}.self_attn.v_proj.weight"] = weights[f"{p}.self_attn.v_proj.weight"][inv_kv]
-            out[f"{p}.self_attn.o_proj.weight"] = weights[f"{p}.self_attn.o_proj.weight"][:, inv_q]
-            out[f"{p}.mlp.gate_proj.weight"] = weights[f"{p}.mlp.gate_proj.weight"][inv_ch]
-            out[f"{p}.mlp.up_proj.weight"] = weights[f"{p}.mlp.up_proj.weight"][inv_ch]
-            out[f"{p}.mlp.down_proj.weight"] = weights[f"{p}.mlp.down_proj.weight"][:, inv_ch]
+            self._gather_layer(out, weights, i, np.argsort(q_rows), np.argsort(kv_rows), np.argsort(ch))
         return out
 
     def s2ft_block_grads(self, config, weights, tokens, targets, heads, channels) -> Weights:
