@@ -1,7 +1,7 @@
 """Model configuration for the Llama family (Llama, Mistral, Qwen2) and GPT-2.
 
 Field names follow the shape alphabet of ``minift/__init__.py``. Reading and writing Hugging Face
-``config.json`` files lives in ``minift.hub``; this module only states and checks the architecture.
+``config.json`` files lives in ``minift.io.hub``; this module only states and checks the architecture.
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (minift's own format; ``minift.hub`` writes the HF one)."""
+        """A JSON-ready dict (minift's own format; ``minift.io.hub`` writes the HF one)."""
         d = dataclasses.asdict(self)
         d["eos_token_id"] = list(self.eos_token_id)
         return d

@@ -37,7 +37,7 @@ class AdamW:
     Weight decay applies to the arrays ``decays(name, array)`` selects: by default those with ≥ 2 axes
     (matrices and embeddings), not biases or norm weights (the GPT-2/nanoGPT and Hugging Face Trainer
     convention). State is created for ``params`` at construction, so its size is known before the first
-    step (``minift.measure`` reports it).
+    step (``minift.tools.measure`` reports it).
 
     Shapes:
         m, v: one array per trainable array, of its shape and dtype

@@ -16,7 +16,7 @@ mutates the ``grads`` dict in place (same keys as ``trainable_parameters``); it 
 so its term is not clipped, and before the optimizer. ``lr_max`` is the schedule's peak learning rate
 and ``accum_steps`` the number of micro-batches in the step.
 
-Checkpoints (``minift.checkpoint``) are written every ``checkpoint_every`` steps, at the end, and on
+Checkpoints (``minift.io.checkpoint``) are written every ``checkpoint_every`` steps, at the end, and on
 Ctrl-C: the first Ctrl-C lets the current step finish, saves, then raises KeyboardInterrupt (a second
 one interrupts at once, and a step interrupted half-way through its update is not saved). Resuming
 restores weights, optimizer, host RNG and step; the data order is a function of the step, so the
@@ -42,9 +42,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from minift.backend import get_xp, to_xp
-from minift.checkpoint import latest_checkpoint, load_checkpoint, restore, save_checkpoint
 from minift.data.datasets import Batch, BatchStream
 from minift.errors import CheckpointError, ConfigError, TrainingError
+from minift.io.checkpoint import latest_checkpoint, load_checkpoint, restore, save_checkpoint
 from minift.model import Model, trainable_parameters
 from minift.optim import AdamW, Schedule, ScheduleKind, accumulate_gradients, clip_grad_norm
 from minift.slots import Grads

@@ -1,5 +1,5 @@
 """``minift bench``: the --quick smoke run and the JSON report's schema (FLOPs and memory are
-``minift.measure``'s, specified in tests/test_measure.py).
+``minift.tools.measure``'s, specified in tests/test_measure.py).
 
 No timing is asserted anywhere: timings depend on the machine and its load.
 """
@@ -11,8 +11,8 @@ import json
 
 import pytest
 
-from minift.bench import METHODS, QUICK, available_methods, ratios
-from minift.cli import main
+from minift.tools.bench import METHODS, QUICK, available_methods, ratios
+from minift.tools.cli import main
 
 RESULT_KEYS = {"impl", "method", "step_seconds", "peak_bytes", "trainable_params", "tokens_per_second", "mfu"}
 RATIO_KEYS = {
@@ -78,8 +78,8 @@ def test_serving_times_an_adapter_switch_and_a_batched_forward_of_s2ft_against_l
 
 
 def test_the_served_adapters_change_the_model_and_s2ft_touches_only_its_blocks():
-    from minift.bench import serving_adapters
     from minift.serving import merge_adapter
+    from minift.tools.bench import serving_adapters
 
     base, s2ft, lora = serving_adapters(QUICK, seed=0)
     n_weights = sum(int(s.weight.size) for b in base.blocks for _, s in b.slots())

@@ -1,4 +1,4 @@
-"""Training checkpoints (minift.checkpoint): round trip, atomic layout, and clear errors."""
+"""Training checkpoints (minift.io.checkpoint): round trip, atomic layout, and clear errors."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from minift.checkpoint import latest_checkpoint, load_checkpoint, restore, save_checkpoint
 from minift.errors import CheckpointError
+from minift.io.checkpoint import latest_checkpoint, load_checkpoint, restore, save_checkpoint
+from minift.io.safetensors_io import write_safetensors
 from minift.methods.s2ft.slots import block_slot
 from minift.model import trainable_parameters
 from minift.optim import AdamW
-from minift.safetensors_io import write_safetensors
 from tests.toy import tiny_model
 
 
@@ -164,7 +164,7 @@ def test_a_latest_file_that_names_no_step_folder_is_a_checkpoint_error_naming_it
 
 
 def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
-    from minift import checkpoint
+    from minift.io import checkpoint
 
     target = tmp_path / "latest"
     target.write_text("step-00000001")
@@ -182,7 +182,7 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path, mo
 def test_a_checkpoint_that_fails_half_way_leaves_no_temporary_folder_and_the_last_one_intact(
     tmp_path, monkeypatch
 ):
-    from minift import checkpoint
+    from minift.io import checkpoint
 
     model, opt, rng = _trained()
     save_checkpoint(tmp_path, model, opt, step=1, rng=rng, train_config={})

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 import minift.train
-from minift.cli import COMMANDS, main
 from minift.data.tasks import save_tokenizer, task_splits
-from minift.finetune import attach_adapter
-from minift.hub import load_pretrained, save_pretrained
+from minift.io.hub import load_pretrained, save_pretrained
+from minift.io.safetensors_io import read_safetensors
 from minift.model import init_model, model_forward
-from minift.safetensors_io import read_safetensors
 from minift.testing import assert_close
+from minift.tools.cli import COMMANDS, main
+from minift.tools.finetune import attach_adapter
 from tests.toy import task_world_config
 
 

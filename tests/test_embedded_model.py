@@ -9,7 +9,7 @@ import pytest
 
 from minift.data.tasks import PRETRAIN_SKILLS, build_tokenizer, evaluate, pretrain_heldout, task_tokenizer
 from minift.data.tokenizer import Tokenizer
-from minift.pretrain import BASE_CONFIG, EMBEDDED, PretrainRecipe, load_embedded
+from minift.tools.pretrain import BASE_CONFIG, EMBEDDED, PretrainRecipe, load_embedded
 
 
 @pytest.fixture(scope="module")

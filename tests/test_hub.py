@@ -1,4 +1,4 @@
-"""Hugging Face folders in and out (``minift.hub``, ``minift.safetensors_io``; hf_formats.md §1-2, §6, §8).
+"""Hugging Face folders in and out (``minift.io.hub``, ``minift.io.safetensors_io``).
 
 Properties: minift → folder → minift is bit-exact for every architecture, and a model with an adapter
 is saved as the dense model it computes; the transformers 4 and 5 config formats describe the same
@@ -26,22 +26,22 @@ from hypothesis import strategies as st
 
 from minift.config import ModelConfig, RopeScaling
 from minift.errors import CheckpointError, ConfigError
-from minift.hub import (
+from minift.io.hub import (
     config_from_hf,
     config_to_hf,
     load_pretrained,
     model_state,
     save_pretrained,
 )
-from minift.methods.lora import LowRankLinear
-from minift.model import init_model, model_forward
-from minift.safetensors_io import (
+from minift.io.safetensors_io import (
     bf16_to_float32,
     float32_to_bf16,
     read_header,
     read_safetensors,
     write_safetensors,
 )
+from minift.methods.lora import LowRankLinear
+from minift.model import init_model, model_forward
 from minift.testing import assert_close
 from tests.strategies import configs
 
@@ -459,7 +459,7 @@ def test_a_missing_extra_misshapen_or_integer_tensor_is_a_checkpoint_error_namin
 
 
 def test_a_header_over_the_readers_limit_is_named_as_such_not_as_truncation(tmp_path, monkeypatch):
-    from minift import safetensors_io
+    from minift.io import safetensors_io
 
     path = tmp_path / "t.safetensors"
     safetensors_io.write_safetensors(path, {"x": np.zeros(3, np.float32)})

@@ -1,4 +1,4 @@
-"""Measurements of a training step (minift.measure): weights' bytes, traced step memory, FLOPs, speed.
+"""Measurements of a training step (minift.tools.measure): weights' bytes, traced step memory, FLOPs, speed.
 No timed assertions: only what a measurement must satisfy whatever the machine."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from minift.data import BatchStream, encode_example
-from minift.measure import model_bytes, step_flops, step_memory, time_step
 from minift.methods.s2ft.slots import block_slot
 from minift.model import trainable_parameters
+from minift.tools.measure import model_bytes, step_flops, step_memory, time_step
 from tests.toy import char_tokenizer, reverse_records, tiny_model
 
 TOK = char_tokenizer()

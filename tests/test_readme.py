@@ -4,7 +4,7 @@ every `minift <command>` it mentions exists."""
 import re
 from pathlib import Path
 
-from minift.cli import COMMANDS
+from minift.tools.cli import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")

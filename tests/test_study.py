@@ -11,14 +11,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from minift.cli import main
 from minift.errors import ConfigError, TrainingError
-from minift.hub import save_pretrained
+from minift.io.hub import save_pretrained
 from minift.model import init_model
-from minift.study.config import ABLATION, METHODS, QUICK, StudyConfig
-from minift.study.experiments import choose_lr, follow_up_specs, sweep_specs
-from minift.study.report import Stat, render_markdown, smoothed, steps_to, verdict
-from minift.study.runs import Runner, RunResult, RunSpec, execute
+from minift.tools.cli import main
+from minift.tools.study.config import ABLATION, METHODS, QUICK, StudyConfig
+from minift.tools.study.experiments import choose_lr, follow_up_specs, sweep_specs
+from minift.tools.study.report import Stat, render_markdown, smoothed, steps_to, verdict
+from minift.tools.study.runs import Runner, RunResult, RunSpec, execute
 from tests.toy import task_world_config
 
 

@@ -8,10 +8,10 @@ import signal
 import numpy as np
 import pytest
 
-from minift.checkpoint import load_checkpoint
 from minift.data import BatchStream, encode_example
 from minift.errors import CheckpointError, ConfigError, TrainingError
 from minift.generate import generate
+from minift.io.checkpoint import load_checkpoint
 from minift.model import trainable_parameters
 from minift.optim import global_grad_norm
 from minift.train import TrainConfig, train

@@ -21,7 +21,7 @@
 # `minift.model_forward`, `minift.model_backward`, `minift.loss_and_grads`, `minift.set_trainable`,
 # `minift.trainable_parameters`, `minift.model.Block`, `minift.model.ModelCache`,
 # `minift.slots.Dense`, `minift.optim.AdamW`, `minift.optim.Schedule`,
-# `minift.optim.clip_grad_norm`, `minift.measure.step_memory`.
+# `minift.optim.clip_grad_norm`, `minift.tools.measure.step_memory`.
 
 # %%
 import numpy as np
@@ -42,9 +42,9 @@ from minift.layers.linear import linear_backward_weight, linear_forward
 from minift.layers.rmsnorm import rmsnorm_forward
 from minift.layers.rope import rope_forward, rope_tables
 from minift.layers.swiglu import swiglu_forward
-from minift.measure import step_memory
 from minift.optim import AdamW, Schedule, clip_grad_norm
 from minift.testing import assert_close, check_grad
+from minift.tools.measure import step_memory
 
 rng = np.random.default_rng(0)
 config = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, n_layers=2, n_heads=4,
@@ -233,7 +233,7 @@ assert params["blocks.0.q.weight"] is model.blocks[0].q.weight  # updated in pla
 # A training step needs, besides the weights: the **cache** the forward keeps for the backward
 # (activations), the **gradients**, and the **optimizer state**. Python's `tracemalloc` sees every
 # NumPy allocation, so the peak of a step is a measured, reproducible number:
-# `minift.measure.step_memory` runs one full step (forward, backward, clipping, AdamW) under it
+# `minift.tools.measure.step_memory` runs one full step (forward, backward, clipping, AdamW) under it
 # and reports the weights, the optimizer state, and the step's peak *above* both.
 #
 # First, look inside the cache. It is a tree of NamedTuples; the same array can appear in several

@@ -19,8 +19,8 @@
 #
 # **Prerequisites.** Tutorials 03 (attention over S ≥ T keys) and 04 (model, training step).
 #
-# **Library functions explained here.** `minift.hub.save_pretrained`, `minift.hub.load_pretrained`,
-# `minift.safetensors_io.read_header`, `minift.data.Tokenizer`, `minift.model.KVCache`,
+# **Library functions explained here.** `minift.io.hub.save_pretrained`, `minift.io.hub.load_pretrained`,
+# `minift.io.safetensors_io.read_header`, `minift.data.Tokenizer`, `minift.model.KVCache`,
 # `minift.generate.generate`, `minift.generate.SamplingConfig`, `minift.generate.left_pad`,
 # and `minift.errors.CheckpointError`.
 
@@ -43,10 +43,10 @@ from minift import (
 from minift.data import Tokenizer
 from minift.errors import CheckpointError
 from minift.generate import SamplingConfig, generate, left_pad
-from minift.hub import load_pretrained, save_pretrained
+from minift.io.hub import load_pretrained, save_pretrained
+from minift.io.safetensors_io import read_header
 from minift.model import KVCache
 from minift.optim import AdamW
-from minift.safetensors_io import read_header
 from minift.testing import assert_close
 
 # %% [markdown]
@@ -239,7 +239,7 @@ print("sampled:", repr(tok.decode(a[0])))
 #    tokens from a 10-token prompt with and without a cache. Then time both with
 #    `time.perf_counter` on a model with a longer context.
 # 2. **A missing tensor.** Save the model, remove one tensor from `model.safetensors` with
-#    `minift.safetensors_io.read_safetensors` / `minift.safetensors_io.write_safetensors`, and
+#    `minift.io.safetensors_io.read_safetensors` / `minift.io.safetensors_io.write_safetensors`, and
 #    read the error `load_pretrained` gives.
 # 3. **Half precision.** Rewrite `model.safetensors` with bfloat16 weights
 #    (`write_safetensors(..., bf16=True)`), reload, and measure how far the logits move. Does

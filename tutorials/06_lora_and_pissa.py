@@ -25,7 +25,7 @@
 # `minift.methods.lora.LoRAConfig`, `minift.methods.lora.apply_lora`, `minift.methods.lora.merge`,
 # `minift.methods.lora.unmerge`, `minift.methods.pissa.PiSSAConfig`,
 # `minift.methods.pissa.apply_pissa`, `minift.methods.pissa.pissa_factors`,
-# `minift.methods.pissa.top_svd`, and `minift.methods.peft_io.export_peft_adapter`.
+# `minift.methods.pissa.top_svd`, and `minift.io.peft.export_peft_adapter`.
 
 # %%
 import copy
@@ -210,7 +210,7 @@ if plt is not None:
     plt.close(fig)
 
 # %% [markdown]
-# **Sharing adapters.** `minift.methods.peft_io.export_peft_adapter` writes a LoRA as a Hugging
+# **Sharing adapters.** `minift.io.peft.export_peft_adapter` writes a LoRA as a Hugging
 # Face PEFT adapter folder (`adapter_config.json` + `adapter_model.safetensors`) that PEFT loads
 # on the same base model. A PiSSA adapter is exported as a LoRA of rank 2R on the *original*
 # W, since `s(B A − B₀ A₀) = s [B, −B₀] [A; A₀]`.

@@ -22,8 +22,8 @@
 #
 # **Library functions explained here.** `minift.methods.s2ft.ColumnBlock`,
 # `minift.methods.s2ft.RowBlock`, `minift.methods.s2ft.apply_s2ft`,
-# `minift.methods.s2ft.match_lora_budget`, `minift.measure.step_memory`,
-# `minift.measure.step_flops`, `minift.measure.time_step`, `minift.train.train_step`.
+# `minift.methods.s2ft.match_lora_budget`, `minift.tools.measure.step_memory`,
+# `minift.tools.measure.step_flops`, `minift.tools.measure.time_step`, `minift.train.train_step`.
 
 # %%
 import copy
@@ -32,12 +32,12 @@ import numpy as np
 
 from minift import ModelConfig, init_model, loss_and_grads, set_trainable, trainable_parameters
 from minift.data import Batch
-from minift.measure import step_flops, step_memory, time_step
 from minift.methods.lora import LoRAConfig, apply_lora
 from minift.methods.s2ft import ColumnBlock, S2FTConfig, apply_s2ft, match_lora_budget
 from minift.optim import AdamW
 from minift.slots import Dense
 from minift.testing import assert_close
+from minift.tools.measure import step_flops, step_memory, time_step
 from minift.train import train_step
 
 rng = np.random.default_rng(0)

@@ -19,10 +19,10 @@
 #
 # **Library functions explained here.** `minift.data.read_jsonl`, `minift.data.encode_example`,
 # `minift.data.BatchStream`, `minift.data.tasks.task_tokenizer`, `minift.data.tasks.generate_answers`,
-# `minift.data.tasks.exact_match`, `minift.data.collate`, `minift.pretrain.load_embedded`,
+# `minift.data.tasks.exact_match`, `minift.data.collate`, `minift.tools.pretrain.load_embedded`,
 # `minift.train.train`, `minift.train.TrainConfig`, `minift.methods.get_method`,
 # `minift.methods.sorsa.gradient_hook`, `minift.methods.s2ft.apply_s2ft`,
-# `minift.methods.full.to_dense`, `minift.hub.save_pretrained`.
+# `minift.methods.full.to_dense`, `minift.io.hub.save_pretrained`.
 
 # %%
 import copy
@@ -41,14 +41,14 @@ from minift.data.tasks import (
     pretrain_stream,
     task_tokenizer,
 )
-from minift.hub import save_pretrained
-from minift.measure import step_memory
+from minift.io.hub import save_pretrained
 from minift.methods import get_method
 from minift.methods.full import to_dense
 from minift.methods.s2ft import apply_s2ft, match_lora_budget, unpermute
 from minift.methods.sorsa import gradient_hook
 from minift.model import init_model, set_trainable
-from minift.pretrain import BASE_CONFIG, EMBEDDED, load_embedded
+from minift.tools.measure import step_memory
+from minift.tools.pretrain import BASE_CONFIG, EMBEDDED, load_embedded
 from minift.train import TrainConfig, train
 
 # %% [markdown]
@@ -92,7 +92,7 @@ print("one example:", examples[0].ids, "\nlabels:     ", examples[0].labels)
 # %% [markdown]
 # ## 2. A base model
 #
-# minift ships a small pretrained Llama (`minift.pretrain.load_embedded`, trained by
+# minift ships a small pretrained Llama (`minift.tools.pretrain.load_embedded`, trained by
 # `minift pretrain` on the embedded tasks' pretraining mix). Where that folder is absent — a
 # source checkout without the asset — we pretrain a miniature one on the same mix for a few
 # seconds instead; everything below works with either.

@@ -23,7 +23,7 @@
 #
 # **Library functions explained here.** `minift.spec.interface.Implementation`,
 # `minift.spec.properties.PROPERTIES`, `minift.spec.minift_impl.implementation`,
-# `minift.spec.export.export_vectors`, and `minift.safetensors_io.read_safetensors` (to read the
+# `minift.spec.export.export_vectors`, and `minift.io.safetensors_io.read_safetensors` (to read the
 # vectors).
 
 # %%
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minift.safetensors_io import read_safetensors
+from minift.io.safetensors_io import read_safetensors
 from minift.spec.export import export_vectors
 from minift.spec.minift_impl import implementation as minift_impl
 from minift.spec.properties import PROPERTIES

@@ -14,7 +14,7 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 
 from minift.errors import DataError
-from minift.jsonio import read_json_object
+from minift.io.jsonio import read_json_object
 
 
 class Tokenizer:

@@ -7,7 +7,7 @@ Every method module offers the same small API, looked up by name in ``minift.met
     merge(model), unmerge(model) fold the adapters into the frozen weights and back (identity here)
 
 ``to_dense`` turns a model of any method into a plain model whose slots are frozen ``Dense`` layers with
-the effective weights ``slot.dense_weight()``: the "merged full model" that ``minift.hub`` writes as a
+the effective weights ``slot.dense_weight()``: the "merged full model" that ``minift.io.hub`` writes as a
 standard checkpoint.
 """
 

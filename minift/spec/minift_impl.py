@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from minift.hub import config_from_hf, from_hf_tensors, model_from_state, model_state, to_hf_tensors
+from minift.io.hub import config_from_hf, from_hf_tensors, model_from_state, model_state, to_hf_tensors
 from minift.methods.lora import LowRankLinear
 from minift.methods.pissa import pissa_factors
 from minift.methods.s2ft import S2FTConfig

@@ -1,6 +1,6 @@
 """minift's adapters against Hugging Face PEFT (sorsa_pissa_lora.md §7–§10).
 
-On tiny random transformers models written by ``save_pretrained`` and read by ``minift.hub``:
+On tiny random transformers models written by ``save_pretrained`` and read by ``minift.io.hub``:
 - every adapter minift exports (LoRA, LoRA with rsLoRA on some layers, PiSSA and SORSA as rank-2r
   LoRA) loads with ``PeftModel.from_pretrained`` with no warning (a missing-key warning would fail:
   pytest turns warnings into errors), PEFT holds exactly the tensors written, and PEFT's logits equal
@@ -18,13 +18,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from minift.hub import load_pretrained  # noqa: E402
+from minift.io.hub import load_pretrained  # noqa: E402
+from minift.io.peft import WEIGHTS_NAME, export_peft_adapter, hf_module  # noqa: E402
+from minift.io.safetensors_io import read_safetensors  # noqa: E402
 from minift.methods.lora import LoRAConfig, apply_lora, low_rank_slots  # noqa: E402
-from minift.methods.peft_io import WEIGHTS_NAME, export_peft_adapter, hf_module  # noqa: E402
 from minift.methods.pissa import PiSSAConfig, apply_pissa  # noqa: E402
 from minift.methods.sorsa import SORSAConfig, apply_sorsa  # noqa: E402
 from minift.model import model_forward  # noqa: E402
-from minift.safetensors_io import read_safetensors  # noqa: E402
 from minift.testing import assert_close  # noqa: E402
 from tests.adapters import perturb  # noqa: E402
 from tests.crosscheck.make_fixtures import batch, build_hf_model  # noqa: E402

@@ -2,7 +2,7 @@
 
 For every tiny random model of ``make_fixtures.SPECS`` (Llama with GQA and llama3 RoPE, Llama with
 attention and MLP biases and a tied head, Qwen2, Mistral with head_dim ≠ C/H, GPT-2), written by
-transformers' ``save_pretrained`` and read by ``minift.hub.load_pretrained``:
+transformers' ``save_pretrained`` and read by ``minift.io.hub.load_pretrained``:
 - logits agree to 1e-4 (max abs) on a left-padded batch, at every real position;
 - the loss and the gradient of every parameter agree with torch autograd to relative error 1e-4;
 - greedy generation of 32 tokens is identical;
@@ -19,9 +19,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from minift.generate import generate  # noqa: E402
-from minift.hub import load_pretrained, model_state, save_pretrained, to_hf_tensors  # noqa: E402
+from minift.io.hub import load_pretrained, model_state, save_pretrained, to_hf_tensors  # noqa: E402
+from minift.io.safetensors_io import read_safetensors  # noqa: E402
 from minift.model import loss_and_grads, model_forward, set_trainable  # noqa: E402
-from minift.safetensors_io import read_safetensors  # noqa: E402
 from minift.testing import assert_close  # noqa: E402
 from tests.crosscheck.make_fixtures import (  # noqa: E402
     FIXTURE_SPECS,

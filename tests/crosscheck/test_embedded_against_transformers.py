@@ -11,12 +11,12 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from minift.cli import main  # noqa: E402
 from minift.data.tasks import generate_answers, pretrain_heldout, task_splits, task_tokenizer  # noqa: E402
-from minift.finetune import attach_adapter  # noqa: E402
 from minift.model import model_forward  # noqa: E402
-from minift.pretrain import EMBEDDED, load_embedded  # noqa: E402
 from minift.testing import assert_close  # noqa: E402
+from minift.tools.cli import main  # noqa: E402
+from minift.tools.finetune import attach_adapter  # noqa: E402
+from minift.tools.pretrain import EMBEDDED, load_embedded  # noqa: E402
 
 pytestmark = pytest.mark.crosscheck
 

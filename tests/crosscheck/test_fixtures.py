@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minift.hub import load_pretrained, to_hf_tensors
+from minift.io.hub import load_pretrained, to_hf_tensors
+from minift.io.safetensors_io import read_header, read_safetensors
 from minift.model import loss_and_grads, model_forward, set_trainable
-from minift.safetensors_io import read_header, read_safetensors
 from minift.testing import assert_close
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -18,9 +18,9 @@ import numpy as np
 from minift import ModelConfig, init_model, model_forward
 from minift.errors import CheckpointError
 from minift.generate import generate
-from minift.hub import load_pretrained, save_pretrained
+from minift.io.hub import load_pretrained, save_pretrained
+from minift.io.safetensors_io import read_safetensors, write_safetensors
 from minift.model import KVCache
-from minift.safetensors_io import read_safetensors, write_safetensors
 
 config = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, n_layers=2, n_heads=4,
                      n_kv_heads=2)

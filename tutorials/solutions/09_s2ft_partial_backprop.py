@@ -17,9 +17,9 @@ import numpy as np
 
 from minift import ModelConfig, init_model, model_forward, set_trainable
 from minift.data import Batch
-from minift.measure import step_flops, step_memory
 from minift.methods.lora import LoRAConfig, apply_lora
 from minift.methods.s2ft import RowBlock, S2FTConfig, apply_s2ft
+from minift.tools.measure import step_flops, step_memory
 
 config = ModelConfig(vocab_size=256, hidden_size=96, intermediate_size=256, n_layers=4, n_heads=6,
                      n_kv_heads=3)

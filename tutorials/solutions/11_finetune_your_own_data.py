@@ -23,7 +23,7 @@ from minift.data.tasks import pretrain_heldout, pretrain_stream, task_tokenizer
 from minift.methods import get_method
 from minift.methods.s2ft import S2FTConfig, apply_s2ft, unpermute
 from minift.model import init_model
-from minift.pretrain import BASE_CONFIG
+from minift.tools.pretrain import BASE_CONFIG
 from minift.train import TrainConfig, train
 
 tokenizer = task_tokenizer()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minift.safetensors_io import read_safetensors
+from minift.io.safetensors_io import read_safetensors
 from minift.spec.export import export_vectors
 from minift.spec.minift_impl import implementation as minift_impl
 from minift.spec.properties import PROPERTIES

@@ -21,14 +21,14 @@ from typing import Any, Literal
 import numpy as np
 
 from minift.backend import Array, get_xp, to_numpy
-from minift.checkpoint import _write_atomic
 from minift.config import ModelConfig
 from minift.errors import CheckpointError
-from minift.jsonio import read_json_object
+from minift.io.checkpoint import _write_atomic
+from minift.io.jsonio import read_json_object
+from minift.io.safetensors_io import read_safetensors, write_safetensors
 from minift.methods.s2ft.permute import expand, layouts_of
 from minift.methods.s2ft.slots import ColumnBlock, RowBlock
 from minift.model import Model
-from minift.safetensors_io import read_safetensors, write_safetensors
 
 FORMAT = "minift-s2ft-adapter"
 WEIGHTS, INDEX = "adapter.safetensors", "adapter.json"

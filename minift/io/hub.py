@@ -50,9 +50,9 @@ import numpy as np
 from minift.backend import Array, to_numpy, to_xp
 from minift.config import ModelConfig, RopeScaling
 from minift.errors import CheckpointError, ConfigError
-from minift.jsonio import read_json_object
+from minift.io.jsonio import read_json_object
+from minift.io.safetensors_io import FLOAT_CODES, TensorInfo, read_header, read_tensor, write_safetensors
 from minift.model import Block, Model, named_modules
-from minift.safetensors_io import FLOAT_CODES, TensorInfo, read_header, read_tensor, write_safetensors
 from minift.slots import Dense, Embedding, Norm
 
 ARCH_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",

@@ -19,11 +19,11 @@ from minift.backend import get_xp, single_threaded_blas_children
 from minift.data.datasets import BatchStream, encode_example
 from minift.data.tasks import TaskSplits, evaluate, perplexity, task_splits, task_tokenizer
 from minift.errors import TrainingError
-from minift.finetune import MethodSpec, apply_method, save_adapter, trainable_count
-from minift.hub import load_pretrained, save_pretrained
+from minift.io.hub import load_pretrained, save_pretrained
 from minift.methods.svd_analysis import SVDTrajectory
 from minift.model import Model
-from minift.study.config import StudyConfig
+from minift.tools.finetune import MethodSpec, apply_method, save_adapter, trainable_count
+from minift.tools.study.config import StudyConfig
 from minift.train import TrainConfig, train
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,14 +10,14 @@ What is measured:
 - ``step_seconds``: the median of ``steps`` timed steps after ``warmup`` untimed ones, the
   implementations and methods taking turns step by step so that a shared machine's changing load
   affects them alike.
-- ``peak_bytes`` (minift only): ``minift.measure.step_memory(...).total_bytes`` on a fresh model: every
+- ``peak_bytes`` (minift only): ``minift.tools.measure.step_memory(...).total_bytes`` on a fresh model: every
   weight of the model (frozen and trainable), the AdamW state, and the ``tracemalloc`` peak of one
   step above them (gradients, activations kept for the backward, temporaries). PyTorch's CPU
   allocator is not traced by ``tracemalloc``, so its records carry ``None``.
-- ``mfu``: model FLOPs of the step (``minift.measure.step_flops``: the matmuls the method's backward
+- ``mfu``: model FLOPs of the step (``minift.tools.measure.step_flops``: the matmuls the method's backward
   really does, partial backpropagation included) / step time / float32 GEMM throughput. The GEMM
   takes its turn among the steps, so it is measured under the same load (``blas_gflops_in_run``);
-  ``machine.blas_gflops`` is ``minift.measure.gemm_gflops`` before the run. The optimizer's
+  ``machine.blas_gflops`` is ``minift.tools.measure.gemm_gflops`` before the run. The optimizer's
   element-wise work is not counted.
 """
 
@@ -39,8 +39,8 @@ import numpy as np
 from minift.config import ModelConfig
 from minift.data.datasets import Batch
 from minift.errors import ConfigError
-from minift.measure import gemm_gflops, step_flops, step_memory
 from minift.model import Model, init_model, set_trainable, trainable_parameters
+from minift.tools.measure import gemm_gflops, step_flops, step_memory
 from minift.train import GradHook
 
 METHODS = ("full", "lora", "pissa", "sorsa", "s2ft")
@@ -79,9 +79,9 @@ DEFINITIONS = {
     "step": "forward + backward + gradient-norm clipping at 1.0 + the method's gradient hooks + AdamW "
     "(minift.train.train_step; PyTorch: loss.backward, clip_grad_norm_, torch.optim.AdamW)",
     "step_seconds": "median over the timed steps, implementations and methods taking turns step by step",
-    "peak_bytes": "weights + AdamW state + tracemalloc peak of one step above them (minift.measure."
+    "peak_bytes": "weights + AdamW state + tracemalloc peak of one step above them (minift.tools.measure."
     "step_memory); BLAS work buffers are not traced, nor is PyTorch's allocator (hence null)",
-    "mfu": "model FLOPs per step (minift.measure.step_flops: the matmuls of forward and partial "
+    "mfu": "model FLOPs per step (minift.tools.measure.step_flops: the matmuls of forward and partial "
     "backward) / step_seconds / blas_gflops_in_run (the median of a 1024³ GEMM's turns among the steps)",
 }
 

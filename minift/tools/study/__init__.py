@@ -1,6 +1,6 @@
 """``minift study``: the headline claims of the S2FT and SORSA papers, measured in miniature.
 
-On the embedded base model and tasks (``minift.pretrain``, ``minift.data.tasks``) the study trains every
+On the embedded base model and tasks (``minift.tools.pretrain``, ``minift.data.tasks``) the study trains every
 method by one protocol and reports what the papers claim, next to what was measured:
 
 S2FT (Yang et al. 2024, Sec. 5, Tables 1–2, Fig. 2, Table 4, Table 5)
@@ -25,7 +25,7 @@ Protocol. One task, ``min``, which every method learns in the steps given (``shi
 second adapter of the fusion experiment), the same steps, batch size, warm-up and linear decay (the
 S2FT paper's schedule), AdamW with betas (0.9, 0.95) and no weight decay, clipping at 1.0. LoRA,
 PiSSA and SORSA have rank R and scaling 1 on the S2FT paper's LoRA targets (q, k, v, up, down), built
-as ``minift finetune`` builds them (``minift.finetune``); S2FT trains O heads and Down channels with
+as ``minift finetune`` builds them (``minift.tools.finetune``); S2FT trains O heads and Down channels with
 LoRA's parameter count (``match_lora_budget``, half to heads); SORSA trains R more (its singular
 values); full FT trains everything. Each method's learning rate is chosen from a small grid by
 validation exact match (validation perplexity breaks ties) with seed 0; then seeds 1 … n−1 run at that
@@ -54,12 +54,18 @@ from typing import Any
 import numpy as np
 
 from minift.errors import ConfigError
-from minift.hub import load_pretrained, model_state
+from minift.io.hub import load_pretrained, model_state
 from minift.model import Model, init_model
-from minift.study.config import LABELS, METHODS, QUICK, StudyConfig
-from minift.study.experiments import base_metrics, choose_lr, follow_up_specs, fusion_results, sweep_specs
-from minift.study.report import claims, render_markdown, summarize, write_plots
-from minift.study.runs import Runner
+from minift.tools.study.config import LABELS, METHODS, QUICK, StudyConfig
+from minift.tools.study.experiments import (
+    base_metrics,
+    choose_lr,
+    follow_up_specs,
+    fusion_results,
+    sweep_specs,
+)
+from minift.tools.study.report import claims, render_markdown, summarize, write_plots
+from minift.tools.study.runs import Runner
 
 
 def describe(model: Model) -> str:
@@ -125,7 +131,7 @@ def write_report(report: dict[str, Any], folder: str | Path) -> list[Path]:
 def load_base(source: str | None) -> Model:
     """The study's base model: the embedded one (None), a Hugging Face folder, or ``"random"``: a
     randomly initialised model of the embedded base's shape, for smoke tests (its numbers mean nothing)."""
-    from minift.pretrain import BASE_CONFIG, EMBEDDED
+    from minift.tools.pretrain import BASE_CONFIG, EMBEDDED
 
     if source == "random":
         model = init_model(BASE_CONFIG, np.random.default_rng(0))

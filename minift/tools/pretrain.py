@@ -3,7 +3,7 @@
 A small Llama with grouped-query attention (C=128, L=4, H=4 query heads sharing K=2 key/value heads,
 F=344, a 100-character vocabulary; 0.75 M parameters, 3 MB in float32) is trained from a seeded random
 initialisation on the pretraining mix of ``minift.data.tasks`` by minift's own loop (``minift.train``,
-AdamW, cosine schedule), then saved in Hugging Face format with ``minift.hub.save_pretrained``.
+AdamW, cosine schedule), then saved in Hugging Face format with ``minift.io.hub.save_pretrained``.
 
 The run is deterministic under its seed: the corpus, the initial weights and the batch order are
 functions of ``PretrainRecipe.seed``, and ``pretrain_single_threaded`` (what ``minift pretrain`` runs)
@@ -37,11 +37,11 @@ from minift.data.tasks import (
     save_tokenizer,
     task_tokenizer,
 )
-from minift.hub import load_pretrained, save_pretrained
+from minift.io.hub import load_pretrained, save_pretrained
 from minift.model import Model, init_model, set_trainable
 from minift.train import TrainConfig, TrainResult, train
 
-EMBEDDED = Path(__file__).parent / "assets" / "base"  # the shipped model folder
+EMBEDDED = Path(__file__).parents[1] / "assets" / "base"  # the shipped model folder
 
 BASE_CONFIG = ModelConfig(
     vocab_size=len(SPECIALS) + 96,  # the specials and the 96 characters of tasks.CHARSET

@@ -37,13 +37,13 @@ from typing import Any
 import numpy as np
 
 from minift.backend import get_xp, to_numpy, to_xp
-from minift.checkpoint import _write_atomic
 from minift.errors import CheckpointError, ConfigError
-from minift.jsonio import read_json_object
+from minift.io.checkpoint import _write_atomic
+from minift.io.jsonio import read_json_object
+from minift.io.safetensors_io import read_safetensors, write_safetensors
 from minift.methods.lora import LowRankLinear, adapt_slot, low_rank_slots
 from minift.methods.targets import HF_MODULES, freeze, replace_slot
 from minift.model import SLOT_NAMES, Model
-from minift.safetensors_io import read_safetensors, write_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

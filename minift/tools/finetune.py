@@ -27,14 +27,14 @@ import numpy as np
 from minift.data.datasets import BatchStream, encode_example, read_jsonl
 from minift.data.tokenizer import Tokenizer
 from minift.errors import CheckpointError, ConfigError
-from minift.hub import load_pretrained, save_pretrained
+from minift.io.hub import load_pretrained, save_pretrained
+from minift.io.peft import CONFIG_NAME, export_peft_adapter, load_peft_adapter
 from minift.methods import full, lora, pissa, sorsa
 from minift.methods import s2ft as s2ft_method
-from minift.methods.peft_io import CONFIG_NAME, export_peft_adapter, load_peft_adapter
 from minift.methods.s2ft.adapter import INDEX as S2FT_INDEX
 from minift.model import SLOT_NAMES, Model, trainable_parameters
-from minift.pretrain import EMBEDDED
 from minift.serving import merge_adapter
+from minift.tools.pretrain import EMBEDDED
 from minift.train import GradHook, TrainConfig, TrainResult, train
 
 METHOD_NAMES = ("full", "lora", "pissa", "sorsa", "s2ft")

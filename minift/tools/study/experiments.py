@@ -11,13 +11,13 @@ from typing import Any
 
 from minift.data.tasks import evaluate, task_tokenizer
 from minift.errors import TrainingError
+from minift.io.peft import load_peft_adapter
 from minift.methods.lora import low_rank_slots
-from minift.methods.peft_io import load_peft_adapter
 from minift.methods.s2ft import load_adapter
 from minift.model import Model
 from minift.serving import LoraFactors, fuse_adapters, merge_adapter
-from minift.study.config import ABLATION, METHODS, StudyConfig
-from minift.study.runs import RunResult, RunSpec, splits
+from minift.tools.study.config import ABLATION, METHODS, StudyConfig
+from minift.tools.study.runs import RunResult, RunSpec, splits
 
 
 def choose_lr(results: Sequence[RunResult]) -> float:

@@ -1,6 +1,6 @@
 """``minift demo``: the whole mission in a few minutes on a laptop CPU.
 
-On the embedded base model (``minift.pretrain``), one fine-tuning task of ``minift.data.tasks`` is
+On the embedded base model (``minift.tools.pretrain``), one fine-tuning task of ``minift.data.tasks`` is
 learned by each method — full fine-tuning, LoRA, PiSSA, SORSA and S2FT, the adapters at a matched
 trainable budget (LoRA rank r on every projection; S2FT with the same parameter count) — and each
 result is measured the way the S2FT and SORSA papers measure theirs:
@@ -31,9 +31,9 @@ from minift.data.datasets import BatchStream, encode_example
 from minift.data.tasks import TaskExample, TaskSplits, evaluate, generate_answers, task_splits
 from minift.data.tokenizer import Tokenizer
 from minift.errors import MinIFTError
-from minift.finetune import METHOD_NAMES, MethodSpec, apply_method, load_model, trainable_count
-from minift.measure import step_memory
 from minift.model import Model
+from minift.tools.finetune import METHOD_NAMES, MethodSpec, apply_method, load_model, trainable_count
+from minift.tools.measure import step_memory
 from minift.train import TrainConfig, train
 
 # Per-method peak learning rates, picked once by a small sweep on the "min" task (1e-4 … 1e-2): for each

@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from minift.study.config import ABLATION, ABLATION_LABELS, LABELS, METHODS, StudyConfig
-from minift.study.runs import RunResult, RunSpec
+from minift.tools.study.config import ABLATION, ABLATION_LABELS, LABELS, METHODS, StudyConfig
+from minift.tools.study.runs import RunResult, RunSpec
 
 
 @dataclass(frozen=True)

@@ -34,9 +34,9 @@ import numpy as np
 
 from minift.backend import Array, get_xp, to_numpy
 from minift.errors import CheckpointError
+from minift.io.safetensors_io import read_safetensors, write_safetensors
 from minift.model import Model, trainable_parameters
 from minift.optim import AdamW
-from minift.safetensors_io import read_safetensors, write_safetensors
 
 FORMAT = "minift-training-checkpoint"
 VERSION = 1

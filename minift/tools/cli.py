@@ -13,8 +13,8 @@ from minift.errors import ConfigError, MinIFTError
 
 if TYPE_CHECKING:
     from minift.data.tokenizer import Tokenizer
-    from minift.finetune import MethodSpec
     from minift.model import Model
+    from minift.tools.finetune import MethodSpec
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -26,7 +26,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     import minift
     from minift.backend import gpu_available
-    from minift.measure import gemm_gflops
+    from minift.tools.measure import gemm_gflops
 
     print(f"minift      {minift.__version__}")
     print(f"python      {platform.python_version()} ({platform.machine()})")
@@ -42,7 +42,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Time training steps of every method (and PyTorch's), with peak memory and MFU."""
-    from minift.bench import cmd_bench as run_bench
+    from minift.tools.bench import cmd_bench as run_bench
 
     return run_bench(args)
 
@@ -59,12 +59,12 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# demo, finetune, eval, generate, export, pretrain (the logic lives in minift.demo/finetune/pretrain)
+# demo, finetune, eval, generate, export, pretrain (the logic lives in minift.tools.demo/finetune/pretrain)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Fine-tune the embedded model with every method and print the comparison table."""
-    from minift.demo import DemoConfig, run_demo
+    from minift.tools.demo import DemoConfig, run_demo
 
     overrides = {
         k: v for k, v in (("task", args.task), ("steps", args.steps), ("rank", args.rank)) if v is not None
@@ -77,7 +77,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _method_spec(args: argparse.Namespace) -> MethodSpec:
-    from minift.finetune import MethodSpec
+    from minift.tools.finetune import MethodSpec
 
     targets = tuple(t for part in args.targets for t in part.split(",") if t) if args.targets else None
     options = {"targets": targets} if targets else {}
@@ -96,7 +96,7 @@ def _method_spec(args: argparse.Namespace) -> MethodSpec:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune a model folder (or the embedded model) on a JSONL file."""
-    from minift.finetune import RunConfig, finetune
+    from minift.tools.finetune import RunConfig, finetune
 
     spec = _method_spec(args)
     run = RunConfig(
@@ -119,7 +119,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _model_with_adapter(args: argparse.Namespace) -> tuple[Model, Tokenizer]:
-    from minift.finetune import attach_adapter, load_model
+    from minift.tools.finetune import attach_adapter, load_model
 
     model, tokenizer = load_model(args.model)
     if args.adapter:
@@ -184,8 +184,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a fine-tuned adapter as a PEFT folder and/or the merged model as a Hugging Face folder."""
-    from minift.finetune import merged_model, resolve_model_dir, save_adapter
-    from minift.hub import save_pretrained
+    from minift.io.hub import save_pretrained
+    from minift.tools.finetune import merged_model, resolve_model_dir, save_adapter
 
     if not args.peft and not args.merged:
         raise ConfigError("export needs --peft DIR and/or --merged DIR")
@@ -209,7 +209,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """Rerun the embedded base model's pretraining recipe."""
-    from minift.pretrain import PretrainRecipe, pretrain_single_threaded
+    from minift.tools.pretrain import PretrainRecipe, pretrain_single_threaded
 
     overrides = {
         k: v
@@ -401,7 +401,7 @@ full fine-tuning, merged/ (a Hugging Face model folder).""",
 
 def cmd_study(args: argparse.Namespace) -> int:
     """Measure the S2FT and SORSA papers' headline claims on the embedded base model and tasks."""
-    from minift.study import cmd_study as run_study
+    from minift.tools.study import cmd_study as run_study
 
     return run_study(args)
 

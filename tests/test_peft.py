@@ -1,4 +1,4 @@
-"""PEFT adapter folders (peft_io.py): export and load, and merged full-model export through the hub.
+"""PEFT adapter folders (minift.io.peft): export and load, and merged full-model export through the hub.
 
 Properties: the folder has PEFT's file names, keys, shapes and an explicit config; a LoRA adapter
 survives export → load on a fresh base model (same logits, same hyperparameters); PiSSA and SORSA are
@@ -18,13 +18,13 @@ import pytest
 
 from minift.config import ModelConfig
 from minift.errors import CheckpointError, ConfigError
-from minift.hub import load_pretrained, save_pretrained
+from minift.io.hub import load_pretrained, save_pretrained
+from minift.io.peft import CONFIG_NAME, WEIGHTS_NAME, export_peft_adapter, load_peft_adapter, peft_key
+from minift.io.safetensors_io import read_safetensors, write_safetensors
 from minift.methods.lora import LoRAConfig, apply_lora, low_rank_slots
-from minift.methods.peft_io import CONFIG_NAME, WEIGHTS_NAME, export_peft_adapter, load_peft_adapter, peft_key
 from minift.methods.pissa import PiSSAConfig, apply_pissa
 from minift.methods.sorsa import SORSAConfig, apply_sorsa
 from minift.model import trainable_parameters
-from minift.safetensors_io import read_safetensors, write_safetensors
 from minift.testing import assert_close
 from tests.adapters import TINY, base_model, batch, logits, perturb
 
