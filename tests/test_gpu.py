@@ -33,9 +33,10 @@ pytestmark = [
 TOLERANCE = {np.float32: 1e-4, np.float64: 1e-10}
 
 
-def relative_error(a: Any, b: Any) -> float:
+def relative_error(a: Any, b: Any, scale: float = 0.0) -> float:
+    """‖a − b‖ / max(‖b‖, scale): normwise, and against ``scale`` where b is (near) zero."""
     a, b = to_numpy(a).astype(np.float64), to_numpy(b).astype(np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), scale, 1e-300))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -60,9 +61,12 @@ def test_logits_and_every_gradient_on_the_gpu_equal_the_host_results(dtype, arch
     loss_gpu, grads_gpu = loss_and_grads(gpu, cupy.asarray(tokens), cupy.asarray(targets))
     assert abs(loss_gpu - loss_host) <= TOLERANCE[dtype] * abs(loss_host)
     assert grads_gpu.keys() == grads_host.keys() == trainable_parameters(host).keys()
+    # an array whose exact gradient is zero (the key bias: it shifts a whole row of scores, which the
+    # softmax ignores) holds rounding noise on both devices: measure it against the largest gradient
+    scale = 1e-3 * max(float(np.linalg.norm(g)) for g in grads_host.values())
     for name, g in grads_host.items():
         assert isinstance(grads_gpu[name], cupy.ndarray), name
-        assert relative_error(grads_gpu[name], g) <= TOLERANCE[dtype], name
+        assert relative_error(grads_gpu[name], g, scale) <= TOLERANCE[dtype], name
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "pissa", "sorsa", "s2ft"])
