@@ -208,7 +208,7 @@ def test_qwen2_has_q_k_v_biases_and_mistral_none_whatever_the_config_says():
         ({"hidden_size": None}, "missing required key 'hidden_size'"),
         ({"num_key_value_heads": 3}, "n_kv_heads"),
         ({"rope_scaling": {"rope_type": "linear"}}, "needs a 'factor'"),
-        ({"rope_theta": "large"}, "rope_theta and the RoPE scaling parameters must be numbers"),
+        ({"rope_theta": "large"}, "'rope_theta' must be a number, got 'large'"),
         ({"eos_token_id": ["2"]}, "eos_token_id must be an integer or a list of integers"),
     ],
 )

@@ -50,6 +50,7 @@ import numpy as np
 from minift.backend import Array, to_numpy, to_xp
 from minift.config import ModelConfig, RopeScaling
 from minift.errors import CheckpointError, ConfigError
+from minift.io.hfconfig import check_hf_config, check_token_ids
 from minift.io.jsonio import read_json_object
 from minift.io.safetensors_io import FLOAT_CODES, TensorInfo, read_header, read_tensor, write_safetensors
 from minift.model import Block, Model, named_modules
@@ -135,6 +136,7 @@ def _eos_ids(value: Any, source: str) -> tuple[int, ...]:
 
 def config_from_hf(cfg: Mapping[str, Any], *, source: str = "config.json") -> ModelConfig:
     """Map a Hugging Face ``config.json`` dict onto ``ModelConfig``; unsupported settings are errors."""
+    check_hf_config(cfg, source)  # types and ranges first: nothing below coerces or allocates
     arch = cfg.get("model_type")
     if arch not in ARCH_CLASSES:
         raise ConfigError(f"{source}: unsupported architecture model_type={arch!r}; minift supports "
@@ -431,6 +433,8 @@ def _weight_files(folder: Path) -> dict[Path, set[str] | None]:
         weight_map = data.get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        if not weight_map:
+            raise CheckpointError(f"{index}: 'weight_map' is empty: it must list every tensor's shard")
         files: dict[Path, set[str] | None] = {}
         for name, shard in weight_map.items():
             path = folder / shard
@@ -527,7 +531,7 @@ def load_pretrained(path: str | os.PathLike[str], *, dtype: Any = np.float32, xp
     gen_path = folder / "generation_config.json"
     generation = read_json_object(gen_path) if gen_path.is_file() else None
     if generation is not None:  # generation stops on any EOS id of either file
-        extra = [e for e in _eos_ids(generation.get("eos_token_id"), str(gen_path))
+        extra = [e for e in check_token_ids(generation, str(gen_path), config.vocab_size)
                  if e not in config.eos_token_id]
         config = config.replace(eos_token_id=(*config.eos_token_id, *extra))
 
