@@ -13,6 +13,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from minift.config import is_int
 from minift.errors import DataError
 from minift.io.jsonio import read_json_object
 
@@ -46,6 +47,13 @@ class Tokenizer:
         self.add_bos = add_bos
         if add_bos and bos_id is None:
             raise DataError("add_bos=True needs a bos_id")
+        # every special id is an integer inside the vocabulary (an id past it would index nothing)
+        V = self.vocab_size
+        named = [("eos_token_id", e) for e in self.eos_ids] + [("bos_id", bos_id), ("pad_id", self.pad_id)]
+        for name, tid in named:
+            if tid is not None and not (is_int(tid) and 0 <= tid < V):
+                raise DataError(f"tokenizer: {name} {tid!r} is not an id of the {V}-token vocabulary of "
+                                "tokenizer.json")
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> Tokenizer:
@@ -75,7 +83,11 @@ class Tokenizer:
         eos: int | Sequence[int] = gen_eos if gen_eos is not None else (
             () if ids["eos_token"] is None else ids["eos_token"]
         )
-        return cls(tok.hf, eos_ids=eos, bos_id=ids["bos_token"], pad_id=ids["pad_token"])
+        try:
+            return cls(tok.hf, eos_ids=eos, bos_id=ids["bos_token"], pad_id=ids["pad_token"])
+        except DataError as e:  # name the files the ids came from
+            raise DataError(f"{folder}: {str(e).removeprefix('tokenizer: ')} (from tokenizer_config.json "
+                            "or generation_config.json)") from None
 
     def _special_id(self, token: Any, path: Path, key: str) -> int | None:
         if isinstance(token, dict):  # {"content": "<s>", "lstrip": false, ...}
@@ -94,7 +106,10 @@ class Tokenizer:
     def encode(self, text: str, *, bos: bool = True) -> list[int]:
         """Ids of ``text``, with BOS (per ``add_bos``) when ``bos`` and never with an EOS: callers
         append EOS where a training sequence ends (``encode_example``)."""
-        plain = self.hf.encode(text, add_special_tokens=False).ids
+        try:
+            plain = self.hf.encode(text, add_special_tokens=False).ids
+        except TypeError:  # a lone surrogate ("\ud800") is not text; the library cannot take it
+            raise DataError(f"cannot tokenize {text[:40]!r}: not valid Unicode text") from None
         if not bos or self.add_bos is False:
             return list(plain)
         prefix = self._post_processor_prefix(text, plain)
