@@ -39,7 +39,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
@@ -50,6 +49,7 @@ import numpy as np
 from minift.backend import Array, to_numpy, to_xp
 from minift.config import ModelConfig, RopeScaling
 from minift.errors import CheckpointError, ConfigError
+from minift.io.atomic import replace_folder, write_file_atomic
 from minift.io.hfconfig import check_hf_config, check_token_ids
 from minift.io.jsonio import read_json_object
 from minift.io.safetensors_io import FLOAT_CODES, TensorInfo, read_header, read_tensor, write_safetensors
@@ -596,26 +596,12 @@ def save_pretrained(
                           ("eos_token_id", hf_config["eos_token_id"])) if v is not None}
     tokenizer_files = _tokenizer_sources(tokenizer_path or model.meta.get("tokenizer_path"))
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    # Written into a temporary folder, then swapped in whole, never file by file: a crash between two
+    # files would leave a new config.json beside old weights. Other files of an existing folder are kept.
+    with replace_folder(folder) as tmp:
         write_safetensors(tmp / "model.safetensors", to_hf_tensors(config, state), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+        write_file_atomic(tmp / "config.json", (json.dumps(hf_config, indent=2) + "\n").encode())
+        write_file_atomic(tmp / "generation_config.json", (json.dumps(generation, indent=2) + "\n").encode())
         for src in tokenizer_files:
             shutil.copyfile(src, tmp / src.name)
-        if not folder.exists():
-            os.rename(tmp, folder)
-            return folder
-        # An existing folder is swapped whole, never file by file: a crash between two files would
-        # leave a new config.json beside old weights. Its other files (notes, adapters) move along.
-        for f in folder.iterdir():
-            if not (tmp / f.name).exists():
-                os.rename(f, tmp / f.name)
-        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-        os.rename(folder, old / folder.name)
-        os.rename(tmp, folder)  # between these two renames the previous model sits whole in `old`
-        shutil.rmtree(old, ignore_errors=True)
-        return folder
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
