@@ -25,6 +25,10 @@ LIMITS: dict[str, int] = {
     "n_heads": 2**14, "n_kv_heads": 2**14, "head_dim": 2**14, "max_position_embeddings": 2**24,
 }
 
+# The models compute in float32 (or lower): a float setting outside its normal range becomes 0 or inf
+# there (a RoPE factor of 1e-320 divides by zero) although it is finite and positive in the JSON.
+F32_TINY, F32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38
+
 
 def is_int(x: Any) -> bool:
     """An integer and not a bool (``True`` is an ``int`` in Python; a config meaning 1 never says true)."""
@@ -65,8 +69,10 @@ class RopeScaling:
                 f"unsupported RoPE type {self.kind!r}: minift supports 'default', 'linear' and 'llama3'"
             )
         for name in ("factor", "low_freq_factor", "high_freq_factor"):
-            if not is_finite(getattr(self, name)):
-                raise ConfigError(f"RoPE scaling {name} must be a finite number, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not is_finite(value) or (value != 0 and not F32_TINY <= abs(value) <= F32_MAX):
+                raise ConfigError(f"RoPE scaling {name} must be a finite number that float32 holds, got "
+                                  f"{value!r}")
         orig = self.original_max_position_embeddings
         if not (is_int(orig) and orig <= LIMITS["max_position_embeddings"]):
             raise ConfigError(f"RoPE original_max_position_embeddings must be an integer <= "
@@ -142,9 +148,10 @@ class ModelConfig:
         for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if not is_finite(self.norm_eps) or not is_finite(self.rope_theta):
-            raise ConfigError(f"norm_eps and rope_theta must be finite numbers, got {self.norm_eps!r} and "
-                              f"{self.rope_theta!r}")
+        if not (is_finite(self.norm_eps) and is_finite(self.rope_theta) and self.norm_eps <= F32_MAX
+                and (self.rope_theta <= 0 or F32_TINY <= self.rope_theta <= F32_MAX)):
+            raise ConfigError(f"norm_eps and rope_theta must be finite numbers that float32 holds, got "
+                              f"{self.norm_eps!r} and {self.rope_theta!r}")
         if not isinstance(self.rope_scaling, RopeScaling):
             raise ConfigError(f"rope_scaling must be a RopeScaling or an object, got {self.rope_scaling!r}")
         if not isinstance(self.arch, str) or self.arch not in ("llama", "mistral", "qwen2", "gpt2"):

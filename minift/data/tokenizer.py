@@ -91,10 +91,15 @@ class Tokenizer:
 
     def _special_id(self, token: Any, path: Path, key: str) -> int | None:
         if isinstance(token, dict):  # {"content": "<s>", "lstrip": false, ...}
-            token = token.get("content")
+            if not isinstance(token.get("content"), str):
+                raise DataError(f"{path}: {key} must be a token string or an object with a string "
+                                f"'content', got {token!r}")
+            token = token["content"]
         if token is None:
             return None
-        tid = self.hf.token_to_id(str(token))
+        if not isinstance(token, str):
+            raise DataError(f"{path}: {key} must be a token string, got {token!r}")
+        tid = self.hf.token_to_id(token)
         if tid is None:
             raise DataError(f"{path}: {key} {token!r} is not in the vocabulary of tokenizer.json")
         return int(tid)
