@@ -166,8 +166,8 @@ def _load_checkpoint(folder: Path) -> Any:
     rng = np.random.default_rng(123)
     ckpt = load_checkpoint(folder.parent)
     restore(ckpt, model, opt, rng)
-    return [ckpt.step, opt.t, trainable_parameters(model), opt.state_arrays(), rng.random(4),
-            ckpt.state.get("train_config")]
+    # (train_config is the run's record, compared with the resumed run's settings by train(), not here)
+    return [ckpt.step, opt.t, trainable_parameters(model), opt.state_arrays(), rng.random(4)]
 
 
 def _load_jsonl(path: Path) -> Any:
@@ -225,10 +225,14 @@ def _type_of(v: Any) -> str:
             type(None): "null"}[type(v)]
 
 
-def _well_typed(old: Any, new: Any) -> bool:
+def _well_typed(old: Any, new: Any, path: tuple = ()) -> bool:
     """Whether ``new`` may legitimately replace ``old`` (same JSON type; an integer for a float; null
-    for anything, meaning the default)."""
-    if new is None:
+    for anything, meaning the default; an id or a list of ids for eos_token_id; anything inside a
+    checkpoint's train_config, a free-form record)."""
+    if new is None or "train_config" in path:
+        return True
+    ids = new if isinstance(new, list) else [new]
+    if path and path[-1] == "eos_token_id" and all(type(i) is int for i in ids):
         return True
     if _type_of(old) == _type_of(new):
         return True
@@ -295,7 +299,8 @@ def mutate_json_text(text: str, r: random.Random) -> tuple[str, bool, str]:
         prev = old.get(key)
         new = r.choice(_VALUES)
         old[key] = new
-        return json.dumps(doc), existed and not _well_typed(prev, new), f"insert {(*path, key)}={new!r}"
+        invalid = existed and not _well_typed(prev, new, (*path, key))
+        return json.dumps(doc), invalid, f"insert {(*path, key)}={new!r}"
     if op < 0.55:  # a value no JSON reader may accept
         raw = r.choice(_ALWAYS_INVALID_TEXT)
         doc = _set(doc, path, _MARK)
@@ -305,11 +310,11 @@ def mutate_json_text(text: str, r: random.Random) -> tuple[str, bool, str]:
         if isinstance(old, int) and isinstance(new, float) and new == int(new) and math.isfinite(new):
             well = False  # 2.0 where 2 was: refused by integer fields
         else:
-            well = _well_typed(old, new)
+            well = _well_typed(old, new, path)
         _set(doc, path, new)
         return json.dumps(doc), not well, f"set {path}={new!r}"
     new = copy.deepcopy(r.choice(_VALUES))
-    well = _well_typed(old, new)
+    well = _well_typed(old, new, path)
     _set(doc, path, new)
     return json.dumps(doc), not well, f"set {path}={new!r}"
 

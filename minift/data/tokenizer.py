@@ -7,15 +7,17 @@ Special tokens follow the file: the BOS a post-processor adds (Llama's ``Templat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tokenizers import Tokenizer as HFTokenizer
 
 from minift.config import is_int
 from minift.errors import DataError
 from minift.io.jsonio import read_json_object
+
+T = TypeVar("T")
 
 
 class Tokenizer:
@@ -58,10 +60,7 @@ class Tokenizer:
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> Tokenizer:
         """Load a ``tokenizer.json``; keyword arguments as in the constructor."""
-        try:
-            hf = HFTokenizer.from_file(str(path))
-        except Exception as e:  # the library raises a bare Exception for missing and malformed files
-            raise DataError(f"{path}: not a readable tokenizer.json ({e})") from None
+        hf = _library(lambda: HFTokenizer.from_file(str(path)), f"{path}: not a readable tokenizer.json")
         return cls(hf, **kwargs)
 
     @classmethod
@@ -111,10 +110,8 @@ class Tokenizer:
     def encode(self, text: str, *, bos: bool = True) -> list[int]:
         """Ids of ``text``, with BOS (per ``add_bos``) when ``bos`` and never with an EOS: callers
         append EOS where a training sequence ends (``encode_example``)."""
-        try:
-            plain = self.hf.encode(text, add_special_tokens=False).ids
-        except TypeError:  # a lone surrogate ("\ud800") is not text; the library cannot take it
-            raise DataError(f"cannot tokenize {text[:40]!r}: not valid Unicode text") from None
+        plain = _library(lambda: self.hf.encode(text, add_special_tokens=False).ids,
+                         f"cannot tokenize {text[:40]!r}")
         if not bos or self.add_bos is False:
             return list(plain)
         prefix = self._post_processor_prefix(text, plain)
@@ -125,7 +122,8 @@ class Tokenizer:
     def _post_processor_prefix(self, text: str, plain: list[int]) -> list[int]:
         """The ids the post-processor puts before the text (e.g. [BOS]); suffixes such as an EOS a
         template adds are dropped, so a prompt can be continued."""
-        full = self.hf.encode(text, add_special_tokens=True).ids
+        full = _library(lambda: self.hf.encode(text, add_special_tokens=True).ids,
+                        f"cannot tokenize {text[:40]!r} with the tokenizer's post-processor")
         n = len(plain)
         for k in range(len(full) - n + 1):
             if full[k : k + n] == plain:
@@ -134,6 +132,18 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return str(self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens))
+
+
+def _library(call: Callable[[], T], what: str) -> T:
+    """``call()`` into the tokenizers library, its failures a DataError: it raises a bare Exception
+    for malformed files, TypeError for text with lone surrogates, and a Rust panic (a BaseException)
+    for a post-processor naming a token the file does not define."""
+    try:
+        return call()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # PanicException derives from BaseException
+        raise DataError(f"{what} ({type(e).__name__}: {e})") from None
 
 
 def _is_ids(value: Any) -> bool:

@@ -423,6 +423,14 @@ def model_from_state(config: ModelConfig, state: Mapping[str, Array], *, xp: Mod
 # loading
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a name the OS cannot hold (too long, a NUL byte)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _weight_files(folder: Path) -> dict[Path, set[str] | None]:
     """The safetensors files to read, each with the names the index assigns to it (None: single file)."""
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
@@ -438,7 +446,7 @@ def _weight_files(folder: Path) -> dict[Path, set[str] | None]:
         files: dict[Path, set[str] | None] = {}
         for name, shard in weight_map.items():
             path = folder / shard
-            if Path(shard).name != shard or not path.is_file():
+            if Path(shard).name != shard or not _is_file(path):
                 raise CheckpointError(f"{index}: tensor {name!r} is mapped to {shard!r}, which is not a "
                                       f"file in {folder}")
             names = files.setdefault(path, set())
