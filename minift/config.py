@@ -28,6 +28,8 @@ LIMITS: dict[str, int] = {
 # The models compute in float32 (or lower): a float setting outside its normal range becomes 0 or inf
 # there (a RoPE factor of 1e-320 divides by zero) although it is finite and positive in the JSON.
 F32_TINY, F32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38
+MAX_ROPE_FACTOR = 2.0**20  # real scalings stretch a context 2-64 times
+MAX_NORM_EPS = 1.0  # real epsilons are 1e-6 to 1e-5: an epsilon near the activations' scale erases them
 
 
 def is_int(x: Any) -> bool:
@@ -70,9 +72,9 @@ class RopeScaling:
             )
         for name in ("factor", "low_freq_factor", "high_freq_factor"):
             value = getattr(self, name)
-            if not is_finite(value) or (value != 0 and not F32_TINY <= abs(value) <= F32_MAX):
-                raise ConfigError(f"RoPE scaling {name} must be a finite number that float32 holds, got "
-                                  f"{value!r}")
+            if not is_finite(value) or (value != 0 and not F32_TINY <= abs(value) <= MAX_ROPE_FACTOR):
+                raise ConfigError(f"RoPE scaling {name} must be a finite number that float32 holds, at most "
+                                  f"{MAX_ROPE_FACTOR:g}, got {value!r}")
         orig = self.original_max_position_embeddings
         if not (is_int(orig) and orig <= LIMITS["max_position_embeddings"]):
             raise ConfigError(f"RoPE original_max_position_embeddings must be an integer <= "
@@ -148,10 +150,10 @@ class ModelConfig:
         for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        if not (is_finite(self.norm_eps) and is_finite(self.rope_theta) and self.norm_eps <= F32_MAX
+        if not (is_finite(self.norm_eps) and is_finite(self.rope_theta) and self.norm_eps <= MAX_NORM_EPS
                 and (self.rope_theta <= 0 or F32_TINY <= self.rope_theta <= F32_MAX)):
-            raise ConfigError(f"norm_eps and rope_theta must be finite numbers that float32 holds, got "
-                              f"{self.norm_eps!r} and {self.rope_theta!r}")
+            raise ConfigError(f"norm_eps (at most {MAX_NORM_EPS:g}) and rope_theta must be finite numbers "
+                              f"that float32 holds, got {self.norm_eps!r} and {self.rope_theta!r}")
         if not isinstance(self.rope_scaling, RopeScaling):
             raise ConfigError(f"rope_scaling must be a RopeScaling or an object, got {self.rope_scaling!r}")
         if not isinstance(self.arch, str) or self.arch not in ("llama", "mistral", "qwen2", "gpt2"):

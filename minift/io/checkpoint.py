@@ -61,7 +61,7 @@ def _read_state(path: Path) -> dict[str, Any]:
         )
     f = Fields(state, str(path))
     for key in ("step", "optimizer_t"):
-        f.int(key, lo=0)
+        f.int(key, lo=0, hi=2**62)  # a run of more steps never ends
     f.obj_("model_config")
     f.obj_("train_config", {})
     _check_rng(Fields(f.obj_("rng"), f"{path}: 'rng'"))
