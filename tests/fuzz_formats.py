@@ -438,3 +438,81 @@ def run_case(templates: dict[str, Path], originals: dict[str, Any], fmt: str, se
 
 def load_originals(templates: dict[str, Path]) -> dict[str, Any]:
     return {fmt: FORMATS[fmt].load(templates[fmt]) for fmt in FORMATS}
+
+
+# ----------------------------------------------------------------------------------------------------
+# the command line
+
+
+_CLI_VALUES = ["-1", "0", "1", "2", "3", "nan", "inf", "-inf", "1e999", "²", "٣", "", "x", "0.5", "1.5",
+               "9" * 40, "-0"]
+_CLI_OPTIONS = {
+    "generate": ["--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed"],
+    "eval": ["--limit", "--seed"],
+    "finetune": ["--steps", "--batch-size", "--lr", "--rank", "--alpha", "--dropout", "--gamma", "--heads",
+                 "--channels", "--warmup", "--weight-decay", "--seed", "--max-length", "--checkpoint-every"],
+    "export": [],
+}
+
+
+def run_cli_case(templates: dict[str, Path], seed: int, scratch: Path) -> Outcome:
+    """One command line with hostile numbers and, sometimes, a mutated model, adapter or data file:
+    it must exit 0 or 2, print one line on 2, and never raise."""
+    import contextlib
+    import io
+
+    from minift.tools.cli import main
+
+    r = random.Random(seed)
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    scratch.mkdir(parents=True)
+
+    def artifact(fmt: str) -> Path:
+        src = templates[fmt]
+        dst = scratch / fmt
+        if src.is_dir():
+            shutil.copytree(src, dst)
+        else:
+            dst.mkdir()
+            shutil.copyfile(src, dst / src.name)
+            dst = dst / src.name
+        if r.random() < 0.3:
+            name = r.choice(FORMATS[fmt].files)
+            mutate_file(dst / name if name else dst, r)
+        return dst
+
+    command = r.choice(sorted(_CLI_OPTIONS))
+    argv = [command, "--model", str(artifact("llama"))]
+    if command == "generate":
+        argv += ["--prompt", r.choice(["ab", "", "abcd=" * 3, "zz\u2028"]), "--max-new-tokens", "2"]
+    if command == "eval":
+        argv += ["--data", str(artifact("jsonl")), "--limit", "2"]
+    if command == "finetune":
+        argv += ["--data", str(artifact("jsonl")), "--method", r.choice(["lora", "s2ft", "full", "pissa",
+                                                                        "sorsa", "dora"]),
+                 "--out", str(scratch / "run"), "--steps", "1", "--batch-size", "2", "--rank", "1"]
+    if command in ("generate", "eval", "export") and r.random() < 0.7:
+        argv += ["--adapter", str(artifact(r.choice(["peft", "s2ft"])))]
+    if command == "export":
+        argv += [r.choice(["--peft", "--merged"]), str(scratch / "out")]
+    options = _CLI_OPTIONS[command]
+    for _ in range(r.randrange(3) if options else 0):
+        argv.append(f"{r.choice(options)}={r.choice(_CLI_VALUES)}")
+    what = "minift " + " ".join(a.replace(str(scratch), "…") for a in argv)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                rc = main(argv)
+            except SystemExit as e:
+                rc = e.code
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt) or type(e).__name__ == "Hang":
+            raise
+        return Outcome("crash", what, f"{type(e).__name__}: {e}"[:300])
+    text = err.getvalue()
+    lines = [line for line in text.splitlines() if line.startswith("minift")]
+    if rc not in (0, 2) or "Traceback" in text or (rc == 2 and len(lines) != 1):
+        return Outcome("crash", what, f"exit {rc}: {text[-300:]}")
+    return Outcome("error" if rc == 2 else "same", what)

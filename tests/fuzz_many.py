@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.fuzz_formats import FORMATS, Outcome, build_templates, load_originals, run_case
+from tests.fuzz_formats import FORMATS, Outcome, build_templates, load_originals, run_case, run_cli_case
 
 
 class Hang(BaseException):
@@ -29,7 +29,7 @@ def main() -> int:
     p.add_argument("--cases", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=20.0, help="seconds before a case counts as a hang")
-    p.add_argument("--formats", nargs="+", default=list(FORMATS))
+    p.add_argument("--formats", nargs="+", default=[*FORMATS, "cli"])
     p.add_argument("--show-changed", action="store_true")
     args = p.parse_args()
     signal.signal(signal.SIGALRM, _alarm)
@@ -43,7 +43,10 @@ def main() -> int:
             seed = args.seed * 1_000_003 + i
             signal.setitimer(signal.ITIMER_REAL, args.timeout)
             try:
-                out = run_case(templates, originals, fmt, seed, Path(tmp) / "case")
+                if fmt == "cli":
+                    out = run_cli_case(templates, seed, Path(tmp) / "case")
+                else:
+                    out = run_case(templates, originals, fmt, seed, Path(tmp) / "case")
             except Hang:
                 out = Outcome("hang", f"{fmt} seed {seed}")
             finally:

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from minift.errors import CheckpointError, ConfigError, DataError, MinIFTError
 from minift.io.jsonio import loads
 from minift.io.safetensors_io import read_safetensors, write_safetensors
-from tests.fuzz_formats import FORMATS, build_templates, load_originals, run_case, same
+from tests.fuzz_formats import FORMATS, build_templates, load_originals, run_case, run_cli_case, same
 
 
 @pytest.fixture(scope="module")
@@ -360,6 +360,14 @@ def test_generate_with_hostile_arguments_exits_0_or_2_without_a_traceback(world,
     assert "Traceback" not in err
     if rc == 2:
         assert err.count("\n") == 1, err
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 2**32 - 1))
+def test_any_command_with_hostile_numbers_or_mutated_files_exits_0_or_2_in_one_line(world, seed):
+    templates, _, root = world
+    out = run_cli_case(templates, seed, root / "cli-case")
+    assert out.kind in ("error", "same"), f"{out.what} -> {out.detail}"
 
 
 # ----------------------------------------------------------------------------------------------------
