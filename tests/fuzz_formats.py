@@ -229,7 +229,7 @@ def _well_typed(old: Any, new: Any, path: tuple = ()) -> bool:
     """Whether ``new`` may legitimately replace ``old`` (same JSON type; an integer for a float; null
     for anything, meaning the default; an id or a list of ids for eos_token_id; anything inside a
     checkpoint's train_config, a free-form record)."""
-    if new is None or "train_config" in path:
+    if new is None or old is None or "train_config" in path:  # (null: the type is not known)
         return True
     ids = new if isinstance(new, list) else [new]
     if path and path[-1] == "eos_token_id" and all(type(i) is int for i in ids):

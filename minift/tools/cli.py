@@ -164,6 +164,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from minift.generate import SamplingConfig, generate
 
     model, tokenizer = _model_with_adapter(args)
+    if args.max_new_tokens > model.config.max_position_embeddings:  # else: hours of generation, by a typo
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} is beyond the model's context of "
+                          f"{model.config.max_position_embeddings} tokens (max_position_embeddings)")
     prompts = list(args.prompt or []) + [format_prompt(q) for q in args.question or []]
     if not prompts:
         raise ConfigError("generate needs at least one --prompt TEXT or --question TEXT")
