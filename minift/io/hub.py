@@ -70,8 +70,8 @@ _GPT2_NAMES = {"attn_norm": "ln_1", "o": "attn.c_proj", "mlp_norm": "ln_2", "up"
                "down": "mlp.c_proj"}  # q, k, v live together in attn.c_attn
 _CONV1D = ("o", "up", "down")  # GPT-2 slots stored by Conv1D as [in, out]
 _SKIPPED = {  # buffers that are not parameters, matched by their whole name
-    "llama": re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),
-    "gpt2": re.compile(r"transformer\.h\.\d+\.attn\.(masked_)?bias"),
+    "llama": re.compile(r"model\.layers\.[0-9]+\.self_attn\.rotary_emb\.inv_freq"),
+    "gpt2": re.compile(r"transformer\.h\.[0-9]+\.attn\.(masked_)?bias"),
 }
 
 
