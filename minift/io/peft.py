@@ -48,6 +48,7 @@ from minift.model import SLOT_NAMES, Model
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_ARCHS = ("llama", "mistral", "qwen2")
+MAX_ALPHA = 2.0**24  # real alphas are 8 to a few thousand
 _KEY = re.compile(r"base_model\.model\.(model\.layers\.([0-9]{1,9})\.(\w+\.\w+))\.lora_(A|B)\.weight")
 _SLOT_OF = {path: name for name, path in HF_MODULES.items()}  # "self_attn.q_proj" → "q"
 
@@ -208,7 +209,8 @@ def _read_config(folder: Path) -> tuple[Path, dict[str, Any]]:
     config = read_json_object(path)
     f = Fields(config, str(path), null_is_default=False)
     f.int("r", 8, lo=1)
-    f.float("lora_alpha", 8)
+    if abs(f.float("lora_alpha", 8)) > MAX_ALPHA:  # finite in JSON, but inf once scaled in float32
+        raise f.fail("lora_alpha", f"a number of magnitude at most {MAX_ALPHA:g}", config["lora_alpha"])
     dropout = config.get("lora_dropout", 0.0)
     if not (_is_number(dropout) and 0 <= dropout < 1):
         raise f.fail("lora_dropout", "a number in [0, 1)", dropout)
