@@ -152,6 +152,22 @@ def test_a_hostile_safetensors_header_is_refused_before_anything_is_allocated(wo
 
 
 @pytest.mark.parametrize(
+    ("fmt", "file"),
+    [("llama", "model.safetensors"), ("peft", "adapter_model.safetensors"), ("s2ft", "adapter.safetensors"),
+     ("checkpoint", "optimizer.safetensors")],
+)
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_weight_holding_nan_or_inf_is_refused_naming_the_file_and_tensor(world, fmt, file, bad):
+    folder = _copy(world, fmt)
+    tensors, meta = read_safetensors(folder / file)
+    name = next(k for k, a in sorted(tensors.items()) if a.dtype.kind == "f")
+    tensors[name].flat[0] = bad
+    write_safetensors(folder / file, tensors, metadata=meta)
+    with pytest.raises(CheckpointError, match=rf"{file}: tensor '{name}' holds NaN or infinite values"):
+        FORMATS[fmt].load(folder)
+
+
+@pytest.mark.parametrize(
     ("weight_map", "match"),
     [
         ({}, "'weight_map' is empty"),

@@ -52,7 +52,14 @@ from minift.errors import CheckpointError, ConfigError
 from minift.io.atomic import replace_folder, write_file_atomic
 from minift.io.hfconfig import check_hf_config, check_token_ids
 from minift.io.jsonio import read_json_object
-from minift.io.safetensors_io import FLOAT_CODES, TensorInfo, read_header, read_tensor, write_safetensors
+from minift.io.safetensors_io import (
+    FLOAT_CODES,
+    TensorInfo,
+    check_finite,
+    read_header,
+    read_tensor,
+    write_safetensors,
+)
 from minift.model import Block, Model, named_modules
 from minift.slots import Dense, Embedding, Norm
 
@@ -545,6 +552,8 @@ def load_pretrained(path: str | os.PathLike[str], *, dtype: Any = np.float32, xp
 
     found = _locate_tensors(config, _weight_files(folder))
     arrays = {key: read_tensor(file, info, dtype) for key, (file, _, info) in found.items()}
+    for key, (file, name, _) in found.items():
+        check_finite(file, name, arrays[key])
     if config.tie_word_embeddings and "lm_head.weight" in arrays:
         head = arrays.pop("lm_head.weight")
         if not np.array_equal(head, arrays[_hf_key(config, "embed.weight")[0]]):

@@ -181,12 +181,22 @@ def read_safetensors(
     """All tensors of a file and its metadata; float tensors cast to ``dtype`` when given.
 
     With ``floats`` (what the tensors are, e.g. "adapter weights") every tensor must be floating point,
-    checked on the header before any data is read.
+    checked on the header before any data is read, and finite.
     """
     infos, metadata = read_header(path)
     if floats is not None:
         check_float_dtypes(path, infos, floats)
-    return {name: read_tensor(path, info, dtype) for name, info in infos.items()}, metadata
+    tensors = {name: read_tensor(path, info, dtype) for name, info in infos.items()}
+    if floats is not None:
+        for name, a in tensors.items():
+            check_finite(path, name, a)
+    return tensors, metadata
+
+
+def check_finite(path: str | os.PathLike[str], name: str, a: np.ndarray) -> None:
+    """Refuse NaN or ±inf in a weight: no trained model holds one, and it would make every output NaN."""
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise _fail(Path(path), f"tensor {name!r} holds NaN or infinite values")
 
 
 def write_safetensors(

@@ -25,7 +25,13 @@ from minift.config import ModelConfig
 from minift.errors import CheckpointError
 from minift.io.atomic import replace_folder, write_file_atomic
 from minift.io.jsonio import Fields, ascii_int, read_json_object
-from minift.io.safetensors_io import check_float_dtypes, read_header, read_tensor, write_safetensors
+from minift.io.safetensors_io import (
+    check_finite,
+    check_float_dtypes,
+    read_header,
+    read_tensor,
+    write_safetensors,
+)
 from minift.methods.s2ft.permute import expand, layouts_of
 from minift.methods.s2ft.slots import ColumnBlock, RowBlock
 from minift.model import Model
@@ -186,6 +192,7 @@ def load_adapter(directory: str | os.PathLike[str]) -> S2FTAdapter:
             raise m.fail("shape", f"a list of 2 integers in [1, {MAX_SIZE}]", shape)
         indices = read_tensor(weights, infos[f"{key}.indices"])
         delta = read_tensor(weights, infos[f"{key}.delta"])
+        check_finite(weights, f"{key}.delta", delta)
         blk = AdapterBlock(axis, indices, delta, (shape[0], shape[1]))
         check_block(blk, where)
         blocks[key] = blk
