@@ -7,6 +7,8 @@ Field names follow the shape alphabet of ``minift/__init__.py``. Reading and wri
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -14,6 +16,30 @@ from minift.errors import ConfigError
 
 Arch = Literal["llama", "mistral", "qwen2", "gpt2"]
 RopeKind = Literal["default", "linear", "llama3"]
+
+# Upper bounds no real model comes near (the largest released ones have ~128 layers, widths of ~2^14,
+# vocabularies of ~2^18, contexts of ~2^20), checked before anything is allocated: a corrupt or hostile
+# config.json asking for 10^12 layers is an error, not an hour-long loop or an out-of-memory kill.
+LIMITS: dict[str, int] = {
+    "vocab_size": 2**24, "hidden_size": 2**20, "intermediate_size": 2**22, "n_layers": 1024,
+    "n_heads": 2**14, "n_kv_heads": 2**14, "head_dim": 2**14, "max_position_embeddings": 2**24,
+}
+
+# The models compute in float32 (or lower): a float setting outside its normal range becomes 0 or inf
+# there (a RoPE factor of 1e-320 divides by zero) although it is finite and positive in the JSON.
+F32_TINY, F32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38
+MAX_ROPE_FACTOR = 2.0**20  # real scalings stretch a context 2-64 times
+MAX_NORM_EPS = 1.0  # real epsilons are 1e-6 to 1e-5: an epsilon near the activations' scale erases them
+
+
+def is_int(x: Any) -> bool:
+    """An integer and not a bool (``True`` is an ``int`` in Python; a config meaning 1 never says true)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def is_finite(x: Any) -> bool:
+    """A finite real number that is not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _reject_unknown_keys(cls: type, d: dict[str, Any], what: str) -> None:
@@ -40,10 +66,19 @@ class RopeScaling:
         return cls(**d)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("default", "linear", "llama3"):
+        if not isinstance(self.kind, str) or self.kind not in ("default", "linear", "llama3"):
             raise ConfigError(
                 f"unsupported RoPE type {self.kind!r}: minift supports 'default', 'linear' and 'llama3'"
             )
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            value = getattr(self, name)
+            if not is_finite(value) or (value != 0 and not F32_TINY <= abs(value) <= MAX_ROPE_FACTOR):
+                raise ConfigError(f"RoPE scaling {name} must be a finite number that float32 holds, at most "
+                                  f"{MAX_ROPE_FACTOR:g}, got {value!r}")
+        orig = self.original_max_position_embeddings
+        if not (is_int(orig) and orig <= LIMITS["max_position_embeddings"]):
+            raise ConfigError(f"RoPE original_max_position_embeddings must be an integer <= "
+                              f"{LIMITS['max_position_embeddings']}, got {orig!r}")
         if self.kind != "default" and self.factor <= 0:
             raise ConfigError(f"RoPE scaling factor must be positive, got {self.factor}")
         llama3 = self.kind == "llama3"
@@ -90,10 +125,14 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
-        if self.head_dim is None and self.n_heads > 0:
+        if self.head_dim is None and is_int(self.n_heads) and self.n_heads > 0 and is_int(self.hidden_size):
             object.__setattr__(self, "head_dim", self.hidden_size // self.n_heads)
-        if isinstance(self.eos_token_id, int):
+        if is_int(self.eos_token_id):
             object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
+        if not (isinstance(self.eos_token_id, tuple | list) and all(is_int(e) for e in self.eos_token_id)):
+            raise ConfigError(
+                f"eos_token_id must be an integer or a list of integers, got {self.eos_token_id!r}"
+            )
         object.__setattr__(self, "eos_token_id", tuple(int(e) for e in self.eos_token_id))
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
@@ -102,19 +141,32 @@ class ModelConfig:
     def _validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "n_layers", "n_heads",
                      "max_position_embeddings"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+            if not is_int(getattr(self, name)) or getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.arch not in ("llama", "mistral", "qwen2", "gpt2"):
+        for name, limit in LIMITS.items():
+            value = getattr(self, name)
+            if is_int(value) and value > limit:
+                raise ConfigError(f"{name}={value} is beyond any real model (at most {limit})")
+        for name in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not (is_finite(self.norm_eps) and is_finite(self.rope_theta) and self.norm_eps <= MAX_NORM_EPS
+                and (self.rope_theta <= 0 or F32_TINY <= self.rope_theta <= F32_MAX)):
+            raise ConfigError(f"norm_eps (at most {MAX_NORM_EPS:g}) and rope_theta must be finite numbers "
+                              f"that float32 holds, got {self.norm_eps!r} and {self.rope_theta!r}")
+        if not isinstance(self.rope_scaling, RopeScaling):
+            raise ConfigError(f"rope_scaling must be a RopeScaling or an object, got {self.rope_scaling!r}")
+        if not isinstance(self.arch, str) or self.arch not in ("llama", "mistral", "qwen2", "gpt2"):
             raise ConfigError(
                 f"unsupported architecture {self.arch!r}: minift supports llama, mistral, qwen2, gpt2"
             )
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        if not isinstance(K, int) or K <= 0 or H % K != 0:
+        if not is_int(K) or K <= 0 or H % K != 0:
             raise ConfigError(
                 f"n_kv_heads (K={K}) must be a positive divisor of n_heads (H={H}): "
                 "each key/value head serves H // K query heads"
             )
-        if not isinstance(D, int) or D <= 0:
+        if not is_int(D) or D <= 0:
             raise ConfigError(f"head_dim must be a positive integer, got {D!r}")
         if self.uses_rope and D % 2 != 0:
             raise ConfigError(f"RoPE rotates pairs (i, i + D/2): head_dim must be even, got {D}")
@@ -132,6 +184,8 @@ class ModelConfig:
         ids = [("bos_token_id", self.bos_token_id), ("pad_token_id", self.pad_token_id)]
         ids += [("eos_token_id", e) for e in self.eos_token_id]
         for name, tok in ids:
+            if tok is not None and not is_int(tok):
+                raise ConfigError(f"{name} must be an integer token id, got {tok!r}")
             if tok is not None and (tok < 0 or tok >= self.vocab_size):
                 raise ConfigError(f"{name}={tok} is outside the vocabulary [0, {self.vocab_size})")
 

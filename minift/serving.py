@@ -29,7 +29,7 @@ import numpy as np
 from minift.backend import Array, get_xp
 from minift.errors import CheckpointError, ShapeError
 from minift.methods.lora import LowRankLinear, low_rank_slots
-from minift.methods.s2ft.adapter import AdapterBlock, S2FTAdapter, check_block, model_signature
+from minift.methods.s2ft.adapter import AdapterBlock, S2FTAdapter, check_block, model_signature, parse_key
 from minift.model import KVCache, Model, model_forward
 
 
@@ -64,16 +64,21 @@ def _entries(adapter: Adapter) -> Mapping[str, Entry]:
     return adapter.blocks if isinstance(adapter, S2FTAdapter) else adapter
 
 
-def _weight(model: Model, key: str) -> Array:
+def _weight(model: Model, key: str, origin: str = "") -> Array:
     """The weight of slot ``blocks.<i>.<name>``, or CheckpointError."""
-    parts = key.split(".")
-    ok = len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and int(parts[1]) < len(model.blocks)
-    slot = getattr(model.blocks[int(parts[1])], parts[2], None) if ok else None
+    parsed = parse_key(key)
+    ok = parsed is not None and parsed[0] < len(model.blocks)
+    slot = getattr(model.blocks[parsed[0]], parsed[1], None) if ok and parsed else None
     if slot is None or not hasattr(slot, "weight"):
         raise CheckpointError(
-            f"adapter key {key!r} names no dense slot of this {len(model.blocks)}-layer model"
+            f"{origin}adapter key {key!r} names no dense slot of this {len(model.blocks)}-layer model"
         )
     return slot.weight
+
+
+def _origin(adapter: Adapter) -> str:
+    """``"<folder>: "`` for an adapter loaded from disk, so errors name the file; else ""."""
+    return f"{adapter.source}: " if isinstance(adapter, S2FTAdapter) and adapter.source else ""
 
 
 def check_adapter(model: Model, adapter: Adapter) -> None:
@@ -83,23 +88,25 @@ def check_adapter(model: Model, adapter: Adapter) -> None:
         raise CheckpointError(
             "the model is co-permuted for S2FT training; unpermute it before serving adapters"
         )
+    origin = _origin(adapter)
     if (
         isinstance(adapter, S2FTAdapter)
         and adapter.signature
         and adapter.signature != model_signature(model.config)
     ):
         raise CheckpointError(
-            f"the S2FT adapter was made for a model with {adapter.signature}, "
+            f"{origin}the S2FT adapter was made for a model with {adapter.signature}, "
             f"not {model_signature(model.config)}"
         )
     for key, e in _entries(adapter).items():
-        w = _weight(model, key)
+        w = _weight(model, key, origin)
         if isinstance(e, AdapterBlock):
             if tuple(e.shape) != tuple(w.shape):
                 raise CheckpointError(
-                    f"adapter key {key!r}: made for a weight of shape {e.shape}, the model's is {w.shape}"
+                    f"{origin}adapter key {key!r}: made for a weight of shape {e.shape}, the model's "
+                    f"is {w.shape}"
                 )
-            check_block(e, f"adapter key {key!r}")
+            check_block(e, f"{origin}adapter key {key!r}")
         elif e.a.shape[1] != w.shape[1] or e.b.shape[0] != w.shape[0] or e.a.shape[0] != e.b.shape[1]:
             raise CheckpointError(
                 f"LoRA adapter key {key!r}: A {e.a.shape} and B {e.b.shape} "

@@ -164,7 +164,7 @@ def test_a_latest_file_that_names_no_step_folder_is_a_checkpoint_error_naming_it
 
 
 def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
-    from minift.io import checkpoint
+    from minift.io import atomic
 
     target = tmp_path / "latest"
     target.write_text("step-00000001")
@@ -172,9 +172,9 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path, mo
     def full_disk(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.os, "fsync", full_disk)
+    monkeypatch.setattr(atomic.os, "fsync", full_disk)
     with pytest.raises(OSError, match="No space"):
-        checkpoint._write_atomic(target, b"step-00000002")
+        atomic.write_file_atomic(target, b"step-00000002")
     assert target.read_text() == "step-00000001"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]
 

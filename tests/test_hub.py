@@ -209,7 +209,7 @@ def test_qwen2_has_q_k_v_biases_and_mistral_none_whatever_the_config_says():
         ({"hidden_size": None}, "missing required key 'hidden_size'"),
         ({"num_key_value_heads": 3}, "n_kv_heads"),
         ({"rope_scaling": {"rope_type": "linear"}}, "needs a 'factor'"),
-        ({"rope_theta": "large"}, "rope_theta and the RoPE scaling parameters must be numbers"),
+        ({"rope_theta": "large"}, "'rope_theta' must be a number, got 'large'"),
         ({"eos_token_id": ["2"]}, "eos_token_id must be an integer or a list of integers"),
     ],
 )
@@ -425,7 +425,7 @@ def corrupt_bytes(folder: Path, how: str) -> None:
         ("bad header json", "header is not valid JSON"),
         ("tiny file", "too short"),
         ("wrong byte count", "tensor 'model.norm.weight': .* bytes of data for shape \\[7\\]"),
-        ("duplicate name", "names tensor 'model.norm.weight' twice"),
+        ("duplicate name", "'model.norm.weight' appears twice"),
     ],
 )
 def test_a_corrupt_safetensors_file_is_a_checkpoint_error_naming_the_file(tmp_path, how, match):

@@ -21,6 +21,7 @@ import numpy as np
 
 from minift.data.tokenizer import Tokenizer
 from minift.errors import DataError
+from minift.io.jsonio import loads
 from minift.layers.cross_entropy import IGNORE_INDEX
 
 Record = dict[str, str]
@@ -57,13 +58,19 @@ def read_jsonl(path: str | Path) -> list[Record]:
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f'{where}: invalid JSON ({e.msg} at column {e.colno}); expected one object per line, '
-                'e.g. {"prompt": "...", "completion": "..."} or {"text": "..."}'
-            ) from None
+        try:  # strict: no NaN, huge numbers, deep nesting or lone surrogates
+            obj = loads(line, where, error=DataError)
+        except DataError:
+            try:  # plain invalid JSON: say at which column
+                json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f'{where}: invalid JSON ({e.msg} at column {e.colno}); expected one object per line, '
+                    'e.g. {"prompt": "...", "completion": "..."} or {"text": "..."}'
+                ) from None
+            except (ValueError, RecursionError):
+                pass
+            raise
         records.append(_check_record(obj, where))
     if not records:
         raise DataError(f"{path}: no records; expected one JSON object per line")

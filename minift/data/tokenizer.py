@@ -7,14 +7,17 @@ Special tokens follow the file: the BOS a post-processor adds (Llama's ``Templat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from minift.config import is_int
 from minift.errors import DataError
 from minift.io.jsonio import read_json_object
+
+T = TypeVar("T")
 
 
 class Tokenizer:
@@ -46,14 +49,18 @@ class Tokenizer:
         self.add_bos = add_bos
         if add_bos and bos_id is None:
             raise DataError("add_bos=True needs a bos_id")
+        # every special id is an integer inside the vocabulary (an id past it would index nothing)
+        V = self.vocab_size
+        named = [("eos_token_id", e) for e in self.eos_ids] + [("bos_id", bos_id), ("pad_id", self.pad_id)]
+        for name, tid in named:
+            if tid is not None and not (is_int(tid) and 0 <= tid < V):
+                raise DataError(f"tokenizer: {name} {tid!r} is not an id of the {V}-token vocabulary of "
+                                "tokenizer.json")
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> Tokenizer:
         """Load a ``tokenizer.json``; keyword arguments as in the constructor."""
-        try:
-            hf = HFTokenizer.from_file(str(path))
-        except Exception as e:  # the library raises a bare Exception for missing and malformed files
-            raise DataError(f"{path}: not a readable tokenizer.json ({e})") from None
+        hf = _library(lambda: HFTokenizer.from_file(str(path)), f"{path}: not a readable tokenizer.json")
         return cls(hf, **kwargs)
 
     @classmethod
@@ -75,14 +82,23 @@ class Tokenizer:
         eos: int | Sequence[int] = gen_eos if gen_eos is not None else (
             () if ids["eos_token"] is None else ids["eos_token"]
         )
-        return cls(tok.hf, eos_ids=eos, bos_id=ids["bos_token"], pad_id=ids["pad_token"])
+        try:
+            return cls(tok.hf, eos_ids=eos, bos_id=ids["bos_token"], pad_id=ids["pad_token"])
+        except DataError as e:  # name the files the ids came from
+            raise DataError(f"{folder}: {str(e).removeprefix('tokenizer: ')} (from tokenizer_config.json "
+                            "or generation_config.json)") from None
 
     def _special_id(self, token: Any, path: Path, key: str) -> int | None:
         if isinstance(token, dict):  # {"content": "<s>", "lstrip": false, ...}
-            token = token.get("content")
+            if not isinstance(token.get("content"), str):
+                raise DataError(f"{path}: {key} must be a token string or an object with a string "
+                                f"'content', got {token!r}")
+            token = token["content"]
         if token is None:
             return None
-        tid = self.hf.token_to_id(str(token))
+        if not isinstance(token, str):
+            raise DataError(f"{path}: {key} must be a token string, got {token!r}")
+        tid = self.hf.token_to_id(token)
         if tid is None:
             raise DataError(f"{path}: {key} {token!r} is not in the vocabulary of tokenizer.json")
         return int(tid)
@@ -94,7 +110,8 @@ class Tokenizer:
     def encode(self, text: str, *, bos: bool = True) -> list[int]:
         """Ids of ``text``, with BOS (per ``add_bos``) when ``bos`` and never with an EOS: callers
         append EOS where a training sequence ends (``encode_example``)."""
-        plain = self.hf.encode(text, add_special_tokens=False).ids
+        plain = _library(lambda: self.hf.encode(text, add_special_tokens=False).ids,
+                         f"cannot tokenize {text[:40]!r}")
         if not bos or self.add_bos is False:
             return list(plain)
         prefix = self._post_processor_prefix(text, plain)
@@ -105,7 +122,8 @@ class Tokenizer:
     def _post_processor_prefix(self, text: str, plain: list[int]) -> list[int]:
         """The ids the post-processor puts before the text (e.g. [BOS]); suffixes such as an EOS a
         template adds are dropped, so a prompt can be continued."""
-        full = self.hf.encode(text, add_special_tokens=True).ids
+        full = _library(lambda: self.hf.encode(text, add_special_tokens=True).ids,
+                        f"cannot tokenize {text[:40]!r} with the tokenizer's post-processor")
         n = len(plain)
         for k in range(len(full) - n + 1):
             if full[k : k + n] == plain:
@@ -114,6 +132,18 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return str(self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens))
+
+
+def _library(call: Callable[[], T], what: str) -> T:
+    """``call()`` into the tokenizers library, its failures a DataError: it raises a bare Exception
+    for malformed files, TypeError for text with lone surrogates, and a Rust panic (a BaseException)
+    for a post-processor naming a token the file does not define."""
+    try:
+        return call()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # PanicException derives from BaseException
+        raise DataError(f"{what} ({type(e).__name__}: {e})") from None
 
 
 def _is_ids(value: Any) -> bool:

@@ -13,10 +13,10 @@ Whatever slot kind a method uses, its checkpoint is exactly its trainable arrays
 factors, SORSA's singular values), so the frozen base is not stored: a resumed run rebuilds it the way
 the first run did (same seed or same pretrained folder), and ``restore`` checks the config matches.
 
-Writes are atomic: a step folder is written under a temporary name and renamed into place, then
-``latest`` is replaced by rename too (``os.replace``). A crash at any moment leaves ``latest`` naming
-a complete checkpoint, with one exception: when a step that already has a folder is saved again, the
-old folder is moved aside (``.step-N.old-PID``) for the instant between two renames, since a
+Writes are atomic (``minift.io.atomic``): a step folder is written under a temporary name and swapped
+into place whole, then ``latest`` is replaced by rename too (``os.replace``). A crash at any moment
+leaves ``latest`` naming a complete checkpoint; when a step that already has a folder is saved again,
+the old folder sits whole under a temporary name for the instant between two renames, since a
 directory cannot replace a non-empty one in a single rename. No pickle: safetensors and JSON only.
 """
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,8 @@ import numpy as np
 
 from minift.backend import Array, get_xp, to_numpy
 from minift.errors import CheckpointError
+from minift.io.atomic import replace_folder, write_file_atomic
+from minift.io.jsonio import Fields, ascii_int, read_json_object
 from minift.io.safetensors_io import read_safetensors, write_safetensors
 from minift.model import Model, trainable_parameters
 from minift.optim import AdamW
@@ -46,46 +47,49 @@ VERSION = 1
 # files
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, flush it to disk, then rename over ``path``;
-    on failure ``path`` is unchanged and the temporary is removed."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # left only when the write failed
-
-
 def _read_state(path: Path) -> dict[str, Any]:
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read the checkpoint state ({e.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt checkpoint state (invalid JSON: {e})") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        state = read_json_object(path)
+    except CheckpointError as e:
+        detail = str(e).removeprefix(f"{path}: ")
+        raise CheckpointError(f"{path}: corrupt checkpoint state ({detail})") from None
+    if state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a minift training checkpoint (expected \"format\": \"{FORMAT}\")")
-    if state.get("version") != VERSION:
+    if state.get("version") != VERSION or type(state.get("version")) is not int:
         raise CheckpointError(
             f"{path}: checkpoint version {state.get('version')!r}; this minift reads version {VERSION}"
         )
+    f = Fields(state, str(path))
     for key in ("step", "optimizer_t"):
-        if not (type(state.get(key)) is int and state[key] >= 0):
-            raise CheckpointError(f"{path}: {key!r} must be an integer >= 0, got {state.get(key)!r}")
-    if not isinstance(state.get("rng"), dict):
-        raise CheckpointError(f"{path}: 'rng' must be the host RNG's state (a JSON object), got "
-                              f"{state.get('rng')!r}")
+        f.int(key, lo=0, hi=2**62)  # a run of more steps never ends
+    f.obj_("model_config")
+    f.obj_("train_config", {})
+    _check_rng(Fields(f.obj_("rng"), f"{path}: 'rng'"))
     return state
+
+
+def _check_rng(rng: Fields) -> None:
+    """The host RNG state, checked completely: NumPy's setter accepts wrong types and ranges (a float
+    ``inc``, a string ``has_uint32``) and then continues a different stream, so a resume would not
+    be bitwise identical to the uninterrupted run."""
+    kind = rng.str("bit_generator", choices=("PCG64", "PCG64DXSM"))  # what default_rng makes
+    inner = Fields(rng.obj_("state"), f"{rng.where}['state'] ({kind})")
+    inner.int("state", lo=0, hi=2**128 - 1)
+    if inner.int("inc", lo=0, hi=2**128 - 1) % 2 == 0:  # PCG's increment is odd by construction
+        raise inner.fail("inc", "odd (PCG increments are)", inner.obj["inc"])
+    rng.int("has_uint32", lo=0, hi=1)
+    rng.int("uinteger", lo=0, hi=2**32 - 1)
+    for fields, keys in ((rng, {"bit_generator", "state", "has_uint32", "uinteger"}),
+                         (inner, {"state", "inc"})):
+        if set(fields.obj) != keys:
+            raise CheckpointError(f"{fields.where}: expected exactly the keys {sorted(keys)}, got "
+                                  f"{sorted(fields.obj)}")
 
 
 def _step_of(folder: Path) -> int | None:
     """The step a ``step-NNNNNNNN`` folder holds, or None for any other name."""
     digits = folder.name.removeprefix("step-")
-    return int(digits) if digits != folder.name and digits.isdigit() else None
+    return ascii_int(digits) if digits != folder.name else None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -123,10 +127,6 @@ def save_checkpoint(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:08d}"
-    final = run_dir / name
-    tmp = run_dir / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     state = {
         "format": FORMAT,
         "version": VERSION,
@@ -137,22 +137,15 @@ def save_checkpoint(
         "train_config": train_config,
         **(extra or {}),
     }
-    try:
+    final = run_dir / name
+    # a full disk or Ctrl-C half-way: the temporary folder is removed and the old step folder, if this
+    # step was saved before (e.g. after a resume), is left whole
+    with replace_folder(final) as tmp:
         files = (("trainable", trainable_parameters(model)), ("optimizer", optimizer.state_arrays()))
         for file, arrays in files:
             write_safetensors(tmp / f"{file}.safetensors", {k: to_numpy(a) for k, a in arrays.items()})
-        _write_atomic(tmp / "state.json", json.dumps(state, indent=1).encode())
-    except BaseException:  # a full disk or Ctrl-C: no half-written folder is left behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():  # the same step saved again (e.g. after a resume): move the old one aside first
-        old = run_dir / f".{name}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    _write_atomic(run_dir / "latest", name.encode())
+        write_file_atomic(tmp / "state.json", json.dumps(state, indent=1).encode())
+    write_file_atomic(run_dir / "latest", name.encode())
     # Prune among the steps before this one: a folder of a later step belongs to another (longer) run
     # written into the same folder, and pruning by name alone would delete the checkpoint just written.
     earlier = sorted(
@@ -193,8 +186,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     state = _read_state(path / "state.json")
     return Checkpoint(
         path,
-        read_safetensors(path / "trainable.safetensors")[0],
-        read_safetensors(path / "optimizer.safetensors")[0],
+        read_safetensors(path / "trainable.safetensors", floats="trainable arrays")[0],
+        read_safetensors(path / "optimizer.safetensors", floats="optimizer moments")[0],
         state,
     )
 

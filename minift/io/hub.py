@@ -39,7 +39,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
@@ -50,8 +49,17 @@ import numpy as np
 from minift.backend import Array, to_numpy, to_xp
 from minift.config import ModelConfig, RopeScaling
 from minift.errors import CheckpointError, ConfigError
+from minift.io.atomic import replace_folder, write_file_atomic
+from minift.io.hfconfig import check_hf_config, check_token_ids
 from minift.io.jsonio import read_json_object
-from minift.io.safetensors_io import FLOAT_CODES, TensorInfo, read_header, read_tensor, write_safetensors
+from minift.io.safetensors_io import (
+    FLOAT_CODES,
+    TensorInfo,
+    check_finite,
+    read_header,
+    read_tensor,
+    write_safetensors,
+)
 from minift.model import Block, Model, named_modules
 from minift.slots import Dense, Embedding, Norm
 
@@ -69,8 +77,8 @@ _GPT2_NAMES = {"attn_norm": "ln_1", "o": "attn.c_proj", "mlp_norm": "ln_2", "up"
                "down": "mlp.c_proj"}  # q, k, v live together in attn.c_attn
 _CONV1D = ("o", "up", "down")  # GPT-2 slots stored by Conv1D as [in, out]
 _SKIPPED = {  # buffers that are not parameters, matched by their whole name
-    "llama": re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),
-    "gpt2": re.compile(r"transformer\.h\.\d+\.attn\.(masked_)?bias"),
+    "llama": re.compile(r"model\.layers\.[0-9]+\.self_attn\.rotary_emb\.inv_freq"),
+    "gpt2": re.compile(r"transformer\.h\.[0-9]+\.attn\.(masked_)?bias"),
 }
 
 
@@ -135,6 +143,7 @@ def _eos_ids(value: Any, source: str) -> tuple[int, ...]:
 
 def config_from_hf(cfg: Mapping[str, Any], *, source: str = "config.json") -> ModelConfig:
     """Map a Hugging Face ``config.json`` dict onto ``ModelConfig``; unsupported settings are errors."""
+    check_hf_config(cfg, source)  # types and ranges first: nothing below coerces or allocates
     arch = cfg.get("model_type")
     if arch not in ARCH_CLASSES:
         raise ConfigError(f"{source}: unsupported architecture model_type={arch!r}; minift supports "
@@ -421,6 +430,14 @@ def model_from_state(config: ModelConfig, state: Mapping[str, Array], *, xp: Mod
 # loading
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False for a name the OS cannot hold (too long, a NUL byte)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _weight_files(folder: Path) -> dict[Path, set[str] | None]:
     """The safetensors files to read, each with the names the index assigns to it (None: single file)."""
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
@@ -431,10 +448,12 @@ def _weight_files(folder: Path) -> dict[Path, set[str] | None]:
         weight_map = data.get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        if not weight_map:
+            raise CheckpointError(f"{index}: 'weight_map' is empty: it must list every tensor's shard")
         files: dict[Path, set[str] | None] = {}
         for name, shard in weight_map.items():
             path = folder / shard
-            if Path(shard).name != shard or not path.is_file():
+            if Path(shard).name != shard or not _is_file(path):
                 raise CheckpointError(f"{index}: tensor {name!r} is mapped to {shard!r}, which is not a "
                                       f"file in {folder}")
             names = files.setdefault(path, set())
@@ -527,12 +546,14 @@ def load_pretrained(path: str | os.PathLike[str], *, dtype: Any = np.float32, xp
     gen_path = folder / "generation_config.json"
     generation = read_json_object(gen_path) if gen_path.is_file() else None
     if generation is not None:  # generation stops on any EOS id of either file
-        extra = [e for e in _eos_ids(generation.get("eos_token_id"), str(gen_path))
+        extra = [e for e in check_token_ids(generation, str(gen_path), config.vocab_size)
                  if e not in config.eos_token_id]
         config = config.replace(eos_token_id=(*config.eos_token_id, *extra))
 
     found = _locate_tensors(config, _weight_files(folder))
     arrays = {key: read_tensor(file, info, dtype) for key, (file, _, info) in found.items()}
+    for key, (file, name, _) in found.items():
+        check_finite(file, name, arrays[key])
     if config.tie_word_embeddings and "lm_head.weight" in arrays:
         head = arrays.pop("lm_head.weight")
         if not np.array_equal(head, arrays[_hf_key(config, "embed.weight")[0]]):
@@ -592,26 +613,12 @@ def save_pretrained(
                           ("eos_token_id", hf_config["eos_token_id"])) if v is not None}
     tokenizer_files = _tokenizer_sources(tokenizer_path or model.meta.get("tokenizer_path"))
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    # Written into a temporary folder, then swapped in whole, never file by file: a crash between two
+    # files would leave a new config.json beside old weights. Other files of an existing folder are kept.
+    with replace_folder(folder) as tmp:
         write_safetensors(tmp / "model.safetensors", to_hf_tensors(config, state), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
+        write_file_atomic(tmp / "config.json", (json.dumps(hf_config, indent=2) + "\n").encode())
+        write_file_atomic(tmp / "generation_config.json", (json.dumps(generation, indent=2) + "\n").encode())
         for src in tokenizer_files:
             shutil.copyfile(src, tmp / src.name)
-        if not folder.exists():
-            os.rename(tmp, folder)
-            return folder
-        # An existing folder is swapped whole, never file by file: a crash between two files would
-        # leave a new config.json beside old weights. Its other files (notes, adapters) move along.
-        for f in folder.iterdir():
-            if not (tmp / f.name).exists():
-                os.rename(f, tmp / f.name)
-        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-        os.rename(folder, old / folder.name)
-        os.rename(tmp, folder)  # between these two renames the previous model sits whole in `old`
-        shutil.rmtree(old, ignore_errors=True)
-        return folder
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

@@ -38,8 +38,8 @@ import numpy as np
 
 from minift.backend import get_xp, to_numpy, to_xp
 from minift.errors import CheckpointError, ConfigError
-from minift.io.checkpoint import _write_atomic
-from minift.io.jsonio import read_json_object
+from minift.io.atomic import replace_folder, write_file_atomic
+from minift.io.jsonio import Fields, read_json_object
 from minift.io.safetensors_io import read_safetensors, write_safetensors
 from minift.methods.lora import LowRankLinear, adapt_slot, low_rank_slots
 from minift.methods.targets import HF_MODULES, freeze, replace_slot
@@ -48,7 +48,8 @@ from minift.model import SLOT_NAMES, Model
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_ARCHS = ("llama", "mistral", "qwen2")
-_KEY = re.compile(r"base_model\.model\.(model\.layers\.(\d+)\.(\w+\.\w+))\.lora_(A|B)\.weight")
+MAX_ALPHA = 2.0**24  # real alphas are 8 to a few thousand
+_KEY = re.compile(r"base_model\.model\.(model\.layers\.([0-9]{1,9})\.(\w+\.\w+))\.lora_(A|B)\.weight")
 _SLOT_OF = {path: name for name, path in HF_MODULES.items()}  # "self_attn.q_proj" → "q"
 
 
@@ -100,8 +101,9 @@ def export_peft_adapter(
 ) -> Path:
     """Write the model's LoRA/PiSSA/SORSA adapters as a PEFT adapter folder; returns the folder.
 
-    Tensors are written in float32 (bf16 with ``bf16=True``). Each file is replaced atomically
-    (temporary file + rename), so an interrupted export never leaves a truncated file.
+    Tensors are written in float32 (bf16 with ``bf16=True``). The folder is written under a temporary
+    name and swapped in whole (``minift.io.atomic.replace_folder``), so an interrupted export leaves the
+    previous adapter intact, never new weights beside an old config.
     """
     _check_arch(model)
     slots = low_rank_slots(model)
@@ -148,9 +150,11 @@ def export_peft_adapter(
         "revision": None,
     }
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_safetensors(folder / WEIGHTS_NAME, tensors, metadata={"format": "pt"}, bf16=bf16)
-    _write_atomic(folder / CONFIG_NAME, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    # one swap of the whole folder: new weights never sit beside an old adapter_config.json
+    with replace_folder(folder) as tmp:
+        write_safetensors(tmp / WEIGHTS_NAME, tensors, metadata={"format": "pt"}, bf16=bf16)
+        write_file_atomic(tmp / CONFIG_NAME,
+                          (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
     return folder
 
 
@@ -183,24 +187,40 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+# PEFT LoraConfig fields that change what an adapter computes, with the value meaning "not used".
+# minift does not implement them, so any other value is refused rather than silently ignored.
+_UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "bias": ("none",), "fan_in_fan_out": (False,), "use_dora": (False,), "rank_pattern": ({},),
+    "alpha_pattern": ({},), "layer_replication": (None,), "exclude_modules": (None, [], ""),
+    "lora_bias": (False,), "use_qalora": (False,), "layers_pattern": (None, [], ""),
+    "megatron_config": (None,), "loftq_config": ({}, None), "trainable_token_indices": (None,),
+    "modules_to_save": (None, []), "target_parameters": (None, []), "eva_config": (None,),
+    "corda_config": (None,), "runtime_config": (None, {}, {"ephemeral_gpu_offload": False}),
+    "lora_ga_config": (None,), "velora_config": (None,), "alora_invocation_tokens": (None,),
+    "monteclora_config": (None,), "use_bdlora": (None, False), "arrow_config": (None,),
+    "kasa_config": (None,), "ensure_weight_tying": (False,),
+}
+
+
 def _read_config(folder: Path) -> tuple[Path, dict[str, Any]]:
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{path}: no adapter config (expected a PEFT adapter folder)")
     config = read_json_object(path)
-    r = config.get("r", 8)
-    if not (type(r) is int and r > 0):
-        raise CheckpointError(f"{path}: 'r' must be a positive integer, got {r!r}")
-    if not _is_number(config.get("lora_alpha", 8)):
-        raise CheckpointError(f"{path}: 'lora_alpha' must be a number, got {config['lora_alpha']!r}")
+    f = Fields(config, str(path), null_is_default=False)
+    f.int("r", 8, lo=1)
+    if abs(f.float("lora_alpha", 8)) > MAX_ALPHA:  # finite in JSON, but inf once scaled in float32
+        raise f.fail("lora_alpha", f"a number of magnitude at most {MAX_ALPHA:g}", config["lora_alpha"])
     dropout = config.get("lora_dropout", 0.0)
     if not (_is_number(dropout) and 0 <= dropout < 1):
-        raise CheckpointError(f"{path}: 'lora_dropout' must be a number in [0, 1), got {dropout!r}")
+        raise f.fail("lora_dropout", "a number in [0, 1)", dropout)
+    f.bool("use_rslora", False)
+    f.bool("inference_mode", True)
     targets = config.get("target_modules")
     if isinstance(targets, str):
         try:
             re.compile(targets)
-        except re.error as e:
+        except (re.error, RecursionError, OverflowError) as e:
             raise CheckpointError(
                 f"{path}: 'target_modules' {targets!r} is not a valid regular expression ({e})"
             ) from None
@@ -215,18 +235,22 @@ def _read_config(folder: Path) -> tuple[Path, dict[str, Any]]:
         )
     if config.get("peft_type") != "LORA":
         raise CheckpointError(f"{path}: peft_type={config.get('peft_type')!r}; minift loads 'LORA' adapters")
-    if config.get("init_lora_weights", True) not in (True, False, "gaussian"):
+    init = config.get("init_lora_weights", True)
+    if not (init is True or init is False or init == "gaussian"):
         raise CheckpointError(
             f"{path}: init_lora_weights={config['init_lora_weights']!r} re-initialises the base weights at"
             " load (PiSSA-style); export such adapters as plain LoRA (true)"
         )
-    for key, expected in (("bias", "none"), ("fan_in_fan_out", False), ("use_dora", False)):
-        if config.get(key, expected) != expected:
-            raise CheckpointError(f"{path}: {key}={config[key]!r} is not supported; expected {expected!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if config.get(key):
-            raise CheckpointError(f"{path}: {key} (per-module ranks) is not supported; expected {{}}")
+    for key, defaults in _UNSUPPORTED_DEFAULTS.items():
+        if key in config and not any(_same(config[key], d) for d in defaults):
+            raise CheckpointError(f"{path}: {key}={config[key]!r} is not supported by minift; expected "
+                                  f"{' or '.join(json.dumps(d) for d in defaults)}")
     return path, config
+
+
+def _same(value: Any, default: Any) -> bool:
+    """JSON equality without Python's 0 == False == 0.0 coercions."""
+    return type(value) is type(default) and value == default
 
 
 def load_peft_adapter(model: Model, path: str | Path) -> Model:
@@ -241,9 +265,9 @@ def load_peft_adapter(model: Model, path: str | Path) -> Model:
     weights = folder / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing (a PEFT adapter folder holds {WEIGHTS_NAME})")
-    tensors, _ = read_safetensors(weights)
+    tensors, _ = read_safetensors(weights, floats="LoRA factors")
     r, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
-    use_rslora = bool(config.get("use_rslora", False))
+    use_rslora = config.get("use_rslora", False) is True
 
     n = len(model.blocks)
     found: dict[tuple[int, str], dict[str, np.ndarray]] = {}
@@ -253,6 +277,9 @@ def load_peft_adapter(model: Model, path: str | Path) -> Model:
         if m is None or name is None:
             raise CheckpointError(f"{weights}: {key!r} is not the LoRA factor of a Llama-family projection")
         layer = int(m[2])
+        if key != peft_key(layer, name, m[4]):  # e.g. layers.00 beside layers.0: one would overwrite
+            raise CheckpointError(f"{weights}: {key!r} is not written as PEFT writes it "
+                                  f"({peft_key(layer, name, m[4])!r})")
         if layer >= n:
             raise CheckpointError(f"{weights}: tensor {key!r} is for layer {layer}, the model has {n} layers")
         if not _is_targeted(config, m[1], layer):

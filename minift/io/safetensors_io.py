@@ -14,16 +14,19 @@ inconsistent offset names the file and the tensor.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 
 from minift.backend import to_numpy
 from minift.errors import CheckpointError
+from minift.io.atomic import write_file_atomic
+from minift.io.jsonio import loads
 
 # safetensors dtype codes → the NumPy dtype of their bytes (bf16 is read as its uint16 bit pattern).
 DTYPES: dict[str, np.dtype] = {
@@ -38,6 +41,7 @@ _CODE_OF = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(n
             np.dtype(np.int8): "I8", np.dtype(np.uint64): "U64", np.dtype(np.uint32): "U32",
             np.dtype(np.uint16): "U16", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL"}
 MAX_HEADER_BYTES = 100_000_000  # the reference reader's limit
+MAX_NDIM = 32  # NumPy's limit is 64; no weight has more than a handful of axes
 
 
 class TensorInfo(NamedTuple):
@@ -93,18 +97,8 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, TensorInfo], di
             raw = f.read(n)
     except OSError as e:
         raise _fail(path, f"cannot read: {e.strerror or e}") from None
-    def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        seen: dict[str, Any] = {}
-        for key, value in pairs:
-            if key in seen:  # json.loads would silently keep the last of the two
-                raise _fail(path, f"the header names tensor {key!r} twice")
-            seen[key] = value
-        return seen
-
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _fail(path, f"the header is not valid JSON ({e})") from None
+    # strict JSON: repeated names, NaN, huge numbers or deep nesting are refused, naming the file
+    header = loads(raw, str(path), error=CheckpointError, label="the header")
     if not isinstance(header, dict):
         raise _fail(path, "the header must be a JSON object mapping tensor names to descriptions")
 
@@ -137,15 +131,17 @@ def _parse_entry(path: Path, name: str, entry: Any, data_start: int) -> TensorIn
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
         raise _fail(path, f"tensor {name!r}: header entry must have dtype, shape and data_offsets")
     code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if code not in DTYPES:
+    if not isinstance(code, str) or code not in DTYPES:
         raise _fail(path, f"tensor {name!r}: unsupported dtype {code!r}; expected one of {sorted(DTYPES)}")
-    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-        raise _fail(path, f"tensor {name!r}: shape {shape!r} must be a list of non-negative integers")
+    if not (isinstance(shape, list) and len(shape) <= MAX_NDIM
+            and all(type(d) is int and 0 <= d < 2**63 for d in shape)):
+        raise _fail(path, f"tensor {name!r}: shape {shape!r} must be a list of at most {MAX_NDIM} "
+                          "non-negative integers")
     if not (isinstance(offsets, list) and len(offsets) == 2
             and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
         raise _fail(path, f"tensor {name!r}: data_offsets {offsets!r} must be [begin, end] with "
                           "0 <= begin <= end")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * DTYPES[code].itemsize
+    nbytes = math.prod(shape) * DTYPES[code].itemsize  # Python ints: exact, never wraps around
     if offsets[1] - offsets[0] != nbytes:
         raise _fail(path, f"tensor {name!r}: {offsets[1] - offsets[0]} bytes of data for shape {shape} "
                           f"{code} ({nbytes} bytes expected)")
@@ -170,12 +166,37 @@ def read_tensor(path: str | os.PathLike[str], info: TensorInfo, dtype: Any = Non
     return a.astype(a.dtype.newbyteorder("="))  # a native-order copy (frombuffer is read-only)
 
 
+def check_float_dtypes(path: str | os.PathLike[str], infos: Mapping[str, TensorInfo], what: str) -> None:
+    """Refuse integer and bool tensors where only float ones make sense (weights, adapters, optimizer
+    moments): cast silently, an I32 tensor's bit pattern becomes different numbers."""
+    for name, info in infos.items():
+        if info.dtype not in FLOAT_CODES:
+            raise _fail(Path(path), f"tensor {name!r} has dtype {info.dtype}; {what} are floating point "
+                                    f"({', '.join(FLOAT_CODES)})")
+
+
 def read_safetensors(
-    path: str | os.PathLike[str], *, dtype: Any = None
+    path: str | os.PathLike[str], *, dtype: Any = None, floats: str | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, str] | None]:
-    """All tensors of a file and its metadata; float tensors cast to ``dtype`` when given."""
+    """All tensors of a file and its metadata; float tensors cast to ``dtype`` when given.
+
+    With ``floats`` (what the tensors are, e.g. "adapter weights") every tensor must be floating point,
+    checked on the header before any data is read, and finite.
+    """
     infos, metadata = read_header(path)
-    return {name: read_tensor(path, info, dtype) for name, info in infos.items()}, metadata
+    if floats is not None:
+        check_float_dtypes(path, infos, floats)
+    tensors = {name: read_tensor(path, info, dtype) for name, info in infos.items()}
+    if floats is not None:
+        for name, a in tensors.items():
+            check_finite(path, name, a)
+    return tensors, metadata
+
+
+def check_finite(path: str | os.PathLike[str], name: str, a: np.ndarray) -> None:
+    """Refuse NaN or ±inf in a weight: no trained model holds one, and it would make every output NaN."""
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise _fail(Path(path), f"tensor {name!r} holds NaN or infinite values")
 
 
 def write_safetensors(
@@ -209,15 +230,11 @@ def write_safetensors(
         offset += len(data)
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for data in blobs:
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it visible
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    def write(f: IO[bytes]) -> None:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for data in blobs:
+            f.write(data)
+
+    write_file_atomic(path, write)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import sys
 from collections.abc import Callable, Sequence
@@ -165,6 +166,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from minift.generate import SamplingConfig, generate
 
     model, tokenizer = _model_with_adapter(args)
+    if args.max_new_tokens > model.config.max_position_embeddings:  # else: hours of generation, by a typo
+        raise ConfigError(f"--max-new-tokens {args.max_new_tokens} is beyond the model's context of "
+                          f"{model.config.max_position_embeddings} tokens (max_position_embeddings)")
     prompts = list(args.prompt or []) + [format_prompt(q) for q in args.question or []]
     if not prompts:
         raise ConfigError("generate needs at least one --prompt TEXT or --question TEXT")
@@ -493,9 +497,45 @@ Each command's --help shows more examples.""",
     return parser
 
 
+# What each numeric option may be, whatever the subcommand (the same name means the same kind of
+# quantity everywhere): argparse's int and float accept -1, 0, nan and inf, which would otherwise run
+# zero steps and exit 0, or fail deep inside with a traceback.
+_AT_LEAST = {"steps": 1, "batch_size": 1, "max_new_tokens": 1, "checkpoint_every": 1, "rank": 1,
+             "limit": 1, "max_length": 2, "seeds": 1, "warmup": 0, "top_k": 0, "jobs": 0, "seed": 0,
+             "heads": 0, "channels": 0}
+_NUMBER_RANGES = {  # option: (low, high, low included, high included)
+    "lr": (0.0, math.inf, False, False), "alpha": (0.0, math.inf, False, False),
+    "dropout": (0.0, 1.0, True, False), "gamma": (0.0, math.inf, True, False),
+    "weight_decay": (0.0, math.inf, True, False), "temperature": (0.0, math.inf, True, False),
+    "top_p": (0.0, 1.0, False, True),
+}
+
+
+def _check_numbers(args: argparse.Namespace) -> str | None:
+    """A one-line message for the first numeric option out of its range, or None."""
+    for name, lo in _AT_LEAST.items():
+        value = getattr(args, name, None)
+        if value is not None and value < lo:
+            return f"--{name.replace('_', '-')} must be an integer >= {lo}, got {value}"
+    for name, (lo, hi, lo_in, hi_in) in _NUMBER_RANGES.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        ok = math.isfinite(value) and (lo <= value if lo_in else lo < value) and (
+            value <= hi if hi_in else value < hi)
+        if not ok:
+            interval = f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+            return f"--{name.replace('_', '-')} must be a finite number in {interval}, got {value}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: user errors print one line and exit 2, never a traceback."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = _check_numbers(args)
+    if problem:
+        parser.error(problem)
     try:
         return int(args.func(args))
     except MinIFTError as e:

@@ -27,6 +27,7 @@ import numpy as np
 from minift.data.datasets import BatchStream, encode_example, read_jsonl
 from minift.data.tokenizer import Tokenizer
 from minift.errors import CheckpointError, ConfigError
+from minift.io.atomic import write_file_atomic
 from minift.io.hub import load_pretrained, save_pretrained
 from minift.io.peft import CONFIG_NAME, export_peft_adapter, load_peft_adapter
 from minift.methods import full, lora, pissa, sorsa
@@ -221,5 +222,5 @@ def finetune(
         "final_loss": result.losses[-1] if result.losses else None,
         "adapter": None if adapter is None else str(adapter),
     }
-    (out / "finetune.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_file_atomic(out / "finetune.json", (json.dumps(record, indent=2) + "\n").encode())
     return model, result

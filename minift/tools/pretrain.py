@@ -37,6 +37,7 @@ from minift.data.tasks import (
     save_tokenizer,
     task_tokenizer,
 )
+from minift.io.atomic import write_file_atomic
 from minift.io.hub import load_pretrained, save_pretrained
 from minift.model import Model, init_model, set_trainable
 from minift.train import TrainConfig, TrainResult, train
@@ -122,7 +123,7 @@ def pretrain(
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_pretrained(model, out_dir, tokenizer_path=save_tokenizer(tmp))
     record = {"recipe": dataclasses.asdict(recipe), "heldout_exact_match": heldout, "steps": result.steps}
-    (folder / "pretrain_recipe.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_file_atomic(folder / "pretrain_recipe.json", (json.dumps(record, indent=2) + "\n").encode())
     return model, result
 
 

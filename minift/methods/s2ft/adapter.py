@@ -7,7 +7,7 @@ stores the original indices S and the block: Δ = ΔW[:, S] (O, S) for column bl
 layout (the permutation is undone through the recorded order), so an adapter applies to the base
 model as distributed. On disk: ``adapter.safetensors`` (``<key>.indices``, ``<key>.delta`` for
 keys like ``blocks.3.o``) and ``adapter.json`` (axis and weight shape per key, model signature),
-each written atomically (temporary file + rename); no pickle.
+written together as one folder swap (``minift.io.atomic``); no pickle.
 """
 
 from __future__ import annotations
@@ -23,9 +23,15 @@ import numpy as np
 from minift.backend import Array, get_xp, to_numpy
 from minift.config import ModelConfig
 from minift.errors import CheckpointError
-from minift.io.checkpoint import _write_atomic
-from minift.io.jsonio import read_json_object
-from minift.io.safetensors_io import read_safetensors, write_safetensors
+from minift.io.atomic import replace_folder, write_file_atomic
+from minift.io.jsonio import Fields, ascii_int, read_json_object
+from minift.io.safetensors_io import (
+    check_finite,
+    check_float_dtypes,
+    read_header,
+    read_tensor,
+    write_safetensors,
+)
 from minift.methods.s2ft.permute import expand, layouts_of
 from minift.methods.s2ft.slots import ColumnBlock, RowBlock
 from minift.model import Model
@@ -63,6 +69,7 @@ class S2FTAdapter:
 
     blocks: dict[str, AdapterBlock]
     signature: dict[str, int] = field(default_factory=dict)
+    source: str = ""  # the folder it was loaded from, named in errors ("" when built in memory)
 
 
 def _feature_order(name: str, layout: Any, head_dim: int) -> list[int]:
@@ -102,10 +109,9 @@ def extract_adapter(model: Model) -> S2FTAdapter:
 
 
 def save_adapter(adapter: S2FTAdapter, directory: str | os.PathLike[str]) -> Path:
-    """Write ``adapter.safetensors`` then ``adapter.json`` into ``directory`` (created if needed),
-    each atomically."""
+    """Write ``adapter.safetensors`` and ``adapter.json`` as the folder ``directory``, swapped in whole:
+    an interrupted save leaves the previous adapter intact, never new tensors beside an old index."""
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Array] = {}
     for key, blk in adapter.blocks.items():
         tensors[f"{key}.indices"] = to_numpy(blk.indices).astype(np.int64)
@@ -116,40 +122,81 @@ def save_adapter(adapter: S2FTAdapter, directory: str | os.PathLike[str]) -> Pat
         "model": adapter.signature,
         "blocks": {k: {"axis": b.axis, "shape": list(b.shape)} for k, b in adapter.blocks.items()},
     }
-    write_safetensors(out / WEIGHTS, tensors)
-    _write_atomic(out / INDEX, json.dumps(index, indent=1).encode())
+    with replace_folder(out) as tmp:
+        write_safetensors(tmp / WEIGHTS, tensors)
+        write_file_atomic(tmp / INDEX, json.dumps(index, indent=1).encode())
     return out
 
 
+SIGNATURE_KEYS = ("n_layers", "hidden_size", "intermediate_size", "n_heads", "n_kv_heads", "head_dim")
+_SLOT_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
+MAX_SIZE = 2**24  # no weight of a real model has more rows or columns
+
+
+def parse_key(key: str) -> tuple[int, str] | None:
+    """(layer, slot) of a key ``blocks.<i>.<slot>`` written in canonical form (ASCII digits, no leading
+    zero: ``blocks.03.q`` would alias ``blocks.3.q``), else None."""
+    parts = key.split(".")
+    if len(parts) != 3 or parts[0] != "blocks" or parts[2] not in _SLOT_NAMES:
+        return None
+    layer = ascii_int(parts[1])
+    return None if layer is None or str(layer) != parts[1] else (layer, parts[2])
+
+
 def load_adapter(directory: str | os.PathLike[str]) -> S2FTAdapter:
-    """Read an adapter written by ``save_adapter``; CheckpointError names what is missing or wrong."""
+    """Read an adapter written by ``save_adapter``; CheckpointError names the file and what is missing
+    or wrong. The blocks of adapter.json and the tensors of adapter.safetensors must match exactly
+    (a block without tensors, or tensors without a block, is an error, never silently dropped)."""
     src = Path(directory)
-    index = read_json_object(src / INDEX)
-    tensors, _ = read_safetensors(src / WEIGHTS)
+    index_path, weights = src / INDEX, src / WEIGHTS
+    index = read_json_object(index_path)
+    f = Fields(index, str(index_path))
     if index.get("format") != FORMAT:
-        raise CheckpointError(f"{src / INDEX}: 'format' must be {FORMAT!r}")
-    entries, signature = index.get("blocks", {}), index.get("model", {})
+        raise CheckpointError(f"{index_path}: 'format' must be {FORMAT!r}")
+    f.int("version")
+    if index["version"] != 1:
+        raise CheckpointError(f"{index_path}: adapter version {index['version']}; this minift reads 1")
+    entries, signature = index.get("blocks"), index.get("model", {})
     if not isinstance(entries, dict):
         raise CheckpointError(
-            f"{src / INDEX}: 'blocks' must map slot keys to {{axis, shape}}, got {entries!r}"
+            f"{index_path}: 'blocks' must map slot keys to {{axis, shape}}, got {entries!r}"
         )
-    if not (isinstance(signature, dict) and all(type(v) is int for v in signature.values())):
-        raise CheckpointError(f"{src / INDEX}: 'model' must map sizes to integers, got {signature!r}")
+    if not isinstance(signature, dict):
+        raise CheckpointError(f"{index_path}: 'model' must map sizes to integers, got {signature!r}")
+    sig = Fields(signature, f"{index_path}: 'model'")
+    unknown = sorted(set(signature) - set(SIGNATURE_KEYS))
+    if unknown:
+        raise CheckpointError(f"{index_path}: 'model' has unknown sizes {unknown}; expected {SIGNATURE_KEYS}")
+    for name in signature:
+        sig.int(name, lo=0, hi=MAX_SIZE)
+    infos, _ = read_header(weights)
+    expected = {f"{key}.{part}" for key in entries for part in ("indices", "delta")}
+    if set(infos) != expected:
+        missing, extra = sorted(expected - set(infos)), sorted(set(infos) - expected)
+        raise CheckpointError(f"{weights}: tensors do not match the blocks of {index_path}: missing "
+                              f"{missing[:4]}, not listed there {extra[:4]}")
+    check_float_dtypes(weights, {k: v for k, v in infos.items() if k.endswith(".delta")}, "S2FT deltas")
     blocks = {}
     for key, meta in entries.items():
-        where = f"{src / WEIGHTS}, key {key!r}"
-        if f"{key}.indices" not in tensors or f"{key}.delta" not in tensors:
-            raise CheckpointError(f"{where}: '{key}.indices' and '{key}.delta' are both required")
-        try:
-            axis, shape = meta["axis"], (int(meta["shape"][0]), int(meta["shape"][1]))
-        except (KeyError, TypeError, ValueError, IndexError):
-            raise CheckpointError(
-                f"{src / INDEX}: block {key!r} needs 'axis' and a 2-entry 'shape'"
-            ) from None
-        blk = AdapterBlock(axis, tensors[f"{key}.indices"], tensors[f"{key}.delta"], shape)
+        where = f"{weights}, key {key!r}"
+        if parse_key(key) is None:
+            raise CheckpointError(f"{index_path}: block key {key!r} is not of the form blocks.<layer>.<slot> "
+                                  f"with slot one of {_SLOT_NAMES}")
+        if not isinstance(meta, dict) or "axis" not in meta or "shape" not in meta:
+            raise CheckpointError(f"{index_path}: block {key!r} needs 'axis' and a 2-entry 'shape'")
+        m = Fields(meta, f"{index_path}: block {key!r}")
+        axis = m.str("axis", choices=("rows", "columns"))
+        shape = meta.get("shape")
+        if not (isinstance(shape, list) and len(shape) == 2
+                and all(type(d) is int and 1 <= d <= MAX_SIZE for d in shape)):
+            raise m.fail("shape", f"a list of 2 integers in [1, {MAX_SIZE}]", shape)
+        indices = read_tensor(weights, infos[f"{key}.indices"])
+        delta = read_tensor(weights, infos[f"{key}.delta"])
+        check_finite(weights, f"{key}.delta", delta)
+        blk = AdapterBlock(axis, indices, delta, (shape[0], shape[1]))
         check_block(blk, where)
         blocks[key] = blk
-    return S2FTAdapter(blocks, dict(signature))
+    return S2FTAdapter(blocks, dict(signature), str(src))
 
 
 def check_block(blk: AdapterBlock, where: str) -> None:
