@@ -28,6 +28,7 @@ import numpy as np
 
 from minift.backend import Array, get_xp
 from minift.errors import CheckpointError, ShapeError
+from minift.methods import carries
 from minift.methods.lora import LowRankLinear, low_rank_slots
 from minift.methods.s2ft.adapter import AdapterBlock, S2FTAdapter, check_block, model_signature
 from minift.model import KVCache, Model, model_forward
@@ -79,7 +80,7 @@ def _weight(model: Model, key: str) -> Array:
 def check_adapter(model: Model, adapter: Adapter) -> None:
     """Raise CheckpointError unless every entry fits the model (shapes, indices, signature) and the
     model is in its original layout."""
-    if "s2ft" in model.meta:
+    if carries(model, "s2ft"):
         raise CheckpointError(
             "the model is co-permuted for S2FT training; unpermute it before serving adapters"
         )

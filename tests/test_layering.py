@@ -34,12 +34,12 @@ RANKS: dict[str, int] = {
     "minift.io.hub": 7,
     "minift.io.peft": 7,
     "minift.io.checkpoint": 7,
-    "minift.methods.registry": 8,  # binds each method to its adapter file format (minift.io.peft)
     "minift.train": 9,
     "minift.generate": 9,
     "minift.serving": 9,
     "minift.data": 9,
     "minift.device": 9,
+    "minift.methods.registry": 9,  # binds each method to its adapter format (io.peft) and merge (serving)
     "minift.spec": 10,
     "minift.testing": 10,
     "minift.tools": 11,

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from minift.config import ModelConfig
 from minift.errors import ConfigError
+from minift.methods import method_record
 from minift.methods.s2ft import co_permute, plan_layout, unpermute
 from minift.methods.s2ft.permute import expand
 from minift.model import init_model, model_forward, named_modules
@@ -120,7 +121,7 @@ def test_unpermute_after_co_permute_restores_every_weight_bitwise(config, seed):
     unpermute(co_permute(model, _random_layouts(config, rng)))
     restored = _weights(model)
     assert restored.keys() == original.keys()
-    assert "s2ft" not in model.meta
+    assert method_record(model) is None
     for k in original:
         np.testing.assert_array_equal(restored[k], original[k], err_msg=k)
 
@@ -130,7 +131,7 @@ def test_the_permutation_is_recorded_and_moves_whole_heads():
     o_before = np.array(model.blocks[0].o.weight)
     lay = plan_layout((0, 2, 4), (5,), 6, 3, 6)
     co_permute(model, {0: lay})
-    assert model.meta["s2ft"]["layers"]["0"]["head_order"] == list(lay.head_order)
+    assert method_record(model).state["layers"]["0"]["head_order"] == list(lay.head_order)
     cols = expand(lay.head_order, GQA.head_dim)  # O column j of the permuted model is original cols[j]
     np.testing.assert_array_equal(model.blocks[0].o.weight, o_before[:, cols])
 
@@ -143,7 +144,7 @@ def test_a_layout_that_moves_a_head_out_of_its_group_is_a_config_error():
     )
     with pytest.raises(ConfigError, match="keeping each head in its group"):
         co_permute(model, {0: swapped})
-    assert "s2ft" not in model.meta
+    assert method_record(model) is None
 
 
 def test_permuting_twice_or_unpermuting_an_unpermuted_model_is_a_config_error():

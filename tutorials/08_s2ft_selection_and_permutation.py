@@ -212,8 +212,8 @@ print("24 random selections: same logits after co-permutation, identical weights
 # ## 5. All of it in one call: `apply_s2ft`
 #
 # `apply_s2ft(model, config, calib_batches, rng=…)` freezes everything, selects, co-permutes,
-# records the permutation in `model.meta["s2ft"]`, and swaps the target slots for
-# partial-backpropagation slots: `ColumnBlock` for O and Down. Their trainable arrays are views
+# records the permutation in the model's `MethodRecord` (`minift.methods.method_record(model)`),
+# and swaps the target slots for partial-backpropagation slots: `ColumnBlock` for O and Down. Their trainable arrays are views
 # of the permuted weights.
 
 # %%

@@ -41,7 +41,8 @@ from minift.errors import CheckpointError, ConfigError
 from minift.io.checkpoint import _write_atomic
 from minift.io.jsonio import read_json_object
 from minift.io.safetensors_io import read_safetensors, write_safetensors
-from minift.methods.lora import LowRankLinear, adapt_slot, low_rank_slots
+from minift.methods import MethodRecord, method_record, record_method
+from minift.methods.lora import LoRAConfig, LowRankLinear, adapt_slot, low_rank_slots
 from minift.methods.targets import HF_MODULES, freeze, replace_slot
 from minift.model import SLOT_NAMES, Model
 
@@ -122,10 +123,11 @@ def export_peft_adapter(
     if len(ranks) > 1 or len(scalings) > 1:
         raise ConfigError(f"adapters of different ranks {sorted(ranks)} or scalings cannot share one config")
     r, scaling = ranks.pop(), scalings.pop()
-    meta = model.meta.get("adapter", {})
-    is_lora = meta.get("method") == "lora"  # else the scale is baked into lora_B: scaling 1
-    use_rslora = is_lora and bool(meta.get("use_rslora", False))
-    alpha = float(meta["alpha"]) if is_lora else scaling * r
+    record = method_record(model)
+    is_lora = record is not None and record.name == "lora"  # else the scale is baked into lora_B: scaling 1
+    use_rslora = is_lora and bool(record.config.use_rslora)  # type: ignore[union-attr]
+    alpha = float(record.config.alpha) if is_lora else scaling * r  # type: ignore[union-attr]
+    dropout = float(getattr(record.config, "dropout", 0.0)) if record is not None else 0.0
     targets, layers = _target_spec(adapted, len(model.blocks))
     config = {
         "peft_type": "LORA",
@@ -133,7 +135,7 @@ def export_peft_adapter(
         "base_model_name_or_path": base_model_name_or_path,
         "r": r,
         "lora_alpha": alpha,
-        "lora_dropout": float(meta.get("dropout", 0.0)),
+        "lora_dropout": dropout,
         "use_rslora": use_rslora,
         "target_modules": targets,
         "layers_to_transform": layers,
@@ -294,9 +296,10 @@ def load_peft_adapter(model: Model, path: str | Path) -> Model:
         A, B = (to_xp(found[(i, s)][f].astype(dtype), xp) for f in "AB")
         slot = LowRankLinear(base.weight, A, B, scaling, bias=base.bias, dropout=dropout)
         replace_slot(model, i, s, slot)
-    model.meta["adapter"] = {
-        "method": "lora", "r": r, "alpha": alpha, "dropout": dropout, "use_rslora": use_rslora,
-        "targets": sorted({s for _, s in targeted}, key=SLOT_NAMES.index),
-        "layers": sorted({i for i, _ in targeted}), "source": str(folder),
-    }
+    lora_config = LoRAConfig(
+        r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+        targets=tuple(sorted({s for _, s in targeted}, key=SLOT_NAMES.index)),
+        layers=tuple(sorted({i for i, _ in targeted})),
+    )
+    record_method(model, MethodRecord("lora", lora_config, {"source": str(folder)}))
     return model

@@ -21,7 +21,7 @@ linear layer; unmerging subtracts it again (PEFT ``merge``/``unmerge``).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -29,6 +29,7 @@ import numpy as np
 from minift.backend import Array, get_xp
 from minift.errors import ConfigError
 from minift.layers.linear import linear_backward_input, linear_backward_weight, linear_forward
+from minift.methods import MethodRecord, record_method
 from minift.methods.targets import freeze, replace_slot, select_targets, slot_names, slot_paths
 from minift.model import Model
 from minift.slots import Dense, Grads, WeightShape
@@ -277,7 +278,7 @@ def apply_lora(
         B = xp.zeros((n_out, config.r), dtype=w.dtype)
         replace_slot(model, i, name, LowRankLinear(w, A, B, config.scaling, bias=dense.bias,
                                                    dropout=config.dropout))
-    model.meta["adapter"] = {"method": "lora", **asdict(config)}
+    record_method(model, MethodRecord("lora", config))
     return model
 
 

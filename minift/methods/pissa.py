@@ -18,13 +18,14 @@ The training itself is LoRA's: the slot is ``minift.methods.lora.LowRankLinear``
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from types import ModuleType
 
 import numpy as np
 
 from minift.backend import Array, get_xp
 from minift.errors import ConfigError
+from minift.methods import MethodRecord, record_method
 from minift.methods.lora import LoRAConfig, LowRankLinear, adapt_slot, merge, unmerge
 from minift.methods.targets import freeze, replace_slot, select_targets
 from minift.model import Model
@@ -135,7 +136,7 @@ def apply_pissa(
             residual, A, B, config.scaling, bias=dense.bias, dropout=config.dropout,
             A0=A.copy(), B0=B.copy(),
         ))
-    model.meta["adapter"] = {"method": "pissa", **asdict(config)}
+    record_method(model, MethodRecord("pissa", config))
     return model
 
 

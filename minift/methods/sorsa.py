@@ -28,13 +28,14 @@ repository's analysis script, where GA = 1). S is not regularized.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import numpy as np
 
 from minift.backend import Array, get_xp
 from minift.errors import ConfigError
+from minift.methods import MethodRecord, record_method
 from minift.methods.lora import (
     LowRankLinear,
     adapt_slot,
@@ -214,7 +215,7 @@ def apply_sorsa(
             residual, A, B, config.scaling, S=S, bias=dense.bias, dropout=config.dropout,
             A0=A.copy(), B0=B.copy(), S0=S.copy(),
         ))
-    model.meta["adapter"] = {"method": "sorsa", **asdict(config)}
+    record_method(model, MethodRecord("sorsa", config))
     return model
 
 

@@ -24,7 +24,7 @@ contiguous by any valid permutation (each segment can straddle at most two parti
 block slots carry a short list of segments (``minift.methods.s2ft.slots``); the computation stays
 exact for every selection.
 
-The orders are recorded in ``model.meta["s2ft"]``; ``unpermute`` restores original coordinates
+The orders are recorded in the model's ``MethodRecord``; ``unpermute`` restores original coordinates
 bitwise (a permutation is a gather, and the inverse gather moves every value back unchanged), so
 merged models and adapters are always written in the original layout (s2ft.md §10.4–5).
 """
@@ -36,6 +36,7 @@ from typing import Any
 
 from minift.backend import Array, get_xp
 from minift.errors import ConfigError
+from minift.methods import META_KEY, MethodRecord, carries, method_record, record_method
 from minift.methods.s2ft.slots import ColumnBlock, RowBlock, Segments
 from minift.model import Block, Model
 from minift.slots import Dense
@@ -169,8 +170,11 @@ def permute_block(block: Block, layout: LayerLayout, head_dim: int, *, undo: boo
 
 def co_permute(model: Model, layouts: dict[int, LayerLayout]) -> Model:
     """Physically permute the given layers (in place) and record the layouts in ``model.meta``."""
-    if "s2ft" in model.meta:
-        raise ConfigError("the model is already co-permuted for S2FT; call unpermute first")
+    if method_record(model) is not None:
+        raise ConfigError(
+            f"the model already carries {method_record(model).name}"  # type: ignore[union-attr]
+            + (" (it is already co-permuted; call unpermute first)" if carries(model, "s2ft") else "")
+        )
     c = model.config
     G = c.n_heads // c.n_kv_heads
     for i, layout in layouts.items():
@@ -187,15 +191,17 @@ def co_permute(model: Model, layouts: dict[int, LayerLayout]) -> Model:
             )
     for i, layout in layouts.items():  # validated first, so a bad layout leaves the model untouched
         permute_block(model.blocks[i], layout, c.head_dim)
-    model.meta["s2ft"] = {"layers": {str(i): lay.to_dict() for i, lay in layouts.items()}}
+    layers = {str(i): lay.to_dict() for i, lay in layouts.items()}
+    record_method(model, MethodRecord("s2ft", None, {"layers": layers}))
     return model
 
 
 def layouts_of(model: Model) -> dict[int, LayerLayout]:
     """The recorded layouts of a co-permuted model, by layer."""
-    if "s2ft" not in model.meta:
-        raise ConfigError("the model is not co-permuted for S2FT (no model.meta['s2ft'])")
-    return {int(i): LayerLayout.from_dict(d) for i, d in model.meta["s2ft"]["layers"].items()}
+    record = method_record(model)
+    if record is None or record.name != "s2ft":
+        raise ConfigError("the model is not co-permuted for S2FT (its method record is not S2FT's)")
+    return {int(i): LayerLayout.from_dict(d) for i, d in record.state["layers"].items()}
 
 
 def unpermute(model: Model) -> Model:
@@ -208,5 +214,5 @@ def unpermute(model: Model) -> Model:
             if isinstance(slot, ColumnBlock | RowBlock):
                 setattr(block, name, Dense(slot.weight, slot.bias))
         permute_block(block, layout, c.head_dim, undo=True)
-    del model.meta["s2ft"]
+    del model.meta[META_KEY]
     return model
