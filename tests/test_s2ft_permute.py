@@ -154,3 +154,25 @@ def test_permuting_twice_or_unpermuting_an_unpermuted_model_is_a_config_error():
     co_permute(model, {0: plan_layout((1,), (), 6, 3, 6)})
     with pytest.raises(ConfigError, match="already co-permuted"):
         co_permute(model, {0: plan_layout((1,), (), 6, 3, 6)})
+
+
+def test_the_merged_model_of_an_s2ft_model_is_a_copy_that_leaves_the_model_co_permuted():
+    from minift.methods.s2ft import S2FTConfig, apply_s2ft
+    from minift.tools.finetune import merged_model
+
+    rng = np.random.default_rng(0)
+    model = apply_s2ft(init_model(GQA, rng), S2FTConfig(heads=2, channels=4), rng=rng)
+    for _, slot in model.blocks[0].slots():  # stand-in for training: move every weight
+        slot.weight += 0.01
+    before = {name: m.weight.copy() for name, m in named_modules(model) if hasattr(m, "weight")}
+    tokens = rng.integers(0, GQA.vocab_size, (2, 5))
+    merged = merged_model(model)
+    assert method_record(model).name == "s2ft"  # still co-permuted, still trainable
+    for name, m in named_modules(model):
+        if hasattr(m, "weight"):
+            np.testing.assert_array_equal(m.weight, before[name], err_msg=name)
+    assert method_record(merged) is None
+    assert_close(model_forward(merged, tokens)[0], model_forward(model, tokens)[0], rtol=1e-5, atol=1e-6)
+    assert_close(
+        model_forward(merged, tokens)[0], model_forward(unpermute(model), tokens)[0], rtol=0, atol=0
+    )
