@@ -1,5 +1,5 @@
 """Serving fine-tuned adapters on one base model: merge, unmerge, switch, fuse, and batches in which
-every request uses its own adapter (paper Sec. 6.2; s2ft.md §7).
+every request uses its own adapter (paper Sec. 6.2).
 
 Two adapter kinds, on weights W (O, I) of the base model in its *original* layout:
 
@@ -168,7 +168,7 @@ def restore(model: Model, adapter: S2FTAdapter, saved: Mapping[str, Array]) -> N
 
 def fuse_adapters(adapters: Sequence[S2FTAdapter], weights: Sequence[float]) -> S2FTAdapter:
     """One adapter equal to Σ_k λ_k ΔW_k: per matrix, the union of the index sets, with overlapping
-    entries summed (s2ft.md §7.3; disjoint sets simply sit side by side)."""
+    entries summed (disjoint sets simply sit side by side)."""
     if len(adapters) != len(weights) or not adapters:
         raise CheckpointError(
             f"fuse_adapters needs one weight per adapter, got {len(adapters)} and {len(weights)}"

@@ -1,5 +1,5 @@
 """Compute code runs on CuPy too, so it calls ``xp.<function>`` (``xp = get_xp(x)``), never
-``np.<function>`` (style_guide.md §2.4).
+``np.<function>``.
 
 The allowed ``np.`` calls make no arrays: dtype names and dtype queries, and the host random generator
 (random numbers come from an explicit ``numpy.random.Generator``). Attribute references that are not

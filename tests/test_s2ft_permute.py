@@ -1,4 +1,4 @@
-"""S2FT co-permutation (paper Sec. 3.1–3.3; s2ft.md §5): heads move as whole blocks (Q rows, K/V rows
+"""S2FT co-permutation (paper Sec. 3.1–3.3): heads move as whole blocks (Q rows, K/V rows
 of their group, O columns) and FFN channels as (Gate rows, Up rows, Down columns).
 
 Properties: the planned permutation is valid for grouped-query attention (every query head keeps its

@@ -1,4 +1,4 @@
-"""S2FT training through the model (paper Sec. 3.3; s2ft.md §6, §11): ``apply_s2ft`` then AdamW.
+"""S2FT training through the model (paper Sec. 3.3): ``apply_s2ft`` then AdamW.
 
 Properties: partial backpropagation returns, for every block, the full backward's weight gradient
 restricted to that block (float64, relative error ≤ 1e-10), for MHA, GQA (any head selection,

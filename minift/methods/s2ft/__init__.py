@@ -7,7 +7,7 @@ keep only the activations the blocks' gradients need. The update is a decoupled 
 (original indices, dense block) pairs (``adapter``), merged, switched, fused and served in batches
 by ``minift.serving``.
 
-Cost of one training step (s2ft.md §6.4): every slot still computes dx = dy W (the layers below need
+Cost of one training step (paper Sec. 3.3): every slot still computes dx = dy W (the layers below need
 it), but the weight gradient of a column block costs 2·N·S·O instead of 2·N·I·O, frozen slots cost
 nothing and keep nothing, and the blocks below the lowest trainable one run in inference mode. The
 backward therefore falls from about twice the forward to about once, gradients and AdamW state are

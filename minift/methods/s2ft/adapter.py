@@ -1,7 +1,7 @@
 """The S2FT update as a decoupled adapter: (indices in original coordinates, dense block deltas).
 
 After training, ΔW = W_ft − W_pre is non-zero only on the selected rows or columns, so it factors
-as U Vᵀ with U a column selector and V dense (paper Sec. 6.2, s2ft.md §7.1). Per matrix the adapter
+as U Vᵀ with U a column selector and V dense (paper Sec. 6.2). Per matrix the adapter
 stores the original indices S and the block: Δ = ΔW[:, S] (O, S) for column blocks (O, Down) or
 Δ = ΔW[S, :] (S, I) for row blocks (Q, K, V, Gate, Up). Indices are always in the *original*
 layout (the permutation is undone through the recorded order), so an adapter applies to the base

@@ -1,7 +1,7 @@
 """Trainable-parameter budgets: S2FT counts, and the S2FT selection matching a LoRA rank.
 
 LoRA of rank R on a (O, I) matrix trains R·(I + O) parameters; S2FT trains s·I (s output rows) or
-s·O (s input columns) (s2ft.md §3.3). One query head costs D·C on Q or O, and D·C/G on K or V (its
+s·O (s input columns). One query head costs D·C on Q or O, and D·C/G on K or V (its
 share of its group's key/value head; exact when whole groups are selected); one FFN channel costs C
 on each of Gate, Up and Down. The paper splits the budget "fairly" between O and Down (Sec. 5.4).
 """

@@ -17,7 +17,7 @@ from minift.errors import ConfigError
 HEAD_TARGETS = ("q", "k", "v", "o")
 CHANNEL_TARGETS = ("gate", "up", "down")
 # Which side of the [out, in] weight a target's heads/channels occupy: producers (W1) own output rows,
-# consumers (W2) own input columns (s2ft.md §3.1).
+# consumers (W2) own input columns (paper Sec. 3.1).
 SIDE = {
     "q": "rows",
     "k": "rows",
@@ -34,7 +34,8 @@ Strategy = Literal["random", "weight", "activation", "product", "gradient"]
 @dataclass(frozen=True)
 class S2FTConfig:
     """Per layer, ``heads`` query heads and ``channels`` FFN channels (uniform across layers, the
-    paper's Sec. 5.1 reading; the official code samples globally instead, s2ft.md §10.3).
+    paper's Sec. 5.1 reading; the official code instead samples the units of all layers together, so
+    layers get unequal counts).
 
     ``strategy`` (paper Sec. 3.2, App. D, Table 4): ``random`` (S2FT-R), ``weight`` (‖W‖, S2FT-W),
     ``activation`` (‖A‖, S2FT-A), ``product`` (‖W‖·‖A‖, S2FT-S), ``gradient`` (‖∂L/∂W‖, S2FT-G); the

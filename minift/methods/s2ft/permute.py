@@ -6,7 +6,7 @@ with the same permutation leaves the network function unchanged, so the selected
 matrix becomes one (or a few) contiguous block(s): a NumPy view, trained in place (paper Sec. 3.3).
 
 RoPE: heads move as whole D-row blocks, never dimensions inside a head, so the rotary pairing of
-dimension i with i + D/2 inside each head is untouched (s2ft.md §5.3).
+dimension i with i + D/2 inside each head (``rotate_half``) is untouched.
 
 Grouped-query attention (K < H, G = H / K query heads per group): query head h reads key/value head
 h // G (``minift.layers.attention``). A permutation is valid iff it moves whole groups and permutes
@@ -26,7 +26,7 @@ exact for every selection.
 
 The orders are recorded in the model's ``MethodRecord``; ``unpermute`` restores original coordinates
 bitwise (a permutation is a gather, and the inverse gather moves every value back unchanged), so
-merged models and adapters are always written in the original layout (s2ft.md §10.4–5).
+merged models and adapters are always written in the original layout, which any other tool can load.
 """
 
 from __future__ import annotations
