@@ -30,19 +30,19 @@ RANKS: dict[str, int] = {
     "minift.optim": 3,  # the optimizer sees arrays only, never the model
     "minift.model": 4,
     "minift": 4,  # the package itself re-exports the model's names
-    "minift.methods": 6,
-    "minift.io.hub": 7,
-    "minift.io.peft": 7,
-    "minift.io.checkpoint": 7,
-    "minift.train": 9,
-    "minift.generate": 9,
-    "minift.serving": 9,
-    "minift.data": 9,
-    "minift.device": 9,
-    "minift.methods.registry": 9,  # binds each method to its adapter format (io.peft) and merge (serving)
-    "minift.spec": 10,
-    "minift.testing": 10,
-    "minift.tools": 11,
+    "minift.methods": 5,
+    "minift.io.hub": 6,
+    "minift.io.peft": 6,
+    "minift.io.checkpoint": 6,
+    "minift.train": 7,
+    "minift.generate": 7,
+    "minift.serving": 7,
+    "minift.data": 7,
+    "minift.device": 7,
+    "minift.methods.registry": 7,  # binds each method to its adapter format (io.peft) and merge (serving)
+    "minift.spec": 8,
+    "minift.testing": 8,
+    "minift.tools": 9,
 }
 
 # Private imports that a pending change removes (the atomic-write helper moves to its own public

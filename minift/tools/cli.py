@@ -397,7 +397,7 @@ EXAMPLES = {
 To run the spec itself against your own Python implementation:
   pytest --pyargs minift.spec --impl mypackage.adapter""",
     "demo": """examples:
-  minift demo                      all five methods on the "min" task, 1-2 minutes on 2 cores
+  minift demo                      every method on the "min" task, one comparison table
   minift demo --task shift --methods lora s2ft --steps 600
   minift demo --quick              a smoke run in seconds""",
     "finetune": """examples:
@@ -421,7 +421,7 @@ full fine-tuning, merged/ (a Hugging Face model folder).""",
   minift export --adapter runs/lora/adapter --peft out/peft --merged out/merged
   minift export --adapter runs/s2ft/adapter --merged out/merged    (S2FT adapters export merged only)""",
     "pretrain": """examples:
-  minift pretrain --out my-base                 the shipped model's recipe (about 20-30 minutes on 2 cores)
+  minift pretrain --out my-base                 the shipped model's recipe: its weights, byte for byte
   minift pretrain --out tiny --steps 200        a quick, weaker base""",
     "study": """examples:
   minift study --out study          the default study (15 minutes on 2 busy cores); results.md, plots

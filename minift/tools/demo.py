@@ -1,4 +1,4 @@
-"""``minift demo``: the whole mission in a few minutes on a laptop CPU.
+"""``minift demo``: every method fine-tunes the embedded model on one task; one comparison table.
 
 On the embedded base model (``minift.tools.pretrain``), one fine-tuning task of ``minift.data.tasks`` is
 learned by each method — full fine-tuning, LoRA, PiSSA, SORSA and S2FT, the adapters at a matched
