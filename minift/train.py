@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from minift.backend import Array, get_xp, to_xp
 from minift.data.datasets import Batch, BatchStream
 from minift.errors import CheckpointError, ConfigError, DataError, TrainingError
-from minift.io.checkpoint import latest_checkpoint, load_checkpoint, restore, save_checkpoint
+from minift.io.checkpoint import latest_checkpoint, load_checkpoint, restore_checkpoint, save_checkpoint
 from minift.layers.cross_entropy import IGNORE_INDEX
 from minift.model import Model, loss_and_grads, trainable_parameters
 from minift.optim import AdamW, Schedule, ScheduleKind, clip_grad_norm
@@ -364,5 +364,5 @@ def _resume(
             f"{ckpt.path / 'state.json'}: the run's settings {differ} differ from the checkpoint's "
             f"({', '.join(f'{key}={saved.get(key)!r}' for key in differ)}); resume with the same ones"
         )
-    restore(ckpt, model, optimizer, rng)
+    restore_checkpoint(ckpt, model, optimizer, rng)
     return ckpt.step, ckpt.path

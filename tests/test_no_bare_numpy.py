@@ -20,7 +20,7 @@ ALLOWED = {
     "dtype", "finfo", "iinfo", "random.default_rng", "random.Generator",
 }
 HOST_FUNCTIONS = {  # (file, function): why it may call numpy directly
-    ("minift/io/peft.py", "lora_factors"): "builds float64 host arrays for a PEFT file",
+    ("minift/io/peft.py", "peft_factors"): "builds float64 host arrays for a PEFT file",
     ("minift/methods/svd_analysis.py", "mean"): "summarises Python floats for a plot",
 }
 

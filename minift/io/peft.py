@@ -42,7 +42,7 @@ from minift.io.checkpoint import _write_atomic
 from minift.io.jsonio import read_json_object
 from minift.io.safetensors_io import read_safetensors, write_safetensors
 from minift.methods import MethodRecord, method_record, record_method
-from minift.methods.lora import LoRAConfig, LowRankLinear, adapt_slot, low_rank_slots
+from minift.methods.lora import LoRAConfig, LowRankLinear, low_rank_slots, require_dense
 from minift.methods.targets import HF_MODULES, freeze, replace_slot
 from minift.model import SLOT_NAMES, Model
 
@@ -71,7 +71,7 @@ def _check_arch(model: Model) -> None:
         )
 
 
-def lora_factors(slot: LowRankLinear) -> tuple[np.ndarray, np.ndarray, float]:
+def peft_factors(slot: LowRankLinear) -> tuple[np.ndarray, np.ndarray, float]:
     """(lora_A (r', I), lora_B (O, r'), scaling) with scaling · lora_B lora_A = the slot's change of the
     *original* weight, as float64 host arrays (see the module doc)."""
     A, B = to_numpy(slot.A).astype(np.float64), to_numpy(slot.B).astype(np.float64)
@@ -114,7 +114,7 @@ def export_peft_adapter(
         if slot.merged:
             raise ConfigError(f"{p} is merged: unmerge the adapters before exporting them")
         _, layer, name = p.split(".")
-        A, B, scaling = lora_factors(slot)
+        A, B, scaling = peft_factors(slot)
         tensors[peft_key(int(layer), name, "A")] = A.astype(np.float32)
         tensors[peft_key(int(layer), name, "B")] = B.astype(np.float32)
         adapted.append((int(layer), name))
@@ -286,7 +286,7 @@ def load_peft_adapter(model: Model, path: str | Path) -> Model:
                     f"(r={r} from {config_path}; {slot.out_features}×{slot.in_features} base weight)"
                 )
 
-    dense = {(i, s): adapt_slot(getattr(model.blocks[i], s), i, s) for i, s in targeted}
+    dense = {(i, s): require_dense(getattr(model.blocks[i], s), i, s) for i, s in targeted}
 
     freeze(model)
     scaling = alpha / (math.sqrt(r) if use_rslora else r)

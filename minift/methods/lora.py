@@ -248,7 +248,7 @@ class LoRAConfig:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
 
-def adapt_slot(slot: object, layer: int, name: str) -> Dense:
+def require_dense(slot: object, layer: int, name: str) -> Dense:
     """Check that a target is a plain dense slot (not already adapted) and return it."""
     if not isinstance(slot, Dense):
         raise ConfigError(
@@ -269,7 +269,7 @@ def apply_lora(
     rng = rng if rng is not None else np.random.default_rng(0)
     freeze(model)
     for i, name, slot in select_targets(model, config.targets, config.layers):
-        dense = adapt_slot(slot, i, name)
+        dense = require_dense(slot, i, name)
         w = dense.weight
         xp = get_xp(w)
         n_out, n_in = w.shape

@@ -26,7 +26,7 @@ import numpy as np
 from minift.backend import Array, get_xp
 from minift.errors import ConfigError
 from minift.methods import MethodRecord, record_method
-from minift.methods.lora import LoRAConfig, LowRankLinear, adapt_slot, merge, unmerge
+from minift.methods.lora import LoRAConfig, LowRankLinear, merge, require_dense, unmerge
 from minift.methods.targets import freeze, replace_slot, select_targets
 from minift.model import Model
 
@@ -130,7 +130,7 @@ def apply_pissa(
     rng = rng if rng is not None else np.random.default_rng(0)
     freeze(model)
     for i, name, slot in select_targets(model, config.targets, config.layers):
-        dense = adapt_slot(slot, i, name)
+        dense = require_dense(slot, i, name)
         A, B, residual = pissa_factors(dense.weight, config.r, config.scaling, niter=config.niter, rng=rng)
         replace_slot(model, i, name, LowRankLinear(
             residual, A, B, config.scaling, bias=dense.bias, dropout=config.dropout,

@@ -38,10 +38,10 @@ from minift.errors import ConfigError
 from minift.methods import MethodRecord, record_method
 from minift.methods.lora import (
     LowRankLinear,
-    adapt_slot,
     check_adapter_config,
     low_rank_slots,
     merge,
+    require_dense,
     unmerge,
 )
 from minift.methods.pissa import check_niter, top_svd
@@ -209,7 +209,7 @@ def apply_sorsa(
     rng = rng if rng is not None else np.random.default_rng(0)
     freeze(model)
     for i, name, slot in select_targets(model, config.targets, config.layers):
-        dense = adapt_slot(slot, i, name)
+        dense = require_dense(slot, i, name)
         A, S, B, residual = sorsa_factors(dense.weight, config.r, config.scaling, niter=config.niter, rng=rng)
         replace_slot(model, i, name, LowRankLinear(
             residual, A, B, config.scaling, S=S, bias=dense.bias, dropout=config.dropout,
