@@ -52,7 +52,7 @@ from minift.config import ModelConfig, RopeScaling
 from minift.errors import CheckpointError, ConfigError
 from minift.io.jsonio import read_json_object
 from minift.io.safetensors_io import FLOAT_CODES, TensorInfo, read_header, read_tensor, write_safetensors
-from minift.model import Block, Model, named_modules
+from minift.model import Block, Model, named_modules, slot_shapes
 from minift.slots import Dense, Embedding, Norm
 
 ARCH_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -250,9 +250,7 @@ def config_to_hf(config: ModelConfig, *, dtype: Any = np.float32, sliding_window
 def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every array of a dense model by minift path (``blocks.0.q.weight``), with its shape."""
     c = config
-    C, F, V, H, K, D = c.hidden_size, c.intermediate_size, c.vocab_size, c.n_heads, c.n_kv_heads, c.head_dim
-    assert K is not None
-    assert D is not None
+    C, V = c.hidden_size, c.vocab_size
     gpt2 = c.arch == "gpt2"
     shapes: dict[str, tuple[int, ...]] = {"embed.weight": (V, C)}
     if gpt2:
@@ -267,12 +265,7 @@ def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         p = f"blocks.{i}"
         norm(f"{p}.attn_norm")
         norm(f"{p}.mlp_norm")
-        slots = [("q", H * D, C, c.qkv_bias), ("k", K * D, C, c.qkv_bias), ("v", K * D, C, c.qkv_bias),
-                 ("o", C, H * D, c.o_bias), ("gate", F, C, c.mlp_bias), ("up", F, C, c.mlp_bias),
-                 ("down", C, F, c.mlp_bias)]
-        for name, n_out, n_in, bias in slots:
-            if gpt2 and name == "gate":
-                continue
+        for name, (n_out, n_in, bias) in slot_shapes(c).items():
             shapes[f"{p}.{name}.weight"] = (n_out, n_in)
             if bias:
                 shapes[f"{p}.{name}.bias"] = (n_out,)

@@ -13,35 +13,16 @@ from collections.abc import Sequence
 from minift.config import ModelConfig
 from minift.errors import ConfigError
 from minift.methods.s2ft.config import S2FTConfig
-
-
-def slot_shape(config: ModelConfig, name: str) -> tuple[int, int]:
-    """(O, I) of a block's linear slot."""
-    C, F, H, K, D = (
-        config.hidden_size,
-        config.intermediate_size,
-        config.n_heads,
-        config.n_kv_heads,
-        config.head_dim,
-    )
-    assert K is not None
-    assert D is not None
-    return {
-        "q": (H * D, C),
-        "k": (K * D, C),
-        "v": (K * D, C),
-        "o": (C, H * D),
-        "gate": (F, C),
-        "up": (F, C),
-        "down": (C, F),
-    }[name]
+from minift.model import slot_shapes
 
 
 def lora_parameter_count(
     config: ModelConfig, rank: int, targets: Sequence[str] = ("q", "k", "v", "up", "down")
 ) -> int:
-    """R·(I + O) summed over the targets of every layer."""
-    return config.n_layers * sum(rank * sum(slot_shape(config, t)) for t in targets)
+    """R·(I + O) summed over the targets of every layer (a target the model lacks, GPT-2's gate, adds 0)."""
+    shapes = slot_shapes(config)
+    per_layer = sum(rank * (shapes[t].out_features + shapes[t].in_features) for t in targets if t in shapes)
+    return config.n_layers * per_layer
 
 
 def head_cost(config: ModelConfig, head_targets: Sequence[str]) -> float:
