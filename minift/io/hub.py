@@ -50,6 +50,7 @@ import numpy as np
 from minift.backend import Array, to_numpy, to_xp
 from minift.config import ModelConfig, RopeScaling
 from minift.errors import CheckpointError, ConfigError
+from minift.io.hf_names import GPT2_MODULES, LLAMA_MODULES
 from minift.io.jsonio import read_json_object
 from minift.io.safetensors_io import FLOAT_CODES, TensorInfo, read_header, read_tensor, write_safetensors
 from minift.model import Block, Model, named_modules, slot_shapes
@@ -62,11 +63,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja")
 
 # minift holder name → HF module name inside one block
-_LLAMA_NAMES = {"attn_norm": "input_layernorm", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
-                "v": "self_attn.v_proj", "o": "self_attn.o_proj", "mlp_norm": "post_attention_layernorm",
-                "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-_GPT2_NAMES = {"attn_norm": "ln_1", "o": "attn.c_proj", "mlp_norm": "ln_2", "up": "mlp.c_fc",
-               "down": "mlp.c_proj"}  # q, k, v live together in attn.c_attn
+_LLAMA_NAMES = LLAMA_MODULES
+_GPT2_NAMES = GPT2_MODULES  # q, k, v live together in attn.c_attn
 _CONV1D = ("o", "up", "down")  # GPT-2 slots stored by Conv1D as [in, out]
 _SKIPPED = {  # buffers that are not parameters, matched by their whole name
     "llama": re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),

@@ -39,23 +39,24 @@ import numpy as np
 from minift.backend import get_xp, to_numpy, to_xp
 from minift.errors import CheckpointError, ConfigError
 from minift.io.checkpoint import _write_atomic
+from minift.io.hf_names import SLOT_MODULES, module_name
 from minift.io.jsonio import read_json_object
 from minift.io.safetensors_io import read_safetensors, write_safetensors
 from minift.methods import MethodRecord, method_record, record_method
 from minift.methods.lora import LoRAConfig, LowRankLinear, low_rank_slots, require_dense
-from minift.methods.targets import HF_MODULES, freeze, replace_slot
+from minift.methods.targets import freeze, replace_slot
 from minift.model import SLOT_NAMES, Model
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_ARCHS = ("llama", "mistral", "qwen2")
 _KEY = re.compile(r"base_model\.model\.(model\.layers\.(\d+)\.(\w+\.\w+))\.lora_(A|B)\.weight")
-_SLOT_OF = {path: name for name, path in HF_MODULES.items()}  # "self_attn.q_proj" → "q"
+_SLOT_OF = {path: name for name, path in SLOT_MODULES.items()}  # "self_attn.q_proj" → "q"
 
 
 def hf_module(layer: int, name: str) -> str:
     """A projection's module path in a transformers CausalLM, e.g. ``model.layers.0.self_attn.q_proj``."""
-    return f"model.layers.{layer}.{HF_MODULES[name]}"
+    return f"model.layers.{layer}.{SLOT_MODULES[name]}"
 
 
 def peft_key(layer: int, name: str, factor: str) -> str:
@@ -91,7 +92,7 @@ def _target_spec(adapted: list[tuple[int, str]], n_layers: int) -> tuple[list[st
     layers = sorted({i for i, _ in adapted})
     names = [n for n in SLOT_NAMES if any(m == n for _, m in adapted)]
     if len(adapted) == len(layers) * len(names):
-        short = [HF_MODULES[n].split(".")[1] for n in names]
+        short = [module_name(n) for n in names]
         return short, (None if layers == list(range(n_layers)) else layers)
     return [hf_module(i, n) for i, n in adapted], None
 

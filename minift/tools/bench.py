@@ -38,6 +38,7 @@ import numpy as np
 
 from minift.config import ModelConfig
 from minift.data.datasets import Batch
+from minift.io.hf_names import module_name
 from minift.methods.registry import MethodSpec, apply_method, get_method, method_names
 from minift.model import Model, init_model, set_trainable, trainable_parameters
 from minift.tools.measure import gemm_gflops, step_flops, step_memory
@@ -227,20 +228,11 @@ def torch_step(method: str, size: BenchSize, seed: int) -> tuple[Callable[[], fl
     if method == "lora":
         import peft
 
-        names = {
-            "q": "q_proj",
-            "k": "k_proj",
-            "v": "v_proj",
-            "o": "o_proj",
-            "gate": "gate_proj",
-            "up": "up_proj",
-            "down": "down_proj",
-        }
         lora = peft.LoraConfig(
             r=size.rank,
             lora_alpha=2 * size.rank,
             lora_dropout=0.0,
-            target_modules=[names[t] for t in TARGETS],
+            target_modules=[module_name(t) for t in TARGETS],
         )
         with warnings.catch_warnings():  # PEFT calls a transformers API deprecated in v5
             warnings.simplefilter("ignore", FutureWarning)
