@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -26,7 +26,8 @@ from minift.errors import CheckpointError
 from minift.io.checkpoint import _write_atomic
 from minift.io.jsonio import read_json_object
 from minift.io.safetensors_io import read_safetensors, write_safetensors
-from minift.methods.s2ft.permute import expand, layouts_of
+from minift.methods.s2ft.config import COUPLING
+from minift.methods.s2ft.permute import LayerLayout, expand, layouts_of, unit_order, unit_width
 from minift.methods.s2ft.slots import ColumnBlock, RowBlock
 from minift.model import Model
 
@@ -65,13 +66,10 @@ class S2FTAdapter:
     signature: dict[str, int] = field(default_factory=dict)
 
 
-def _feature_order(name: str, layout: Any, head_dim: int) -> list[int]:
+def _feature_order(name: str, layout: LayerLayout, head_dim: int) -> list[int]:
     """Original feature index of each permuted row (Q, K, V, Gate, Up) or column (O, Down)."""
-    if name in ("q", "o"):
-        return expand(layout.head_order, head_dim)
-    if name in ("k", "v"):
-        return expand(layout.kv_order, head_dim)
-    return list(layout.channel_order)
+    unit = COUPLING[name].unit
+    return expand(unit_order(layout, unit), unit_width(unit, head_dim))
 
 
 def extract_adapter(model: Model) -> S2FTAdapter:

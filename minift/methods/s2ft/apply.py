@@ -8,8 +8,8 @@ import numpy as np
 
 from minift.errors import ConfigError
 from minift.methods import method_record
-from minift.methods.s2ft.config import SIDE, S2FTConfig
-from minift.methods.s2ft.permute import co_permute, plan_layout, scale_segments
+from minift.methods.s2ft.config import COUPLING, S2FTConfig
+from minift.methods.s2ft.permute import co_permute, plan_layout, scale_segments, unit_segments, unit_width
 from minift.methods.s2ft.selection import CalibBatch, select_units
 from minift.methods.s2ft.slots import block_slot
 from minift.model import Model, set_trainable
@@ -59,16 +59,11 @@ def apply_selection(
     co_permute(model, layouts)
     for i, lay in layouts.items():
         block = model.blocks[i]
-        segments = {
-            "q": scale_segments(lay.head_segments, c.head_dim),
-            "o": scale_segments(lay.head_segments, c.head_dim),
-            "k": scale_segments(lay.kv_segments, c.head_dim),
-            "v": scale_segments(lay.kv_segments, c.head_dim),
-        }
-        segments |= dict.fromkeys(("gate", "up", "down"), lay.channel_segments)
         for name in (*config.head_targets, *config.channel_targets):
+            unit, axis = COUPLING[name]
+            segments = scale_segments(unit_segments(lay, unit), unit_width(unit, c.head_dim))
             slot = getattr(block, name)
-            if segments[name]:
-                setattr(block, name, block_slot(SIDE[name], slot.weight, segments[name], slot.bias))
+            if segments:
+                setattr(block, name, block_slot(axis, slot.weight, segments, slot.bias))
     method_record(model).config = config  # type: ignore[union-attr]
     return model

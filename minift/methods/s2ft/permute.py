@@ -37,6 +37,7 @@ from typing import Any
 from minift.backend import Array, get_xp
 from minift.errors import ConfigError
 from minift.methods import META_KEY, MethodRecord, carries, method_record, record_method
+from minift.methods.s2ft.config import COUPLING
 from minift.methods.s2ft.slots import ColumnBlock, RowBlock, Segments
 from minift.model import Block, Model
 from minift.slots import Dense
@@ -83,6 +84,22 @@ class LayerLayout:
         return cls(
             **{k: tuple(tuple(s) for s in v) if k.endswith("segments") else tuple(v) for k, v in d.items()}
         )
+
+
+def unit_order(layout: LayerLayout, unit: str) -> tuple[int, ...]:
+    """The permutation of one kind of unit (``Coupling.unit``): new position i holds original unit i."""
+    return {"heads": layout.head_order, "kv_heads": layout.kv_order, "channels": layout.channel_order}[unit]
+
+
+def unit_segments(layout: LayerLayout, unit: str) -> Segments:
+    """The selected segments of one kind of unit, in units."""
+    return {"heads": layout.head_segments, "kv_heads": layout.kv_segments,
+            "channels": layout.channel_segments}[unit]
+
+
+def unit_width(unit: str, head_dim: int) -> int:
+    """Rows or columns per unit: a head is D of them, a channel one."""
+    return 1 if unit == "channels" else head_dim
 
 
 def plan_layout(
@@ -149,23 +166,11 @@ def _permute_slot(slot: Any, idx: list[int], axis: int) -> None:
 def permute_block(block: Block, layout: LayerLayout, head_dim: int, *, undo: bool = False) -> None:
     """Apply the layer's permutation (or its inverse) to every coupled matrix of one block, in place."""
 
-    def order(o: tuple[int, ...], width: int) -> list[int]:
-        idx = expand(o, width)
-        return inverse(idx) if undo else idx
-
-    q, kv = order(layout.head_order, head_dim), order(layout.kv_order, head_dim)
-    ch = order(layout.channel_order, 1)
-    for slot, idx, axis in (
-        (block.q, q, 0),
-        (block.k, kv, 0),
-        (block.v, kv, 0),
-        (block.o, q, 1),
-        (block.gate, ch, 0),
-        (block.up, ch, 0),
-        (block.down, ch, 1),
-    ):
+    for name, (unit, axis) in COUPLING.items():
+        slot = getattr(block, name)
         if slot is not None:
-            _permute_slot(slot, idx, axis)
+            idx = expand(unit_order(layout, unit), unit_width(unit, head_dim))
+            _permute_slot(slot, inverse(idx) if undo else idx, 0 if axis == "rows" else 1)
 
 
 def co_permute(model: Model, layouts: dict[int, LayerLayout]) -> Model:
