@@ -36,15 +36,16 @@ import numpy as np
 from minift.backend import Array, get_xp
 from minift.errors import ConfigError
 from minift.methods import MethodRecord, record_method
-from minift.methods.lora import (
+from minift.methods.lowrank import (
     LowRankLinear,
     check_adapter_config,
+    check_niter,
     low_rank_slots,
     merge,
     require_dense,
+    top_svd,
     unmerge,
 )
-from minift.methods.pissa import check_niter, top_svd
 from minift.methods.targets import freeze, replace_slot, select_targets
 from minift.model import SLOT_NAMES, Model
 from minift.slots import Grads
