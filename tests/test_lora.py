@@ -1,4 +1,5 @@
-"""LoRA and the low-rank slot shared with PiSSA and SORSA (lora.py, lowrank.py), and target selection (targets.py).
+"""LoRA and the low-rank slot shared with PiSSA and SORSA (lora.py, lowrank.py), and target selection
+(targets.py).
 
 Properties: the factored forward equals x Wᵀ + b + s·x_d Aᵀ diag(S) Bᵀ in float64; its backward matches
 finite differences for x, A, B and S, with and without dropout; PEFT's conventions (A ~ U(±1/√in),
