@@ -39,6 +39,40 @@ from minift.slots import Dense, Embedding, Grads, LinearSlot, Norm
 SLOT_NAMES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
+class SlotShape(NamedTuple):
+    """A linear slot's weight (O, I) and whether it has a bias (O,)."""
+
+    out_features: int
+    in_features: int
+    bias: bool
+
+
+def slot_shapes(config: ModelConfig) -> dict[str, SlotShape]:
+    """The one table of a block's linear slots, in ``SLOT_NAMES`` order; GPT-2 has no gate.
+
+        q: (H·D, C)   k, v: (K·D, C)   o: (C, H·D)   gate, up: (F, C)   down: (C, F)
+
+    ``init_model``, ``minift.io.hub`` (the arrays of a checkpoint) and the methods' parameter budgets
+    read their shapes from here.
+    """
+    c = config
+    C, F, H, K, D = c.hidden_size, c.intermediate_size, c.n_heads, c.n_kv_heads, c.head_dim
+    assert K is not None
+    assert D is not None
+    shapes = {
+        "q": SlotShape(H * D, C, c.qkv_bias),
+        "k": SlotShape(K * D, C, c.qkv_bias),
+        "v": SlotShape(K * D, C, c.qkv_bias),
+        "o": SlotShape(C, H * D, c.o_bias),
+        "gate": SlotShape(F, C, c.mlp_bias),
+        "up": SlotShape(F, C, c.mlp_bias),
+        "down": SlotShape(C, F, c.mlp_bias),
+    }
+    if c.arch == "gpt2":
+        del shapes["gate"]
+    return shapes
+
+
 @dataclass(eq=False)
 class Block:
     """One transformer block's parameters: two norms and seven linear slots (GPT-2: no gate)."""
@@ -132,9 +166,8 @@ def init_model(
     Random numbers come from the host ``rng``; arrays are then created on ``xp`` (numpy or cupy).
     """
     c = config
-    C, F, V, H, K, D = c.hidden_size, c.intermediate_size, c.vocab_size, c.n_heads, c.n_kv_heads, c.head_dim
-    assert K is not None
-    assert D is not None
+    C, V = c.hidden_size, c.vocab_size
+    slots = slot_shapes(c)  # drawn in SLOT_NAMES order, as the blocks list them
 
     def normal(*shape: int) -> Array:
         return xp.asarray(rng.normal(0.0, std, size=shape).astype(dtype))
@@ -149,14 +182,9 @@ def init_model(
     blocks = [
         Block(
             attn_norm=norm(),
-            q=Dense(normal(H * D, C), zeros_if(c.qkv_bias, H * D)),
-            k=Dense(normal(K * D, C), zeros_if(c.qkv_bias, K * D)),
-            v=Dense(normal(K * D, C), zeros_if(c.qkv_bias, K * D)),
-            o=Dense(normal(C, H * D), zeros_if(c.o_bias, C)),
             mlp_norm=norm(),
-            gate=None if c.arch == "gpt2" else Dense(normal(F, C), zeros_if(c.mlp_bias, F)),
-            up=Dense(normal(F, C), zeros_if(c.mlp_bias, F)),
-            down=Dense(normal(C, F), zeros_if(c.mlp_bias, C)),
+            **{name: None for name in SLOT_NAMES}
+            | {name: Dense(normal(o, i), zeros_if(bias, o)) for name, (o, i, bias) in slots.items()},
         )
         for _ in range(c.n_layers)
     ]

@@ -1,25 +1,22 @@
-"""Optimisation: AdamW, learning-rate schedules, gradient clipping and gradient accumulation.
+"""Optimisation: AdamW, learning-rate schedules and gradient clipping.
 
 Every function here works on the dict of trainable arrays that ``trainable_parameters(model)`` returns
 (keys like ``blocks.3.o.weight``) and the gradient dict of the same keys. The optimizer updates the
 arrays IN PLACE, so an array may be a view into a larger frozen matrix (S2FT's ``W[:, :S]`` block), and
 its state exists only for the trainable arrays, with their shapes: the optimizer state of a method is
-exactly as small as its trainable part.
+exactly as small as its trainable part. The optimizer sees arrays only, never the model: accumulating
+the gradients of micro-batches (which runs the model) is ``minift.train.accumulate_gradients``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
-
 from minift.backend import Array, get_xp
-from minift.errors import ConfigError, DataError
-from minift.layers.cross_entropy import IGNORE_INDEX
-from minift.model import Model, loss_and_grads
+from minift.errors import ConfigError
 from minift.slots import Grads
 
 ScheduleKind = Literal["constant", "linear", "cosine"]
@@ -173,45 +170,3 @@ def clip_grad_norm(grads: Grads, max_norm: float | None) -> float:
         for g in grads.values():
             g *= coef
     return norm
-
-
-def counted_tokens(targets: Array) -> int:
-    """Targets that count in the loss (not IGNORE_INDEX): the weight of a micro-batch."""
-    return int((targets != IGNORE_INDEX).sum())
-
-
-def accumulate_gradients(
-    model: Model,
-    micro_batches: Sequence[tuple[Array, Array, Array | None]],
-    *,
-    rng: np.random.Generator | None = None,
-) -> tuple[float, Grads, int]:
-    """Loss and gradients of k micro-batches taken together as ONE batch.
-
-    The loss is a mean over counted tokens, so micro-batch i (n_i counted tokens, mean loss ℓ_i) enters
-    with weight n_i / Σ n: loss = Σ n_i ℓ_i / Σ n and grads = Σ (n_i / Σ n) ∇ℓ_i. This equals the loss and
-    gradient of the concatenated batch exactly (up to rounding), whatever the padding of each micro-batch;
-    a plain 1/k average would not, whenever micro-batches count different numbers of tokens.
-
-    Args:
-        micro_batches: (tokens, targets, attention_mask) triples; targets already shifted.
-    Returns:
-        (loss, grads, total counted tokens)
-
-    Shapes:
-        tokens, targets, attention_mask: (B, T) per micro-batch, T may differ between them
-    """
-    counts = [counted_tokens(targets) for _, targets, _ in micro_batches]
-    total = sum(counts)
-    if total == 0:
-        raise DataError("a training step's micro-batches have no counted target (all are -100)")
-    loss, grads = 0.0, {}
-    for (tokens, targets, mask), n in zip(micro_batches, counts, strict=True):
-        if n == 0:
-            continue  # contributes nothing to the mean
-        w = n / total
-        part, g = loss_and_grads(model, tokens, targets, attention_mask=mask, rng=rng, loss_scale=w)
-        loss += w * part
-        for k, a in g.items():
-            grads[k] = grads[k] + a if k in grads else a
-    return loss, grads, total

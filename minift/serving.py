@@ -1,5 +1,5 @@
 """Serving fine-tuned adapters on one base model: merge, unmerge, switch, fuse, and batches in which
-every request uses its own adapter (paper Sec. 6.2; s2ft.md §7).
+every request uses its own adapter (paper Sec. 6.2).
 
 Two adapter kinds, on weights W (O, I) of the base model in its *original* layout:
 
@@ -28,6 +28,7 @@ import numpy as np
 
 from minift.backend import Array, get_xp
 from minift.errors import CheckpointError, ShapeError
+from minift.methods import carries
 from minift.methods.lora import LowRankLinear, low_rank_slots
 from minift.methods.s2ft.adapter import AdapterBlock, S2FTAdapter, check_block, model_signature, parse_key
 from minift.model import KVCache, Model, model_forward
@@ -84,7 +85,7 @@ def _origin(adapter: Adapter) -> str:
 def check_adapter(model: Model, adapter: Adapter) -> None:
     """Raise CheckpointError unless every entry fits the model (shapes, indices, signature) and the
     model is in its original layout."""
-    if "s2ft" in model.meta:
+    if carries(model, "s2ft"):
         raise CheckpointError(
             "the model is co-permuted for S2FT training; unpermute it before serving adapters"
         )
@@ -174,7 +175,7 @@ def restore(model: Model, adapter: S2FTAdapter, saved: Mapping[str, Array]) -> N
 
 def fuse_adapters(adapters: Sequence[S2FTAdapter], weights: Sequence[float]) -> S2FTAdapter:
     """One adapter equal to Σ_k λ_k ΔW_k: per matrix, the union of the index sets, with overlapping
-    entries summed (s2ft.md §7.3; disjoint sets simply sit side by side)."""
+    entries summed (disjoint sets simply sit side by side)."""
     if len(adapters) != len(weights) or not adapters:
         raise CheckpointError(
             f"fuse_adapters needs one weight per adapter, got {len(adapters)} and {len(weights)}"

@@ -4,7 +4,7 @@ the loop trains whatever ``trainable_parameters(model)`` returns.
 One optimizer step s (0-based) is:
 
     micro-batches i = s·k … s·k + k − 1 of the data stream         (k = accum_steps)
-    loss, grads = token-weighted accumulation over them             (``optim.accumulate_gradients``)
+    loss, grads = token-weighted accumulation over them             (``accumulate_gradients``)
     stop with TrainingError if the loss or the gradient norm is NaN/inf
     clip the global gradient norm to ``max_grad_norm``
     grad hooks, in order: hook(model, grads, lr_max=<peak lr>, accum_steps=k)
@@ -41,12 +41,13 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from minift.backend import get_xp, to_xp
+from minift.backend import Array, get_xp, to_xp
 from minift.data.datasets import Batch, BatchStream
-from minift.errors import CheckpointError, ConfigError, TrainingError
-from minift.io.checkpoint import latest_checkpoint, load_checkpoint, restore, save_checkpoint
-from minift.model import Model, trainable_parameters
-from minift.optim import AdamW, Schedule, ScheduleKind, accumulate_gradients, clip_grad_norm
+from minift.errors import CheckpointError, ConfigError, DataError, TrainingError
+from minift.io.checkpoint import latest_checkpoint, load_checkpoint, restore_checkpoint, save_checkpoint
+from minift.layers.cross_entropy import IGNORE_INDEX
+from minift.model import Model, loss_and_grads, trainable_parameters
+from minift.optim import AdamW, Schedule, ScheduleKind, clip_grad_norm
 from minift.slots import Grads
 
 
@@ -91,6 +92,48 @@ class TrainConfig:
 
     def schedule_fn(self) -> Schedule:
         return Schedule(self.lr, self.steps, self.schedule, self.warmup_steps)
+
+
+def counted_tokens(targets: Array) -> int:
+    """Targets that count in the loss (not IGNORE_INDEX): the weight of a micro-batch."""
+    return int((targets != IGNORE_INDEX).sum())
+
+
+def accumulate_gradients(
+    model: Model,
+    micro_batches: Sequence[tuple[Array, Array, Array | None]],
+    *,
+    rng: np.random.Generator | None = None,
+) -> tuple[float, Grads, int]:
+    """Loss and gradients of k micro-batches taken together as ONE batch.
+
+    The loss is a mean over counted tokens, so micro-batch i (n_i counted tokens, mean loss ℓ_i) enters
+    with weight n_i / Σ n: loss = Σ n_i ℓ_i / Σ n and grads = Σ (n_i / Σ n) ∇ℓ_i. This equals the loss and
+    gradient of the concatenated batch exactly (up to rounding), whatever the padding of each micro-batch;
+    a plain 1/k average would not, whenever micro-batches count different numbers of tokens.
+
+    Args:
+        micro_batches: (tokens, targets, attention_mask) triples; targets already shifted.
+    Returns:
+        (loss, grads, total counted tokens)
+
+    Shapes:
+        tokens, targets, attention_mask: (B, T) per micro-batch, T may differ between them
+    """
+    counts = [counted_tokens(targets) for _, targets, _ in micro_batches]
+    total = sum(counts)
+    if total == 0:
+        raise DataError("a training step's micro-batches have no counted target (all are -100)")
+    loss, grads = 0.0, {}
+    for (tokens, targets, mask), n in zip(micro_batches, counts, strict=True):
+        if n == 0:
+            continue  # contributes nothing to the mean
+        w = n / total
+        part, g = loss_and_grads(model, tokens, targets, attention_mask=mask, rng=rng, loss_scale=w)
+        loss += w * part
+        for k, a in g.items():
+            grads[k] = grads[k] + a if k in grads else a
+    return loss, grads, total
 
 
 class StepResult(NamedTuple):
@@ -321,5 +364,5 @@ def _resume(
             f"{ckpt.path / 'state.json'}: the run's settings {differ} differ from the checkpoint's "
             f"({', '.join(f'{key}={saved.get(key)!r}' for key in differ)}); resume with the same ones"
         )
-    restore(ckpt, model, optimizer, rng)
+    restore_checkpoint(ckpt, model, optimizer, rng)
     return ckpt.step, ckpt.path

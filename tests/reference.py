@@ -180,7 +180,8 @@ def _proj(slot, x: np.ndarray) -> np.ndarray:
 
 
 def model_forward(model, tokens: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
-    """The decoder of hf_formats.md §3 (Llama family) and §6.4 (GPT-2), from the raw weights.
+    """The decoder as transformers' ``LlamaModel`` (Llama family) and ``GPT2Model`` compute it, from the raw
+    weights.
 
     Shapes:
         tokens: (B, T)   attention_mask: (B, T)   returns logits: (B, T, V)

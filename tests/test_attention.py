@@ -1,5 +1,5 @@
 """Causal grouped-query attention: out = softmax(q kᵀ / √D, masked) v, query head h reading kv head
-h // (H/K) (hf_formats.md §3, §4.3, §4.5).
+h // (H/K), as transformers' ``LlamaAttention`` with eager attention.
 
 Properties: the mask lets query i (at absolute position S − T + i) see the non-padding keys j ≤ S − T + i;
 the forward matches the naive per-query reference (GQA, padding, cached keys); dq, dk, dv match

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from minift.errors import CheckpointError
-from minift.io.checkpoint import latest_checkpoint, load_checkpoint, restore, save_checkpoint
+from minift.io.checkpoint import latest_checkpoint, load_checkpoint, restore_checkpoint, save_checkpoint
 from minift.io.safetensors_io import write_safetensors
 from minift.methods.s2ft.slots import block_slot
 from minift.model import trainable_parameters
@@ -51,7 +51,7 @@ def test_restoring_into_a_fresh_model_reproduces_weights_views_optimizer_and_rng
     save_checkpoint(tmp_path, model, opt, step=2, rng=rng, train_config={})
     fresh, fresh_opt, fresh_rng = _trained(seed=1)  # different values everywhere trainable
     fresh_weight = fresh.blocks[1].o.weight
-    restore(load_checkpoint(tmp_path), fresh, fresh_opt, fresh_rng)
+    restore_checkpoint(load_checkpoint(tmp_path), fresh, fresh_opt, fresh_rng)
     for k, p in trainable_parameters(model).items():
         assert np.array_equal(trainable_parameters(fresh)[k], p)
     assert trainable_parameters(fresh)["blocks.1.o.weight"].base is fresh_weight  # still a view, in place
@@ -106,7 +106,7 @@ def test_restoring_into_a_model_with_other_trainable_arrays_names_the_difference
     other.blocks[0].o.requires_grad = True
     expected = r"missing \['blocks.0.o.weight'\], unexpected \['blocks.1.o.weight'\]"
     with pytest.raises(CheckpointError, match=expected):
-        restore(load_checkpoint(tmp_path), other, AdamW(trainable_parameters(other)), rng)
+        restore_checkpoint(load_checkpoint(tmp_path), other, AdamW(trainable_parameters(other)), rng)
 
 
 def test_restoring_into_a_model_of_another_config_is_a_checkpoint_error(tmp_path):
@@ -114,7 +114,7 @@ def test_restoring_into_a_model_of_another_config_is_a_checkpoint_error(tmp_path
     save_checkpoint(tmp_path, model, opt, step=2, rng=rng, train_config={})
     other = tiny_model(9, trainable=False, rope_theta=500.0)
     with pytest.raises(CheckpointError, match="model_config differs"):
-        restore(load_checkpoint(tmp_path), other, AdamW({}), rng)
+        restore_checkpoint(load_checkpoint(tmp_path), other, AdamW({}), rng)
 
 
 def test_saving_an_earlier_step_into_a_run_folder_keeps_the_checkpoint_just_written(tmp_path):
@@ -151,7 +151,7 @@ def test_a_state_file_with_a_missing_or_bad_entry_is_a_checkpoint_error_naming_t
     path.write_text(json.dumps(state))
     fresh, fresh_opt, fresh_rng = _trained(seed=1)
     with pytest.raises(CheckpointError, match=rf"{path}: .*{key}"):
-        restore(load_checkpoint(folder), fresh, fresh_opt, fresh_rng)
+        restore_checkpoint(load_checkpoint(folder), fresh, fresh_opt, fresh_rng)
 
 
 @pytest.mark.parametrize("pointer", [b"", b"\xff\xfe", b"state.json", b"../elsewhere"])

@@ -1,4 +1,5 @@
-"""GPT-2's tanh GELU ("gelu_new"): y = ½x(1 + tanh(√(2/π)(x + 0.044715x³))) (hf_formats.md §4.4).
+"""GPT-2's tanh GELU ("gelu_new"): y = ½x(1 + tanh(√(2/π)(x + 0.044715x³))) (transformers'
+``NewGELUActivation``).
 
 Properties: matches the naive reference; dx matches finite differences; gelu(x) − gelu(−x) = x (tanh is
 odd); gelu(x) → x for large positive x and → 0 for large negative x, without warnings; float32 is

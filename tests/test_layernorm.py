@@ -1,4 +1,4 @@
-"""LayerNorm y = w ⊙ (x − mean(x)) / sqrt(var(x) + eps) + b, GPT-2's norm (hf_formats.md §6.4).
+"""LayerNorm y = w ⊙ (x − mean(x)) / sqrt(var(x) + eps) + b, GPT-2's norm (biased variance).
 
 Properties: matches the naive reference; dx, dw and db match finite differences; with eps = 0 it is
 invariant to a shift and a positive rescaling of its input; with w = 1, b = 0 every row has zero mean

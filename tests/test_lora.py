@@ -1,4 +1,5 @@
-"""LoRA and the low-rank slot shared with PiSSA and SORSA (lora.py), and target selection (targets.py).
+"""LoRA and the low-rank slot shared with PiSSA and SORSA (lora.py, lowrank.py), and target selection
+(targets.py).
 
 Properties: the factored forward equals x Wᵀ + b + s·x_d Aᵀ diag(S) Bᵀ in float64; its backward matches
 finite differences for x, A, B and S, with and without dropout; PEFT's conventions (A ~ U(±1/√in),
@@ -17,7 +18,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from minift.errors import ConfigError
-from minift.methods import get_method
+from minift.methods import method_record
 from minift.methods.full import to_dense
 from minift.methods.lora import (
     LoRAConfig,
@@ -28,6 +29,7 @@ from minift.methods.lora import (
     merge,
     unmerge,
 )
+from minift.methods.registry import get_method, method_names
 from minift.methods.targets import select_targets, slot_names
 from minift.model import model_backward, model_forward, trainable_parameters
 from minift.slots import Dense
@@ -199,10 +201,16 @@ def test_adapting_an_adapted_projection_is_refused():
 
 
 def test_every_registered_method_has_the_uniform_api():
-    for name in ("full", "lora", "pissa", "sorsa"):
+    for name in method_names():
         method = get_method(name)
-        config = method.Config() if name == "full" else method.Config(r=2)
+        if name == "full":
+            config = method.Config()
+        elif name == "s2ft":
+            config = method.Config(heads=1, channels=2)
+        else:
+            config = method.Config(r=2)
         model = method.apply(base_model(), config, np.random.default_rng(0))
+        assert method_record(model).name == name
         assert trainable_parameters(model), name
         assert method.unmerge(method.merge(model)) is model
     with pytest.raises(ConfigError, match="unknown fine-tuning method 'dora'"):

@@ -1,14 +1,14 @@
 """The whole decoder (Llama family and GPT-2), forward and hand-written backward composed from layers/.
 
-Properties: the forward equals a naive float64 reference written from the raw weights (hf_formats.md §3,
-§6.4); the gradient of the loss matches finite differences for every trainable parameter, on tiny
-configs covering GQA, tied embeddings, attention/MLP biases (Llama q,k,v,o and Qwen2 q,k,v only), linear
-and llama3 RoPE, head_dim ≠ C/H and GPT-2; padding changes no unmasked logit, and left padding with
-ignored targets changes neither the loss nor the gradients; the float32 forward agrees with the float64
-one to float32 precision; float32 in gives float32 logits and gradients; inputs are not mutated; the
-backward is idempotent; the KV-cache forward equals the full forward; token ids (and targets other than
-−100) outside [0, V), arrays of the wrong shape and sequences longer than GPT-2's learned positions are
-refused with a MinIFTError instead of a wrong (or wrapped) lookup.
+Properties: the forward equals a naive float64 reference written from the raw weights
+(``tests/reference.py``); the gradient of the loss matches finite differences for every trainable parameter,
+on tiny configs covering GQA, tied embeddings, attention/MLP biases (Llama q,k,v,o and Qwen2 q,k,v only),
+linear and llama3 RoPE, head_dim ≠ C/H and GPT-2; padding changes no unmasked logit, and left padding with
+ignored targets changes neither the loss nor the gradients; the float32 forward agrees with the float64 one
+to float32 precision; float32 in gives float32 logits and gradients; inputs are not mutated; the backward is
+idempotent; the KV-cache forward equals the full forward; token ids (and targets other than −100) outside
+[0, V), arrays of the wrong shape and sequences longer than GPT-2's learned positions are refused with a
+MinIFTError instead of a wrong (or wrapped) lookup.
 """
 
 from __future__ import annotations

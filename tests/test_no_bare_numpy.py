@@ -1,5 +1,5 @@
 """Compute code runs on CuPy too, so it calls ``xp.<function>`` (``xp = get_xp(x)``), never
-``np.<function>`` (style_guide.md §2.4).
+``np.<function>``.
 
 The allowed ``np.`` calls make no arrays: dtype names and dtype queries, and the host random generator
 (random numbers come from an explicit ``numpy.random.Generator``). Attribute references that are not
@@ -20,7 +20,7 @@ ALLOWED = {
     "dtype", "finfo", "iinfo", "random.default_rng", "random.Generator",
 }
 HOST_FUNCTIONS = {  # (file, function): why it may call numpy directly
-    ("minift/io/peft.py", "lora_factors"): "builds float64 host arrays for a PEFT file",
+    ("minift/io/peft.py", "peft_factors"): "builds float64 host arrays for a PEFT file",
     ("minift/methods/svd_analysis.py", "mean"): "summarises Python floats for a plot",
     ("minift/layers/rope.py", "rope_tables"): "one host definition of the angles for every device",
 }

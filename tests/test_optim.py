@@ -18,8 +18,9 @@ from hypothesis.extra.numpy import arrays
 from minift.data import Example, collate
 from minift.errors import ConfigError, DataError
 from minift.model import set_trainable, trainable_parameters
-from minift.optim import AdamW, Schedule, accumulate_gradients, clip_grad_norm, global_grad_norm
+from minift.optim import AdamW, Schedule, clip_grad_norm, global_grad_norm
 from minift.testing import assert_close
+from minift.train import accumulate_gradients
 from tests.toy import tiny_model
 
 finite = st.floats(-4, 4, allow_nan=False, width=64)

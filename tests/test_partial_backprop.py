@@ -1,5 +1,5 @@
 """Partial backpropagation: with the lower blocks frozen, the forward keeps nothing below the lowest
-trainable block and the backward stops there (DESIGN.md, "Partial backpropagation").
+trainable block and the backward stops there (``minift.model``, "Partial backpropagation").
 
 Properties: the upper parameters' gradients equal those of the full backward (float64, tight); the
 frozen blocks' caches are None; block_backward runs only on the trainable blocks, and the lowest one

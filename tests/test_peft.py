@@ -21,6 +21,7 @@ from minift.errors import CheckpointError, ConfigError
 from minift.io.hub import load_pretrained, save_pretrained
 from minift.io.peft import CONFIG_NAME, WEIGHTS_NAME, export_peft_adapter, load_peft_adapter, peft_key
 from minift.io.safetensors_io import read_safetensors, write_safetensors
+from minift.methods import method_record
 from minift.methods.lora import LoRAConfig, apply_lora, low_rank_slots
 from minift.methods.pissa import PiSSAConfig, apply_pissa
 from minift.methods.sorsa import SORSAConfig, apply_sorsa
@@ -64,8 +65,11 @@ def test_lora_adapter_survives_export_and_load_on_a_fresh_base(tmp_path, rslora)
     tokens = batch(0)
     assert_close(logits(loaded, tokens), logits(model, tokens), rtol=1e-5, atol=1e-6, what="logits")
     assert sorted(trainable_parameters(loaded)) == sorted(trainable_parameters(model))
-    meta = loaded.meta["adapter"]
-    assert (meta["r"], meta["alpha"], meta["use_rslora"], meta["dropout"]) == (2, 6.0, rslora, 0.1)
+    record = method_record(loaded)
+    assert record.name == "lora"
+    assert record.state["source"] == str(folder)
+    c = record.config
+    assert (c.r, c.alpha, c.use_rslora, c.dropout) == (2, 6.0, rslora, 0.1)
     scaling = LoRAConfig(r=2, alpha=6.0, use_rslora=rslora).scaling
     assert all(s.scaling == scaling for _, s in low_rank_slots(loaded))
 

@@ -1,4 +1,4 @@
-"""RMSNorm y = w ⊙ x / sqrt(mean(x²) + eps) (hf_formats.md §4.1).
+"""RMSNorm y = w ⊙ x / sqrt(mean(x²) + eps) (transformers' ``LlamaRMSNorm``).
 
 Properties: matches the naive reference; dx and dw match finite differences; with eps = 0 it is
 invariant to positive rescaling of its input, and with w = 1 every output row has unit RMS; float32

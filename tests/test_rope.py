@@ -1,4 +1,5 @@
-"""Rotary position embedding, ``rotate_half`` convention (hf_formats.md §4.2).
+"""Rotary position embedding, ``rotate_half`` convention of transformers' Llama: dimension i of
+a head pairs with i + D/2, not with its neighbour.
 
 x'_i = x_i cos φ_i − x_{i+D/2} sin φ_i,  x'_{i+D/2} = x_{i+D/2} cos φ_i + x_i sin φ_i,  φ_i = p · inv_freq[i].
 

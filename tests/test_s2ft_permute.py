@@ -1,4 +1,4 @@
-"""S2FT co-permutation (paper Sec. 3.1–3.3; s2ft.md §5): heads move as whole blocks (Q rows, K/V rows
+"""S2FT co-permutation (paper Sec. 3.1–3.3): heads move as whole blocks (Q rows, K/V rows
 of their group, O columns) and FFN channels as (Gate rows, Up rows, Down columns).
 
 Properties: the planned permutation is valid for grouped-query attention (every query head keeps its
@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from minift.config import ModelConfig
 from minift.errors import ConfigError
+from minift.methods import method_record
 from minift.methods.s2ft import co_permute, plan_layout, unpermute
 from minift.methods.s2ft.permute import expand
 from minift.model import init_model, model_forward, named_modules
@@ -120,7 +121,7 @@ def test_unpermute_after_co_permute_restores_every_weight_bitwise(config, seed):
     unpermute(co_permute(model, _random_layouts(config, rng)))
     restored = _weights(model)
     assert restored.keys() == original.keys()
-    assert "s2ft" not in model.meta
+    assert method_record(model) is None
     for k in original:
         np.testing.assert_array_equal(restored[k], original[k], err_msg=k)
 
@@ -130,7 +131,7 @@ def test_the_permutation_is_recorded_and_moves_whole_heads():
     o_before = np.array(model.blocks[0].o.weight)
     lay = plan_layout((0, 2, 4), (5,), 6, 3, 6)
     co_permute(model, {0: lay})
-    assert model.meta["s2ft"]["layers"]["0"]["head_order"] == list(lay.head_order)
+    assert method_record(model).state["layers"]["0"]["head_order"] == list(lay.head_order)
     cols = expand(lay.head_order, GQA.head_dim)  # O column j of the permuted model is original cols[j]
     np.testing.assert_array_equal(model.blocks[0].o.weight, o_before[:, cols])
 
@@ -143,7 +144,7 @@ def test_a_layout_that_moves_a_head_out_of_its_group_is_a_config_error():
     )
     with pytest.raises(ConfigError, match="keeping each head in its group"):
         co_permute(model, {0: swapped})
-    assert "s2ft" not in model.meta
+    assert method_record(model) is None
 
 
 def test_permuting_twice_or_unpermuting_an_unpermuted_model_is_a_config_error():
@@ -153,3 +154,25 @@ def test_permuting_twice_or_unpermuting_an_unpermuted_model_is_a_config_error():
     co_permute(model, {0: plan_layout((1,), (), 6, 3, 6)})
     with pytest.raises(ConfigError, match="already co-permuted"):
         co_permute(model, {0: plan_layout((1,), (), 6, 3, 6)})
+
+
+def test_the_merged_model_of_an_s2ft_model_is_a_copy_that_leaves_the_model_co_permuted():
+    from minift.methods.s2ft import S2FTConfig, apply_s2ft
+    from minift.tools.finetune import merged_model
+
+    rng = np.random.default_rng(0)
+    model = apply_s2ft(init_model(GQA, rng), S2FTConfig(heads=2, channels=4), rng=rng)
+    for _, slot in model.blocks[0].slots():  # stand-in for training: move every weight
+        slot.weight += 0.01
+    before = {name: m.weight.copy() for name, m in named_modules(model) if hasattr(m, "weight")}
+    tokens = rng.integers(0, GQA.vocab_size, (2, 5))
+    merged = merged_model(model)
+    assert method_record(model).name == "s2ft"  # still co-permuted, still trainable
+    for name, m in named_modules(model):
+        if hasattr(m, "weight"):
+            np.testing.assert_array_equal(m.weight, before[name], err_msg=name)
+    assert method_record(merged) is None
+    assert_close(model_forward(merged, tokens)[0], model_forward(model, tokens)[0], rtol=1e-5, atol=1e-6)
+    assert_close(
+        model_forward(merged, tokens)[0], model_forward(unpermute(model), tokens)[0], rtol=0, atol=0
+    )

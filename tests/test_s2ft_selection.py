@@ -1,4 +1,4 @@
-"""S2FT selection (paper Sec. 3.2, App. D, Table 4; s2ft.md §4) and parameter budgets (§3.3).
+"""S2FT selection (paper Sec. 3.2, App. D, Table 4) and parameter budgets (Sec. 5.4).
 
 Properties: each layer gets exactly the configured number of distinct heads and channels (uniform
 across layers); random selection is deterministic under a seed; the weight, activation, product and

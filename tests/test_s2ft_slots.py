@@ -1,10 +1,10 @@
-"""S2FT partial-backpropagation slots (paper Sec. 3.3; s2ft.md §6.3): a frozen W with trainable
+"""S2FT partial-backpropagation slots (paper Sec. 3.3): a frozen W with trainable
 input-column blocks (``ColumnBlock``, O and Down) or output-row blocks (``RowBlock``, Q/K/V/Gate/Up).
 
 Properties: the forward is y = x Wᵀ + b; the trainable arrays are views of W; a column block keeps
 only x[:, S] (N·S values, not a view of x); the gradients match finite differences for the input and
 every block (float64, random upstream gradient) and equal the full dW restricted to the blocks; the
-FLOP count follows s2ft.md §6.4.
+FLOP count is the table of ``minift.methods.s2ft.slots``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""S2FT training through the model (paper Sec. 3.3; s2ft.md §6, §11): ``apply_s2ft`` then AdamW.
+"""S2FT training through the model (paper Sec. 3.3): ``apply_s2ft`` then AdamW.
 
 Properties: partial backpropagation returns, for every block, the full backward's weight gradient
 restricted to that block (float64, relative error ≤ 1e-10), for MHA, GQA (any head selection,
@@ -24,6 +24,7 @@ from minift.backend import to_numpy
 from minift.config import ModelConfig
 from minift.errors import ConfigError
 from minift.layers.linear import linear_backward_input, linear_backward_weight, linear_forward
+from minift.methods import method_record
 from minift.methods.s2ft import ColumnBlock, LayerLayout, RowBlock, S2FTConfig, apply_s2ft, unpermute
 from minift.methods.s2ft.permute import expand, layouts_of
 from minift.model import init_model, loss_and_grads, model_forward, set_trainable, trainable_parameters
@@ -223,7 +224,7 @@ def test_blocks_below_the_lowest_selected_layer_keep_nothing_and_frozen_slots_ke
 
 def test_applying_s2ft_twice_or_over_foreign_slots_is_a_config_error():
     model = _s2ft_model(GQA, ALL)
-    with pytest.raises(ConfigError, match="already carries S2FT slots"):
+    with pytest.raises(ConfigError, match="already carries s2ft"):
         apply_s2ft(model, ALL, rng=np.random.default_rng(0))
     foreign = _index_set_model(GQA, ALL, layouts_of(model), 0)
     with pytest.raises(ConfigError, match=r"needs dense slots; blocks\.0\.q is a IndexSetSlot"):
@@ -254,6 +255,9 @@ def test_on_every_array_module_a_step_moves_only_the_blocks_by_the_restricted_fu
 
 def test_the_record_in_model_meta_is_json_and_rebuilds_the_configuration_and_layouts():
     model = _s2ft_model(GQA, ALL)
-    record = json.loads(json.dumps(model.meta["s2ft"]))
-    assert S2FTConfig.from_dict(record["config"]) == ALL
-    assert {int(i): LayerLayout.from_dict(d) for i, d in record["layers"].items()} == layouts_of(model)
+    record = method_record(model)
+    assert record.name == "s2ft"
+    assert record.config == ALL
+    assert S2FTConfig.from_dict(json.loads(json.dumps(record.config.to_dict()))) == ALL
+    state = json.loads(json.dumps(record.state))
+    assert {int(i): LayerLayout.from_dict(d) for i, d in state["layers"].items()} == layouts_of(model)

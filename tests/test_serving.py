@@ -1,4 +1,4 @@
-"""Adapter serving (paper Sec. 6.2; s2ft.md §7): S2FT adapters as (original indices, dense blocks),
+"""Adapter serving (paper Sec. 6.2): S2FT adapters as (original indices, dense blocks),
 and LoRA factors as the baseline.
 
 Properties: an extracted adapter is in original coordinates (merging it into the base model gives

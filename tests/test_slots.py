@@ -1,4 +1,4 @@
-"""The dense linear slot and the norm/embedding holders (the slot table of DESIGN.md).
+"""The dense linear slot and the norm/embedding holders (the slot table of ``minift.slots``).
 
 Properties: a frozen Dense keeps nothing and returns dx only; a trainable one keeps x and its dx, dW,
 db match finite differences; need_dx=False skips dx; parameters() are the slot's own arrays (so the

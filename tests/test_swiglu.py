@@ -1,4 +1,4 @@
-"""SwiGLU h = silu(g) ⊙ u, silu(g) = g σ(g) (hf_formats.md §4.4).
+"""SwiGLU h = silu(g) ⊙ u, silu(g) = g σ(g) (the Llama MLP: down(silu(gate(x)) ⊙ up(x))).
 
 Properties: matches the naive reference (scipy's logistic); dg and du match finite differences;
 h(g, u) − h(−g, u) = g ⊙ u (since σ(g) + σ(−g) = 1); extreme pre-activations neither overflow nor

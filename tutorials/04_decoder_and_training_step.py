@@ -323,7 +323,7 @@ if plt is not None:
 # ## Exercises
 #
 # 1. **Gradient accumulation.** Split a batch of 4 sequences into two micro-batches of 2 and show
-#    that `minift.optim.accumulate_gradients` gives the gradient of the whole batch. Then pad one
+#    that `minift.train.accumulate_gradients` gives the gradient of the whole batch. Then pad one
 #    micro-batch's targets with −100 and explain why a plain average of the two gradients is wrong.
 # 2. **What the cache holds.** For the `big` config above, list the five largest arrays in a full
 #    fine-tuning cache, with their shapes and which layer keeps them.

@@ -212,9 +212,9 @@ print("24 random selections: same logits after co-permutation, identical weights
 # ## 5. All of it in one call: `apply_s2ft`
 #
 # `apply_s2ft(model, config, calib_batches, rng=…)` freezes everything, selects, co-permutes,
-# records the permutation in `model.meta["s2ft"]`, and swaps the target slots for
-# partial-backpropagation slots: `ColumnBlock` for O and Down. Their trainable arrays are views
-# of the permuted weights.
+# records the permutation in the model's `MethodRecord` (`minift.methods.method_record(model)`),
+# and swaps the target slots for partial-backpropagation slots: `ColumnBlock` for O and Down.
+# Their trainable arrays are views of the permuted weights.
 
 # %%
 model = apply_s2ft(copy.deepcopy(base), S2FTConfig(heads=2, channels=3), rng=np.random.default_rng(1))

@@ -20,7 +20,7 @@
 # **Library functions explained here.** `minift.data.read_jsonl`, `minift.data.encode_example`,
 # `minift.data.BatchStream`, `minift.data.tasks.task_tokenizer`, `minift.data.tasks.generate_answers`,
 # `minift.data.tasks.exact_match`, `minift.data.collate`, `minift.tools.pretrain.load_embedded`,
-# `minift.train.train`, `minift.train.TrainConfig`, `minift.methods.get_method`,
+# `minift.train.train`, `minift.train.TrainConfig`, `minift.methods.registry.get_method`,
 # `minift.methods.sorsa.gradient_hook`, `minift.methods.s2ft.apply_s2ft`,
 # `minift.methods.full.to_dense`, `minift.io.hub.save_pretrained`.
 
@@ -42,8 +42,8 @@ from minift.data.tasks import (
     task_tokenizer,
 )
 from minift.io.hub import save_pretrained
-from minift.methods import get_method
 from minift.methods.full import to_dense
+from minift.methods.registry import get_method
 from minift.methods.s2ft import apply_s2ft, match_lora_budget, unpermute
 from minift.methods.sorsa import gradient_hook
 from minift.model import init_model, set_trainable
@@ -115,7 +115,7 @@ else:
 # %% [markdown]
 # ## 3. Every method, one loop
 #
-# Each method module has the same small API (`minift.methods.get_method(name)`: `Config`,
+# Each method module has the same small API (`minift.methods.registry.get_method(name)`: `Config`,
 # `apply(model, config, rng)`, `merge`), and S2FT has `apply_s2ft`; the training loop
 # `minift.train.train` trains whatever `trainable_parameters(model)` returns. The budgets are
 # matched: LoRA, PiSSA and SORSA at rank 4 on q, k, v, up, down, and S2FT with the heads and

@@ -11,7 +11,7 @@ A run directory holds one folder per saved step and a ``latest`` file naming the
 
 Whatever slot kind a method uses, its checkpoint is exactly its trainable arrays (an S2FT block, LoRA
 factors, SORSA's singular values), so the frozen base is not stored: a resumed run rebuilds it the way
-the first run did (same seed or same pretrained folder), and ``restore`` checks the config matches.
+the first run did (same seed or same pretrained folder), and ``restore_checkpoint`` checks the config matches.
 
 Writes are atomic (``minift.io.atomic``): a step folder is written under a temporary name and swapped
 into place whole, then ``latest`` is replaced by rename too (``os.replace``). A crash at any moment
@@ -201,7 +201,7 @@ def _copy_into(target: Array, source: np.ndarray, where: str) -> None:
     target[...] = get_xp(target).asarray(source)
 
 
-def restore(ckpt: Checkpoint, model: Model, optimizer: AdamW, rng: np.random.Generator) -> None:
+def restore_checkpoint(ckpt: Checkpoint, model: Model, optimizer: AdamW, rng: np.random.Generator) -> None:
     """Put a checkpoint back into a model built as the first run built it: trainable arrays (in place,
     so views stay views), optimizer moments and step, and the host RNG state.
 

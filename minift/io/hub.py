@@ -50,6 +50,7 @@ from minift.backend import Array, to_numpy, to_xp
 from minift.config import ModelConfig, RopeScaling
 from minift.errors import CheckpointError, ConfigError
 from minift.io.atomic import replace_folder, write_file_atomic
+from minift.io.hf_names import GPT2_MODULES, LLAMA_MODULES
 from minift.io.hfconfig import check_hf_config, check_token_ids
 from minift.io.jsonio import read_json_object
 from minift.io.safetensors_io import (
@@ -60,7 +61,7 @@ from minift.io.safetensors_io import (
     read_tensor,
     write_safetensors,
 )
-from minift.model import Block, Model, named_modules
+from minift.model import Block, Model, named_modules, slot_shapes
 from minift.slots import Dense, Embedding, Norm
 
 ARCH_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -70,11 +71,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja")
 
 # minift holder name → HF module name inside one block
-_LLAMA_NAMES = {"attn_norm": "input_layernorm", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
-                "v": "self_attn.v_proj", "o": "self_attn.o_proj", "mlp_norm": "post_attention_layernorm",
-                "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-_GPT2_NAMES = {"attn_norm": "ln_1", "o": "attn.c_proj", "mlp_norm": "ln_2", "up": "mlp.c_fc",
-               "down": "mlp.c_proj"}  # q, k, v live together in attn.c_attn
+_LLAMA_NAMES = LLAMA_MODULES
+_GPT2_NAMES = GPT2_MODULES  # q, k, v live together in attn.c_attn
 _CONV1D = ("o", "up", "down")  # GPT-2 slots stored by Conv1D as [in, out]
 _SKIPPED = {  # buffers that are not parameters, matched by their whole name
     "llama": re.compile(r"model\.layers\.[0-9]+\.self_attn\.rotary_emb\.inv_freq"),
@@ -259,9 +257,7 @@ def config_to_hf(config: ModelConfig, *, dtype: Any = np.float32, sliding_window
 def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every array of a dense model by minift path (``blocks.0.q.weight``), with its shape."""
     c = config
-    C, F, V, H, K, D = c.hidden_size, c.intermediate_size, c.vocab_size, c.n_heads, c.n_kv_heads, c.head_dim
-    assert K is not None
-    assert D is not None
+    C, V = c.hidden_size, c.vocab_size
     gpt2 = c.arch == "gpt2"
     shapes: dict[str, tuple[int, ...]] = {"embed.weight": (V, C)}
     if gpt2:
@@ -276,12 +272,7 @@ def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         p = f"blocks.{i}"
         norm(f"{p}.attn_norm")
         norm(f"{p}.mlp_norm")
-        slots = [("q", H * D, C, c.qkv_bias), ("k", K * D, C, c.qkv_bias), ("v", K * D, C, c.qkv_bias),
-                 ("o", C, H * D, c.o_bias), ("gate", F, C, c.mlp_bias), ("up", F, C, c.mlp_bias),
-                 ("down", C, F, c.mlp_bias)]
-        for name, n_out, n_in, bias in slots:
-            if gpt2 and name == "gate":
-                continue
+        for name, (n_out, n_in, bias) in slot_shapes(c).items():
             shapes[f"{p}.{name}.weight"] = (n_out, n_in)
             if bias:
                 shapes[f"{p}.{name}.bias"] = (n_out,)

@@ -39,10 +39,12 @@ import numpy as np
 from minift.backend import get_xp, to_numpy, to_xp
 from minift.errors import CheckpointError, ConfigError
 from minift.io.atomic import replace_folder, write_file_atomic
+from minift.io.hf_names import SLOT_MODULES, module_name
 from minift.io.jsonio import Fields, read_json_object
 from minift.io.safetensors_io import read_safetensors, write_safetensors
-from minift.methods.lora import LowRankLinear, adapt_slot, low_rank_slots
-from minift.methods.targets import HF_MODULES, freeze, replace_slot
+from minift.methods import MethodRecord, method_record, record_method
+from minift.methods.lora import LoRAConfig, LowRankLinear, low_rank_slots, require_dense
+from minift.methods.targets import freeze, replace_slot
 from minift.model import SLOT_NAMES, Model
 
 CONFIG_NAME = "adapter_config.json"
@@ -50,12 +52,12 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_ARCHS = ("llama", "mistral", "qwen2")
 MAX_ALPHA = 2.0**24  # real alphas are 8 to a few thousand
 _KEY = re.compile(r"base_model\.model\.(model\.layers\.([0-9]{1,9})\.(\w+\.\w+))\.lora_(A|B)\.weight")
-_SLOT_OF = {path: name for name, path in HF_MODULES.items()}  # "self_attn.q_proj" → "q"
+_SLOT_OF = {path: name for name, path in SLOT_MODULES.items()}  # "self_attn.q_proj" → "q"
 
 
 def hf_module(layer: int, name: str) -> str:
     """A projection's module path in a transformers CausalLM, e.g. ``model.layers.0.self_attn.q_proj``."""
-    return f"model.layers.{layer}.{HF_MODULES[name]}"
+    return f"model.layers.{layer}.{SLOT_MODULES[name]}"
 
 
 def peft_key(layer: int, name: str, factor: str) -> str:
@@ -71,7 +73,7 @@ def _check_arch(model: Model) -> None:
         )
 
 
-def lora_factors(slot: LowRankLinear) -> tuple[np.ndarray, np.ndarray, float]:
+def peft_factors(slot: LowRankLinear) -> tuple[np.ndarray, np.ndarray, float]:
     """(lora_A (r', I), lora_B (O, r'), scaling) with scaling · lora_B lora_A = the slot's change of the
     *original* weight, as float64 host arrays (see the module doc)."""
     A, B = to_numpy(slot.A).astype(np.float64), to_numpy(slot.B).astype(np.float64)
@@ -91,7 +93,7 @@ def _target_spec(adapted: list[tuple[int, str]], n_layers: int) -> tuple[list[st
     layers = sorted({i for i, _ in adapted})
     names = [n for n in SLOT_NAMES if any(m == n for _, m in adapted)]
     if len(adapted) == len(layers) * len(names):
-        short = [HF_MODULES[n].split(".")[1] for n in names]
+        short = [module_name(n) for n in names]
         return short, (None if layers == list(range(n_layers)) else layers)
     return [hf_module(i, n) for i, n in adapted], None
 
@@ -115,7 +117,7 @@ def export_peft_adapter(
         if slot.merged:
             raise ConfigError(f"{p} is merged: unmerge the adapters before exporting them")
         _, layer, name = p.split(".")
-        A, B, scaling = lora_factors(slot)
+        A, B, scaling = peft_factors(slot)
         tensors[peft_key(int(layer), name, "A")] = A.astype(np.float32)
         tensors[peft_key(int(layer), name, "B")] = B.astype(np.float32)
         adapted.append((int(layer), name))
@@ -124,10 +126,11 @@ def export_peft_adapter(
     if len(ranks) > 1 or len(scalings) > 1:
         raise ConfigError(f"adapters of different ranks {sorted(ranks)} or scalings cannot share one config")
     r, scaling = ranks.pop(), scalings.pop()
-    meta = model.meta.get("adapter", {})
-    is_lora = meta.get("method") == "lora"  # else the scale is baked into lora_B: scaling 1
-    use_rslora = is_lora and bool(meta.get("use_rslora", False))
-    alpha = float(meta["alpha"]) if is_lora else scaling * r
+    record = method_record(model)
+    is_lora = record is not None and record.name == "lora"  # else the scale is baked into lora_B: scaling 1
+    use_rslora = is_lora and bool(record.config.use_rslora)  # type: ignore[union-attr]
+    alpha = float(record.config.alpha) if is_lora else scaling * r  # type: ignore[union-attr]
+    dropout = float(getattr(record.config, "dropout", 0.0)) if record is not None else 0.0
     targets, layers = _target_spec(adapted, len(model.blocks))
     config = {
         "peft_type": "LORA",
@@ -135,7 +138,7 @@ def export_peft_adapter(
         "base_model_name_or_path": base_model_name_or_path,
         "r": r,
         "lora_alpha": alpha,
-        "lora_dropout": float(meta.get("dropout", 0.0)),
+        "lora_dropout": dropout,
         "use_rslora": use_rslora,
         "target_modules": targets,
         "layers_to_transform": layers,
@@ -311,7 +314,7 @@ def load_peft_adapter(model: Model, path: str | Path) -> Model:
                     f"(r={r} from {config_path}; {slot.out_features}×{slot.in_features} base weight)"
                 )
 
-    dense = {(i, s): adapt_slot(getattr(model.blocks[i], s), i, s) for i, s in targeted}
+    dense = {(i, s): require_dense(getattr(model.blocks[i], s), i, s) for i, s in targeted}
 
     freeze(model)
     scaling = alpha / (math.sqrt(r) if use_rslora else r)
@@ -321,9 +324,10 @@ def load_peft_adapter(model: Model, path: str | Path) -> Model:
         A, B = (to_xp(found[(i, s)][f].astype(dtype), xp) for f in "AB")
         slot = LowRankLinear(base.weight, A, B, scaling, bias=base.bias, dropout=dropout)
         replace_slot(model, i, s, slot)
-    model.meta["adapter"] = {
-        "method": "lora", "r": r, "alpha": alpha, "dropout": dropout, "use_rslora": use_rslora,
-        "targets": sorted({s for _, s in targeted}, key=SLOT_NAMES.index),
-        "layers": sorted({i for i, _ in targeted}), "source": str(folder),
-    }
+    lora_config = LoRAConfig(
+        r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+        targets=tuple(sorted({s for _, s in targeted}, key=SLOT_NAMES.index)),
+        layers=tuple(sorted({i for i, _ in targeted})),
+    )
+    record_method(model, MethodRecord("lora", lora_config, {"source": str(folder)}))
     return model

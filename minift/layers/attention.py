@@ -89,6 +89,8 @@ def attention_backward(dout: Array, cache: AttentionCache) -> tuple[Array, Array
     p = p.reshape(B, K, G * T, S)  # the G heads of a group stacked, as in the forward
     dout = dout.reshape(B, K, G * T, D)
     dv = p.swapaxes(-1, -2) @ dout  # (B, K, S, D): the matmul sums over the G heads
+    # textbook:  dp = dout vᵀ;  ds = p ⊙ (dp − Σ_j dp ⊙ p);  dq = ds k · scale;  dk = dsᵀ q · scale
+    # below, the dp buffer becomes ds in place (one (B, K, G·T, S) array instead of two)
     ds = dout @ v.swapaxes(-1, -2)  # dp (B, K, G·T, S), turned into ds / scale in place
     ds -= xp.einsum("...s,...s->...", ds, p)[..., None]  # Σ_j dp ⊙ p without an (…, S) temporary
     ds *= p

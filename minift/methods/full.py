@@ -1,10 +1,7 @@
 """Full fine-tuning, and the one operation every method shares: folding a model into plain dense weights.
 
-Every method module offers the same small API, looked up by name in ``minift.methods.METHODS``:
-
-    Config                       a frozen dataclass of the method's hyperparameters
-    apply(model, config, rng)    swap/freeze the model's slots in place and return the model
-    merge(model), unmerge(model) fold the adapters into the frozen weights and back (identity here)
+Like every method module (see ``minift.methods``) it offers ``Config``, ``apply(model, config, rng)``
+and ``merge``/``unmerge`` (the identity here: the weights themselves are trained).
 
 ``to_dense`` turns a model of any method into a plain model whose slots are frozen ``Dense`` layers with
 the effective weights ``slot.dense_weight()``: the "merged full model" that ``minift.io.hub`` writes as a
@@ -17,6 +14,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from minift.methods import META_KEY, MethodRecord, record_method
 from minift.model import SLOT_NAMES, Block, Model, set_trainable
 from minift.slots import Dense, Embedding, Norm
 
@@ -31,7 +29,7 @@ def apply_full(
 ) -> Model:
     """Make every array trainable: embeddings, norms, projections, LM head (in place)."""
     set_trainable(model, True)
-    model.meta["adapter"] = {"method": "full"}
+    record_method(model, MethodRecord("full", config or FullConfig()))
     return model
 
 
@@ -68,7 +66,7 @@ def to_dense(model: Model) -> Model:
         )
         for b in model.blocks
     ]
-    meta = {k: v for k, v in model.meta.items() if k != "adapter"}
+    meta = {k: v for k, v in model.meta.items() if k != META_KEY}
     return Model(
         config=model.config,
         embed=Embedding(model.embed.weight.copy()),

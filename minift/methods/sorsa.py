@@ -28,22 +28,24 @@ repository's analysis script, where GA = 1). S is not regularized.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import numpy as np
 
 from minift.backend import Array, get_xp
 from minift.errors import ConfigError
-from minift.methods.lora import (
+from minift.methods import MethodRecord, record_method
+from minift.methods.lowrank import (
     LowRankLinear,
-    adapt_slot,
     check_adapter_config,
+    check_niter,
     low_rank_slots,
     merge,
+    require_dense,
+    top_svd,
     unmerge,
 )
-from minift.methods.pissa import check_niter, top_svd
 from minift.methods.targets import freeze, replace_slot, select_targets
 from minift.model import SLOT_NAMES, Model
 from minift.slots import Grads
@@ -208,13 +210,13 @@ def apply_sorsa(
     rng = rng if rng is not None else np.random.default_rng(0)
     freeze(model)
     for i, name, slot in select_targets(model, config.targets, config.layers):
-        dense = adapt_slot(slot, i, name)
+        dense = require_dense(slot, i, name)
         A, S, B, residual = sorsa_factors(dense.weight, config.r, config.scaling, niter=config.niter, rng=rng)
         replace_slot(model, i, name, LowRankLinear(
             residual, A, B, config.scaling, S=S, bias=dense.bias, dropout=config.dropout,
             A0=A.copy(), B0=B.copy(), S0=S.copy(),
         ))
-    model.meta["adapter"] = {"method": "sorsa", **asdict(config)}
+    record_method(model, MethodRecord("sorsa", config))
     return model
 
 

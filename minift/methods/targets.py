@@ -12,21 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 
 from minift.errors import ConfigError
+from minift.io.hf_names import SLOT_MODULES, module_name
 from minift.model import SLOT_NAMES, Model, set_trainable
 from minift.slots import LinearSlot
 
-HF_MODULES = {
-    "q": "self_attn.q_proj",
-    "k": "self_attn.k_proj",
-    "v": "self_attn.v_proj",
-    "o": "self_attn.o_proj",
-    "gate": "mlp.gate_proj",
-    "up": "mlp.up_proj",
-    "down": "mlp.down_proj",
-}
-"""Slot name → module path inside a Hugging Face Llama/Mistral/Qwen2 decoder layer."""
-
-_ALIASES = {path.split(".")[1]: name for name, path in HF_MODULES.items()}  # "q_proj" → "q"
+_ALIASES = {module_name(name): name for name in SLOT_MODULES}  # "q_proj" → "q"
 
 
 def slot_names(targets: str | Iterable[str]) -> tuple[str, ...]:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from minift.io.hub import config_from_hf, from_hf_tensors, model_from_state, model_state, to_hf_tensors
+from minift.methods import method_record, record_method
 from minift.methods.lora import LowRankLinear
 from minift.methods.pissa import pissa_factors
 from minift.methods.s2ft import S2FTConfig
@@ -56,11 +57,11 @@ class MiniftImplementation:
             for i in heads
         }
         co_permute(model, layouts)
-        return _weights(model), model.meta["s2ft"]
+        return _weights(model), method_record(model)
 
     def unpermute(self, config: dict[str, Any], weights: Weights, state: Any) -> Weights:
         model = _model(config, weights)
-        model.meta["s2ft"] = state
+        record_method(model, state)
         return _weights(unpermute(model))
 
     def s2ft_block_grads(

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import json
 import os
 import platform
 import statistics
@@ -39,12 +38,12 @@ import numpy as np
 
 from minift.config import ModelConfig
 from minift.data.datasets import Batch
-from minift.errors import ConfigError
+from minift.io.hf_names import module_name
+from minift.methods.registry import MethodSpec, apply_method, get_method, method_names
 from minift.model import Model, init_model, set_trainable, trainable_parameters
 from minift.tools.measure import gemm_gflops, step_flops, step_memory
 from minift.train import GradHook
 
-METHODS = ("full", "lora", "pissa", "sorsa", "s2ft")
 Key = tuple[str, str]  # (impl, method)
 LR = 1e-4  # any small learning rate: the step's cost does not depend on it
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # LoRA/PiSSA/SORSA adapt every projection
@@ -129,27 +128,6 @@ def interleaved_step_seconds(
 # minift
 
 
-METHOD_MODULES = {
-    "full": "minift.methods.full",
-    "lora": "minift.methods.lora",
-    "pissa": "minift.methods.pissa",
-    "sorsa": "minift.methods.sorsa",
-    "s2ft": "minift.methods.s2ft",
-}
-
-
-def available_methods() -> dict[str, bool]:
-    """Which methods' modules are importable in this installation of minift."""
-    found = {}
-    for method, module in METHOD_MODULES.items():
-        try:
-            importlib.import_module(module)
-            found[method] = True
-        except ImportError:
-            found[method] = False
-    return found
-
-
 def batch(size: BenchSize, seed: int) -> Batch:
     """Random tokens and targets, no padding: every position counts."""
     rng = np.random.default_rng(seed)
@@ -163,24 +141,13 @@ def prepare_model(method: str, size: BenchSize, seed: int) -> tuple[Model, list[
 
     LoRA, PiSSA and SORSA adapt every projection at rank r; S2FT trains O heads and Down channels with
     the parameter count of that LoRA (``match_lora_budget``: half to heads, the rest to channels).
+    The alpha of LoRA-like methods is 2r, as in the PyTorch reference (it does not change a step's cost).
     """
     rng = np.random.default_rng(seed)
     model = init_model(size.config, rng)
-    module = importlib.import_module(METHOD_MODULES[method])
-    r, targets = size.rank, TARGETS
-    if method == "full":
-        return module.apply_full(model), []
-    if method == "lora":
-        return module.apply_lora(model, module.LoRAConfig(r=r, alpha=2.0 * r, targets=targets), rng), []
-    if method == "pissa":
-        return module.apply_pissa(model, module.PiSSAConfig(r=r, alpha=r, targets=targets), rng), []
-    if method == "sorsa":
-        config = module.SORSAConfig(r=r, targets=targets)
-        return module.apply_sorsa(model, config, rng), [module.gradient_hook(config)]
-    if method == "s2ft":
-        config = module.match_lora_budget(size.config, r, lora_targets=targets)
-        return module.apply_s2ft(model, config, rng=rng), []
-    raise ConfigError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
+    spec = MethodSpec(method, rank=size.rank, alpha=2.0 * size.rank if method == "lora" else None,
+                      targets=TARGETS)
+    return model, apply_method(model, spec, rng)
 
 
 def minift_step(method: str, size: BenchSize, seed: int) -> tuple[Callable[[], Any], Model]:
@@ -264,20 +231,11 @@ def torch_step(
     if method == "lora":
         import peft
 
-        names = {
-            "q": "q_proj",
-            "k": "k_proj",
-            "v": "v_proj",
-            "o": "o_proj",
-            "gate": "gate_proj",
-            "up": "up_proj",
-            "down": "down_proj",
-        }
         lora = peft.LoraConfig(
             r=size.rank,
             lora_alpha=2 * size.rank,
             lora_dropout=0.0,
-            target_modules=[names[t] for t in TARGETS],
+            target_modules=[module_name(t) for t in TARGETS],
         )
         with warnings.catch_warnings():  # PEFT calls a transformers API deprecated in v5
             warnings.simplefilter("ignore", FutureWarning)
@@ -539,15 +497,12 @@ def run(
     seed: int = 0,
     with_torch: bool = True,
     scaling: bool = False,
-    methods: tuple[str, ...] = METHODS,
+    methods: tuple[str, ...] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """The whole benchmark as the JSON-ready report (machine, config, results, ratios[, scaling])."""
-    found = available_methods()
-    present = tuple(m for m in methods if found[m])
-    missing = [m for m in methods if m not in present]
-    for m in missing:
-        log(f"minift {m:<7}missing: its module is not installed in this version of minift")
+    """The whole benchmark as the JSON-ready report (machine, config, results, ratios[, scaling]);
+    ``methods`` default to every registered method."""
+    present = method_names() if methods is None else tuple(get_method(m).name for m in methods)
     with_torch = with_torch and torch_available()
     blas = gemm_gflops()
     log(f"float32 GEMM throughput: {blas:.1f} GFLOP/s (best of 5, before the run)")
@@ -574,7 +529,6 @@ def run(
         },
         "blas_gflops_in_run": blas_in_run,
         "results": [asdict(r) for r in results],
-        "missing": missing,
         "ratios": ratios(results),
         "definitions": DEFINITIONS,
     }
@@ -600,46 +554,7 @@ def run(
     return report
 
 
-def cmd_bench(args: Any) -> int:
-    """``minift bench``: print one line per result; ``--json FILE`` writes the whole report.
-    ``--device cuda`` runs the GPU benchmark of ``minift.tools.bench_device`` instead."""
-    methods = tuple(args.methods or METHODS)
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise ConfigError(f"bench --methods: unknown {unknown}; expected some of {' '.join(METHODS)}")
-    steps = args.steps if args.steps is not None else (2 if args.quick else 5)
-    warmup = args.warmup if args.warmup is not None else 1
-    if args.device != "cpu":
-        from minift.tools.bench_device import LARGE, run_device
-
-        sizes = {"quick": QUICK} if args.quick else {"bench": BENCH, "large": LARGE}
-        report = run_device(
-            args.device, sizes, methods=methods, steps=steps, warmup=warmup, seed=args.seed,
-            with_torch=not args.no_torch,
-        )
-        for name, entry in report["sizes"].items():
-            for ratio, value in entry["ratios"].items():
-                print(f"{name:<6}{ratio:<26}{'—' if value is None else f'{value:.3f}'}")
-        _write_json(report, args.json)
-        return 0
-    size = QUICK if args.quick else BENCH
-    report = run(
-        size,
-        steps=steps,
-        warmup=warmup,
-        seed=args.seed,
-        with_torch=not args.no_torch,
-        scaling=args.scaling,
-        methods=methods,
-    )
+def print_report(report: dict[str, Any]) -> None:
+    """One line per ratio (training, then serving): what ``minift bench`` prints."""
     for name, value in {**report["ratios"], **report.get("serving", {}).get("ratios", {})}.items():
         print(f"{name:<24}{'—' if value is None else f'{value:.3f}'}")
-    _write_json(report, args.json)
-    return 0
-
-
-def _write_json(report: dict[str, Any], path: str | None) -> None:
-    if path:
-        with open(path, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {path}")

@@ -221,6 +221,13 @@ def format_device_result(r: DeviceResult) -> str:
     )
 
 
+def print_device_report(report: dict[str, Any]) -> None:
+    """One line per size and ratio: what ``minift bench --device`` prints."""
+    for name, entry in report["sizes"].items():
+        for ratio, value in entry["ratios"].items():
+            print(f"{name:<6}{ratio:<26}{'—' if value is None else f'{value:.3f}'}")
+
+
 def device_info(device: str) -> dict[str, Any]:
     info: dict[str, Any] = {"device": device, "numpy": np.__version__}
     if device == "cuda":

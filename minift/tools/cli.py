@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from minift.errors import ConfigError, MinIFTError
+from minift.methods.registry import REGISTRY, method_names
 
 if TYPE_CHECKING:
     from minift.data.tokenizer import Tokenizer
+    from minift.methods.registry import MethodSpec
     from minift.model import Model
-    from minift.tools.finetune import MethodSpec
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -42,10 +43,32 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Time training steps of every method (and PyTorch's), with peak memory and MFU."""
-    from minift.tools.bench import cmd_bench as run_bench
+    """Time training steps of every method (and PyTorch's), with peak memory and MFU; ``--device cuda``:
+    minift on CuPy against PyTorch on the same GPU (``minift.tools.bench_device``)."""
+    import json
 
-    return run_bench(args)
+    from minift.tools.bench import BENCH, QUICK, print_report, run
+
+    steps = args.steps if args.steps is not None else (2 if args.quick else 5)
+    warmup = args.warmup if args.warmup is not None else 1
+    methods = tuple(args.methods) if args.methods else None
+    if args.device == "cpu":
+        report = run(QUICK if args.quick else BENCH, steps=steps, warmup=warmup, seed=args.seed,
+                     with_torch=not args.no_torch, scaling=args.scaling, methods=methods)
+        print_report(report)
+    else:
+        from minift.methods.registry import method_names
+        from minift.tools.bench_device import LARGE, print_device_report, run_device
+
+        sizes = {"quick": QUICK} if args.quick else {"bench": BENCH, "large": LARGE}
+        report = run_device(args.device, sizes, methods=methods or method_names(), steps=steps,
+                            warmup=warmup, seed=args.seed, with_torch=not args.no_torch)
+        print_device_report(report)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {args.json}")
+    return 0
 
 
 def bench_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,7 +77,7 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scaling", action="store_true", help="also vary model width and sequence length")
     p.add_argument("--steps", type=int, help="timed steps per method, median reported (default 5; quick 2)")
     p.add_argument("--warmup", type=int, help="untimed steps before timing (default 1)")
-    p.add_argument("--methods", nargs="+", help="some of: full lora pissa sorsa s2ft (default: all)")
+    p.add_argument("--methods", nargs="+", choices=method_names(), help="default: every method")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference even if installed")
     p.add_argument("--seed", type=int, default=0, help="seed of the base model and the batch")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -80,7 +103,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _method_spec(args: argparse.Namespace) -> MethodSpec:
-    from minift.tools.finetune import MethodSpec
+    from minift.methods.registry import MethodSpec
 
     targets = tuple(t for part in args.targets for t in part.split(",") if t) if args.targets else None
     options = {"targets": targets} if targets else {}
@@ -191,21 +214,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a fine-tuned adapter as a PEFT folder and/or the merged model as a Hugging Face folder."""
     from minift.io.hub import save_pretrained
-    from minift.tools.finetune import merged_model, resolve_model_dir, save_adapter
+    from minift.methods import method_record
+    from minift.tools.finetune import merged_model, resolve_model_dir, write_adapter
 
     if not args.peft and not args.merged:
         raise ConfigError("export needs --peft DIR and/or --merged DIR")
     model, _ = _model_with_adapter(args)
     if args.peft:
         if (
-            "s2ft" in model.meta
+            (record := method_record(model)) is None
+            or record.name == "s2ft"
             or args.adapter is None
             or not Path(args.adapter, "adapter_config.json").is_file()
         ):
             raise ConfigError(
                 f"{args.adapter}: only LoRA/PiSSA/SORSA adapters have a PEFT form; use --merged"
             )
-        print(f"wrote {save_adapter(model, args.peft, base=str(resolve_model_dir(args.model)))}")
+        print(f"wrote {write_adapter(model, args.peft, base=str(resolve_model_dir(args.model)))}")
     if args.merged:
         base = resolve_model_dir(args.model)
         folder = save_pretrained(merged_model(model), args.merged, tokenizer_path=base)
@@ -249,7 +274,7 @@ def _model_arguments(p: argparse.ArgumentParser, *, adapter: bool = True) -> Non
 def demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=("min", "shift"), help="the fine-tuning task (default min)")
     p.add_argument(
-        "--methods", nargs="+", choices=("full", "lora", "pissa", "sorsa", "s2ft"), help="default: all five"
+        "--methods", nargs="+", choices=method_names(), help="default: every method"
     )
     p.add_argument("--steps", type=int, help="training steps per method (default 300)")
     p.add_argument("--rank", type=int, help="the matched budget: LoRA rank on every projection (default 4)")
@@ -265,6 +290,13 @@ def demo_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _method_option(group: argparse._ArgumentGroup, flag: str, **kwargs: object) -> None:
+    """A method option whose help names the registered methods that read it."""
+    users = [m.name for m in REGISTRY.values() if flag.lstrip("-") in m.options]
+    kwargs["help"] = f"{kwargs.get('help', '')} [used by: {', '.join(users) or 'none'}]"
+    group.add_argument(flag, **kwargs)  # type: ignore[arg-type]
+
+
 def finetune_arguments(p: argparse.ArgumentParser) -> None:
     _model_arguments(p, adapter=False)
     p.add_argument(
@@ -273,7 +305,12 @@ def finetune_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FILE.jsonl",
         help='one {"prompt": ..., "completion": ...} or {"text": ...} object per line',
     )
-    p.add_argument("--method", required=True, help="full, lora, pissa, sorsa or s2ft")
+    p.add_argument(
+        "--method",
+        required=True,
+        choices=method_names(),
+        help="; ".join(f"{m.name}: {m.summary}" for m in REGISTRY.values()),
+    )
     p.add_argument(
         "--out",
         required=True,
@@ -281,22 +318,22 @@ def finetune_arguments(p: argparse.ArgumentParser) -> None:
         help="the run folder: adapter/, merged/, checkpoints/, finetune.json",
     )
     m = p.add_argument_group("method options")
-    m.add_argument(
+    _method_option(m,
         "--rank", type=int, default=8, help="LoRA/PiSSA/SORSA rank; S2FT matches its budget (default 8)"
     )
-    m.add_argument(
+    _method_option(m,
         "--alpha",
         type=float,
         help="LoRA/PiSSA scaling alpha/rank (default alpha = rank); SORSA: default scale 1",
     )
-    m.add_argument(
+    _method_option(m,
         "--targets", nargs="+", help="projections to adapt: q k v o gate up down, or all (default all)"
     )
-    m.add_argument("--dropout", type=float, default=0.0, help="adapter dropout (LoRA/PiSSA/SORSA)")
-    m.add_argument("--gamma", type=float, default=4e-4, help="SORSA orthonormal regularizer strength")
-    m.add_argument("--heads", type=int, help="S2FT attention heads per layer (default: matched budget)")
-    m.add_argument("--channels", type=int, help="S2FT FFN channels per layer (default: matched budget)")
-    m.add_argument(
+    _method_option(m, "--dropout", type=float, default=0.0, help="adapter dropout (LoRA/PiSSA/SORSA)")
+    _method_option(m, "--gamma", type=float, default=4e-4, help="SORSA orthonormal regularizer strength")
+    _method_option(m, "--heads", type=int, help="S2FT attention heads per layer (default: matched budget)")
+    _method_option(m, "--channels", type=int, help="S2FT FFN channels per layer (default: matched budget)")
+    _method_option(m,
         "--strategy", default="random", help="S2FT selection: random, weight, activation, product, gradient"
     )
     t = p.add_argument_group("training")
@@ -372,7 +409,7 @@ EXAMPLES = {
 To run the spec itself against your own Python implementation:
   pytest --pyargs minift.spec --impl mypackage.adapter""",
     "demo": """examples:
-  minift demo                      all five methods on the "min" task, 1-2 minutes on 2 cores
+  minift demo                      every method on the "min" task, one comparison table
   minift demo --task shift --methods lora s2ft --steps 600
   minift demo --quick              a smoke run in seconds""",
     "finetune": """examples:
@@ -396,7 +433,7 @@ full fine-tuning, merged/ (a Hugging Face model folder).""",
   minift export --adapter runs/lora/adapter --peft out/peft --merged out/merged
   minift export --adapter runs/s2ft/adapter --merged out/merged    (S2FT adapters export merged only)""",
     "pretrain": """examples:
-  minift pretrain --out my-base                 the shipped model's recipe (about 20-30 minutes on 2 cores)
+  minift pretrain --out my-base                 the shipped model's recipe: its weights, byte for byte
   minift pretrain --out tiny --steps 200        a quick, weaker base""",
     "study": """examples:
   minift study --out study          the default study (15 minutes on 2 busy cores); results.md, plots

@@ -1,4 +1,4 @@
-"""``minift demo``: the whole mission in a few minutes on a laptop CPU.
+"""``minift demo``: every method fine-tunes the embedded model on one task; one comparison table.
 
 On the embedded base model (``minift.tools.pretrain``), one fine-tuning task of ``minift.data.tasks`` is
 learned by each method — full fine-tuning, LoRA, PiSSA, SORSA and S2FT, the adapters at a matched
@@ -20,7 +20,7 @@ import json
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,9 @@ from minift.data.datasets import BatchStream, encode_example
 from minift.data.tasks import TaskExample, TaskSplits, evaluate, generate_answers, task_splits
 from minift.data.tokenizer import Tokenizer
 from minift.errors import MinIFTError
+from minift.methods.registry import MethodSpec, apply_method, method_names
 from minift.model import Model
-from minift.tools.finetune import METHOD_NAMES, MethodSpec, apply_method, load_model, trainable_count
+from minift.tools.finetune import load_model, trainable_count
 from minift.tools.measure import step_memory
 from minift.train import TrainConfig, train
 
@@ -40,6 +41,7 @@ from minift.train import TrainConfig, train
 # method the smallest rate whose in-domain exact match after 300 steps is within a few points of the
 # best it reached. Larger rates learn little more and forget much more of the pretraining skills.
 LEARNING_RATES = {"full": 3e-4, "lora": 2e-3, "pissa": 1e-3, "sorsa": 1e-3, "s2ft": 5e-3}
+DEFAULT_LR = 1e-3  # a method registered without a swept rate
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class DemoConfig:
     n_eval: int = 100  # examples per evaluation split (test, near-OOD)
     n_retention: int = 15  # held-out prompts per pretraining skill
     seed: int = 0
-    methods: tuple[str, ...] = METHOD_NAMES
+    methods: tuple[str, ...] = field(default_factory=method_names)
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
@@ -81,7 +83,7 @@ def run_method(
     memory = step_memory(model, [data.batch(0)])  # lr 0 and its own optimizer: the weights do not move
     train_config = TrainConfig(
         steps=config.steps,
-        lr=LEARNING_RATES[method],
+        lr=LEARNING_RATES.get(method, DEFAULT_LR),
         schedule="linear",
         warmup_steps=min(10, config.steps // 10),
         seed=config.seed,

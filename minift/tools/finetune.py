@@ -10,9 +10,8 @@ A fine-tuning run writes one folder:
       checkpoints/      training checkpoints; a rerun with ``resume`` continues bitwise from the latest
       finetune.json     the run: base model, data, method and its options, training settings, result
 
-Methods are compared at a **matched trainable budget**: LoRA, PiSSA and SORSA at rank r on the chosen
-projections, S2FT with the heads and channels whose parameter count is closest to that LoRA's
-(``minift.methods.s2ft.match_lora_budget``), full fine-tuning with everything.
+The methods, their options (``MethodSpec``) and their adapter formats come from
+``minift.methods.registry``.
 """
 
 from __future__ import annotations
@@ -20,85 +19,20 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from minift.data.datasets import BatchStream, encode_example, read_jsonl
 from minift.data.tokenizer import Tokenizer
-from minift.errors import CheckpointError, ConfigError
+from minift.errors import CheckpointError
 from minift.io.atomic import write_file_atomic
 from minift.io.hub import load_pretrained, save_pretrained
-from minift.io.peft import CONFIG_NAME, export_peft_adapter, load_peft_adapter
-from minift.methods import full, lora, pissa, sorsa
+from minift.methods import META_KEY, MethodRecord, full, method_record
 from minift.methods import s2ft as s2ft_method
-from minift.methods.s2ft.adapter import INDEX as S2FT_INDEX
-from minift.model import SLOT_NAMES, Model, trainable_parameters
-from minift.serving import merge_adapter
+from minift.methods.registry import MethodSpec, apply_method, get_method, load_adapter
+from minift.model import Model, trainable_parameters
 from minift.tools.pretrain import EMBEDDED
-from minift.train import GradHook, TrainConfig, TrainResult, train
-
-METHOD_NAMES = ("full", "lora", "pissa", "sorsa", "s2ft")
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A method and its options, as the command line's flags give them."""
-
-    method: str
-    rank: int = 8  # LoRA/PiSSA/SORSA rank r; S2FT's budget is matched to LoRA at this rank
-    alpha: float | None = None  # LoRA/PiSSA: scaling alpha / r (default alpha = r); SORSA: None = 1
-    targets: tuple[str, ...] = SLOT_NAMES  # projections LoRA/PiSSA/SORSA adapt (and S2FT's budget counts)
-    heads: int | None = None  # S2FT heads per layer (None: matched budget)
-    channels: int | None = None  # S2FT FFN channels per layer (None: matched budget)
-    strategy: str = "random"  # S2FT selection strategy
-    gamma: float = 4e-4  # SORSA regularizer strength
-    dropout: float = 0.0  # adapter dropout (LoRA/PiSSA/SORSA)
-    variant: str = "large"  # S2FT scored strategies: keep the "large" or the "small" end
-
-    def __post_init__(self) -> None:
-        if self.method not in METHOD_NAMES:
-            raise ConfigError(f"unknown method {self.method!r}: expected one of {', '.join(METHOD_NAMES)}")
-
-
-def apply_method(
-    model: Model, spec: MethodSpec, rng: np.random.Generator, calib: list[Any] | None = None
-) -> list[GradHook]:
-    """Apply ``spec`` to ``model`` in place; return the gradient hooks its training needs (SORSA's).
-
-    ``calib`` holds (tokens, targets) batches for S2FT's data-driven selection strategies.
-    """
-    r = spec.rank
-    alpha = float(r) if spec.alpha is None else spec.alpha
-    if spec.method == "full":
-        full.apply_full(model)
-    elif spec.method == "lora":
-        lora.apply_lora(
-            model, lora.LoRAConfig(r=r, alpha=alpha, targets=spec.targets, dropout=spec.dropout), rng
-        )
-    elif spec.method == "pissa":
-        pissa.apply_pissa(
-            model, pissa.PiSSAConfig(r=r, alpha=alpha, targets=spec.targets, dropout=spec.dropout), rng
-        )
-    elif spec.method == "sorsa":
-        config = sorsa.SORSAConfig(
-            r=r, alpha=spec.alpha, targets=spec.targets, dropout=spec.dropout, gamma=spec.gamma
-        )
-        sorsa.apply_sorsa(model, config, rng)
-        return [sorsa.gradient_hook(config)]
-    else:
-        config = s2ft_method.match_lora_budget(
-            model.config, r, lora_targets=spec.targets, strategy=spec.strategy, variant=spec.variant
-        )
-        if spec.heads is not None or spec.channels is not None:
-            config = s2ft_method.S2FTConfig(
-                heads=config.heads if spec.heads is None else spec.heads,
-                channels=config.channels if spec.channels is None else spec.channels,
-                strategy=spec.strategy,  # type: ignore[arg-type]
-                variant=spec.variant,  # type: ignore[arg-type]
-            )
-        s2ft_method.apply_s2ft(model, config, calib, rng=rng)
-    return []
+from minift.train import TrainConfig, TrainResult, train
 
 
 def trainable_count(model: Model) -> int:
@@ -122,39 +56,35 @@ def load_model(model: str | Path) -> tuple[Model, Tokenizer]:
     return load_pretrained(folder), Tokenizer.from_pretrained(folder)
 
 
-def save_adapter(model: Model, folder: str | Path, *, base: str = "") -> Path | None:
-    """Write the model's adapter (PEFT folder for LoRA/PiSSA/SORSA, S2FT adapter for S2FT); None for
-    full fine-tuning, which has no adapter (its result is the merged model)."""
-    if "s2ft" in model.meta:
-        return s2ft_method.save_adapter(s2ft_method.extract_adapter(model), folder)
-    if model.meta.get("adapter", {}).get("method") == "full":
+def write_adapter(model: Model, folder: str | Path, *, base: str = "") -> Path | None:
+    """Write the adapter of the method ``model`` carries (its registry entry says how: a PEFT folder
+    for LoRA/PiSSA/SORSA, minift's S2FT adapter for S2FT); None for a method without one (full
+    fine-tuning, whose result is the merged model) and for a plain model."""
+    record = method_record(model)
+    if record is None:
         return None
-    return export_peft_adapter(model, folder, base_model_name_or_path=base)
+    return get_method(record.name).save_adapter(model, Path(folder), base)
 
 
 def attach_adapter(model: Model, folder: str | Path) -> Model:
-    """Put an adapter written by ``save_adapter`` (or any PEFT LoRA folder) on a base model, in place.
+    """Put an adapter written by ``write_adapter`` (or any PEFT LoRA folder) on a base model, in place.
 
     A PEFT adapter becomes LoRA slots; an S2FT adapter is merged into the weights (it is a sparse
     update of the original coordinates). A folder that does not fit the model raises CheckpointError.
     """
-    folder = Path(folder)
-    if (folder / CONFIG_NAME).is_file():
-        return load_peft_adapter(model, folder)
-    if (folder / S2FT_INDEX).is_file():
-        merge_adapter(model, s2ft_method.load_adapter(folder))
-        return model
-    raise CheckpointError(
-        f"{folder}: not an adapter folder (expected {CONFIG_NAME} for PEFT/LoRA or {S2FT_INDEX} for S2FT)"
-    )
+    return load_adapter(model, folder)
 
 
 def merged_model(model: Model) -> Model:
-    """The dense model a fine-tuned model computes, in the base model's original coordinates (a copy;
-    an S2FT model is unpermuted in place first)."""
-    if "s2ft" in model.meta:
-        s2ft_method.unpermute(model)
-    return full.to_dense(model)
+    """The dense model a fine-tuned model computes, in the base model's original coordinates: a copy
+    that shares no array with ``model``, which is left as it is (an S2FT model stays co-permuted)."""
+    dense = full.to_dense(model)
+    record = method_record(model)
+    if record is not None and record.name == "s2ft":
+        # to_dense copied the permuted weights; the record tells how to gather them back
+        dense.meta[META_KEY] = MethodRecord("s2ft", record.config, record.state)
+        s2ft_method.unpermute(dense)
+    return dense
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,7 +138,7 @@ def finetune(
     )
     result = train(model, data, config, grad_hooks=hooks, resume=resume)
     base = str(resolve_model_dir(model_dir))
-    adapter = save_adapter(model, out / "adapter", base=base)
+    adapter = write_adapter(model, out / "adapter", base=base)
     trainable = trainable_count(model)
     if run.merge or spec.method == "full":
         save_pretrained(merged_model(model), out / "merged", tokenizer_path=resolve_model_dir(model_dir))

@@ -6,7 +6,7 @@ own ``save_pretrained`` plus ``expected.safetensors``, everything transformers c
 input batch, logits, loss and the gradient of every parameter (by Hugging Face name). minift never
 writes a golden value; ``test_fixtures.py`` compares against these without importing torch.
 
-The builders here are shared with ``test_against_transformers.py``. Recipe (hf_formats.md §10.2): eager
+The builders here are shared with ``test_against_transformers.py``. Recipe: eager
 attention, float32, and every parameter randomised: N(0, 0.2²) for weights and biases, N(1, 0.2²) for
 norm weights, since the default init (unit norms, zero biases) would hide a misapplied norm or bias.
 """

@@ -1,4 +1,4 @@
-"""minift's adapters against Hugging Face PEFT (sorsa_pissa_lora.md §7–§10).
+"""minift's adapters against Hugging Face PEFT (its folder format and its PiSSA/SORSA initialisation).
 
 On tiny random transformers models written by ``save_pretrained`` and read by ``minift.io.hub``:
 - every adapter minift exports (LoRA, LoRA with rsLoRA on some layers, PiSSA and SORSA as rank-2r

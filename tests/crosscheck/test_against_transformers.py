@@ -1,4 +1,4 @@
-"""minift against transformers/PyTorch: the same checkpoints, the same numbers (hf_formats.md §10).
+"""minift against transformers/PyTorch: the same checkpoints, the same numbers.
 
 For every tiny random model of ``make_fixtures.SPECS`` (Llama with GQA and llama3 RoPE, Llama with
 attention and MLP biases and a tied head, Qwen2, Mistral with head_dim ≠ C/H, GPT-2), written by

@@ -15,9 +15,9 @@ import numpy as np
 
 from minift import ModelConfig, init_model, loss_and_grads, model_forward, set_trainable
 from minift.data import Batch
-from minift.optim import accumulate_gradients
 from minift.testing import assert_close
 from minift.tools.measure import step_memory
+from minift.train import accumulate_gradients
 
 config = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, n_layers=2, n_heads=4,
                      n_kv_heads=2)

@@ -16,6 +16,7 @@ import copy
 import numpy as np
 
 from minift import ModelConfig, init_model, model_forward, trainable_parameters
+from minift.methods import method_record
 from minift.methods.s2ft import (
     RowBlock,
     S2FTConfig,
@@ -55,7 +56,7 @@ def groups_touched(seed):
 
 seed = next(sd for sd in range(100) if groups_touched(sd) == 3)
 model = apply_s2ft(copy.deepcopy(base), S2FTConfig(heads=3), rng=np.random.default_rng(seed))
-print("selected heads:", model.meta["s2ft"]["layers"]["0"]["heads"])
+print("selected heads:", method_record(model).state["layers"]["0"]["heads"])
 names = sorted(k for k in trainable_parameters(model) if ".o." in k)
 print(names)
 assert names == ["blocks.0.o.weight_0", "blocks.0.o.weight_1"]
@@ -86,7 +87,7 @@ model = apply_s2ft(copy.deepcopy(base), s2, rng=np.random.default_rng(0))
 assert isinstance(model.blocks[0].v, RowBlock)
 n = sum(p.size for p in trainable_parameters(model).values())
 D, C, G = 4, 24, 2
-heads = model.meta["s2ft"]["layers"]["0"]["heads"]
+heads = method_record(model).state["layers"]["0"]["heads"]
 touched = len({h // G for h in heads})
 print(f"heads {heads} touch {touched} groups: {n} trainable = O {3 * D * C} + V {touched * D * C}; "
       f"s2ft_parameter_count says {s2ft_parameter_count(config, s2)}")

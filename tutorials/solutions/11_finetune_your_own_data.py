@@ -20,7 +20,8 @@ import numpy as np
 from minift import loss_and_grads, set_trainable
 from minift.data import BatchStream, collate, encode_example, read_jsonl
 from minift.data.tasks import pretrain_heldout, pretrain_stream, task_tokenizer
-from minift.methods import get_method
+from minift.methods import method_record
+from minift.methods.registry import get_method
 from minift.methods.s2ft import S2FTConfig, apply_s2ft, unpermute
 from minift.model import init_model
 from minift.tools.pretrain import BASE_CONFIG
@@ -106,7 +107,7 @@ calib = [(data.batch(i).tokens, data.batch(i).targets) for i in range(2)]
 small = apply_s2ft(copy.deepcopy(base), S2FTConfig(heads=1, channels=8, strategy="activation",
                                                    variant="small"), calib)
 print("selected (heads, channels) per layer:",
-      {i: (d["heads"], d["channels"]) for i, d in small.meta["s2ft"]["layers"].items()})
+      {i: (d["heads"], d["channels"]) for i, d in method_record(small).state["layers"].items()})
 run = train(small, data, TrainConfig(steps=20, lr=1e-2, **quick))
 print(f"S2FT-A (small): loss {run.losses[0]:.2f} → {run.losses[-1]:.2f}")
 assert run.losses[-1] < run.losses[0]

@@ -1,7 +1,7 @@
 """The S2FT update as a decoupled adapter: (indices in original coordinates, dense block deltas).
 
 After training, ΔW = W_ft − W_pre is non-zero only on the selected rows or columns, so it factors
-as U Vᵀ with U a column selector and V dense (paper Sec. 6.2, s2ft.md §7.1). Per matrix the adapter
+as U Vᵀ with U a column selector and V dense (paper Sec. 6.2). Per matrix the adapter
 stores the original indices S and the block: Δ = ΔW[:, S] (O, S) for column blocks (O, Down) or
 Δ = ΔW[S, :] (S, I) for row blocks (Q, K, V, Gate, Up). Indices are always in the *original*
 layout (the permutation is undone through the recorded order), so an adapter applies to the base
@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -32,7 +32,8 @@ from minift.io.safetensors_io import (
     read_tensor,
     write_safetensors,
 )
-from minift.methods.s2ft.permute import expand, layouts_of
+from minift.methods.s2ft.config import COUPLING
+from minift.methods.s2ft.permute import LayerLayout, expand, layouts_of, unit_order, unit_width
 from minift.methods.s2ft.slots import ColumnBlock, RowBlock
 from minift.model import Model
 
@@ -72,13 +73,10 @@ class S2FTAdapter:
     source: str = ""  # the folder it was loaded from, named in errors ("" when built in memory)
 
 
-def _feature_order(name: str, layout: Any, head_dim: int) -> list[int]:
+def _feature_order(name: str, layout: LayerLayout, head_dim: int) -> list[int]:
     """Original feature index of each permuted row (Q, K, V, Gate, Up) or column (O, Down)."""
-    if name in ("q", "o"):
-        return expand(layout.head_order, head_dim)
-    if name in ("k", "v"):
-        return expand(layout.kv_order, head_dim)
-    return list(layout.channel_order)
+    unit = COUPLING[name].unit
+    return expand(unit_order(layout, unit), unit_width(unit, head_dim))
 
 
 def extract_adapter(model: Model) -> S2FTAdapter:

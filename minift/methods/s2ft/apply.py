@@ -7,8 +7,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from minift.errors import ConfigError
-from minift.methods.s2ft.config import SIDE, S2FTConfig
-from minift.methods.s2ft.permute import co_permute, plan_layout, scale_segments
+from minift.methods import method_record
+from minift.methods.s2ft.config import COUPLING, S2FTConfig
+from minift.methods.s2ft.permute import co_permute, plan_layout, scale_segments, unit_segments, unit_width
 from minift.methods.s2ft.selection import CalibBatch, select_units
 from minift.methods.s2ft.slots import block_slot
 from minift.model import Model, set_trainable
@@ -27,13 +28,13 @@ def apply_s2ft(
     Everything is frozen; per layer, the selected heads and channels (``config.strategy``, scored on
     ``calib_batches`` where needed, random draws from ``rng``) are co-permuted to the front and the
     target slots become ``ColumnBlock``/``RowBlock`` whose trainable arrays are views of the blocks.
-    ``model.meta["s2ft"]`` records the configuration and every layer's permutation; use
+    The model's ``MethodRecord`` holds the configuration and every layer's permutation; use
     ``unpermute`` to return to original coordinates and ``extract_adapter`` for the sparse update.
     """
     c = model.config
     config.check(c)
-    if "s2ft" in model.meta:
-        raise ConfigError("apply_s2ft: the model already carries S2FT slots")
+    if method_record(model) is not None:
+        raise ConfigError(f"apply_s2ft: the model already carries {method_record(model).name}")
     for i, block in enumerate(model.blocks):
         for name, slot in block.slots():
             if not isinstance(slot, Dense):
@@ -58,16 +59,11 @@ def apply_selection(
     co_permute(model, layouts)
     for i, lay in layouts.items():
         block = model.blocks[i]
-        segments = {
-            "q": scale_segments(lay.head_segments, c.head_dim),
-            "o": scale_segments(lay.head_segments, c.head_dim),
-            "k": scale_segments(lay.kv_segments, c.head_dim),
-            "v": scale_segments(lay.kv_segments, c.head_dim),
-        }
-        segments |= dict.fromkeys(("gate", "up", "down"), lay.channel_segments)
         for name in (*config.head_targets, *config.channel_targets):
+            unit, axis = COUPLING[name]
+            segments = scale_segments(unit_segments(lay, unit), unit_width(unit, c.head_dim))
             slot = getattr(block, name)
-            if segments[name]:
-                setattr(block, name, block_slot(SIDE[name], slot.weight, segments[name], slot.bias))
-    model.meta["s2ft"]["config"] = config.to_dict()
+            if segments:
+                setattr(block, name, block_slot(axis, slot.weight, segments, slot.bias))
+    method_record(model).config = config  # type: ignore[union-attr]
     return model

@@ -1,7 +1,7 @@
 """Trainable-parameter budgets: S2FT counts, and the S2FT selection matching a LoRA rank.
 
 LoRA of rank R on a (O, I) matrix trains R·(I + O) parameters; S2FT trains s·I (s output rows) or
-s·O (s input columns) (s2ft.md §3.3). One query head costs D·C on Q or O, and D·C/G on K or V (its
+s·O (s input columns). One query head costs D·C on Q or O, and D·C/G on K or V (its
 share of its group's key/value head; exact when whole groups are selected); one FFN channel costs C
 on each of Gate, Up and Down. The paper splits the budget "fairly" between O and Down (Sec. 5.4).
 """
@@ -13,35 +13,16 @@ from collections.abc import Sequence
 from minift.config import ModelConfig
 from minift.errors import ConfigError
 from minift.methods.s2ft.config import S2FTConfig
-
-
-def slot_shape(config: ModelConfig, name: str) -> tuple[int, int]:
-    """(O, I) of a block's linear slot."""
-    C, F, H, K, D = (
-        config.hidden_size,
-        config.intermediate_size,
-        config.n_heads,
-        config.n_kv_heads,
-        config.head_dim,
-    )
-    assert K is not None
-    assert D is not None
-    return {
-        "q": (H * D, C),
-        "k": (K * D, C),
-        "v": (K * D, C),
-        "o": (C, H * D),
-        "gate": (F, C),
-        "up": (F, C),
-        "down": (C, F),
-    }[name]
+from minift.model import slot_shapes
 
 
 def lora_parameter_count(
     config: ModelConfig, rank: int, targets: Sequence[str] = ("q", "k", "v", "up", "down")
 ) -> int:
-    """R·(I + O) summed over the targets of every layer."""
-    return config.n_layers * sum(rank * sum(slot_shape(config, t)) for t in targets)
+    """R·(I + O) summed over the targets of every layer (a target the model lacks, GPT-2's gate, adds 0)."""
+    shapes = slot_shapes(config)
+    per_layer = sum(rank * (shapes[t].out_features + shapes[t].in_features) for t in targets if t in shapes)
+    return config.n_layers * per_layer
 
 
 def head_cost(config: ModelConfig, head_targets: Sequence[str]) -> float:

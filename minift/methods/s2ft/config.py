@@ -9,23 +9,33 @@ One head set and one channel set are chosen per layer and shared by the targets 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from minift.config import ModelConfig
 from minift.errors import ConfigError
 
 HEAD_TARGETS = ("q", "k", "v", "o")
 CHANNEL_TARGETS = ("gate", "up", "down")
-# Which side of the [out, in] weight a target's heads/channels occupy: producers (W1) own output rows,
-# consumers (W2) own input columns (s2ft.md §3.1).
-SIDE = {
-    "q": "rows",
-    "k": "rows",
-    "v": "rows",
-    "o": "columns",
-    "gate": "rows",
-    "up": "rows",
-    "down": "columns",
+
+
+class Coupling(NamedTuple):
+    """How a slot's weight moves with the selected units: ``unit`` says whose order permutes it (query
+    heads, key/value heads or FFN channels), ``axis`` which side of the [out, in] weight the units
+    occupy: producers (W1) own output rows, consumers (W2) own input columns (paper Sec. 3.1)."""
+
+    unit: Literal["heads", "kv_heads", "channels"]
+    axis: Literal["rows", "columns"]
+
+
+# The one table of S2FT's coupled structures: co-permutation, block slots and adapters all read it.
+COUPLING = {
+    "q": Coupling("heads", "rows"),
+    "k": Coupling("kv_heads", "rows"),
+    "v": Coupling("kv_heads", "rows"),
+    "o": Coupling("heads", "columns"),
+    "gate": Coupling("channels", "rows"),
+    "up": Coupling("channels", "rows"),
+    "down": Coupling("channels", "columns"),
 }
 STRATEGIES = ("random", "weight", "activation", "product", "gradient")
 Strategy = Literal["random", "weight", "activation", "product", "gradient"]
@@ -34,7 +44,8 @@ Strategy = Literal["random", "weight", "activation", "product", "gradient"]
 @dataclass(frozen=True)
 class S2FTConfig:
     """Per layer, ``heads`` query heads and ``channels`` FFN channels (uniform across layers, the
-    paper's Sec. 5.1 reading; the official code samples globally instead, s2ft.md §10.3).
+    paper's Sec. 5.1 reading; the official code instead samples the units of all layers together, so
+    layers get unequal counts).
 
     ``strategy`` (paper Sec. 3.2, App. D, Table 4): ``random`` (S2FT-R), ``weight`` (‖W‖, S2FT-W),
     ``activation`` (‖A‖, S2FT-A), ``product`` (‖W‖·‖A‖, S2FT-S), ``gradient`` (‖∂L/∂W‖, S2FT-G); the

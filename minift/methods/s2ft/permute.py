@@ -6,7 +6,7 @@ with the same permutation leaves the network function unchanged, so the selected
 matrix becomes one (or a few) contiguous block(s): a NumPy view, trained in place (paper Sec. 3.3).
 
 RoPE: heads move as whole D-row blocks, never dimensions inside a head, so the rotary pairing of
-dimension i with i + D/2 inside each head is untouched (s2ft.md §5.3).
+dimension i with i + D/2 inside each head (``rotate_half``) is untouched.
 
 Grouped-query attention (K < H, G = H / K query heads per group): query head h reads key/value head
 h // G (``minift.layers.attention``). A permutation is valid iff it moves whole groups and permutes
@@ -24,9 +24,9 @@ contiguous by any valid permutation (each segment can straddle at most two parti
 block slots carry a short list of segments (``minift.methods.s2ft.slots``); the computation stays
 exact for every selection.
 
-The orders are recorded in ``model.meta["s2ft"]``; ``unpermute`` restores original coordinates
+The orders are recorded in the model's ``MethodRecord``; ``unpermute`` restores original coordinates
 bitwise (a permutation is a gather, and the inverse gather moves every value back unchanged), so
-merged models and adapters are always written in the original layout (s2ft.md §10.4–5).
+merged models and adapters are always written in the original layout, which any other tool can load.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from typing import Any
 
 from minift.backend import Array, get_xp
 from minift.errors import ConfigError
+from minift.methods import META_KEY, MethodRecord, carries, method_record, record_method
+from minift.methods.s2ft.config import COUPLING
 from minift.methods.s2ft.slots import ColumnBlock, RowBlock, Segments
 from minift.model import Block, Model
 from minift.slots import Dense
@@ -82,6 +84,22 @@ class LayerLayout:
         return cls(
             **{k: tuple(tuple(s) for s in v) if k.endswith("segments") else tuple(v) for k, v in d.items()}
         )
+
+
+def unit_order(layout: LayerLayout, unit: str) -> tuple[int, ...]:
+    """The permutation of one kind of unit (``Coupling.unit``): new position i holds original unit i."""
+    return {"heads": layout.head_order, "kv_heads": layout.kv_order, "channels": layout.channel_order}[unit]
+
+
+def unit_segments(layout: LayerLayout, unit: str) -> Segments:
+    """The selected segments of one kind of unit, in units."""
+    return {"heads": layout.head_segments, "kv_heads": layout.kv_segments,
+            "channels": layout.channel_segments}[unit]
+
+
+def unit_width(unit: str, head_dim: int) -> int:
+    """Rows or columns per unit: a head is D of them, a channel one."""
+    return 1 if unit == "channels" else head_dim
 
 
 def plan_layout(
@@ -148,29 +166,20 @@ def _permute_slot(slot: Any, idx: list[int], axis: int) -> None:
 def permute_block(block: Block, layout: LayerLayout, head_dim: int, *, undo: bool = False) -> None:
     """Apply the layer's permutation (or its inverse) to every coupled matrix of one block, in place."""
 
-    def order(o: tuple[int, ...], width: int) -> list[int]:
-        idx = expand(o, width)
-        return inverse(idx) if undo else idx
-
-    q, kv = order(layout.head_order, head_dim), order(layout.kv_order, head_dim)
-    ch = order(layout.channel_order, 1)
-    for slot, idx, axis in (
-        (block.q, q, 0),
-        (block.k, kv, 0),
-        (block.v, kv, 0),
-        (block.o, q, 1),
-        (block.gate, ch, 0),
-        (block.up, ch, 0),
-        (block.down, ch, 1),
-    ):
+    for name, (unit, axis) in COUPLING.items():
+        slot = getattr(block, name)
         if slot is not None:
-            _permute_slot(slot, idx, axis)
+            idx = expand(unit_order(layout, unit), unit_width(unit, head_dim))
+            _permute_slot(slot, inverse(idx) if undo else idx, 0 if axis == "rows" else 1)
 
 
 def co_permute(model: Model, layouts: dict[int, LayerLayout]) -> Model:
     """Physically permute the given layers (in place) and record the layouts in ``model.meta``."""
-    if "s2ft" in model.meta:
-        raise ConfigError("the model is already co-permuted for S2FT; call unpermute first")
+    if method_record(model) is not None:
+        raise ConfigError(
+            f"the model already carries {method_record(model).name}"  # type: ignore[union-attr]
+            + (" (it is already co-permuted; call unpermute first)" if carries(model, "s2ft") else "")
+        )
     c = model.config
     G = c.n_heads // c.n_kv_heads
     for i, layout in layouts.items():
@@ -187,15 +196,17 @@ def co_permute(model: Model, layouts: dict[int, LayerLayout]) -> Model:
             )
     for i, layout in layouts.items():  # validated first, so a bad layout leaves the model untouched
         permute_block(model.blocks[i], layout, c.head_dim)
-    model.meta["s2ft"] = {"layers": {str(i): lay.to_dict() for i, lay in layouts.items()}}
+    layers = {str(i): lay.to_dict() for i, lay in layouts.items()}
+    record_method(model, MethodRecord("s2ft", None, {"layers": layers}))
     return model
 
 
 def layouts_of(model: Model) -> dict[int, LayerLayout]:
     """The recorded layouts of a co-permuted model, by layer."""
-    if "s2ft" not in model.meta:
-        raise ConfigError("the model is not co-permuted for S2FT (no model.meta['s2ft'])")
-    return {int(i): LayerLayout.from_dict(d) for i, d in model.meta["s2ft"]["layers"].items()}
+    record = method_record(model)
+    if record is None or record.name != "s2ft":
+        raise ConfigError("the model is not co-permuted for S2FT (its method record is not S2FT's)")
+    return {int(i): LayerLayout.from_dict(d) for i, d in record.state["layers"].items()}
 
 
 def unpermute(model: Model) -> Model:
@@ -208,5 +219,5 @@ def unpermute(model: Model) -> Model:
             if isinstance(slot, ColumnBlock | RowBlock):
                 setattr(block, name, Dense(slot.weight, slot.bias))
         permute_block(block, layout, c.head_dim, undo=True)
-    del model.meta["s2ft"]
+    del model.meta[META_KEY]
     return model

@@ -9,11 +9,12 @@ that the paper's Table 4 ablates; with ``heads`` = query heads and D = head widt
     product     w_u · a_u                                    (S2FT-S, Wanda-like)
     gradient    ‖G[:, cols(u)]‖_F, G = ∂L/∂W of the mean loss over the calibration batches (S2FT-G)
 
-with cols(head h) = [h·D, (h+1)·D) and cols(channel j) = {j}. The paper gives only "‖·‖₂"; this is
-the reading of s2ft.md §4. ``large`` takes the top-s scores per layer, ``small`` the bottom-s; ties
-go to the lower index (stable sort), and ``random`` draws from the given Generator, so selection is
-deterministic under a seed. Activation and gradient scores come from the model's own forward and
-backward, run on a shallow copy whose O and Down slots record or train; the model is not changed.
+with cols(head h) = [h·D, (h+1)·D) and cols(channel j) = {j}. The paper gives only "‖·‖₂"; minift reads it
+as the Frobenius norm over the unit's columns, as written above. ``large`` takes the top-s scores per layer,
+``small`` the bottom-s; ties go to the lower index (stable sort), and ``random`` draws from the given
+Generator, so selection is deterministic under a seed. Activation and gradient scores come from the model's
+own forward and backward, run on a shallow copy whose O and Down slots record or train; the model is not
+changed.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ ranges, so the optimizer updates the weight in place and keeps state of the bloc
 | ColumnBlock   | y = x Wᵀ+b | x[:, a:b] per segment | dx = dy W, dW[:, a:b] = dyᵀ x[:, a:b] |
 | RowBlock      | y = x Wᵀ+b | x                     | dx = dy W, dW[a:b, :] = dy[:, a:b]ᵀ x |
 
-Cost per slot on N tokens with s = Σ (b − a) selected columns or rows (s2ft.md §6.4):
+Cost per slot on N tokens with s = Σ (b − a) selected columns or rows (multiply-adds ×2; paper Sec. 3.3):
 
 | | full FT | ColumnBlock (W2) | RowBlock (W1) | frozen |
 |---|---|---|---|---|

@@ -14,7 +14,7 @@ S2FT (Yang et al. 2024, Sec. 5, Tables 1–2, Fig. 2, Table 4, Table 5)
     so weight-large on both tasks selects the same heads and channels, and weight-large on one task
     with weight-small on the other selects disjoint ones. Both pairings of each kind are averaged, so
     the comparison does not favour one end of the score.
-SORSA (Cao et al. 2024, abstract; analysis §5 of the reference notes)
+SORSA (Cao et al. 2024, abstract and Sec. 5)
   - **faster convergence than PiSSA and LoRA**: optimizer steps until the smoothed training loss first
     reaches a target, the highest final smoothed loss of any run in the comparison (so every run
     reaches it);

@@ -7,9 +7,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from minift.errors import ConfigError
+from minift.methods.registry import REGISTRY
 
-METHODS = ("full", "lora", "s2ft", "pissa", "sorsa")  # the methods whose learning rate is swept
-LABELS = {"full": "full FT", "lora": "LoRA", "pissa": "PiSSA", "sorsa": "SORSA", "s2ft": "S2FT"}
+METHODS = tuple(REGISTRY)  # the methods whose learning rate is swept: every registered one
+LABELS = {name: method.label for name, method in REGISTRY.items()}
 # Table 4 of the S2FT paper: (strategy, end) for random and the four scores at both ends
 ABLATION = (
     ("random", "large"),

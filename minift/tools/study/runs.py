@@ -20,9 +20,10 @@ from minift.data.datasets import BatchStream, encode_example
 from minift.data.tasks import TaskSplits, evaluate, perplexity, task_splits, task_tokenizer
 from minift.errors import TrainingError
 from minift.io.hub import load_pretrained, save_pretrained
+from minift.methods.registry import MethodSpec, apply_method
 from minift.methods.svd_analysis import SVDTrajectory
 from minift.model import Model
-from minift.tools.finetune import MethodSpec, apply_method, save_adapter, trainable_count
+from minift.tools.finetune import trainable_count, write_adapter
 from minift.tools.study.config import StudyConfig
 from minift.train import TrainConfig, train
 
@@ -165,7 +166,7 @@ def execute(spec: RunSpec, base: Model, config: StudyConfig, adapter_dir: Path |
             diverged=str(e),
         )
     if spec.keep and adapter_dir is not None:
-        save_adapter(model, adapter_dir / spec.key)
+        write_adapter(model, adapter_dir / spec.key)
     return RunResult(
         spec=spec,
         trainable=trainable_count(model),
