@@ -10,7 +10,7 @@ expected output from the case's inputs alone and writes it under the same name, 
 
 compares every output elementwise, |actual − expected| ≤ atol + rtol · |expected|, with that output's
 own atol and rtol from ``case.json``, prints one line per failing output and exits 1 if any failed
-(2 if an output is missing). This file is copied into DIR by the export and imports nothing from minift.
+(2 if an output is missing). This file is copied into DIR by the export; it needs only NumPy and safetensors.
 """
 
 from __future__ import annotations

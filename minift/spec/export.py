@@ -2,11 +2,11 @@
 
 Each case is a folder with ``arrays.safetensors`` and ``case.json``, self-contained: its own config,
 tokens, weights and scalars. Arrays are float64 (tokens and targets int64), inputs under ``input/``,
-expected outputs under ``expected/``. ``case.json`` states the property, the interface call that
-produces each output (``minift.spec.interface``), the scalars (a Hugging Face ``config.json`` dict,
-S2FT selections as one list per layer, ranks, scalings) and, per output, the tolerance: the output
-passes when |actual − expected| ≤ atol + rtol · |expected| elementwise. Model weights use Hugging Face
-names and layouts (``[out, in]``; GPT-2's Conv1D ``[in, out]``).
+expected outputs under ``expected/`` (a scalar as shape (1,)). ``case.json`` states the property,
+the interface call that produces each output (``minift.spec.interface``), the scalars (a Hugging Face
+``config.json`` dict, S2FT selections as one list per layer, ranks, scalings) and, per output, the
+tolerance: the output passes when |actual − expected| ≤ atol + rtol · |expected| elementwise. Model
+weights use Hugging Face names and layouts (``[out, in]``; GPT-2's Conv1D ``[in, out]``).
 
 How the expected outputs were computed, all in float64:
 
@@ -79,7 +79,7 @@ def _decoder_case(impl: Implementation, tag: str, config: dict[str, Any], seed: 
     tokens, targets = random_tokens(config, seed)
     targets[1, 2] = -100
     logits = reference.logits(config, weights, tokens)
-    loss = np.array(reference.loss(config, weights, tokens, targets))
+    loss = np.array([reference.loss(config, weights, tokens, targets)])
     _, grads = impl.decoder_loss_and_grads(config, weights, tokens, targets)
     outputs = {"logits": logits, "loss": loss, **{f"grad/{k}": g for k, g in grads.items()}}
     return {
@@ -229,8 +229,8 @@ def _lowrank_cases() -> list[dict[str, Any]]:
             "call": "value, [(dA0, dB0), (dA1, dB1)] = sorsa_regularizer([(A0, B0), (A1, B1)])",
             "scalars": {},
             "inputs": {"A0": factors[0][0], "B0": factors[0][1], "A1": factors[1][0], "B1": factors[1][1]},
-            "outputs": {"value": np.array(reg), **grads},
-            "tolerance": {"value": _tight(np.array(reg))} | {k: _tight(v) for k, v in grads.items()},
+            "outputs": {"value": np.array([reg]), **grads},
+            "tolerance": {"value": _tight(np.array([reg]))} | {k: _tight(v) for k, v in grads.items()},
         },
     ]
 
@@ -257,7 +257,7 @@ def outputs_of(impl: Implementation, case: dict[str, Any], inputs: dict[str, np.
     w = {k.removeprefix("weight/"): v for k, v in inputs.items() if k.startswith("weight/")}
     if name.startswith("decoder_") and name != "decoder_causality":
         loss, grads = impl.decoder_loss_and_grads(config, w, inputs["tokens"], inputs["targets"])
-        return {"logits": impl.decoder_logits(config, w, inputs["tokens"]), "loss": np.array(loss)} | {
+        return {"logits": impl.decoder_logits(config, w, inputs["tokens"]), "loss": np.array([loss])} | {
             f"grad/{k}": g for k, g in grads.items()
         }
     if name == "decoder_causality":
@@ -289,7 +289,7 @@ def outputs_of(impl: Implementation, case: dict[str, Any], inputs: dict[str, np.
         return {"y": impl.sorsa_forward(i["x"], *args), "merged": impl.sorsa_merge(*args)}
     assert name == "sorsa_regularizer", f"unknown case {name!r}"
     value, grads = impl.sorsa_regularizer([(i["A0"], i["B0"]), (i["A1"], i["B1"])])
-    out = {"value": np.array(value)}
+    out = {"value": np.array([value])}
     return out | {f"d{x}{m}": g[j] for m, g in enumerate(grads) for j, x in enumerate("AB")}
 
 
