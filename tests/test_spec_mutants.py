@@ -107,6 +107,22 @@ def _loss_over_all_positions(config, weights, tokens, targets):
     return float(-(picked * keep).sum() / targets.size)  # averages over ignored positions too
 
 
+def _loss_per_sequence_mean(config, weights, tokens, targets):
+    z = reference.logits(config, weights, tokens)
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    keep = targets != -100
+    picked = np.take_along_axis(logp, np.where(keep, targets, 0)[..., None], axis=-1)[..., 0]
+    return float(np.mean(-(picked * keep).sum(1) / keep.sum(1)))  # mean of each sequence's mean
+
+
+def _llama3_scales_every_band(config):
+    scaling = config.get("rope_scaling") or {}
+    if scaling.get("rope_type") != "llama3":
+        return _true_inv_freq(config)
+    return _true_inv_freq(config | {"rope_scaling": None}) / scaling["factor"]
+
+
 def _linear_scaling_multiplies(config):
     inv = _true_inv_freq(config)
     scaling = config.get("rope_scaling") or {}
@@ -269,6 +285,8 @@ MUTANTS = [
     ("rope-scaling-ignored", PatchedDecoder(edit=_config_edit(rope_scaling=None)), DECODER),
     ("linear-rope-multiplies", PatchedDecoder({"inv_freq": _linear_scaling_multiplies}), DECODER),
     ("loss-over-ignored-targets", PatchedDecoder({"loss": _loss_over_all_positions}), DECODER),
+    ("loss-mean-of-sequence-means", PatchedDecoder({"loss": _loss_per_sequence_mean}), DECODER),
+    ("llama3-rope-scales-every-band", PatchedDecoder({"inv_freq": _llama3_scales_every_band}), DECODER),
     ("attention-scale-c-over-h", PatchedDecoder({"attention": _wrong_scale}), DECODER),
     ("gqa-tiled-kv-heads", PatchedDecoder({"attention": _tiled_kv}), DECODER),
     ("mask-peeks-one-ahead", PatchedDecoder({"_mask": _peeking_mask}), DECODER),

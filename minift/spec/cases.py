@@ -12,6 +12,11 @@ import numpy as np
 from minift.spec.interface import Selection, Weights
 from minift.spec.reference import has_bias
 
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 32}
+"""Llama 3 RoPE scaling whose three bands (kept, interpolated, divided by the factor) all occur for a tiny
+head: wavelengths below 32/4 = 8 are kept, above 32/1 divided by 8."""
+
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
@@ -136,11 +141,12 @@ def random_weights(config: dict[str, Any], seed: int, std: float = 0.3) -> Weigh
 
 
 def random_tokens(config: dict[str, Any], seed: int, B: int = 2, T: int = 6) -> tuple[np.ndarray, np.ndarray]:
-    """Tokens (B, T) and shifted next-token targets with one ignored (−100) position."""
+    """Tokens (B, T) and shifted next-token targets with two ignored (−100) positions, both in the first
+    sequence: a loss that averages per sequence, or over ignored positions, differs from the mean."""
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, config["vocab_size"], (B, T))
     targets = np.concatenate([tokens[:, 1:], rng.integers(0, config["vocab_size"], (B, 1))], axis=1)
-    targets[0, 0] = -100
+    targets[0, 0] = targets[0, T // 2] = -100
     return tokens, targets
 
 

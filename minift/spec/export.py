@@ -34,11 +34,9 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from minift.spec import reference
-from minift.spec.cases import gpt2_config, llama_config, random_tokens, random_weights
+from minift.spec.cases import LLAMA3, gpt2_config, llama_config, random_tokens, random_weights
 from minift.spec.interface import Implementation, Selection
 
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 8}
 # Constants far from their usual values, so that an implementation hard-coding them fails.
 MHA = llama_config(C=8, H=2, K=2, D=6, F=6, L=2, V=13, eps=0.05, theta=50.0, bias=True,
                    rope_scaling={"rope_type": "linear", "factor": 3.0})
@@ -77,7 +75,6 @@ def _weights_in(config: dict[str, Any], seed: int) -> dict[str, np.ndarray]:
 def _decoder_case(impl: Implementation, tag: str, config: dict[str, Any], seed: int) -> dict[str, Any]:
     weights = random_weights(config, seed)
     tokens, targets = random_tokens(config, seed)
-    targets[1, 2] = -100
     logits = reference.logits(config, weights, tokens)
     loss = np.array([reference.loss(config, weights, tokens, targets)])
     _, grads = impl.decoder_loss_and_grads(config, weights, tokens, targets)
