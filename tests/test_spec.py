@@ -53,7 +53,7 @@ def test_the_spec_runs_from_the_command_line_against_any_module(tmp_path):
     (tmp_path / "squared_impl.py").write_text(
         "from tests.spec_broken import SquaredRegularizer\nimplementation = SquaredRegularizer()\n"
     )
-    env = os.environ | {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    env = os.environ | {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "HYPOTHESIS_PROFILE": "spec"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     cmd += ["--pyargs", "minift.spec", "--impl", "squared_impl", "-k", "regularizer"]
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
