@@ -54,8 +54,10 @@ class Implementation(Protocol):
     def decoder_loss_and_grads(
         self, config: dict[str, Any], weights: Weights, tokens: np.ndarray, targets: np.ndarray
     ) -> tuple[float, Weights]:
-        """Mean cross-entropy of next-token targets (B, T) (−100 ignored, already shifted: targets[b, t]
-        follows position t) and its gradient with respect to every weight, keyed like ``weights``."""
+        """Mean cross-entropy of next-token targets (B, T) over every position whose target is not −100
+        (already shifted: targets[b, t] follows position t; one mean over the batch, not per sequence)
+        and its gradient with respect to every weight, keyed like ``weights`` (a tied head's gradient is
+        part of the embedding's)."""
         ...
 
     def copermute(
