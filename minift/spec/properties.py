@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from hypothesis import example, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from minift.spec import reference
@@ -145,7 +145,7 @@ def decoder_is_causal(impl: Implementation, config: dict[str, Any], seed: int, t
     changed[:, t + 1 :] = (changed[:, t + 1 :] + 1) % config["vocab_size"]
     a = impl.decoder_logits(config, weights, tokens)[:, : t + 1]
     b = impl.decoder_logits(config, weights, changed)[:, : t + 1]
-    _close(b, a, "logits up to t after changing later tokens", rtol=1e-12, atol=1e-12)
+    _close(b, a, "logits up to t after changing later tokens", rtol=1e-10, atol=1e-10)
 
 
 def richardson_derivative(f: Callable[[float], float], h: float) -> float:
@@ -318,9 +318,12 @@ def s2ft_block_gradients_equal_the_full_gradient_restricted_to_the_block(
     for i in range(config["num_hidden_layers"]):
         o_key = f"model.layers.{i}.self_attn.o_proj.weight"
         cols = [c for h in heads[i] for c in range(h * D, (h + 1) * D)]
-        _close(blocks[o_key], full[o_key][:, cols], f"{o_key} block", rtol=1e-10, atol=1e-13)
+        # atol relative to the gradient's scale: another summation order may round near-zero entries
+        atol = 1e-10 * float(np.abs(full[o_key]).max())
+        _close(blocks[o_key], full[o_key][:, cols], f"{o_key} block", rtol=1e-10, atol=atol)
         d_key = f"model.layers.{i}.mlp.down_proj.weight"
-        _close(blocks[d_key], full[d_key][:, channels[i]], f"{d_key} block", rtol=1e-10, atol=1e-13)
+        atol = 1e-10 * float(np.abs(full[d_key]).max())
+        _close(blocks[d_key], full[d_key][:, channels[i]], f"{d_key} block", rtol=1e-10, atol=atol)
 
 
 # --- LoRA and PiSSA ---------------------------------------------------------------------------------
@@ -483,6 +486,9 @@ def sorsa_regularizer_is_zero_exactly_for_orthonormal_factors(impl: Implementati
 def sorsa_regularizer_gradient_matches_finite_differences(impl: Implementation, spec: list) -> None:
     """The hand-derived gradient 2 M A / ‖M‖_F (and 2 B N / ‖N‖_F), averaged, matches central differences."""
     factors = _factors(spec, orthonormal=False)
+    # ‖M‖_F has a kink where M = 0 (a rank-1 factor of unit norm): differentiate away from it
+    assume(all(min(np.linalg.norm(A @ A.T - np.eye(len(A))), np.linalg.norm(B.T @ B - np.eye(B.shape[1])))
+               > 1e-3 for A, B in factors))
     _, grads = impl.sorsa_regularizer(factors)
     eps = 1e-5
     for m, (A, B) in enumerate(factors):
