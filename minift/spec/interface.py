@@ -1,9 +1,11 @@
 """The interface an implementation exposes to be checked against the minift spec.
 
 Every argument and result is a NumPy float64 array (an implementation converts internally), and
-model weights use Hugging Face Llama key names (``model.layers.0.self_attn.o_proj.weight``), so
-the spec speaks the lingua franca of checkpoints rather than minift's own structures. Weights are
-in PyTorch's ``[out, in]`` layout.
+model weights use Hugging Face key names and layouts (``model.layers.0.self_attn.o_proj.weight``,
+PyTorch's ``[out, in]``; GPT-2's ``transformer.h.0.attn.c_attn.weight`` in Conv1D's ``[in, out]``), so
+the spec speaks the lingua franca of checkpoints rather than minift's own structures. A weight dict
+holds biases where the family has them and no ``lm_head.weight`` when the head is tied
+(``minift.spec.cases.shapes`` lists them). The S2FT operations take Llama-family configs.
 
 A *selection* maps a layer index to a list of distinct indices (heads, or FFN channels).
 
