@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from minift.spec.export import export_vectors, outputs_of
-from minift.spec.minift_impl import implementation
+from minift.spec.minift_impl import MiniftImplementation, implementation
 from minift.spec.properties import PROPERTIES
 from tests.spec_broken import ForgetsTheOColumns, KeepsTheWrongSlice, SquaredRegularizer
 
@@ -116,3 +116,24 @@ def test_minift_spec_export_writes_the_vectors_from_the_command_line(tmp_path, c
     assert "wrote 13 cases" in capsys.readouterr().out
     assert (tmp_path / "vectors" / "sorsa_regularizer" / "case.json").is_file()
     assert (tmp_path / "vectors" / "check.py").is_file()
+
+
+class WritesIntoItsInputs(MiniftImplementation):
+    """Correct, but merges in place and scribbles over the weights it was given after using them."""
+
+    def lora_merge(self, W, A, B, scaling):
+        W += scaling * B @ A
+        return W
+
+    def decoder_loss_and_grads(self, config, weights, tokens, targets):
+        loss, grads = super().decoder_loss_and_grads(config, weights, tokens, targets)
+        for w in weights.values():
+            w[...] = np.nan
+        return loss, grads
+
+
+@pytest.mark.parametrize("name", ["lora_merged_forward_equals_adapted_forward", "lora_unmerge_inverts_merge",
+                                  "decoder_gradient_matches_finite_differences",
+                                  "s2ft_block_gradients_equal_the_full_gradient_restricted_to_the_block"])
+def test_an_implementation_may_write_into_its_inputs(name):
+    PROPERTIES[name](WritesIntoItsInputs())

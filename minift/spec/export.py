@@ -35,7 +35,7 @@ from safetensors.numpy import save_file
 
 from minift.spec import reference
 from minift.spec.cases import LLAMA3, gpt2_config, llama_config, random_tokens, random_weights
-from minift.spec.interface import Implementation, Selection
+from minift.spec.interface import Guarded, Implementation, Selection
 
 # Constants far from their usual values, so that an implementation hard-coding them fails.
 MHA = llama_config(C=8, H=2, K=2, D=6, F=6, L=2, V=13, eps=0.05, theta=50.0, bias=True,
@@ -249,6 +249,7 @@ def outputs_of(impl: Implementation, case: dict[str, Any], inputs: dict[str, np.
     """Run one exported case (``case.json`` as a dict, its ``input/*`` arrays without the prefix) through
     an implementation: the outputs ``check.py`` compares, by name. This is the ``call`` line of each case,
     as code."""
+    impl = impl if isinstance(impl, Guarded) else Guarded(impl)  # each call gets its own inputs
     sc, name = case["scalars"], case["name"]
     config = sc.get("config")
     w = {k.removeprefix("weight/"): v for k, v in inputs.items() if k.startswith("weight/")}

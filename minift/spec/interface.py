@@ -35,6 +35,8 @@ the number of partial groups. The documented layout is the minimal one:
 
 from __future__ import annotations
 
+import copy
+import functools
 from typing import Any, Protocol
 
 import numpy as np
@@ -125,3 +127,26 @@ class Implementation(Protocol):
         """The orthonormal regularizer over adapted matrices given as (A, B) pairs, and its gradient:
         mean over the 2·len(factors) matrices of ‖A Aᵀ − I‖_F and ‖Bᵀ B − I‖_F (not squared)."""
         ...
+
+
+def _fresh(value: Any) -> Any:
+    return copy.deepcopy(value)
+
+
+class Guarded:
+    """An implementation whose every call gets its own deep copy of the arguments: what it writes into
+    them is seen neither by the property nor by a later call (the spec's promise to implementations)."""
+
+    def __init__(self, impl: Implementation) -> None:
+        self._impl = impl
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._impl, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return attr(*_fresh(args), **_fresh(kwargs))
+
+        return call

@@ -9,7 +9,6 @@ mathematics, not minift's code. Every call gets fresh copies of its inputs (``Gu
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +26,7 @@ from minift.spec.cases import (
     random_tokens,
     random_weights,
 )
-from minift.spec.interface import Implementation
+from minift.spec.interface import Guarded, Implementation
 
 seeds = st.integers(0, 2**16)
 
@@ -60,29 +59,6 @@ GQA = llama_config(C=8, H=4, K=2, D=6, F=6, L=2, V=13, eps=1e-2, theta=50.0, bia
 GQA4 = llama_config(C=8, H=4, K=1, D=4, F=6, L=2, V=13, model_type="qwen2", eps=0.3, theta=50.0,
                     rope_scaling=LLAMA3, tie=True)
 GPT2 = gpt2_config(eps=0.1)
-
-
-def _fresh(value: Any) -> Any:
-    return copy.deepcopy(value)
-
-
-class Guarded:
-    """An implementation whose every call gets its own deep copy of the arguments: what it writes into
-    them is seen neither by the property nor by a later call (the spec's promise to implementations)."""
-
-    def __init__(self, impl: Implementation) -> None:
-        self._impl = impl
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self._impl, name)
-        if not callable(attr):
-            return attr
-
-        @functools.wraps(attr)
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return attr(*_fresh(args), **_fresh(kwargs))
-
-        return call
 
 
 def _matrix(seed: int, shape: tuple[int, ...]) -> np.ndarray:
