@@ -54,7 +54,8 @@ decoder_configs = st.one_of(
     llama_configs(), st.builds(lambda eps: gpt2_config(eps=eps), st.sampled_from([1e-5, 0.1]))
 )
 
-MHA = llama_config(C=8, H=2, K=2, D=6, F=6, L=2, V=13, eps=1e-2, theta=50.0)
+MHA = llama_config(C=8, H=2, K=2, D=6, F=6, L=2, V=13, eps=1e-2, theta=50.0,
+                  rope_scaling={"rope_type": "linear", "factor": 3.0})
 GQA = llama_config(C=8, H=4, K=2, D=6, F=6, L=2, V=13, eps=1e-2, theta=50.0, bias=True)
 GQA4 = llama_config(C=8, H=4, K=1, D=4, F=6, L=2, V=13, model_type="qwen2", eps=0.3, theta=50.0,
                     rope_scaling=LLAMA3, tie=True)
@@ -91,6 +92,7 @@ REFERENCE_RTOL = 1e-6
 
 
 @given(config=decoder_configs, seed=seeds)
+@example(config=MHA, seed=0)
 @example(config=GQA, seed=0)
 @example(config=GQA4, seed=0)
 @example(config=GPT2, seed=0)
