@@ -13,8 +13,9 @@ How the expected outputs were computed, all in float64:
 - logits and losses: ``minift.spec.reference``, the spec's plain decoder, with float64 RoPE tables
   ``inv_freq[j] = 1 / θ^(2j/D)`` (rescaled per ``rope_scaling``) and angles ``t · inv_freq[j]``;
 - gradients (full and S2FT block): minift's analytic backward, whose RoPE tables are float32 as
-  Hugging Face builds them; they differ from a float64-table gradient by about 1e-8 relative, far
-  inside the stated tolerance (atol = 1e-6 · max |expected|, rtol = 1e-6);
+  Hugging Face builds them; they differ from a float64-table gradient by about 1e-8 normwise (1e-7 of
+  the largest entry at worst), inside the stated tolerance (atol = 1e-5 · max |expected|, rtol = 1e-5);
+  logits and losses have rtol = 1e-6, atol = 1e-6 · max |expected|;
 - LoRA, PiSSA and SORSA: their formulas in NumPy (SVD by LAPACK). Singular vectors are unique only up
   to sign, so those cases give sign-free products (B A, A Aᵀ, Bᵀ B) rather than the factors.
 
@@ -48,6 +49,7 @@ GPT2 = gpt2_config(C=8, H=2, L=2, V=13, eps=0.1)
 SELECTIONS = {"mha": ([[1], [0, 1]], [[4, 0], [2]]), "gqa": ([[2, 1], [3, 0, 1]], [[7, 2, 5], [0]])}
 
 EXACT = {"rtol": 0.0, "atol": 0.0}
+GRAD_REL = 1e-5  # gradients come from minift (float32 RoPE tables): ~1e-7 of the largest entry at worst
 
 
 def _matrix(seed: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -91,7 +93,7 @@ def _decoder_case(impl: Implementation, tag: str, config: dict[str, Any], seed: 
         "inputs": {"tokens": tokens, "targets": targets, **{f"weight/{k}": v for k, v in weights.items()}},
         "outputs": outputs,
         "tolerance": {"logits": _loose(logits), "loss": _loose(loss)}
-        | {k: _loose(v) for k, v in outputs.items() if k.startswith("grad/")},
+        | {k: _loose(v, GRAD_REL) for k, v in outputs.items() if k.startswith("grad/")},
     }
 
 
@@ -148,7 +150,7 @@ def _s2ft_cases(impl: Implementation, tag: str, config: dict[str, Any], seed: in
             "scalars": scalars,
             "inputs": {"tokens": tokens, "targets": targets, **w_in},
             "outputs": {f"block/{k}": v for k, v in blocks.items()},
-            "tolerance": {f"block/{k}": _loose(v) for k, v in blocks.items()},
+            "tolerance": {f"block/{k}": _loose(v, GRAD_REL) for k, v in blocks.items()},
         },
     ]
 
