@@ -44,9 +44,10 @@ MHA = llama_config(C=8, H=2, K=2, D=6, F=6, L=2, V=13, eps=0.05, theta=50.0, bia
 GQA = llama_config(C=8, H=4, K=2, D=6, F=10, L=2, V=13, model_type="qwen2", eps=0.3, theta=500.0,
                    rope_scaling=LLAMA3, tie=True)
 GPT2 = gpt2_config(C=8, H=2, L=2, V=13, eps=0.1)
-# GQA selections: layer 0 splits both kv groups (heads 1 and 2), layer 1 takes one whole group and half
-# of the other.
-SELECTIONS = {"mha": ([[1], [0, 1]], [[4, 0], [2]]), "gqa": ([[2, 1], [3, 0, 1]], [[7, 2, 5], [0]])}
+# GQA selections (G = 2): layer 0 splits both kv groups with heads 0 and 3, which only a layout that
+# gathers heads inside their group makes one segment; layer 1 takes kv group 1 whole. Either selection
+# has exactly one layout in the documented minimal form, so its pattern of selected heads is a vector.
+SELECTIONS = {"mha": ([[1], [0, 1]], [[4, 0], [2]]), "gqa": ([[3, 0], [3, 2]], [[7, 2, 5], [0]])}
 
 EXACT = {"rtol": 0.0, "atol": 0.0}
 GRAD_REL = 1e-5  # gradients come from minift (float32 RoPE tables): ~1e-7 of the largest entry at worst
@@ -130,15 +131,19 @@ def _s2ft_cases(impl: Implementation, tag: str, config: dict[str, Any], seed: in
         {
             "name": f"s2ft_copermute_{tag}",
             "property": "co-permuting the selected query heads and FFN channels (one list per layer) is a "
-            "change "
-            "of coordinates: the permuted model's logits equal the original's, and unpermute restores "
-            "every weight bit for bit",
+            "change of coordinates: the permuted model's logits equal the original's, and unpermute "
+            "restores every weight bit for bit; selected_at/<layer>[j] is 1 where the query head at "
+            "permuted position j is a selected one, else 0: the documented minimal layout "
+            "(minift.spec.interface), unique for these selections",
             "call": "permuted, state = copermute(config, weight/*, heads, channels); logits = "
-            "decoder_logits(config, permuted, tokens); restored/* = unpermute(config, permuted, state)",
+            "decoder_logits(config, permuted, tokens); restored/* = unpermute(config, permuted, state); "
+            "selected_at/<layer> from matching permuted q_proj row blocks to the original heads",
             "scalars": scalars,
             "inputs": {"tokens": tokens, **w_in},
-            "outputs": {"logits": logits, **{f"restored/{k}": v for k, v in weights.items()}},
-            "tolerance": {"logits": _loose(logits)} | {f"restored/{k}": EXACT for k in weights},
+            "outputs": {"logits": logits, **{f"restored/{k}": v for k, v in weights.items()}}
+            | {f"selected_at/{i}": v for i, v in enumerate(_selected_at(config, head_lists))},
+            "tolerance": {"logits": _loose(logits)} | {f"restored/{k}": EXACT for k in weights}
+            | {f"selected_at/{i}": EXACT for i in range(len(head_lists))},
         },
         {
             "name": f"s2ft_block_grads_{tag}",
@@ -153,6 +158,24 @@ def _s2ft_cases(impl: Implementation, tag: str, config: dict[str, Any], seed: in
             "tolerance": {f"block/{k}": _loose(v, GRAD_REL) for k, v in blocks.items()},
         },
     ]
+
+
+def _selected_at(config: dict[str, Any], head_lists: list[list[int]]) -> list[np.ndarray]:
+    """Per layer, (H,) flags of the documented minimal layout: groups ordered partial₀, full…,
+    partial₁, …, empty…, selected heads last inside partial₀, partial₂, … and first elsewhere."""
+    H, K = config["num_attention_heads"], config["num_key_value_heads"]
+    G, out = H // K, []
+    for selected in head_lists:
+        count = [sum(h // G == g for h in selected) for g in range(K)]
+        partial = [g for g in range(K) if 0 < count[g] < G]
+        groups = partial[:1] + [g for g in range(K) if count[g] == G] + partial[1:]
+        flags = []
+        for g in groups + [g for g in range(K) if count[g] == 0]:
+            sel = [1.0] * count[g]
+            rest = [0.0] * (G - count[g])
+            flags += rest + sel if g in partial[0::2] else sel + rest
+        out.append(np.array(flags))
+    return out
 
 
 def _lowrank_cases() -> list[dict[str, Any]]:
@@ -269,6 +292,13 @@ def outputs_of(impl: Implementation, case: dict[str, Any], inputs: dict[str, np.
         if name.startswith("s2ft_copermute"):
             permuted, state = impl.copermute(config, w, heads, channels)
             out = {"logits": impl.decoder_logits(config, permuted, inputs["tokens"])}
+            D, H = config["head_dim"], config["num_attention_heads"]
+            for layer, selected in heads.items():
+                q = f"model.layers.{layer}.self_attn.q_proj.weight"
+                # which original head's rows each permuted row block holds (None: no head's)
+                head_of = {w[q][h * D : (h + 1) * D].tobytes(): h for h in range(H)}
+                at = [head_of.get(permuted[q][j * D : (j + 1) * D].tobytes()) for j in range(H)]
+                out[f"selected_at/{layer}"] = np.array([float(h in selected) for h in at])
             return out | {f"restored/{k}": v for k, v in impl.unpermute(config, permuted, state).items()}
         blocks = impl.s2ft_block_grads(config, w, inputs["tokens"], inputs["targets"], heads, channels)
         return {f"block/{k}": v for k, v in blocks.items()}
