@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
-from minift.spec.export import export_vectors
-from minift.spec.minift_impl import implementation
+from minift.spec.export import export_vectors, outputs_of
+from minift.spec.minift_impl import MiniftImplementation, implementation
 from minift.spec.properties import PROPERTIES
 from tests.spec_broken import ForgetsTheOColumns, KeepsTheWrongSlice, SquaredRegularizer
 
@@ -53,7 +53,7 @@ def test_the_spec_runs_from_the_command_line_against_any_module(tmp_path):
     (tmp_path / "squared_impl.py").write_text(
         "from tests.spec_broken import SquaredRegularizer\nimplementation = SquaredRegularizer()\n"
     )
-    env = os.environ | {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    env = os.environ | {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "HYPOTHESIS_PROFILE": "spec"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     cmd += ["--pyargs", "minift.spec", "--impl", "squared_impl", "-k", "regularizer"]
     run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -63,9 +63,12 @@ def test_the_spec_runs_from_the_command_line_against_any_module(tmp_path):
     assert names_a_counterexample(run.stdout)
 
 
-def test_exported_vectors_state_their_property_and_reproduce(tmp_path):
+def test_exported_vectors_are_self_contained_and_cover_every_family(tmp_path):
     folders = export_vectors(tmp_path)
-    assert {f.name for f in folders} >= {"decoder_gqa", "s2ft_block_grads", "sorsa_regularizer"}
+    names = {f.name for f in folders}
+    assert names >= {"decoder_mha", "decoder_gqa", "decoder_gpt2", "decoder_causality", "s2ft_copermute_mha",
+                     "s2ft_copermute_gqa", "s2ft_block_grads_gqa", "lora", "pissa_init", "sorsa_split",
+                     "sorsa_forward_merge", "sorsa_regularizer"}
     readme = (tmp_path / "README.md").read_text()
     for folder in folders:
         case = json.loads((folder / "case.json").read_text())
@@ -73,15 +76,64 @@ def test_exported_vectors_state_their_property_and_reproduce(tmp_path):
         arrays = load_file(str(folder / "arrays.safetensors"))
         names = {f"input/{k}" for k in case["inputs"]} | {f"expected/{k}" for k in case["expected"]}
         assert names == set(arrays)
+        assert set(case["tolerance"]) == set(case["expected"])
+        assert all(a.dtype in (np.float64, np.int64) for a in arrays.values())
+        if case["scalars"].get("config", {}).get("model_type", "gpt2") != "gpt2":
+            c = case["scalars"]["config"]
+            assert c["head_dim"] != c["hidden_size"] // c["num_attention_heads"]  # head_dim ≠ C/H everywhere
     # a consumer of the vectors recomputes a case from its inputs alone
     lora = load_file(str(tmp_path / "lora" / "arrays.safetensors"))
     x, W, A, B = (lora[f"input/{k}"] for k in ["x", "W", "A", "B"])
-    np.testing.assert_allclose(x @ W.T + 2.0 * (x @ A.T) @ B.T, lora["expected/y"], rtol=1e-12)
+    np.testing.assert_allclose(x @ W.T + 2.5 * (x @ A.T) @ B.T, lora["expected/y"], rtol=1e-12)
+
+
+def test_the_standalone_checker_passes_minift_and_names_what_differs(tmp_path):
+    export_vectors(tmp_path)
+    checker = (tmp_path / "check.py").read_text()
+    assert "import minift" not in checker  # NumPy and safetensors only
+    assert "from minift." not in checker
+    for folder in sorted(p.parent for p in tmp_path.glob("*/case.json")):
+        case = json.loads((folder / "case.json").read_text())
+        arrays = load_file(str(folder / "arrays.safetensors"))
+        inputs = {k.removeprefix("input/"): v for k, v in arrays.items() if k.startswith("input/")}
+        actual = outputs_of(implementation, case, inputs)
+        if case["name"] == "lora":
+            actual["merged"] = actual["merged"] + 1e-6
+        save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in actual.items()},
+                  str(folder / "actual.safetensors"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, str(tmp_path / "check.py"), str(tmp_path)], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert run.stdout.splitlines()[0].startswith("lora: merged["), run.stdout
+    assert "1 failing outputs" in run.stdout
 
 
 def test_minift_spec_export_writes_the_vectors_from_the_command_line(tmp_path, capsys):
     from minift.tools.cli import main
 
     assert main(["spec", "export", str(tmp_path / "vectors")]) == 0
-    assert "wrote 7 cases" in capsys.readouterr().out
+    assert "wrote 13 cases" in capsys.readouterr().out
     assert (tmp_path / "vectors" / "sorsa_regularizer" / "case.json").is_file()
+    assert (tmp_path / "vectors" / "check.py").is_file()
+
+
+class WritesIntoItsInputs(MiniftImplementation):
+    """Correct, but merges in place and scribbles over the weights it was given after using them."""
+
+    def lora_merge(self, W, A, B, scaling):
+        W += scaling * B @ A
+        return W
+
+    def decoder_loss_and_grads(self, config, weights, tokens, targets):
+        loss, grads = super().decoder_loss_and_grads(config, weights, tokens, targets)
+        for w in weights.values():
+            w[...] = np.nan
+        return loss, grads
+
+
+@pytest.mark.parametrize("name", ["lora_merged_forward_equals_adapted_forward", "lora_unmerge_inverts_merge",
+                                  "decoder_gradient_matches_finite_differences",
+                                  "s2ft_block_gradients_equal_the_full_gradient_restricted_to_the_block"])
+def test_an_implementation_may_write_into_its_inputs(name):
+    PROPERTIES[name](WritesIntoItsInputs())

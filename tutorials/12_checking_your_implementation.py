@@ -167,30 +167,34 @@ print("the squared regularizer passes the zero-at-orthonormal property: invarian
 #
 # `export_vectors(folder)` (also `minift spec export DIR`) writes each canonical case as
 # `arrays.safetensors` (float64 inputs and expected outputs) plus `case.json` (the property, the
-# scalars, the tolerance). Checking an implementation against them needs only a safetensors
-# reader. Here, the LoRA and SORSA-split cases against `MyLowRank`:
+# call, the scalars, and each output's tolerance: |actual − expected| ≤ atol + rtol·|expected|).
+# Checking an implementation against them needs only a safetensors reader. Here, the LoRA and
+# SORSA-split cases against `MyLowRank`:
 
 # %%
 folders = export_vectors("spec-vectors")
 print(sorted(f.name for f in folders))
+
+
+def check(case, name, actual):
+    tol = case["tolerance"][name]
+    np.testing.assert_allclose(actual, arrays[f"expected/{name}"], rtol=tol["rtol"], atol=tol["atol"])
+
+
 case = json.loads(Path("spec-vectors/lora/case.json").read_text())
 arrays, _ = read_safetensors("spec-vectors/lora/arrays.safetensors")
 inp = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("input/")}
 s = case["scalars"]["scaling"]
-y = mine.lora_forward(inp["x"], inp["W"], inp["A"], inp["B"], s)
-np.testing.assert_allclose(y, arrays["expected/y"], rtol=case["rtol"])
-np.testing.assert_allclose(mine.lora_merge(inp["W"], inp["A"], inp["B"], s), arrays["expected/merged"],
-                           rtol=case["rtol"])
+check(case, "y", mine.lora_forward(inp["x"], inp["W"], inp["A"], inp["B"], s))
+check(case, "merged", mine.lora_merge(inp["W"], inp["A"], inp["B"], s))
 
 case = json.loads(Path("spec-vectors/sorsa_split/case.json").read_text())
 arrays, _ = read_safetensors("spec-vectors/sorsa_split/arrays.safetensors")
 W_res, B, S, A = mine.sorsa_split(arrays["input/W"], case["scalars"]["r"])
-np.testing.assert_allclose(W_res, arrays["expected/W_res"], rtol=case["rtol"], atol=1e-12)
-np.testing.assert_allclose(S, arrays["expected/S"], rtol=case["rtol"])
-# singular vectors are unique up to sign: compare each rank-1 pair, B[:, i] A[i]
-for i in range(len(S)):
-    np.testing.assert_allclose(np.outer(B[:, i], A[i]),
-                               np.outer(arrays["expected/B"][:, i], arrays["expected/A"][i]), atol=1e-12)
+check(case, "W_res", W_res)
+check(case, "S", S)
+# singular vectors are unique up to sign: the vectors give the sign-free product B diag(S) A
+check(case, "BSA", B @ np.diag(S) @ A)
 print("my implementation matches the exported vectors of", case["name"], "and lora")
 
 # %% [markdown]

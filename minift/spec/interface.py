@@ -1,15 +1,42 @@
 """The interface an implementation exposes to be checked against the minift spec.
 
 Every argument and result is a NumPy float64 array (an implementation converts internally), and
-model weights use Hugging Face Llama key names (``model.layers.0.self_attn.o_proj.weight``), so
-the spec speaks the lingua franca of checkpoints rather than minift's own structures. Weights are
-in PyTorch's ``[out, in]`` layout.
+model weights use Hugging Face key names and layouts (``model.layers.0.self_attn.o_proj.weight``,
+PyTorch's ``[out, in]``; GPT-2's ``transformer.h.0.attn.c_attn.weight`` in Conv1D's ``[in, out]``), so
+the spec speaks the lingua franca of checkpoints rather than minift's own structures. A weight dict
+holds biases where the family has them and no ``lm_head.weight`` when the head is tied
+(``minift.spec.cases.shapes`` lists them). The S2FT operations take Llama-family configs.
 
 A *selection* maps a layer index to a list of distinct indices (heads, or FFN channels).
+
+What the decoder computes is defined by ``minift.spec.reference`` (float64 throughout, RoPE pairing
+dimension i with i + D/2, attention scale 1/√head_dim, the config's ``rms_norm_eps``, ``rope_theta`` and
+``rope_scaling``, biases per family, tied or untied head); the spec compares logits and loss against it
+normwise: ‖a − r‖_F ≤ 1e-6 · ‖r‖_F for logits, |a − r| ≤ 1e-6 · max(1, |r|) for the loss (a float32
+RoPE table, as Hugging Face builds it, is off by about 1e-8).
+
+Inputs: the spec hands every call its own deep copy of every argument, so an implementation may
+write into its inputs; nothing it does to them is seen by the property or by a later call.
+
+S2FT co-permutation layout (``copermute``). With H query heads, K key/value heads and G = H / K
+heads per group, a valid permutation moves whole key/value groups and permutes query heads only within
+their group (query head h reads kv head h // G, before and after); Q rows, O input columns (and q/o
+biases) move with their query head, K/V rows with their group, Gate/Up rows and Down columns with
+their channel. Call a group *full*, *partial* or *empty* by how many of its heads are selected; p is
+the number of partial groups. The documented layout is the minimal one:
+
+- the key/value groups touched by the selection come first (one segment of K/V rows);
+- the selected query heads form ⌈p/2⌉ contiguous segments (one when p ≤ 2; always one under MHA), the
+  fewest any valid permutation can reach: order the groups partial₀, full…, partial₁, partial₂, …,
+  empty…, with the selected heads last inside partial₀, partial₂, … and first inside the others;
+- a selection of whole groups only (p = 0) occupies exactly the leading query heads and kv heads;
+- the selected channels are the leading Down columns and Gate/Up rows.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,14 +51,17 @@ class Implementation(Protocol):
     name: str
 
     def decoder_logits(self, config: dict[str, Any], weights: Weights, tokens: np.ndarray) -> np.ndarray:
-        """Logits (B, T, V) of a Llama-family decoder (HF ``config.json`` dict) for tokens (B, T)."""
+        """Logits (B, T, V) of the decoder ``config`` (a HF ``config.json`` dict: Llama, Mistral, Qwen2 or
+        GPT-2) for tokens (B, T), as ``minift.spec.reference.logits`` defines them."""
         ...
 
     def decoder_loss_and_grads(
         self, config: dict[str, Any], weights: Weights, tokens: np.ndarray, targets: np.ndarray
     ) -> tuple[float, Weights]:
-        """Mean cross-entropy of next-token targets (B, T) (−100 ignored, already shifted: targets[b, t]
-        follows position t) and its gradient with respect to every weight, keyed like ``weights``."""
+        """Mean cross-entropy of next-token targets (B, T) over every position whose target is not −100
+        (already shifted: targets[b, t] follows position t; one mean over the batch, not per sequence)
+        and its gradient with respect to every weight, keyed like ``weights`` (a tied head's gradient is
+        part of the embedding's)."""
         ...
 
     def copermute(
@@ -97,3 +127,26 @@ class Implementation(Protocol):
         """The orthonormal regularizer over adapted matrices given as (A, B) pairs, and its gradient:
         mean over the 2·len(factors) matrices of ‖A Aᵀ − I‖_F and ‖Bᵀ B − I‖_F (not squared)."""
         ...
+
+
+def _fresh(value: Any) -> Any:
+    return copy.deepcopy(value)
+
+
+class Guarded:
+    """An implementation whose every call gets its own deep copy of the arguments: what it writes into
+    them is seen neither by the property nor by a later call (the spec's promise to implementations)."""
+
+    def __init__(self, impl: Implementation) -> None:
+        self._impl = impl
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._impl, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return attr(*_fresh(args), **_fresh(kwargs))
+
+        return call

@@ -1,56 +1,119 @@
-"""The invariants of the methods as Hypothesis properties over any ``Implementation``.
+"""The methods' definitions and invariants as Hypothesis properties over any ``Implementation``.
 
 Each property is a function ``prop(impl)``; Hypothesis draws the rest, and a failing property
-raises with the shrunk counterexample ("Falsifying example: …") in its message. The reference
-formulas the properties compare against (SVD, Frobenius norms) are written here in plain NumPy,
-so the spec states the mathematics, not minift's code.
+raises with the shrunk counterexample ("Falsifying example: …") in its message. The decoder is
+compared with its definition (``minift.spec.reference``), each merge with its formula, and the
+reference formulas (SVD, Frobenius norms) are written here in plain NumPy, so the spec states the
+mathematics, not minift's code. Every call gets fresh copies of its inputs (``Guarded``).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from hypothesis import example, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from minift.spec.cases import llama_config, random_selection, random_tokens, random_weights
-from minift.spec.interface import Implementation
+from minift.spec import reference
+from minift.spec.cases import (
+    LLAMA3,
+    gpt2_config,
+    llama_config,
+    random_selection,
+    random_tokens,
+    random_weights,
+)
+from minift.spec.interface import Guarded, Implementation
 
 seeds = st.integers(0, 2**16)
+
+rope_scalings = st.sampled_from([None, {"rope_type": "linear", "factor": 3.0}, LLAMA3])
 
 
 @st.composite
 def llama_configs(draw: st.DrawFn) -> dict[str, Any]:
-    """Tiny Llama configs: MHA and GQA, head_dim equal to or different from C / H."""
+    """Tiny Llama/Mistral/Qwen2 configs: MHA and GQA (1, 2 or 4 heads per group), head_dim equal to
+    or different from C / H, and the constants an implementation might hard-code drawn far from their
+    usual values (rms_norm_eps up to 0.3, rope_theta from 50), with or without RoPE scaling, biases
+    and a tied head."""
     H = draw(st.sampled_from([2, 4]))
     K = draw(st.sampled_from([k for k in (1, 2, 4) if H % k == 0]))
-    D = draw(st.sampled_from([4, 6]))
-    C = draw(st.sampled_from([8, 12]))
-    F = draw(st.sampled_from([6, 10]))
-    return llama_config(C=C, H=H, K=K, D=D, F=F, L=2, V=13)
+    return llama_config(
+        C=draw(st.sampled_from([8, 12])), H=H, K=K, D=draw(st.sampled_from([4, 6])),
+        F=draw(st.sampled_from([6, 10])), L=2, V=13,
+        model_type=draw(st.sampled_from(["llama", "mistral", "qwen2"])),
+        eps=draw(st.sampled_from([1e-6, 1e-2, 0.3])), theta=draw(st.sampled_from([50.0, 10000.0, 1e6])),
+        rope_scaling=draw(rope_scalings), bias=draw(st.booleans()), tie=draw(st.booleans()),
+    )
 
 
-MHA = llama_config(C=8, H=2, K=2, D=4, F=6, L=2, V=13)
-GQA = llama_config(C=8, H=4, K=2, D=4, F=6, L=2, V=13)
+decoder_configs = st.one_of(
+    llama_configs(), st.builds(lambda eps: gpt2_config(eps=eps), st.sampled_from([1e-5, 0.1]))
+)
+
+MHA = llama_config(C=8, H=2, K=2, D=6, F=6, L=2, V=13, eps=1e-2, theta=50.0,
+                  rope_scaling={"rope_type": "linear", "factor": 3.0})
+GQA = llama_config(C=8, H=4, K=2, D=6, F=6, L=2, V=13, eps=1e-2, theta=50.0, bias=True)
+GQA4 = llama_config(C=8, H=4, K=1, D=4, F=6, L=2, V=13, model_type="qwen2", eps=0.3, theta=50.0,
+                    rope_scaling=LLAMA3, tie=True)
+GPT2 = gpt2_config(eps=0.1)
 
 
-def _matrix(seed: int, shape: tuple[int, int]) -> np.ndarray:
+def _matrix(seed: int, shape: tuple[int, ...]) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape)
 
 
 def _close(actual: np.ndarray, expected: np.ndarray, what: str, rtol: float, atol: float) -> None:
+    """Elementwise: |actual − expected| ≤ atol + rtol·|expected|."""
     actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape}, expected {expected.shape}"
     err = float(np.max(np.abs(actual - expected) - rtol * np.abs(expected), initial=0.0))
     assert err <= atol, f"{what}: differs by {err:.3e} beyond rtol={rtol:g}, atol={atol:g}"
 
 
+def _normwise(actual: np.ndarray, expected: np.ndarray, what: str, rtol: float) -> None:
+    """Normwise: ‖actual − expected‖_F ≤ rtol · ‖expected‖_F."""
+    actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape}, expected {expected.shape}"
+    err, scale = float(np.linalg.norm(actual - expected)), float(np.linalg.norm(expected))
+    assert err <= rtol * scale, (
+        f"{what}: ‖difference‖ = {err:.3e}, more than {rtol:g} · ‖expected‖ = {scale:.3e}"
+    )
+
+
+REFERENCE_RTOL = 1e-6
+"""Normwise tolerance of logits and loss against the float64 reference (float32 RoPE tables: ~1e-8)."""
+
+
 # --- the decoder ------------------------------------------------------------------------------------
 
 
-@given(config=llama_configs(), seed=seeds, t=st.integers(0, 4))
+@given(config=decoder_configs, seed=seeds)
+@example(config=MHA, seed=0)
+@example(config=GQA, seed=0)
+@example(config=GQA4, seed=0)
+@example(config=GPT2, seed=0)
+def decoder_logits_and_loss_equal_the_reference(
+    impl: Implementation, config: dict[str, Any], seed: int
+) -> None:
+    """Logits and the mean cross-entropy (−100 targets ignored) are those of ``minift.spec.reference``,
+    normwise within 1e-6, over families, GQA ratios, head_dim ≠ C/H, rms_norm_eps, rope_theta, RoPE
+    scaling, biases and tying."""
+    weights = random_weights(config, seed)
+    tokens, targets = random_tokens(config, seed)
+    _normwise(impl.decoder_logits(config, weights, tokens), reference.logits(config, weights, tokens),
+              "logits vs the reference decoder", REFERENCE_RTOL)
+    value, _ = impl.decoder_loss_and_grads(config, weights, tokens, targets)
+    expected = reference.loss(config, weights, tokens, targets)
+    assert abs(value - expected) <= REFERENCE_RTOL * max(1.0, abs(expected)), (
+        f"loss {value!r}, the reference's mean over non-ignored targets {expected!r}"
+    )
+
+
+@given(config=decoder_configs, seed=seeds, t=st.integers(0, 4))
 @example(config=GQA, seed=0, t=2)
 def decoder_is_causal(impl: Implementation, config: dict[str, Any], seed: int, t: int) -> None:
     """Logits at positions ≤ t do not depend on tokens after t."""
@@ -60,15 +123,31 @@ def decoder_is_causal(impl: Implementation, config: dict[str, Any], seed: int, t
     changed[:, t + 1 :] = (changed[:, t + 1 :] + 1) % config["vocab_size"]
     a = impl.decoder_logits(config, weights, tokens)[:, : t + 1]
     b = impl.decoder_logits(config, weights, changed)[:, : t + 1]
-    _close(b, a, "logits up to t after changing later tokens", rtol=1e-12, atol=1e-12)
+    _close(b, a, "logits up to t after changing later tokens", rtol=1e-10, atol=1e-10)
 
 
-@given(config=llama_configs(), seed=seeds)
+def richardson_derivative(f: Callable[[float], float], h: float) -> float:
+    """f'(0) from central differences at h and h/2, Richardson-extrapolated: (4 D(h/2) − D(h)) / 3
+    cancels the h² term, leaving O(h⁴) truncation and O(ε_mach/h) rounding error."""
+    def central(step: float) -> float:
+        return (f(step) - f(-step)) / (2 * step)
+
+    return (4 * central(h / 2) - central(h)) / 3
+
+
+GRAD_RTOL = 1e-6
+"""Directional derivatives agree within 1e-6 · ‖∇L‖ (the gradient's norm, not the derivative's)."""
+
+
+@given(config=decoder_configs, seed=seeds)
 @example(config=GQA, seed=0)
+@example(config=GPT2, seed=0)
 def decoder_gradient_matches_finite_differences(
     impl: Implementation, config: dict[str, Any], seed: int
 ) -> None:
-    """⟨∇L, v⟩ = (L(w + εv) − L(w − εv)) / 2ε along a random direction v over every weight (float64)."""
+    """⟨∇L, v⟩ equals the Richardson-extrapolated central difference of L along a random unit direction
+    v over every weight, within 1e-6 · ‖∇L‖ (robust: the error scales with the gradient, not with a
+    derivative that may happen to be tiny)."""
     weights = random_weights(config, seed)
     tokens, targets = random_tokens(config, seed)
     _, grads = impl.decoder_loss_and_grads(config, weights, tokens, targets)
@@ -76,18 +155,18 @@ def decoder_gradient_matches_finite_differences(
     rng = np.random.default_rng(seed + 1)
     v = {k: rng.standard_normal(w.shape) for k, w in weights.items()}
     norm = np.sqrt(sum(float((d * d).sum()) for d in v.values()))
-    v = {k: d / norm for k, d in v.items()}  # a unit direction keeps the O(ε²) truncation error small
-    eps = 1e-5
-    plus = impl.decoder_loss_and_grads(
-        config, {k: w + eps * v[k] for k, w in weights.items()}, tokens, targets
-    )[0]
-    minus = impl.decoder_loss_and_grads(
-        config, {k: w - eps * v[k] for k, w in weights.items()}, tokens, targets
-    )[0]
-    numeric = (plus - minus) / (2 * eps)
+    v = {k: d / norm for k, d in v.items()}
+
+    def along(step: float) -> float:
+        moved = {k: w + step * v[k] for k, w in weights.items()}
+        return impl.decoder_loss_and_grads(config, moved, tokens, targets)[0]
+
+    numeric = richardson_derivative(along, 1e-3)
     analytic = sum(float((grads[k] * v[k]).sum()) for k in weights)
-    assert abs(analytic - numeric) <= 1e-6 * max(abs(numeric), 1e-3), (
-        f"directional derivative: analytic {analytic:.10g}, finite differences {numeric:.10g}"
+    scale = np.sqrt(sum(float((g * g).sum()) for g in grads.values()))
+    assert abs(analytic - numeric) <= GRAD_RTOL * scale + 1e-10, (
+        f"directional derivative: analytic {analytic:.10g}, finite differences {numeric:.10g}, "
+        f"‖∇L‖ = {scale:.4g}"
     )
 
 
@@ -96,6 +175,7 @@ def decoder_gradient_matches_finite_differences(
 
 @given(config=llama_configs(), seed=seeds, n_heads=st.integers(1, 2), n_channels=st.integers(1, 3))
 @example(config=GQA, seed=0, n_heads=1, n_channels=2)
+@example(config=GQA, seed=3, n_heads=2, n_channels=2)
 def copermuting_heads_and_channels_leaves_the_logits_unchanged(
     impl: Implementation, config: dict[str, Any], seed: int, n_heads: int, n_channels: int
 ) -> None:
@@ -127,32 +207,78 @@ def unpermute_inverts_copermute_exactly(
         assert np.array_equal(restored[key], w), f"{key} is not restored exactly"
 
 
-@given(seed=seeds, n_heads=st.integers(1, 2), n_channels=st.integers(1, 5))
-@example(seed=0, n_heads=1, n_channels=2)
-def copermute_brings_the_selection_to_the_front(
-    impl: Implementation, seed: int, n_heads: int, n_channels: int
+def _origin(blocks: np.ndarray, original: np.ndarray, width: int, what: str) -> list[int]:
+    """Which original unit (a block of ``width`` rows) each block of the permuted matrix holds."""
+    where = {original[u * width : (u + 1) * width].tobytes(): u for u in range(len(original) // width)}
+    out = []
+    for j in range(len(blocks) // width):
+        block = blocks[j * width : (j + 1) * width].tobytes()
+        assert block in where, f"{what}: permuted block {j} is not any original block (rows must move whole)"
+        out.append(where[block])
+    return out
+
+
+def _runs(flags: list[bool]) -> int:
+    return sum(1 for i, f in enumerate(flags) if f and (i == 0 or not flags[i - 1]))
+
+
+@given(config=llama_configs(), seed=seeds, selected=st.lists(st.integers(0, 3), min_size=1, max_size=4,
+       unique=True), n_channels=st.integers(1, 5))
+@example(config=GQA, seed=0, selected=[1, 2], n_channels=2)  # splits both kv groups
+@example(config=GQA, seed=0, selected=[3, 2], n_channels=1)  # one whole group
+@example(config=llama_config(C=8, H=4, K=4, D=6, F=6, V=13), seed=0, selected=[3, 0], n_channels=2)
+def copermute_lays_the_selection_out_in_the_documented_minimal_segments(
+    impl: Implementation, config: dict[str, Any], seed: int, selected: list[int], n_channels: int
 ) -> None:
-    """After co-permuting, the selected channels are the leading Down columns (and Gate/Up rows), and
-    with multi-head attention the selected heads are the leading O column blocks (and Q/K/V row blocks):
-    the trainable part of each matrix is one dense block."""
-    config = MHA
-    D = config["head_dim"]
+    """Under MHA and GQA: heads move whole and only within their key/value group (Q, K, V rows, O
+    columns and biases together), the touched kv groups come first, the selected query heads form the
+    minimal ⌈p/2⌉ segments for p partially selected groups, whole-group selections occupy exactly the
+    leading heads, and the selected channels lead Gate/Up rows and Down columns (``interface``)."""
+    H, K, D = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    G = H // K
+    selected = list(dict.fromkeys(h % H for h in selected))  # distinct heads, in drawn order
     weights = random_weights(config, seed)
-    heads, channels = random_selection(config, seed, n_heads, n_channels)
+    _, channels = random_selection(config, seed, 1, n_channels)
+    heads = {i: list(selected) for i in range(config["num_hidden_layers"])}
     permuted, _ = impl.copermute(config, weights, heads, channels)
+    count = [sum(h // G == g for h in selected) for g in range(K)]
+    partial = sum(0 < c < G for c in count)
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}"
-        down, down_p = weights[f"{p}.mlp.down_proj.weight"], permuted[f"{p}.mlp.down_proj.weight"]
-        front = {tuple(col) for col in down_p[:, : len(channels[i])].T}
+        w = {k[len(p) + 1 :]: v for k, v in weights.items() if k.startswith(p + ".")}
+        w_p = {k[len(p) + 1 :]: v for k, v in permuted.items() if k.startswith(p + ".")}
+        q = _origin(w_p["self_attn.q_proj.weight"], w["self_attn.q_proj.weight"], D, f"layer {i} Q")
+        kv = _origin(w_p["self_attn.k_proj.weight"], w["self_attn.k_proj.weight"], D, f"layer {i} K")
+        assert sorted(q) == list(range(H)), f"layer {i}: Q blocks {q} are not a permutation of the heads"
+        assert sorted(kv) == list(range(K)), f"layer {i}: K blocks {kv} are not a permutation of the groups"
+        assert all(q[j] // G == kv[j // G] for j in range(H)), (
+            f"layer {i}: query heads {q} no longer read their own kv heads {kv} (G = {G})"
+        )
+        assert _origin(w_p["self_attn.v_proj.weight"], w["self_attn.v_proj.weight"], D, "V") == kv, (
+            f"layer {i}: V rows do not follow K rows"
+        )
+        o_cols = _origin(w_p["self_attn.o_proj.weight"].T, w["self_attn.o_proj.weight"].T, D, "O")
+        assert o_cols == q, f"layer {i}: O's input columns {o_cols} do not follow Q's rows {q}"
+        for name, order in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+            if f"self_attn.{name}.bias" in w:
+                moved = w["self_attn." + name + ".bias"].reshape(-1, D)[order].ravel()
+                assert np.array_equal(w_p[f"self_attn.{name}.bias"], moved), f"layer {i}: {name} bias"
+        touched = [count[g] > 0 for g in kv]
+        assert touched == sorted(touched, reverse=True), f"layer {i}: kv groups {kv}: touched ones not first"
+        flags = [h in selected for h in q]
+        assert _runs(flags) == max(1, -(-partial // 2)), (
+            f"layer {i}: selected heads {selected} laid out as {q} in {_runs(flags)} segments; "
+            f"{partial} partial groups need only {max(1, -(-partial // 2))}"
+        )
+        if partial == 0:
+            assert sorted(q[: len(selected)]) == sorted(selected), f"layer {i}: whole groups not leading: {q}"
+        n = len(channels[i])
+        down, down_p = w["mlp.down_proj.weight"], w_p["mlp.down_proj.weight"]
+        front = {tuple(col) for col in down_p[:, :n].T}
         assert front == {tuple(down[:, c]) for c in channels[i]}, f"layer {i}: Down's leading columns"
         for name in ("gate_proj", "up_proj"):
-            w, w_p = weights[f"{p}.mlp.{name}.weight"], permuted[f"{p}.mlp.{name}.weight"]
-            assert {tuple(r) for r in w_p[: len(channels[i])]} == {tuple(w[c]) for c in channels[i]}, name
-        o, o_p = weights[f"{p}.self_attn.o_proj.weight"], permuted[f"{p}.self_attn.o_proj.weight"]
-        lead = {o_p[:, j * D : (j + 1) * D].tobytes() for j in range(len(heads[i]))}
-        assert lead == {o[:, h * D : (h + 1) * D].tobytes() for h in heads[i]}, (
-            f"layer {i}: O's leading heads"
-        )
+            m, m_p = w[f"mlp.{name}.weight"], w_p[f"mlp.{name}.weight"]
+            assert {tuple(r) for r in m_p[:n]} == {tuple(m[c]) for c in channels[i]}, f"layer {i}: {name}"
 
 
 @given(config=llama_configs(), seed=seeds, n_heads=st.integers(1, 2), n_channels=st.integers(1, 3))
@@ -170,9 +296,12 @@ def s2ft_block_gradients_equal_the_full_gradient_restricted_to_the_block(
     for i in range(config["num_hidden_layers"]):
         o_key = f"model.layers.{i}.self_attn.o_proj.weight"
         cols = [c for h in heads[i] for c in range(h * D, (h + 1) * D)]
-        _close(blocks[o_key], full[o_key][:, cols], f"{o_key} block", rtol=1e-10, atol=1e-13)
+        # atol relative to the gradient's scale: another summation order may round near-zero entries
+        atol = 1e-10 * float(np.abs(full[o_key]).max())
+        _close(blocks[o_key], full[o_key][:, cols], f"{o_key} block", rtol=1e-10, atol=atol)
         d_key = f"model.layers.{i}.mlp.down_proj.weight"
-        _close(blocks[d_key], full[d_key][:, channels[i]], f"{d_key} block", rtol=1e-10, atol=1e-13)
+        atol = 1e-10 * float(np.abs(full[d_key]).max())
+        _close(blocks[d_key], full[d_key][:, channels[i]], f"{d_key} block", rtol=1e-10, atol=atol)
 
 
 # --- LoRA and PiSSA ---------------------------------------------------------------------------------
@@ -209,9 +338,11 @@ def lora_merged_forward_equals_adapted_forward(
 def lora_unmerge_inverts_merge(
     impl: Implementation, shape: tuple[int, int, int, int], seed: int, scaling: float
 ) -> None:
-    """unmerge(merge(W)) = W up to float64 rounding."""
+    """unmerge(W) = W − s·BA, so unmerge(merge(W)) = W up to float64 rounding."""
     _, O, I, R = shape
     W, A, B = _matrix(seed + 1, (O, I)), _matrix(seed + 2, (R, I)), _matrix(seed + 3, (O, R))
+    _close(impl.lora_unmerge(W, A, B, scaling), W - scaling * B @ A, "unmerged weight W − s·BA",
+           rtol=1e-12, atol=1e-12)
     restored = impl.lora_unmerge(impl.lora_merge(W, A, B, scaling), A, B, scaling)
     _close(restored, W, "unmerge(merge(W))", rtol=1e-12, atol=1e-12)
 
@@ -270,12 +401,17 @@ def sorsa_split_is_exact_with_orthonormal_singular_vectors(
 def sorsa_merged_forward_equals_adapted_forward(
     impl: Implementation, shape: tuple[int, int, int], seed: int
 ) -> None:
-    """x (W_res + B diag(S) A)ᵀ = x W_resᵀ + ((x Aᵀ) ⊙ S) Bᵀ."""
+    """The merge is W_res + B diag(S) A, the forward x W_resᵀ + ((x Aᵀ) ⊙ S) Bᵀ, and they agree: each is
+    checked against its formula, not only against the other (a consistent bug would pass that)."""
     O, I, r = shape
     W_res, B, A = _matrix(seed, (O, I)), _matrix(seed + 1, (O, r)), _matrix(seed + 2, (r, I))
-    S, x = _matrix(seed + 3, (1, r))[0], _matrix(seed + 4, (3, I))
+    S, x = 0.5 + np.abs(_matrix(seed + 3, (1, r))[0]), _matrix(seed + 4, (3, I))
     merged = impl.sorsa_merge(W_res, B, S, A)
-    _close(x @ merged.T, impl.sorsa_forward(x, W_res, B, S, A), "merged vs adapted", rtol=1e-12, atol=1e-12)
+    _close(merged, W_res + B @ np.diag(S) @ A, "merged weight W_res + B diag(S) A", rtol=1e-12, atol=1e-12)
+    y = impl.sorsa_forward(x, W_res, B, S, A)
+    expected = x @ W_res.T + ((x @ A.T) * S) @ B.T
+    _close(y, expected, "forward x W_resᵀ + ((x Aᵀ) ⊙ S) Bᵀ", rtol=1e-12, atol=1e-12)
+    _close(x @ merged.T, y, "merged vs adapted", rtol=1e-12, atol=1e-12)
 
 
 def _reference_regularizer(factors: list[tuple[np.ndarray, np.ndarray]]) -> float:
@@ -328,8 +464,11 @@ def sorsa_regularizer_is_zero_exactly_for_orthonormal_factors(impl: Implementati
 def sorsa_regularizer_gradient_matches_finite_differences(impl: Implementation, spec: list) -> None:
     """The hand-derived gradient 2 M A / ‖M‖_F (and 2 B N / ‖N‖_F), averaged, matches central differences."""
     factors = _factors(spec, orthonormal=False)
+    # ‖M‖_F has a kink where M = 0 (a rank-1 factor of unit norm): differentiate away from it
+    assume(all(min(np.linalg.norm(A @ A.T - np.eye(len(A))), np.linalg.norm(B.T @ B - np.eye(B.shape[1])))
+               > 1e-3 for A, B in factors))
     _, grads = impl.sorsa_regularizer(factors)
-    eps = 1e-6
+    eps = 1e-5
     for m, (A, B) in enumerate(factors):
         for which, X, G in (("A", A, grads[m][0]), ("B", B, grads[m][1])):
             numeric = np.zeros_like(X)
@@ -341,17 +480,27 @@ def sorsa_regularizer_gradient_matches_finite_differences(impl: Implementation, 
                 minus = _reference_regularizer(factors)
                 X[idx] = old
                 numeric[idx] = (plus - minus) / (2 * eps)
-            _close(G, numeric, f"d/d{which} of matrix {m}", rtol=1e-6, atol=1e-8)
+            err, scale = float(np.linalg.norm(G - numeric)), float(np.linalg.norm(numeric))
+            assert err <= 1e-6 * scale + 1e-9, f"d/d{which} of matrix {m}: ‖analytic − numeric‖ = {err:.3e}"
+
+
+def _guarding(prop: Callable[[Implementation], None]) -> Callable[[Implementation], None]:
+    @functools.wraps(prop)
+    def run(impl: Implementation) -> None:
+        prop(impl if isinstance(impl, Guarded) else Guarded(impl))
+
+    return run
 
 
 PROPERTIES: dict[str, Callable[[Implementation], None]] = {
-    f.__name__: f
+    f.__name__: _guarding(f)
     for f in (
+        decoder_logits_and_loss_equal_the_reference,
         decoder_is_causal,
         decoder_gradient_matches_finite_differences,
         copermuting_heads_and_channels_leaves_the_logits_unchanged,
         unpermute_inverts_copermute_exactly,
-        copermute_brings_the_selection_to_the_front,
+        copermute_lays_the_selection_out_in_the_documented_minimal_segments,
         s2ft_block_gradients_equal_the_full_gradient_restricted_to_the_block,
         lora_merged_forward_equals_adapted_forward,
         lora_unmerge_inverts_merge,
@@ -363,4 +512,4 @@ PROPERTIES: dict[str, Callable[[Implementation], None]] = {
         sorsa_regularizer_gradient_matches_finite_differences,
     )
 }
-"""Every property by name, in the order the spec states them."""
+"""Every property by name, in the order the spec states them; each runs its implementation ``Guarded``."""

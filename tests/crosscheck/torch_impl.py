@@ -11,6 +11,7 @@ Run the spec against it with ``pytest --pyargs minift.spec --impl tests.crossche
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -34,33 +35,93 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
+def _inv_freq(config: dict[str, Any]) -> torch.Tensor:
+    """RoPE frequencies in float64, rescaled as transformers' ``_compute_*_parameters`` do."""
+    D = config["head_dim"]
+    inv = 1.0 / config["rope_theta"] ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+    scaling = config.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv = inv / scaling["factor"]
+    elif kind == "llama3":
+        factor, old = scaling["factor"], scaling["original_max_position_embeddings"]
+        low, high = old / scaling["low_freq_factor"], old / scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low, inv / factor, inv)
+        smooth = (old / wavelen - scaling["low_freq_factor"]) / (
+            scaling["high_freq_factor"] - scaling["low_freq_factor"]
+        )
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high) & ~(wavelen > low)
+        inv = torch.where(medium, smoothed, scaled)
+    return inv
+
+
+def _bias(config: dict[str, Any], kind: str) -> bool:
+    t = config["model_type"]
+    if kind == "qkv":
+        return t == "qwen2" or (t == "llama" and config.get("attention_bias", False))
+    return t == "llama" and config.get("attention_bias" if kind == "o" else "mlp_bias", False)
+
+
+def _lin(w: dict[str, torch.Tensor], name: str, x: torch.Tensor, bias: bool) -> torch.Tensor:
+    return torch.nn.functional.linear(x, w[f"{name}.weight"], w[f"{name}.bias"] if bias else None)
+
+
 def llama_forward(config: dict[str, Any], w: dict[str, torch.Tensor], tokens: np.ndarray) -> torch.Tensor:
-    """The Llama decoder in float64 throughout (transformers computes RMSNorm and RoPE in float32,
-    which would make float64 finite differences meaningless)."""
+    """The Llama/Mistral/Qwen2 decoder in float64 throughout, RoPE tables included (transformers
+    computes RMSNorm and RoPE in float32, which would make float64 finite differences meaningless)."""
+    if config["model_type"] == "gpt2":
+        return gpt2_forward(config, w, tokens)
     H, K, D = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
-    eps, theta = config["rms_norm_eps"], config["rope_theta"]
+    eps = config["rms_norm_eps"]
     ids = torch.tensor(tokens)
     B, T = ids.shape
-    inv = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
-    ang = torch.arange(T, dtype=torch.float64)[:, None] * inv[None]
+    ang = torch.arange(T, dtype=torch.float64)[:, None] * _inv_freq(config)[None]
     cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()  # (T, D)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     x = w["model.embed_tokens.weight"][ids]
+    qkv_b, o_b, mlp_b = _bias(config, "qkv"), _bias(config, "o"), _bias(config, "mlp")
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}"
         h = _rmsnorm(x, w[f"{p}.input_layernorm.weight"], eps)
-        q = (h @ w[f"{p}.self_attn.q_proj.weight"].T).view(B, T, H, D).transpose(1, 2)
-        k = (h @ w[f"{p}.self_attn.k_proj.weight"].T).view(B, T, K, D).transpose(1, 2)
-        v = (h @ w[f"{p}.self_attn.v_proj.weight"].T).view(B, T, K, D).transpose(1, 2)
+        q = _lin(w, f"{p}.self_attn.q_proj", h, qkv_b).view(B, T, H, D).transpose(1, 2)
+        k = _lin(w, f"{p}.self_attn.k_proj", h, qkv_b).view(B, T, K, D).transpose(1, 2)
+        v = _lin(w, f"{p}.self_attn.v_proj", h, qkv_b).view(B, T, K, D).transpose(1, 2)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
         scores = (q @ k.transpose(-1, -2) / D**0.5).masked_fill(~causal, float("-inf"))
         a = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * D)
-        x = x + a @ w[f"{p}.self_attn.o_proj.weight"].T
+        x = x + _lin(w, f"{p}.self_attn.o_proj", a, o_b)
         h = _rmsnorm(x, w[f"{p}.post_attention_layernorm.weight"], eps)
-        gate, up = h @ w[f"{p}.mlp.gate_proj.weight"].T, h @ w[f"{p}.mlp.up_proj.weight"].T
-        x = x + (torch.nn.functional.silu(gate) * up) @ w[f"{p}.mlp.down_proj.weight"].T
-    return _rmsnorm(x, w["model.norm.weight"], eps) @ w["lm_head.weight"].T
+        gate, up = _lin(w, f"{p}.mlp.gate_proj", h, mlp_b), _lin(w, f"{p}.mlp.up_proj", h, mlp_b)
+        x = x + _lin(w, f"{p}.mlp.down_proj", torch.nn.functional.silu(gate) * up, mlp_b)
+    head = w["model.embed_tokens.weight"] if config.get("tie_word_embeddings") else w["lm_head.weight"]
+    return _rmsnorm(x, w["model.norm.weight"], eps) @ head.T
+
+
+def gpt2_forward(config: dict[str, Any], w: dict[str, torch.Tensor], tokens: np.ndarray) -> torch.Tensor:
+    """GPT-2 in float64: Conv1D weights [in, out], fused c_attn, tanh-GELU, tied head."""
+    F = torch.nn.functional
+    C, H, eps = config["n_embd"], config["n_head"], config["layer_norm_epsilon"]
+    ids = torch.tensor(tokens)
+    B, T = ids.shape
+
+    def ln(x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.layer_norm(x, (C,), w[f"{name}.weight"], w[f"{name}.bias"], eps)
+
+    def conv(x: torch.Tensor, name: str) -> torch.Tensor:
+        return torch.addmm(w[f"{name}.bias"], x.reshape(-1, x.shape[-1]), w[f"{name}.weight"]).view(B, T, -1)
+
+    x = w["transformer.wte.weight"][ids] + w["transformer.wpe.weight"][:T]
+    for i in range(config["n_layer"]):
+        p = f"transformer.h.{i}"
+        q, k, v = conv(ln(x, f"{p}.ln_1"), f"{p}.attn.c_attn").split(C, dim=-1)
+        q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+        x = x + conv(a, f"{p}.attn.c_proj")
+        x = x + conv(F.gelu(conv(ln(x, f"{p}.ln_2"), f"{p}.mlp.c_fc"), approximate="tanh"), f"{p}.mlp.c_proj")
+    return ln(x, "transformer.ln_f") @ w["transformer.wte.weight"].T
 
 
 def _loss(logits: torch.Tensor, targets: np.ndarray) -> torch.Tensor:
@@ -93,17 +154,21 @@ class TorchImplementation:
 
     @staticmethod
     def _head_order(config: dict[str, Any], selected: list[int]) -> tuple[list[int], list[int]]:
-        """Query-head and kv-head orders: kv groups holding selected heads first, and inside each group
-        its selected heads first, so every query head keeps reading its own kv head."""
+        """Query-head and kv-head orders of the documented minimal layout: groups ordered partial₀,
+        full…, partial₁, partial₂, …, empty…; inside partial₀, partial₂, … the selected heads go last,
+        elsewhere first. Whole groups move, so every query head keeps reading its own kv head."""
         H, K = config["num_attention_heads"], config["num_key_value_heads"]
         G = H // K
-        groups = list(dict.fromkeys([h // G for h in selected] + list(range(K))))
+        members = {g: range(g * G, (g + 1) * G) for g in range(K)}
+        n = {g: len(set(members[g]) & set(selected)) for g in range(K)}
+        partial = [g for g in range(K) if 0 < n[g] < G]
+        groups = partial[:1] + [g for g in range(K) if n[g] == G] + partial[1:]
+        groups += [g for g in range(K) if n[g] == 0]
         q_order = []
         for g in groups:
-            members = [h for h in selected if h // G == g] + [
-                h for h in range(g * G, (g + 1) * G) if h not in selected
-            ]
-            q_order += members
+            sel = [h for h in members[g] if h in selected]
+            rest = [h for h in members[g] if h not in selected]
+            q_order += rest + sel if g in partial[0::2] else sel + rest
         return q_order, groups
 
     @staticmethod
@@ -117,6 +182,8 @@ class TorchImplementation:
             ("mlp.down_proj", ch, 1),
         ):
             out[f"{p}.{name}.weight"] = np.take(weights[f"{p}.{name}.weight"], idx, axis=axis)
+            if axis == 0 and f"{p}.{name}.bias" in weights:  # an output bias moves with its rows
+                out[f"{p}.{name}.bias"] = np.take(weights[f"{p}.{name}.bias"], idx)
 
     def copermute(
         self, config: dict[str, Any], weights: Weights, heads: dict, channels: dict
