@@ -185,8 +185,10 @@ def accumulate_gradients(
     micro_batches: Sequence[tuple[Array, Array, Array | None]],
     *,
     rng: np.random.Generator | None = None,
+    checkpoint: bool = False,
 ) -> tuple[float, Grads, int]:
-    """Loss and gradients of k micro-batches taken together as ONE batch.
+    """Loss and gradients of k micro-batches taken together as ONE batch (``checkpoint``: activation
+    checkpointing, see ``minift.model.model_forward``).
 
     The loss is a mean over counted tokens, so micro-batch i (n_i counted tokens, mean loss ℓ_i) enters
     with weight n_i / Σ n: loss = Σ n_i ℓ_i / Σ n and grads = Σ (n_i / Σ n) ∇ℓ_i. This equals the loss and
@@ -210,7 +212,9 @@ def accumulate_gradients(
         if n == 0:
             continue  # contributes nothing to the mean
         w = n / total
-        part, g = loss_and_grads(model, tokens, targets, attention_mask=mask, rng=rng, loss_scale=w)
+        part, g = loss_and_grads(
+            model, tokens, targets, attention_mask=mask, rng=rng, loss_scale=w, checkpoint=checkpoint
+        )
         loss += w * part
         for k, a in g.items():
             grads[k] = grads[k] + a if k in grads else a
