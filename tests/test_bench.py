@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from minift.tools.bench import METHODS, QUICK, available_methods, ratios
+from minift.tools.bench import CHECKPOINTED, METHODS, QUICK, available_methods, ratios
 from minift.tools.cli import main
 
 RESULT_KEYS = {"impl", "method", "step_seconds", "peak_bytes", "trainable_params", "tokens_per_second", "mfu"}
@@ -22,6 +22,8 @@ RATIO_KEYS = {
     "s2ft/lora_memory",
     "minift/torch_full_time",
     "minift/torch_lora_time",
+    "s2ft_ckpt/full_memory",
+    "s2ft_ckpt/s2ft_time",
 }
 
 
@@ -48,11 +50,24 @@ def test_quick_bench_writes_machine_config_results_and_ratios(quick_report):
 def test_every_installed_method_is_measured_and_every_other_is_reported_missing(quick_report):
     measured = {r["method"] for r in quick_report["results"] if r["impl"] == "minift"}
     found = available_methods()
-    assert measured == {m for m in METHODS if found[m]}
+    plain = {m for m in METHODS if found[m]}
+    assert measured == plain | {m + "_ckpt" for m in CHECKPOINTED if m in plain}
     assert set(quick_report["missing"]) == {m for m in METHODS if not found[m]}
     for record in quick_report["results"]:
         if record["impl"] == "minift":
             assert record["peak_bytes"] > 0
+
+
+def test_every_minift_row_has_a_memory_breakdown_that_adds_up_to_its_peak(quick_report):
+    by = {r["method"]: r for r in quick_report["results"] if r["impl"] == "minift"}
+    assert set(quick_report["memory_breakdown"]) == set(by)
+    for method, parts in quick_report["memory_breakdown"].items():
+        assert parts["total"] == by[method]["peak_bytes"]
+        assert parts["total"] == parts["weights"] + parts["optimizer"] + parts["step_peak"]
+        assert parts["activations_total"] == sum(parts["activations"].values())
+        # a checkpointed step keeps block inputs instead of the blocks' attention/MLP/norm caches
+        assert ("checkpoints" in parts["activations"]) == method.endswith("_ckpt")
+        assert ("mlp" in parts["activations"]) != method.endswith("_ckpt")
 
 
 def test_a_ratio_is_the_quotient_of_its_two_records_or_none_when_one_is_missing(quick_report):
