@@ -41,11 +41,13 @@ def swiglu_backward(dh: Array, cache: SwiGLUCache) -> tuple[Array, Array]:
     """
     g, u = cache
     s = _sigmoid(g)
-    silu = g * s
-    du = dh * silu
-    dg = 1.0 - s  # built up in place into dg = dh ⊙ u ⊙ (σ + silu·(1 − σ))
-    dg *= silu
-    dg += s
+    du = g * s  # silu(g), turned into du in place
+    dg = 1.0 - s  # built up in place into dg = dh ⊙ u ⊙ (σ + silu·(1 − σ)) = dh ⊙ u ⊙ σ(1 + g(1 − σ))
+    dg *= g
+    dg += 1.0
+    dg *= s
+    del s  # three (N, F) temporaries at most, not four
+    du *= dh
     dg *= u
     dg *= dh
     return dg, du
