@@ -19,6 +19,7 @@ Tutorial: tutorials/04_decoder_and_training_step.py.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -112,29 +113,43 @@ class Model:
         return self.embed.weight.dtype
 
 
-class BlockCache(NamedTuple):
-    attn_norm: Any
-    q: Any
+@dataclass(eq=False)
+class BlockCache:
+    """What one block's backward needs, op by op. Mutable so that the backward can drop each entry as
+    soon as it is used (``_take``): a block's caches are freed while its backward runs, not after."""
+
+    attn_norm: Any  # input x and rstd (x̂ is recomputed)
+    q: Any  # the slots' own caches: nothing for a frozen dense slot
     k: Any
     v: Any
-    attn: AttentionCache
+    attn: AttentionCache | None  # q, k, v after RoPE and the row log-sum-exp; p is recomputed
     o: Any
     mlp_norm: Any
     gate: Any
     up: Any
-    act: SwiGLUCache | Array  # SwiGLU cache, or GELU's input for GPT-2
+    act: SwiGLUCache | Array | None  # gate/up pre-activations (silu is recomputed), or GELU's input
     down: Any
+
+
+@dataclass(eq=False)
+class BlockCheckpoint:
+    """An activation-checkpointed block: only its input is kept, and the backward reruns the block's
+    forward from it (Chen et al. 2016, "Training deep nets with sublinear memory cost", §3)."""
+
+    x: Array  # (N, C) the block's input on the residual stream
+    rng_state: dict[str, Any] | None  # the slots' RNG state before the block, to redraw the same dropout
 
 
 class ModelCache(NamedTuple):
     tokens: Array  # (B, T) integer
     positions: Array  # (B, T) integer
     rope: tuple[Array, Array] | None  # cos, sin (B, 1, T, D); None for GPT-2
-    blocks: list[BlockCache | None]  # None below the lowest trainable block
+    blocks: list[BlockCache | BlockCheckpoint | None]  # None below the lowest trainable block
     final_norm: Any
     x_final: Array  # (N, C) normalised final hidden state, kept for the LM head's weight gradient
     head: Any
     lowest: int  # index of the lowest block the backward must reach (L when none)
+    allowed: Array | None = None  # the attention mask, for rerunning checkpointed blocks
 
 
 @dataclass
@@ -245,6 +260,19 @@ def lowest_trainable_block(model: Model) -> int:
 # forward
 
 
+def _rng_state(rng: np.random.Generator | None) -> dict[str, Any] | None:
+    return None if rng is None else copy.deepcopy(rng.bit_generator.state)
+
+
+def _rng_from_state(state: dict[str, Any] | None) -> np.random.Generator | None:
+    """A generator that draws what the one whose state this was drew next (the original moves on)."""
+    if state is None:
+        return None
+    bit_generator = getattr(np.random, state["bit_generator"])()
+    bit_generator.state = state
+    return np.random.Generator(bit_generator)
+
+
 def default_positions(tokens: Array, attention_mask: Array | None, past: int) -> Array:
     """Position ids: past, past+1, … ; with a padding mask, counted over real tokens only
     (cumsum(mask) − 1, as Hugging Face generation does), so left padding does not shift positions.
@@ -319,8 +347,12 @@ def model_forward(
     kv_cache: KVCache | None = None,
     train: bool = True,
     rng: np.random.Generator | None = None,
+    checkpoint: bool = False,
 ) -> tuple[Array, ModelCache | None]:
     """Logits for every position; with ``train=True`` also the cache the backward needs.
+
+    ``checkpoint=True`` (activation checkpointing) keeps only each trained block's input; the backward
+    reruns the block's forward from it. Blocks below the lowest trainable one keep nothing either way.
 
     ``attention_mask`` (1 = token, 0 = padding) covers the cached positions too when a ``kv_cache`` is
     given; the cache is extended in place with this call's keys and values.
@@ -361,12 +393,16 @@ def model_forward(
     x = x.reshape(B * T, -1)  # (N, C)
     allowed = causal_mask(T, past + T, attention_mask, xp=xp)
 
-    caches: list[BlockCache | None] = []
+    caches: list[BlockCache | BlockCheckpoint | None] = []
     for i, block in enumerate(model.blocks):
         kv = (kv_cache.keys[i], kv_cache.values[i]) if kv_cache is not None and past else None
         keep = train and i >= lowest
+        saved = BlockCheckpoint(x, _rng_state(rng)) if keep and checkpoint else None
+        # A checkpointed block still runs in training mode (keep=True: e.g. dropout is drawn), and its
+        # cache is dropped at once: only one block's cache exists at a time.
         x, cache, (k, v) = block_forward(block, x, (B, T), rope, allowed, c, keep=keep, rng=rng, past=kv)
-        caches.append(cache)
+        caches.append(cache if saved is None else saved)
+        del cache
         if kv_cache is not None:
             kv_cache.keys[i], kv_cache.values[i] = k, v
 
@@ -378,7 +414,7 @@ def model_forward(
     logits = logits.reshape(B, T, -1)  # (B, T, V)
     if not train:
         return logits, None
-    return logits, ModelCache(tokens, positions, rope, caches, c_fn, x, c_head, lowest)
+    return logits, ModelCache(tokens, positions, rope, caches, c_fn, x, c_head, lowest, allowed)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -388,6 +424,13 @@ def model_forward(
 def _collect(grads: Grads, prefix: str, local: Grads) -> None:
     for name, g in local.items():
         grads[f"{prefix}.{name}"] = g
+
+
+def _take(cache: BlockCache, name: str) -> Any:
+    """The entry ``name`` of the cache, removed from it: it is freed as soon as its user is done."""
+    value = getattr(cache, name)
+    setattr(cache, name, None)
+    return value
 
 
 def block_backward(
@@ -403,31 +446,34 @@ def block_backward(
     need_dx: bool = True,
 ) -> Array | None:
     """The block's forward reversed. Adds its parameter gradients to ``grads``; returns dx (N, C), or
-    None when ``need_dx`` is False and no norm below needs it (the lowest trainable block)."""
+    None when ``need_dx`` is False and no norm below needs it (the lowest trainable block).
+
+    Consumes ``cache``: each entry is dropped once used, so the MLP's caches are gone before the
+    attention's backward runs."""
     B, T = shape
     H, K, D = config.n_heads, config.n_kv_heads, config.head_dim
 
     # MLP: x = x + down(act(gate(h), up(h))),  h = mlp_norm(x)
-    dm, g = block.down.backward(dx, cache.down)
+    dm, g = block.down.backward(dx, _take(cache, "down"))
     _collect(grads, f"{prefix}.down", g)
     if block.gate is not None:
-        dg, du = swiglu_backward(dm, cache.act)
-        dh, g = block.gate.backward(dg, cache.gate)
+        dg, du = swiglu_backward(dm, _take(cache, "act"))
+        dh, g = block.gate.backward(dg, _take(cache, "gate"))
         _collect(grads, f"{prefix}.gate", g)
     else:
-        du, dh = gelu_backward(dm, cache.act), 0.0
-    dh_u, g = block.up.backward(du, cache.up)
+        du, dh = gelu_backward(dm, _take(cache, "act")), 0.0
+    dh_u, g = block.up.backward(du, _take(cache, "up"))
     _collect(grads, f"{prefix}.up", g)
     dh = dh + dh_u
-    dn, g = block.mlp_norm.backward(dh, cache.mlp_norm)
+    dn, g = block.mlp_norm.backward(dh, _take(cache, "mlp_norm"))
     _collect(grads, f"{prefix}.mlp_norm", g)
     dx = dx + dn  # the residual carries dx past the MLP
 
     # attention: x = x + o(attention(rope(q(h)), rope(k(h)), v(h))),  h = attn_norm(x)
-    da, g = block.o.backward(dx, cache.o)
+    da, g = block.o.backward(dx, _take(cache, "o"))
     _collect(grads, f"{prefix}.o", g)
     da = da.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
-    dq, dk, dv = attention_backward(da, cache.attn)
+    dq, dk, dv = attention_backward(da, _take(cache, "attn"))
     if dk.shape[2] != T:
         raise ShapeError("the backward does not support a KV cache (training sees whole sequences)")
     if rope is not None:
@@ -437,25 +483,61 @@ def block_backward(
     dv = dv.transpose(0, 2, 1, 3).reshape(B * T, K * D)
     need_dh = need_dx or block.attn_norm.requires_grad
     dh = None
-    for name, d, c in (("q", dq, cache.q), ("k", dk, cache.k), ("v", dv, cache.v)):
-        d_in, g = getattr(block, name).backward(d, c, need_dx=need_dh)
+    for name, d in (("q", dq), ("k", dk), ("v", dv)):
+        d_in, g = getattr(block, name).backward(d, _take(cache, name), need_dx=need_dh)
         _collect(grads, f"{prefix}.{name}", g)
         if need_dh:
             dh = d_in if dh is None else dh + d_in
+    c_norm = _take(cache, "attn_norm")
     if not need_dh:
         return None
-    dn, g = block.attn_norm.backward(dh, cache.attn_norm)
+    dn, g = block.attn_norm.backward(dh, c_norm)
     _collect(grads, f"{prefix}.attn_norm", g)
     return dx + dn
 
 
-def model_backward(model: Model, dlogits: Array, cache: ModelCache) -> Grads:
+def checkpointed_block_backward(
+    block: Block,
+    dx: Array,
+    saved: BlockCheckpoint,
+    shape: tuple[int, int],
+    rope: tuple[Array, Array] | None,
+    allowed: Array,
+    config: ModelConfig,
+    grads: Grads,
+    prefix: str,
+    *,
+    need_dx: bool = True,
+) -> Array | None:
+    """Activation checkpointing: rerun the block's forward from its kept input (same dropout draws),
+    then its backward. Gradients are those of ``block_backward`` on a kept cache, exactly; the cost is
+    one more forward of the block."""
+    rng = _rng_from_state(saved.rng_state)
+    _, cache, _ = block_forward(block, saved.x, shape, rope, allowed, config, keep=True, rng=rng)
+    assert cache is not None
+    return block_backward(block, dx, cache, shape, rope, config, grads, prefix, need_dx=need_dx)
+
+
+def model_backward(model: Model, dlogits: Array, cache: ModelCache, *, free_cache: bool = False) -> Grads:
     """Gradients of every trainable array, keyed as in ``trainable_parameters``.
+
+    ``free_cache=True`` consumes ``cache``: each block's entries are dropped as its backward uses them,
+    so memory falls during the backward (``loss_and_grads`` does this); otherwise the cache is left
+    as it was and the backward can be run again on it.
 
     Shapes:
         dlogits: (B, T, V)
     """
-    c = model.config
+    dx, grads = head_backward(model, dlogits, cache)
+    return blocks_backward(model, dx, cache, grads, free_cache=free_cache)
+
+
+def head_backward(model: Model, dlogits: Array, cache: ModelCache) -> tuple[Array, Grads]:
+    """The LM head and the final norm reversed: (dx into the top block, their gradients).
+
+    Shapes:
+        dlogits: (B, T, V)   returns dx: (N, C)
+    """
     B, T, V = dlogits.shape
     dlogits = dlogits.reshape(B * T, V)  # (N, V)
     grads: Grads = {}
@@ -468,17 +550,38 @@ def model_backward(model: Model, dlogits: Array, cache: ModelCache) -> Grads:
         _collect(grads, "lm_head", g)
     dx, g = model.final_norm.backward(dx, cache.final_norm)
     _collect(grads, "final_norm", g)
+    return dx, grads
 
+
+def blocks_backward(
+    model: Model, dx: Array, cache: ModelCache, grads: Grads, *, free_cache: bool = False
+) -> Grads:
+    """The blocks (top down, to the lowest trainable one) and the embeddings reversed, from dx at the
+    top of the residual stream; adds to and returns ``grads``. ``free_cache``: see ``model_backward``.
+
+    Shapes:
+        dx: (N, C)
+    """
+    c = model.config
+    B, T = cache.tokens.shape
     need_embed = bool(model.embed.parameters()) or (
         model.pos_embed is not None and bool(model.pos_embed.parameters())
     )
     for i in range(len(model.blocks) - 1, cache.lowest - 1, -1):  # top down, stopping at the lowest
-        block_cache = cache.blocks[i]
-        assert block_cache is not None
+        entry = cache.blocks[i]
+        if free_cache:
+            cache.blocks[i] = None  # freed once this block is done
+        elif isinstance(entry, BlockCache):
+            entry = copy.copy(entry)  # the backward empties the copy, the cache keeps its entries
         need_dx = i > cache.lowest or need_embed
-        dx = block_backward(
-            model.blocks[i], dx, block_cache, (B, T), cache.rope, c, grads, f"blocks.{i}", need_dx=need_dx
-        )
+        args = ((B, T), cache.rope)
+        if isinstance(entry, BlockCheckpoint):
+            assert cache.allowed is not None
+            dx = checkpointed_block_backward(model.blocks[i], dx, entry, *args, cache.allowed, c, grads,
+                                             f"blocks.{i}", need_dx=need_dx)
+        else:
+            assert entry is not None
+            dx = block_backward(model.blocks[i], dx, entry, *args, c, grads, f"blocks.{i}", need_dx=need_dx)
     if not need_embed:
         return grads
     assert dx is not None
@@ -499,11 +602,13 @@ def loss_and_grads(
     attention_mask: Array | None = None,
     rng: np.random.Generator | None = None,
     loss_scale: float = 1.0,
+    checkpoint: bool = False,
 ) -> tuple[float, Grads]:
     """Mean next-token cross-entropy over counted targets (−100 = ignored) and its gradients.
 
     ``targets[b, t]`` is the token that should follow position t (already shifted). ``loss_scale``
     multiplies the gradients (e.g. 1/k when accumulating k micro-batches); the loss is unscaled.
+    ``checkpoint``: activation checkpointing (see ``model_forward``); the gradients do not change.
 
     Shapes:
         tokens, targets: (B, T) integer   attention_mask: (B, T)
@@ -514,7 +619,9 @@ def loss_and_grads(
     if bool(bad.any()):  # the loss's lookup would fail, or wrap silently on CuPy
         raise DataError(f"targets must be token ids in [0, {model.config.vocab_size}) or {IGNORE_INDEX} "
                         f"(ignored), got {int(targets[bad][0])}")
-    logits, cache = model_forward(model, tokens, attention_mask=attention_mask, rng=rng)
+    logits, cache = model_forward(
+        model, tokens, attention_mask=attention_mask, rng=rng, checkpoint=checkpoint
+    )
     B, T, V = logits.shape
     loss, ce = cross_entropy_forward(logits.reshape(B * T, V), targets.reshape(-1))
     del logits  # the backward needs only the probabilities in ce: free the (B, T, V) logits now
@@ -522,4 +629,6 @@ def loss_and_grads(
         return loss, {}
     dlogits = cross_entropy_backward(ce, loss_scale).reshape(B, T, V)
     del ce  # nor the probabilities, once dlogits exists
-    return loss, model_backward(model, dlogits, cache)
+    dx, grads = head_backward(model, dlogits, cache)
+    del dlogits  # nor dlogits, once the head's backward is done: (B, T, V) is more than a block keeps
+    return loss, blocks_backward(model, dx, cache, grads, free_cache=True)

@@ -85,6 +85,9 @@ class TrainConfig:
     checkpoint_dir: str | None = None  # None: no checkpoints at all
     keep_checkpoints: int = 2
     progress: bool = True  # the tqdm bar and the final summary on stderr
+    # Keep only each block's input and rerun its forward in the backward: activation memory falls to
+    # one block's worth, for one more forward; the gradients are the same.
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.accum_steps < 1:
@@ -104,8 +107,10 @@ def accumulate_gradients(
     micro_batches: Sequence[tuple[Array, Array, Array | None]],
     *,
     rng: np.random.Generator | None = None,
+    checkpoint: bool = False,
 ) -> tuple[float, Grads, int]:
-    """Loss and gradients of k micro-batches taken together as ONE batch.
+    """Loss and gradients of k micro-batches taken together as ONE batch (``checkpoint``: activation
+    checkpointing, see ``minift.model.model_forward``).
 
     The loss is a mean over counted tokens, so micro-batch i (n_i counted tokens, mean loss ℓ_i) enters
     with weight n_i / Σ n: loss = Σ n_i ℓ_i / Σ n and grads = Σ (n_i / Σ n) ∇ℓ_i. This equals the loss and
@@ -129,7 +134,9 @@ def accumulate_gradients(
         if n == 0:
             continue  # contributes nothing to the mean
         w = n / total
-        part, g = loss_and_grads(model, tokens, targets, attention_mask=mask, rng=rng, loss_scale=w)
+        part, g = loss_and_grads(
+            model, tokens, targets, attention_mask=mask, rng=rng, loss_scale=w, checkpoint=checkpoint
+        )
         loss += w * part
         for k, a in g.items():
             grads[k] = grads[k] + a if k in grads else a
@@ -152,6 +159,7 @@ def train_step(
     grad_hooks: Sequence[GradHook] = (),
     lr_max: float | None = None,
     rng: np.random.Generator | None = None,
+    activation_checkpointing: bool = False,
 ) -> StepResult:
     """One optimizer step on k micro-batches (see the module docstring for the order of operations).
 
@@ -163,7 +171,7 @@ def train_step(
     xp = get_xp(model.embed.weight)
     on_device = [tuple(to_xp(a, xp) for a in b) for b in micro_batches]  # batches are built on the host
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        loss, grads, _ = accumulate_gradients(model, on_device, rng=rng)
+        loss, grads, _ = accumulate_gradients(model, on_device, rng=rng, checkpoint=activation_checkpointing)
         norm = clip_grad_norm(grads, max_grad_norm)  # scales nothing when the norm is not finite
     if not math.isfinite(loss):
         raise TrainingError(f"the loss is {loss}: training diverged (try a lower learning rate)")
@@ -294,6 +302,7 @@ def train(
                 out = train_step(
                     model, optimizer, micro, lr, max_grad_norm=config.max_grad_norm,
                     grad_hooks=grad_hooks, lr_max=schedule.lr_max, rng=rng,
+                    activation_checkpointing=config.activation_checkpointing,
                 )
                 result.steps, result.tokens = step + 1, result.tokens + out.tokens
                 result.losses.append(out.loss)

@@ -159,3 +159,46 @@ def test_attention_keeps_float32(xp, rng):
     out, cache = attention_forward(q, k, v, causal_mask(3, 3, xp=xp))
     assert out.dtype == np.float32
     assert all(g.dtype == np.float32 for g in attention_backward(out, cache))
+
+
+def _attention_backward_keeping_p(q, k, v, allowed, dout):
+    """The textbook backward with the probabilities kept from the forward, head by head: the
+    reference that the cache-free backward (p rebuilt from q, k and the row log-sum-exp) must equal."""
+    B, H, T, D = q.shape
+    G = H // k.shape[1]
+    mask = np.broadcast_to(allowed, (B, k.shape[1], G, T, k.shape[2])).reshape(B, H, T, -1)
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    for b in range(B):
+        for h in range(H):
+            s = np.where(mask[b, h], q[b, h] @ k[b, h // G].T / math.sqrt(D), -np.inf)
+            m = s.max(axis=-1, keepdims=True)
+            e = np.exp(s - np.where(np.isfinite(m), m, 0.0))
+            total = e.sum(axis=-1, keepdims=True)
+            p = e / np.where(total == 0, 1.0, total)
+            dv[b, h // G] += p.T @ dout[b, h]
+            dp = dout[b, h] @ v[b, h // G].T
+            ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+            dq[b, h] = ds @ k[b, h // G] / math.sqrt(D)
+            dk[b, h // G] += ds.T @ q[b, h] / math.sqrt(D)
+    return dq, dk, dv
+
+
+@given(attention_shapes(), st.integers(0, 2**32 - 1), st.booleans())
+def test_the_backward_that_rebuilds_p_equals_the_one_that_keeps_it(shape, seed, left_padding):
+    """No probabilities are cached, yet dq, dk, dv equal those of the backward that keeps p, to 1e-12,
+    with causal masks, cached positions and left padding (rows with no visible key included)."""
+    B, H, K, T, S, D = shape
+    rng = np.random.default_rng(seed)
+    q, k, v = _qkv(rng, B, H, K, T, S, D, scale=2.0)
+    key_mask = np.ones((B, S), dtype=np.int64)
+    if left_padding:
+        key_mask[:, : rng.integers(0, S + 1)] = 0  # up to every key: rows with nothing to read
+    allowed = causal_mask(T, S, key_mask)
+    dout = rng.standard_normal((B, H, T, D))
+    _, cache = attention_forward(q, k, v, allowed)
+    kept = sum(a.nbytes for a in cache if isinstance(a, np.ndarray) and a.dtype == np.float64)
+    assert kept == q.nbytes + k.nbytes + v.nbytes + B * H * T * 8  # q, k, v and one number per row
+    got = attention_backward(dout, cache)
+    want = _attention_backward_keeping_p(q, k, v, allowed, dout)
+    for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
+        assert_close(g, w, rtol=1e-12, atol=1e-12, what=name)

@@ -13,7 +13,7 @@ import pytest
 
 from minift.backend import gpu_available
 from minift.methods.registry import method_names
-from minift.tools.bench import QUICK, ratios
+from minift.tools.bench import CHECKPOINTED, QUICK, ratios
 from minift.tools.cli import main
 
 RESULT_KEYS = {"impl", "method", "step_seconds", "peak_bytes", "trainable_params", "tokens_per_second", "mfu"}
@@ -24,6 +24,8 @@ RATIO_KEYS = {
     "s2ft/lora_memory",
     "minift/torch_full_time",
     "minift/torch_lora_time",
+    "s2ft_ckpt/full_memory",
+    "s2ft_ckpt/s2ft_time",
 }
 
 
@@ -49,10 +51,22 @@ def test_quick_bench_writes_machine_config_results_and_ratios(quick_report):
 
 def test_every_registered_method_is_measured(quick_report):
     measured = {r["method"] for r in quick_report["results"] if r["impl"] == "minift"}
-    assert measured == set(method_names())
+    assert measured == set(method_names()) | {m + "_ckpt" for m in CHECKPOINTED}
     for record in quick_report["results"]:
         if record["impl"] == "minift":
             assert record["peak_bytes"] > 0
+
+
+def test_every_minift_row_has_a_memory_breakdown_that_adds_up_to_its_peak(quick_report):
+    by = {r["method"]: r for r in quick_report["results"] if r["impl"] == "minift"}
+    assert set(quick_report["memory_breakdown"]) == set(by)
+    for method, parts in quick_report["memory_breakdown"].items():
+        assert parts["total"] == by[method]["peak_bytes"]
+        assert parts["total"] == parts["weights"] + parts["optimizer"] + parts["step_peak"]
+        assert parts["activations_total"] == sum(parts["activations"].values())
+        # a checkpointed step keeps block inputs instead of the blocks' attention/MLP/norm caches
+        assert ("checkpoints" in parts["activations"]) == method.endswith("_ckpt")
+        assert ("mlp" in parts["activations"]) != method.endswith("_ckpt")
 
 
 def test_a_ratio_is_the_quotient_of_its_two_records_or_none_when_one_is_missing(quick_report):

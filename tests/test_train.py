@@ -146,7 +146,7 @@ def test_a_nan_loss_stops_training_with_a_clear_error_and_keeps_the_last_good_ch
 def test_a_non_finite_gradient_stops_training_naming_the_arrays_it_is_in(monkeypatch):
     import minift.train
 
-    def overflowing(model, micro_batches, *, rng=None):
+    def overflowing(model, micro_batches, *, rng=None, checkpoint=False):
         grads = {k: np.zeros_like(p) for k, p in trainable_parameters(model).items()}
         grads["blocks.0.down.weight"][0, 0] = np.inf  # a finite loss whose gradient overflowed
         return 1.0, grads, 1

@@ -22,12 +22,17 @@
 #
 # **Library functions explained here.** `minift.layers.attention.causal_mask`,
 # `minift.layers.attention.attention_forward`, `minift.layers.attention.attention_backward`,
-# `minift.layers.attention.AttentionCache`.
+# `minift.layers.attention.AttentionCache`, `minift.layers.attention.attention_probabilities`.
 
 # %%
 import numpy as np
 
-from minift.layers.attention import attention_backward, attention_forward, causal_mask
+from minift.layers.attention import (
+    attention_backward,
+    attention_forward,
+    attention_probabilities,
+    causal_mask,
+)
 from minift.testing import assert_close, check_grad
 
 rng = np.random.default_rng(0)
@@ -208,12 +213,14 @@ assert np.all(dk_t[:, :, t + 1 :] == 0)
 assert np.all(dv_t[:, :, t + 1 :] == 0)
 
 # %% [markdown]
-# ## 4. Why the cache keeps the probabilities
+# ## 4. Why the cache does not keep the probabilities
 #
-# `AttentionCache` holds q, k, v (each needed for another's gradient) and `p`. The scores `s` are
-# not needed at all once `p` exists, and recomputing `p` in the backward would cost a second
-# `q kᵀ` matmul plus an `exp` per entry. The price is memory: `p` has B·H·T·S entries, which grows
-# with the square of the sequence length and is the largest activation in a block at long T:
+# The backward needs `p`, but `AttentionCache` holds only q, k, v (each needed for another's
+# gradient) and one number per query row, the log-sum-exp ℓ = log Σ_j exp(s_j) of its masked
+# scores. The backward rebuilds `p = exp(s − ℓ)` one sequence at a time, at the cost of a second
+# `q kᵀ` matmul plus an `exp` per entry. What that buys is memory: `p` has B·H·T·S entries, which
+# grows with the square of the sequence length and would be the largest activation in a block at
+# long T:
 
 # %%
 for T_ in (16, 256, 4096):
@@ -222,9 +229,17 @@ for T_ in (16, 256, 4096):
     print(f"T = {T_:>4}: p takes {p_bytes / 2**20:9.1f} MiB, q+k+v take {qkv_bytes / 2**20:6.1f} MiB")
 
 # %% [markdown]
-# That quadratic term is what FlashAttention removes by recomputing `p` block by block in the
-# backward; a reference implementation keeps it, for clarity. (Tutorial 04 measures where a whole
-# training step's memory goes.)
+# FlashAttention removes that quadratic term the same way, recomputing `p` block by block in the
+# backward. The rebuilt probabilities are those of the forward, to rounding:
+
+# %%
+s0 = q[0] @ np.repeat(k[0], G, axis=0).swapaxes(-1, -2) / np.sqrt(D)  # (H, T, T), sequence 0
+p0 = np.exp(np.where(allowed[0, 0, 0], s0, -np.inf))
+p0 /= p0.sum(axis=-1, keepdims=True)
+assert_close(attention_probabilities(cache, 0).reshape(H, T, T), p0, rtol=1e-12, atol=1e-15, what="p")
+
+# %% [markdown]
+# (Tutorial 04 measures where a whole training step's memory goes.)
 #
 # ## Summary
 #

@@ -24,6 +24,8 @@
 # `minift.optim.clip_grad_norm`, `minift.tools.measure.step_memory`.
 
 # %%
+import dataclasses
+
 import numpy as np
 
 from minift import (
@@ -236,15 +238,18 @@ assert params["blocks.0.q.weight"] is model.blocks[0].q.weight  # updated in pla
 # `minift.tools.measure.step_memory` runs one full step (forward, backward, clipping, AdamW) under it
 # and reports the weights, the optimizer state, and the step's peak *above* both.
 #
-# First, look inside the cache. It is a tree of NamedTuples; the same array can appear in several
-# places (q, k and v all keep the *same* normalised input h), so count each array once.
+# First, look inside the cache. It is a tree of NamedTuples and (mutable, so that the backward can
+# drop each entry once used) dataclasses; the same array can appear in several places (q, k and v
+# all keep the *same* normalised input h), so count each array once.
 
 # %%
 def arrays_in(obj, seen=None):
-    """Every distinct ndarray inside nested tuples/lists, counted once by identity."""
+    """Every distinct ndarray inside nested tuples/lists/dataclasses, counted once by identity."""
     seen = {} if seen is None else seen
     if isinstance(obj, np.ndarray):
         seen[id(obj)] = obj
+    elif dataclasses.is_dataclass(obj):
+        arrays_in(list(vars(obj).values()), seen)
     elif isinstance(obj, tuple | list):
         for item in obj:
             arrays_in(item, seen)

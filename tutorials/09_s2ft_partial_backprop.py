@@ -23,7 +23,8 @@
 # **Library functions explained here.** `minift.methods.s2ft.ColumnBlock`,
 # `minift.methods.s2ft.RowBlock`, `minift.methods.s2ft.apply_s2ft`,
 # `minift.methods.s2ft.match_lora_budget`, `minift.tools.measure.step_memory`,
-# `minift.tools.measure.step_flops`, `minift.tools.measure.time_step`, `minift.train.train_step`.
+# `minift.tools.measure.step_flops`, `minift.tools.measure.time_step`, `minift.train.train_step`,
+# `minift.tools.measure.memory_breakdown`.
 
 # %%
 import copy
@@ -195,6 +196,41 @@ if plt is not None:
     plt.close(fig)
 
 # %% [markdown]
+# ## 5. Where each byte goes, and activation checkpointing
+#
+# `minift.tools.measure.memory_breakdown` splits a step's memory into the weights, the gradients,
+# the AdamW state and the activations the forward keeps for the backward, by kind: `attention`
+# (q, k, v and one log-sum-exp per query row; the probabilities are rebuilt in the backward),
+# `mlp` (SwiGLU's gate and up inputs), `norms` (each norm's input), `slots` (what the linear slots
+# keep: inputs of trained weights, adapter activations, S2FT's column slices) and `other`.
+# S2FT removes almost all of the gradients, the optimizer state and `slots`; what is left is what
+# every layer needs to pass dx down. **Activation checkpointing**
+# (`TrainConfig(activation_checkpointing=True)`, `minift finetune --activation-checkpointing`)
+# removes that too: each block keeps only its input (`checkpoints`) and reruns its forward in the
+# backward, one block at a time, for the same gradients.
+
+# %%
+from minift.tools.measure import memory_breakdown
+
+breakdown = {}
+for name in ("full FT", "S2FT"):
+    for ckpt in (False, True):
+        label = name + (" + checkpointing" if ckpt else "")
+        breakdown[label] = memory_breakdown(models[name], batch, activation_checkpointing=ckpt)
+        d = breakdown[label].to_dict()
+        kinds = ", ".join(f"{k} {v / 2**10:.0f}" for k, v in sorted(d["activations"].items()))
+        print(f"{label:>23} (KiB): weights {d['weights'] / 2**10:.0f} | "
+              f"gradients {d['gradients'] / 2**10:.0f} | optimizer {d['optimizer'] / 2**10:.0f} | "
+              f"kept: {kinds} | step peak {d['step_peak'] / 2**10:.0f} | total {d['total'] / 2**10:.0f}")
+kept = {k: sum(b.activations.values()) for k, b in breakdown.items()}
+assert kept["S2FT + checkpointing"] < 0.5 * kept["S2FT"]
+assert breakdown["S2FT + checkpointing"].step.total_bytes < breakdown["S2FT"].step.total_bytes
+_, plain = loss_and_grads(models["S2FT"], batch.tokens, batch.targets)
+_, rerun = loss_and_grads(models["S2FT"], batch.tokens, batch.targets, checkpoint=True)
+for key, g in plain.items():
+    assert_close(rerun[key], g, rtol=1e-6, atol=1e-9, what=key)  # the same gradients
+
+# %% [markdown]
 # ## Summary
 #
 # * A column block keeps `x[:, a:b]`, returns `dyᵀ x[:, a:b]` and the full `dx`; the result is
@@ -203,6 +239,8 @@ if plt is not None:
 #   entry outside the block is untouched, bit for bit.
 # * At a matched budget, S2FT's step keeps less, computes a cheaper backward than full FT and
 #   LoRA, and carries a tiny optimizer state (`minift bench` measures this at scale).
+# * What S2FT still keeps are the activations that pass dx through every layer; activation
+#   checkpointing trades one more forward per step for keeping only each block's input.
 #
 # ## Exercises
 #

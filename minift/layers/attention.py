@@ -17,10 +17,11 @@ from minift.backend import Array, get_xp
 
 
 class AttentionCache(NamedTuple):
-    q: Array  # (B, K, G, T, D) queries, needed for dk
-    k: Array  # (B, K, S, D) keys, needed for dq
+    q: Array  # (B, K, G, T, D) queries after RoPE: dk needs them, and so does recomputing p
+    k: Array  # (B, K, S, D) keys, needed for dq and for p
     v: Array  # (B, K, S, D) values, needed for dp
-    p: Array  # (B, K, G, T, S) probabilities; stored, since recomputing them costs a matmul + exp
+    lse: Array  # (B, K, G·T, 1) row log-sum-exp of the masked scores: p = exp(s − lse), +inf on empty rows
+    allowed: Array  # the mask as given, broadcastable to (B, K, G, T, S); no (B, H, T, S) array is kept
     scale: float
 
 
@@ -41,11 +42,32 @@ def causal_mask(T: int, S: int, key_mask: Array | None = None, *, xp: ModuleType
     return allowed
 
 
+def _masked_scores(q5: Array, k: Array, allowed: Array, b: int, scale: float) -> Array:
+    """s = q kᵀ·scale of sequence b, −inf where ``allowed`` is False: (K, G·T, S), a fresh array.
+
+    The G query heads of a group are stacked as G·T rows, so each kv head is one (G·T, D) × (D, S)
+    matmul. The scale goes on q (T·D values) rather than on the scores (T·S values).
+    """
+    xp = get_xp(q5)
+    _, K, G, T, D = q5.shape
+    S = k.shape[2]
+    scores = (q5[b] * scale).reshape(K, G * T, D) @ k[b].swapaxes(-1, -2)  # (K, G·T, S)
+    mask_b = xp.broadcast_to(allowed, (q5.shape[0], K, G, T, S))[b]  # a view, whatever the mask's shape
+    xp.copyto(scores.reshape(K, G, T, S), -xp.inf, where=~mask_b)
+    return scores
+
+
 def attention_forward(q: Array, k: Array, v: Array, allowed: Array) -> tuple[Array, AttentionCache]:
     """out = softmax(q kᵀ / sqrt(D) masked) v, per head, query head h reading kv head h // G.
 
+    The probabilities are built one sequence at a time and not kept: the cache holds q, k, v and each
+    row's log-sum-exp ℓ = log Σ_j exp(s_j), from which the backward rebuilds p = exp(s − ℓ) with one
+    matmul and one exp per entry (as FlashAttention does, Dao et al. 2022, §3.1). A kept p would
+    cost B·H·T·S values per layer, the largest activation of a block at long T.
+
     NOTE: masked scores are −inf, and a query row with no visible key (a padding query under left
-    padding) gets all-zero probabilities instead of NaN; such rows are never read by a counted output.
+    padding) gets all-zero probabilities instead of NaN (its ℓ is +inf, so exp(s − ℓ) is 0 too);
+    such rows are never read by a counted output.
 
     Shapes:
         q: (B, H, T, D)   k, v: (B, K, S, D)   allowed: broadcastable to (B, K, G, T, S)
@@ -53,23 +75,36 @@ def attention_forward(q: Array, k: Array, v: Array, allowed: Array) -> tuple[Arr
     """
     xp = get_xp(q)
     B, H, T, D = q.shape
-    K, S = k.shape[1], k.shape[2]
+    K = k.shape[1]
     G = H // K
     scale = D**-0.5
     q5 = q.reshape(B, K, G, T, D)
-    # The G query heads of a group are stacked as G·T rows, so each kv head is one (G·T, D) × (D, S)
-    # matmul; the 5-D views are only for the mask, which broadcasts over K and G.
-    # The scale goes on q (T·D values) rather than on the scores (T·S values).
-    scores = ((q5 * scale).reshape(B, K, G * T, D) @ k.swapaxes(-1, -2)).reshape(B, K, G, T, S)
-    # In place from here on: scores is a fresh temporary, and p reuses its memory.
-    xp.copyto(scores, -xp.inf, where=~allowed)
-    m = scores.max(axis=-1, keepdims=True)
-    scores -= xp.where(xp.isfinite(m), m, 0.0)  # fully masked rows: exp(−inf − 0) = 0
-    p = xp.exp(scores, out=scores)
-    denom = p.sum(axis=-1, keepdims=True)
-    p /= xp.where(denom == 0, 1.0, denom)  # (B, K, G, T, S)
-    out = p.reshape(B, K, G * T, S) @ v  # (B, K, G·T, D)
-    return out.reshape(B, H, T, D), AttentionCache(q5, k, v, p, scale)
+    out = xp.empty((B, K, G * T, D), dtype=xp.result_type(q, v))
+    lse = xp.empty((B, K, G * T, 1), dtype=out.dtype)
+    for b in range(B):  # one sequence's (K, G·T, S) scores at a time: never a (B, H, T, S) array
+        p = _masked_scores(q5, k, allowed, b, scale)  # in place from here on: p reuses the scores
+        m = p.max(axis=-1, keepdims=True)
+        m = xp.where(xp.isfinite(m), m, 0.0)  # fully masked rows: exp(−inf − 0) = 0
+        p -= m
+        xp.exp(p, out=p)
+        denom = p.sum(axis=-1, keepdims=True)
+        empty = denom == 0
+        p /= xp.where(empty, 1.0, denom)
+        xp.matmul(p, v[b], out=out[b])
+        lse[b] = xp.where(empty, xp.inf, m + xp.log(xp.where(empty, 1.0, denom)))
+    return out.reshape(B, H, T, D), AttentionCache(q5, k, v, lse, allowed, scale)
+
+
+def attention_probabilities(cache: AttentionCache, b: int) -> Array:
+    """p = softmax of sequence b's masked scores, rebuilt from the cache as exp(s − ℓ).
+
+    Shapes:
+        returns: (K, G·T, S)
+    """
+    xp = get_xp(cache.q)
+    p = _masked_scores(cache.q, cache.k, cache.allowed, b, cache.scale)
+    p -= cache.lse[b]
+    return xp.exp(p, out=p)
 
 
 def attention_backward(dout: Array, cache: AttentionCache) -> tuple[Array, Array, Array]:
@@ -78,24 +113,30 @@ def attention_backward(dout: Array, cache: AttentionCache) -> tuple[Array, Array
     forward: s = q kᵀ·scale, p = softmax(s), out = p v, so
     dv = Σ_G pᵀ dout,  dp = dout vᵀ,  ds = p ⊙ (dp − Σ_j dp ⊙ p),
     dq = ds k · scale,  dk = Σ_G dsᵀ q · scale   (Σ_G: the G query heads sharing a kv head).
+    p is rebuilt one sequence at a time (``attention_probabilities``).
 
     Shapes:
         dout: (B, H, T, D)   returns dq: (B, H, T, D), dk, dv: (B, K, S, D)
     """
     xp = get_xp(dout)
-    q5, k, v, p, scale = cache
+    q5, k, v = cache.q, cache.k, cache.v
     B, K, G, T, D = q5.shape
-    S = k.shape[2]
-    p = p.reshape(B, K, G * T, S)  # the G heads of a group stacked, as in the forward
-    dout = dout.reshape(B, K, G * T, D)
-    dv = p.swapaxes(-1, -2) @ dout  # (B, K, S, D): the matmul sums over the G heads
-    # textbook:  dp = dout vᵀ;  ds = p ⊙ (dp − Σ_j dp ⊙ p);  dq = ds k · scale;  dk = dsᵀ q · scale
-    # below, the dp buffer becomes ds in place (one (B, K, G·T, S) array instead of two)
-    ds = dout @ v.swapaxes(-1, -2)  # dp (B, K, G·T, S), turned into ds / scale in place
-    ds -= xp.einsum("...s,...s->...", ds, p)[..., None]  # Σ_j dp ⊙ p without an (…, S) temporary
-    ds *= p
-    dq = ds @ k  # (B, K, G·T, D)
-    dq *= scale  # the scale goes on dq and dk (T·D values each) rather than on ds
-    dk = ds.swapaxes(-1, -2) @ q5.reshape(B, K, G * T, D)  # (B, K, S, D)
-    dk *= scale
+    dout = dout.reshape(B, K, G * T, D)  # the G heads of a group stacked, as in the forward
+    # textbook:  dv = pᵀ dout;  dp = dout vᵀ;  ds = p ⊙ (dp − Σ_j dp ⊙ p);
+    #            dq = ds k · scale;  dk = dsᵀ q · scale
+    # below, per sequence: p is rebuilt from q, k and the row log-sum-exp, and the dp buffer becomes ds
+    # in place (one (K, G·T, S) array instead of two)
+    dq = xp.empty((B, K, G * T, D), dtype=dout.dtype)
+    dk, dv = xp.empty_like(k, dtype=dout.dtype), xp.empty_like(v, dtype=dout.dtype)
+    for b in range(B):
+        p = attention_probabilities(cache, b)  # (K, G·T, S)
+        xp.matmul(p.swapaxes(-1, -2), dout[b], out=dv[b])  # the matmul sums over the G heads
+        ds = dout[b] @ v[b].swapaxes(-1, -2)  # dp (K, G·T, S), turned into ds / scale in place
+        ds -= xp.einsum("...s,...s->...", ds, p)[..., None]  # Σ_j dp ⊙ p without an (…, S) temporary
+        ds *= p
+        del p
+        xp.matmul(ds, k[b], out=dq[b])
+        xp.matmul(ds.swapaxes(-1, -2), q5[b].reshape(K, G * T, D), out=dk[b])
+    dq *= cache.scale  # the scale goes on dq and dk (T·D values each) rather than on ds
+    dk *= cache.scale
     return dq.reshape(B, K * G, T, D), dk, dv

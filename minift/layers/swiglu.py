@@ -41,13 +41,15 @@ def swiglu_backward(dh: Array, cache: SwiGLUCache) -> tuple[Array, Array]:
     """
     g, u = cache
     s = _sigmoid(g)
-    silu = g * s
-    du = dh * silu
-    # textbook:  dg = dh * u * (s + silu * (1 - s))
-    # the same product, built in one (N, F) buffer instead of four temporaries:
-    dg = 1.0 - s
-    dg *= silu
-    dg += s
+    # textbook:  du = dh ⊙ silu(g);  dg = dh ⊙ u ⊙ (σ + silu(g)·(1 − σ)),  σ = sigmoid(g)
+    # below, the same products built in place in two (N, F) buffers:
+    du = g * s  # silu(g), turned into du in place
+    dg = 1.0 - s  # built up in place into dg = dh ⊙ u ⊙ (σ + silu·(1 − σ)) = dh ⊙ u ⊙ σ(1 + g(1 − σ))
+    dg *= g
+    dg += 1.0
+    dg *= s
+    del s  # three (N, F) temporaries at most, not four
+    du *= dh
     dg *= u
     dg *= dh
     return dg, du

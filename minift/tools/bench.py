@@ -10,10 +10,12 @@ What is measured:
 - ``step_seconds``: the median of ``steps`` timed steps after ``warmup`` untimed ones, the
   implementations and methods taking turns step by step so that a shared machine's changing load
   affects them alike.
+- ``<method>_ckpt`` rows: full FT and S2FT again with activation checkpointing.
 - ``peak_bytes`` (minift only): ``minift.tools.measure.step_memory(...).total_bytes`` on a fresh model: every
   weight of the model (frozen and trainable), the AdamW state, and the ``tracemalloc`` peak of one
   step above them (gradients, activations kept for the backward, temporaries). PyTorch's CPU
-  allocator is not traced by ``tracemalloc``, so its records carry ``None``.
+  allocator is not traced by ``tracemalloc``, so its records carry ``None``. ``memory_breakdown``
+  splits it: weights, gradients, optimizer state and the kept activations by kind.
 - ``mfu``: model FLOPs of the step (``minift.tools.measure.step_flops``: the matmuls the method's backward
   really does, partial backpropagation included) / step time / float32 GEMM throughput. The GEMM
   takes its turn among the steps, so it is measured under the same load (``blas_gflops_in_run``);
@@ -41,9 +43,11 @@ from minift.data.datasets import Batch
 from minift.io.hf_names import module_name
 from minift.methods.registry import MethodSpec, apply_method, get_method, method_names
 from minift.model import Model, init_model, set_trainable, trainable_parameters
-from minift.tools.measure import gemm_gflops, step_flops, step_memory
+from minift.tools.measure import gemm_gflops, memory_breakdown, step_flops
 from minift.train import GradHook
 
+CHECKPOINTED = ("full", "s2ft")  # also measured with activation checkpointing, as "<method>_ckpt"
+CKPT = "_ckpt"
 Key = tuple[str, str]  # (impl, method)
 LR = 1e-4  # any small learning rate: the step's cost does not depend on it
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # LoRA/PiSSA/SORSA adapt every projection
@@ -81,6 +85,11 @@ DEFINITIONS = {
     "step_seconds": "median over the timed steps, implementations and methods taking turns step by step",
     "peak_bytes": "weights + AdamW state + tracemalloc peak of one step above them (minift.tools.measure."
     "step_memory); BLAS work buffers are not traced, nor is PyTorch's allocator (hence null)",
+    "<method>_ckpt": "the method with activation checkpointing (TrainConfig(activation_checkpointing=True)): "
+    "each block keeps only its input and reruns its forward in the backward",
+    "memory_breakdown": "per minift row, bytes of weights, gradients, AdamW state, the activations the "
+    "forward keeps for the backward by kind (minift.tools.measure.activation_bytes), the traced step "
+    "peak and the total (= peak_bytes)",
     "mfu": "model FLOPs per step (minift.tools.measure.step_flops: the matmuls of forward and partial "
     "backward) / step_seconds / blas_gflops_in_run (the median of a 1024³ GEMM's turns among the steps)",
 }
@@ -150,8 +159,14 @@ def prepare_model(method: str, size: BenchSize, seed: int) -> tuple[Model, list[
     return model, apply_method(model, spec, rng)
 
 
+def split_checkpointed(row: str) -> tuple[str, bool]:
+    """A result row's method and whether it runs with activation checkpointing (``s2ft_ckpt``)."""
+    return (row.removesuffix(CKPT), True) if row.endswith(CKPT) else (row, False)
+
+
 def minift_step(method: str, size: BenchSize, seed: int) -> tuple[Callable[[], Any], Model]:
-    """Build the model and optimizer; return (one training step, the model).
+    """Build the model and optimizer; return (one training step, the model). ``method`` may carry the
+    ``_ckpt`` suffix: the same method with activation checkpointing.
 
     The step is the trainer's own ``train_step``: forward, backward, gradient-norm clipping at 1.0, the
     method's gradient hooks (SORSA's regularizer) and the AdamW update.
@@ -159,10 +174,13 @@ def minift_step(method: str, size: BenchSize, seed: int) -> tuple[Callable[[], A
     from minift.optim import AdamW
     from minift.train import train_step
 
+    method, ckpt = split_checkpointed(method)
     model, hooks = prepare_model(method, size, seed)
     micro_batches = [batch(size, seed)]
     opt = AdamW(trainable_parameters(model))
-    return (lambda: train_step(model, opt, micro_batches, LR, grad_hooks=hooks)), model
+    return (
+        lambda: train_step(model, opt, micro_batches, LR, grad_hooks=hooks, activation_checkpointing=ckpt)
+    ), model
 
 
 def _result(
@@ -288,6 +306,11 @@ def ratios(results: list[Result]) -> dict[str, float | None]:
         "lora/full_memory": ratio_of(results, (m, "lora"), (m, "full"), "peak_bytes"),
         "minift/torch_full_time": ratio_of(results, (m, "full"), ("torch", "full"), "step_seconds"),
         "minift/torch_lora_time": ratio_of(results, (m, "lora"), ("torch", "lora"), "step_seconds"),
+        # activation checkpointing, against the same method without it (full: without checkpointing)
+        "s2ft_ckpt/full_memory": ratio_of(results, (m, "s2ft" + CKPT), (m, "full"), "peak_bytes"),
+        "s2ft_ckpt/s2ft_time": ratio_of(results, (m, "s2ft" + CKPT), (m, "s2ft"), "step_seconds"),
+        "full_ckpt/full_memory": ratio_of(results, (m, "full" + CKPT), (m, "full"), "peak_bytes"),
+        "full_ckpt/full_time": ratio_of(results, (m, "full" + CKPT), (m, "full"), "step_seconds"),
     }
 
 
@@ -316,17 +339,21 @@ def measure(
     warmup: int,
     seed: int,
     with_torch: bool,
+    checkpointed: tuple[str, ...] = (),
     log: Callable[[str], None] = print,
-) -> tuple[list[Result], float]:
-    """Every method in minift and PyTorch's full FT and LoRA on ``size``: timed side by side
-    (interleaved), then minift's peak memory method by method on a fresh model.
+) -> tuple[list[Result], float, dict[str, Any]]:
+    """Every method in minift (those in ``checkpointed`` also with activation checkpointing) and
+    PyTorch's full FT and LoRA on ``size``: timed side by side (interleaved), then minift's memory
+    method by method on a fresh model. Returns (results, GEMM GFLOP/s in the run, memory breakdown of
+    every minift row: ``minift.tools.measure.memory_breakdown``).
 
     A GEMM takes its turn in every round too, and its median throughput (returned, GFLOP/s) is the
     MFU's denominator: measured under the same load as the steps, not only on an idle machine.
     """
     step_fns: dict[Key, Callable[[], Any]] = {("blas", "gemm"): _gemm_round()}
     counts: dict[Key, tuple[int, int | None]] = {}  # (trainable parameters, model FLOPs)
-    for method in methods:
+    rows = list(methods) + [m + CKPT for m in checkpointed if m in methods]
+    for method in rows:
         step_fns["minift", method], counts["minift", method] = _minift_entry(method, size, seed)
     if with_torch:
         for method in ("full", "lora"):
@@ -337,17 +364,31 @@ def measure(
     step_fns.clear()  # free every model before tracing memory
     blas_gflops = GEMM_FLOPS / seconds.pop(("blas", "gemm")) / 1e9
     log(f"float32 GEMM throughput during the run: {blas_gflops:.1f} GFLOP/s")
-    results = []
+    results, breakdown = [], {}
     for (impl, method), t in seconds.items():
         peak = None
         if impl == "minift":
-            model, _ = prepare_model(method, size, seed)
-            peak = step_memory(model, [batch(size, seed)], lr=LR).total_bytes
+            base, ckpt = split_checkpointed(method)
+            model, _ = prepare_model(base, size, seed)
+            report = memory_breakdown(model, batch(size, seed), activation_checkpointing=ckpt)
+            peak, breakdown[method] = report.step.total_bytes, report.to_dict()
             del model
         n_params, flops = counts[impl, method]
         results.append(_result(impl, method, t, peak, n_params, flops, size, blas_gflops))
         log(format_result(results[-1]))
-    return results, blas_gflops
+    return results, blas_gflops, breakdown
+
+
+def format_breakdown(method: str, parts: dict[str, Any]) -> str:
+    """One line of where a method's bytes go, in MiB."""
+    mib = 2**-20
+    by_size = sorted(parts["activations"].items(), key=lambda kv: -kv[1])
+    kinds = " ".join(f"{k} {v * mib:.1f}" for k, v in by_size)
+    return (
+        f"memory {method:<10} weights {parts['weights'] * mib:.1f}  gradients {parts['gradients'] * mib:.1f}"
+        f"  optimizer {parts['optimizer'] * mib:.1f}  kept activations {parts['activations_total'] * mib:.1f}"
+        f" ({kinds})  step peak {parts['step_peak'] * mib:.1f}  total {parts['total'] * mib:.1f} MiB"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -434,7 +475,7 @@ def format_result(r: Result) -> str:
     peak = "—" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:8.1f} MiB"
     mfu = "—" if r.mfu is None else f"{r.mfu:6.1%}"
     return (
-        f"{r.impl:<7}{r.method:<7}{r.step_seconds * 1e3:9.1f} ms/step {r.tokens_per_second:9.0f} tok/s"
+        f"{r.impl:<7}{r.method:<10}{r.step_seconds * 1e3:9.1f} ms/step {r.tokens_per_second:9.0f} tok/s"
         f"  MFU {mfu:>6}  peak {peak:>12}  trainable {r.trainable_params:,}"
     )
 
@@ -507,7 +548,9 @@ def run(
     blas = gemm_gflops()
     log(f"float32 GEMM throughput: {blas:.1f} GFLOP/s (best of 5, before the run)")
     kw = dict(steps=steps, warmup=warmup, seed=seed, with_torch=with_torch, log=log)
-    results, blas_in_run = measure(size, present, **kw)
+    results, blas_in_run, breakdown = measure(size, present, checkpointed=CHECKPOINTED, **kw)
+    for method, parts in breakdown.items():
+        log(format_breakdown(method, parts))
     n_params = sum(
         int(a.size)
         for a in trainable_parameters(
@@ -530,6 +573,7 @@ def run(
         "blas_gflops_in_run": blas_in_run,
         "results": [asdict(r) for r in results],
         "ratios": ratios(results),
+        "memory_breakdown": breakdown,
         "definitions": DEFINITIONS,
     }
     if "s2ft" in present and "lora" in present:
@@ -540,7 +584,7 @@ def run(
         report["scaling"] = []
         for axis, s in scaling_sizes(size):
             log(f"scaling {axis}: C={s.config.hidden_size} T={s.seq}")
-            rs, blas_in_run = measure(s, tuple(m for m in present if m in ("full", "lora", "s2ft")), **kw)
+            rs, blas_in_run, _ = measure(s, tuple(m for m in present if m in ("full", "lora", "s2ft")), **kw)
             report["scaling"].append(
                 {
                     "axis": axis,

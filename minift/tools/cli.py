@@ -137,6 +137,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         merge=args.merge,
         progress=not args.no_progress,
+        activation_checkpointing=args.activation_checkpointing,
     )
     finetune(args.model, args.data, spec, args.out, run, resume=args.resume)
     written = "merged/, " if args.method == "full" else "adapter/, " + ("merged/, " if args.merge else "")
@@ -346,6 +347,12 @@ def finetune_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-length", type=int, help="truncate longer examples to this many tokens")
     t.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
+    t.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="keep only each block's input and rerun its forward in the backward: less memory, same "
+        "gradients, about one more forward per step",
+    )
     t.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints"
     )

@@ -106,6 +106,7 @@ class RunConfig:
     checkpoint_every: int = 50
     merge: bool = False  # also write the merged model (always done for full fine-tuning)
     progress: bool = True
+    activation_checkpointing: bool = False  # rerun each block's forward in the backward: less memory
 
 
 def finetune(
@@ -135,6 +136,7 @@ def finetune(
         checkpoint_every=run.checkpoint_every,
         checkpoint_dir=str(out / "checkpoints"),
         progress=run.progress,
+        activation_checkpointing=run.activation_checkpointing,
     )
     result = train(model, data, config, grad_hooks=hooks, resume=resume)
     base = str(resolve_model_dir(model_dir))

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 import tracemalloc
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from minift.data.datasets import Batch
-from minift.model import Model, lowest_trainable_block, named_modules, trainable_parameters
+from minift.model import (
+    BlockCheckpoint,
+    Model,
+    ModelCache,
+    loss_and_grads,
+    lowest_trainable_block,
+    model_forward,
+    named_modules,
+    trainable_parameters,
+)
 from minift.optim import AdamW
 from minift.train import train_step
 
@@ -67,7 +78,12 @@ class MemoryReport:
 
 
 def step_memory(
-    model: Model, micro_batches: Sequence[Batch], *, optimizer: AdamW | None = None, lr: float = 0.0
+    model: Model,
+    micro_batches: Sequence[Batch],
+    *,
+    optimizer: AdamW | None = None,
+    lr: float = 0.0,
+    activation_checkpointing: bool = False,
 ) -> MemoryReport:
     """Run one training step under ``tracemalloc`` and report its peak (see ``MemoryReport``).
 
@@ -81,7 +97,7 @@ def step_memory(
     try:
         tracemalloc.reset_peak()
         baseline = tracemalloc.get_traced_memory()[0]
-        train_step(model, optimizer, micro_batches, lr)
+        train_step(model, optimizer, micro_batches, lr, activation_checkpointing=activation_checkpointing)
         peak = tracemalloc.get_traced_memory()[1] - baseline
     finally:
         if not was_tracing:
@@ -177,3 +193,100 @@ def time_step(
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return StepTiming(statistics.median(times), tokens)
+
+
+# ----------------------------------------------------------------------------------------------------
+# where the bytes go
+
+
+# What each entry of a block's cache is, for the breakdown (the kind of op that keeps it).
+CACHE_KINDS = {
+    "attn_norm": "norms", "mlp_norm": "norms", "final_norm": "norms",
+    "attn": "attention", "act": "mlp",
+    "q": "slots", "k": "slots", "v": "slots", "o": "slots", "gate": "slots", "up": "slots", "down": "slots",
+    "head": "slots", "x_final": "slots",  # the LM head's input, kept for its (tied) weight gradient
+    "tokens": "other", "positions": "other", "rope": "other", "allowed": "other",
+}
+
+
+def _arrays(obj: Any) -> Iterator[Any]:
+    """Every array inside a cache: NamedTuples, tuples, lists and dataclasses are walked into."""
+    if hasattr(obj, "nbytes") and hasattr(obj, "shape"):
+        yield obj
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from _arrays(getattr(obj, f.name))
+    elif isinstance(obj, tuple | list):
+        for item in obj:
+            yield from _arrays(item)
+
+
+def activation_bytes(cache: ModelCache) -> dict[str, int]:
+    """Bytes the forward keeps for the backward, by kind: ``attention`` (q, k, v, row log-sum-exp),
+    ``mlp`` (SwiGLU's gate/up pre-activations or GELU's input), ``norms`` (inputs and 1/rms), ``slots``
+    (the linear slots' own caches: inputs of trained weights, adapter activations, S2FT column slices),
+    ``checkpoints`` (the inputs of checkpointed blocks) and ``other`` (tokens, positions, RoPE tables,
+    mask). A buffer shared by several entries (views, the input of q, k and v) is counted once, under
+    the first kind that reaches it, block by block from the bottom."""
+    out: dict[str, int] = {}
+    seen: set[int] = set()
+
+    def add(kind: str, obj: Any) -> None:
+        for a in _arrays(obj):
+            base = a if getattr(a, "base", None) is None else a.base
+            if id(base) not in seen:
+                seen.add(id(base))
+                out[kind] = out.get(kind, 0) + int(base.nbytes)
+
+    for entry in cache.blocks:
+        if isinstance(entry, BlockCheckpoint):
+            add("checkpoints", entry.x)
+        elif entry is not None:
+            for f in dataclasses.fields(entry):
+                add(CACHE_KINDS[f.name], getattr(entry, f.name))
+    for name in ("final_norm", "x_final", "head", "tokens", "positions", "rope", "allowed"):
+        add(CACHE_KINDS[name], getattr(cache, name))
+    return out
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Where a training step's bytes go: the arrays that exist at once at the end of the forward
+    (weights, optimizer state, the activations kept for the backward by kind) or of the backward (the
+    gradients), and the measured ``tracemalloc`` peak of the whole step (``MemoryReport``), which adds
+    the temporaries of the ops (logits and softmax, the backward's intermediate arrays)."""
+
+    weights_bytes: int
+    gradients_bytes: int
+    optimizer_bytes: int
+    activations: dict[str, int]  # kind → bytes (``activation_bytes``)
+    step: MemoryReport
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "weights": self.weights_bytes,
+            "gradients": self.gradients_bytes,
+            "optimizer": self.optimizer_bytes,
+            "activations": dict(self.activations),
+            "activations_total": sum(self.activations.values()),
+            "step_peak": self.step.step_peak_bytes,
+            "total": self.step.total_bytes,
+        }
+
+
+def memory_breakdown(
+    model: Model, micro_batch: Batch, *, activation_checkpointing: bool = False
+) -> MemoryBreakdown:
+    """Measure ``MemoryBreakdown`` on one micro-batch: the kept activations from a training forward,
+    the gradients from ``loss_and_grads``, then one traced training step (``step_memory``, lr 0)."""
+    tokens, targets, mask = micro_batch
+    _, cache = model_forward(model, tokens, attention_mask=mask, checkpoint=activation_checkpointing)
+    assert cache is not None
+    kept = activation_bytes(cache)
+    del cache
+    ckpt = activation_checkpointing
+    _, grads = loss_and_grads(model, tokens, targets, attention_mask=mask, checkpoint=ckpt)
+    grad_bytes = sum(int(g.nbytes) for g in grads.values())
+    del grads
+    step = step_memory(model, [micro_batch], activation_checkpointing=activation_checkpointing)
+    return MemoryBreakdown(step.weights_bytes, grad_bytes, step.optimizer_bytes, kept, step)

@@ -11,6 +11,8 @@
 # # Solutions to tutorial 04 · The decoder and a training step
 
 # %%
+import dataclasses
+
 import numpy as np
 
 from minift import ModelConfig, init_model, loss_and_grads, model_forward, set_trainable
@@ -66,6 +68,9 @@ def walk(obj, path, found):
     elif isinstance(obj, tuple) and hasattr(obj, "_fields"):
         for f in obj._fields:
             walk(getattr(obj, f), f"{path}.{f}", found)
+    elif dataclasses.is_dataclass(obj):  # a block's cache
+        for f, value in vars(obj).items():
+            walk(value, f"{path}.{f}", found)
     elif isinstance(obj, tuple | list):
         for i, item in enumerate(obj):
             walk(item, f"{path}[{i}]", found)
@@ -75,13 +80,14 @@ def walk(obj, path, found):
 largest = sorted(walk(cache, "cache", {}).values(), key=lambda pa: -pa[1].nbytes)[:5]
 for path, a in largest:
     print(f"{a.nbytes / 1024:8.0f} KiB  {a.shape!s:<22} {path}")
-assert any(".attn.p" in path for path, _ in largest)  # the attention probabilities are among them
+assert any(".act." in path for path, _ in largest)  # SwiGLU's F-wide gate/up inputs are among them
 
 # %% [markdown]
 # ## 3. Memory against sequence length
 #
 # The linear terms (activations of width C or F per token) grow like T; the attention
-# probabilities p (B·H·T·T per layer) grow like T². At these tiny widths T² takes over early.
+# probabilities of one sequence (H·T·T, built in the forward and rebuilt in the backward, never
+# kept) grow like T². At these tiny widths T² takes over early.
 
 # %%
 peaks = {}
