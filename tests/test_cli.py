@@ -244,21 +244,9 @@ def test_a_missing_model_folder_and_a_missing_argument_are_one_line(tmp_path, ca
     assert_one_line_error(code, err, "--method")
 
 
-def test_exporting_an_s2ft_adapter_to_peft_is_refused_in_one_line(files, tmp_path, capsys):
-    run(finetune(files, tmp_path / "run", "s2ft"), capsys)
-    code, _, err = run(
-        [
-            "export",
-            "--model",
-            files["model"],
-            "--adapter",
-            tmp_path / "run" / "adapter",
-            "--peft",
-            tmp_path / "p",
-        ],
-        capsys,
-    )
-    assert_one_line_error(code, err, "--merged")
+def test_exporting_to_peft_without_an_adapter_is_one_line(files, tmp_path, capsys):
+    code, _, err = run(["export", "--model", files["model"], "--peft", tmp_path / "p"], capsys)
+    assert_one_line_error(code, err, "--adapter")
 
 
 def test_the_quick_demo_prints_one_row_per_method_and_writes_its_results(tmp_path, capsys):

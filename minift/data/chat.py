@@ -45,6 +45,7 @@ from minift.layers.cross_entropy import IGNORE_INDEX
 if TYPE_CHECKING:
     from minift.data.datasets import Example
     from minift.data.tokenizer import Tokenizer
+    from minift.model import Model
 
 TEMPLATE_FILE, TOKENIZER_CONFIG = "chat_template.jinja", "tokenizer_config.json"
 ROLES = ("system", "user", "assistant", "tool")
@@ -233,3 +234,31 @@ def chat_stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
     token."""
     end = end_of_turn_id(tokenizer)
     return tuple(tokenizer.eos_ids) + ((end,) if end is not None and end not in tokenizer.eos_ids else ())
+
+
+def chat_replies(
+    model: Model, tokenizer: Tokenizer, chats: Sequence[Sequence[Message]], *, max_new_tokens: int = 64
+) -> list[str]:
+    """Greedy replies to each conversation (its messages up to, not including, the last assistant turn),
+    stopping at the template's end of turn."""
+    from minift.generate import generate
+
+    prompts = [chat_prompt_ids(tokenizer, _context(m)) for m in chats]
+    new = generate(model, prompts, max_new_tokens=max_new_tokens, eos_ids=chat_stop_ids(tokenizer),
+                   pad_id=tokenizer.pad_id)
+    return [tokenizer.decode(ids).strip() for ids in new]
+
+
+def _last_reply(messages: Sequence[Message]) -> int:
+    return max(k for k, m in enumerate(messages) if m["role"] == "assistant")
+
+
+def _context(messages: Sequence[Message]) -> list[Message]:
+    return list(messages[: _last_reply(messages)])
+
+
+def chat_exact_match(model: Model, tokenizer: Tokenizer, chats: Sequence[Sequence[Message]]) -> float:
+    """The fraction of conversations whose last assistant turn the model reproduces exactly (stripped)."""
+    replies = chat_replies(model, tokenizer, chats)
+    expected = [m[_last_reply(m)]["content"].strip() for m in chats]
+    return sum(r == e for r, e in zip(replies, expected, strict=True)) / len(chats)

@@ -29,9 +29,11 @@ from minift.data.tokenizer import Tokenizer
 from minift.errors import CheckpointError, ConfigError
 from minift.io.hub import load_pretrained, save_pretrained
 from minift.io.peft import CONFIG_NAME, export_peft_adapter, load_peft_adapter
+from minift.io.provenance import EMBEDDED_NAME, PROVENANCE, check_base, recorded_base, write_provenance
 from minift.methods import full, lora, pissa, sorsa
 from minift.methods import s2ft as s2ft_method
 from minift.methods.s2ft.adapter import INDEX as S2FT_INDEX
+from minift.methods.s2ft.permute import layouts_of
 from minift.model import SLOT_NAMES, Model, trainable_parameters
 from minift.serving import merge_adapter
 from minift.tools.pretrain import EMBEDDED
@@ -54,6 +56,8 @@ class MethodSpec:
     gamma: float = 4e-4  # SORSA regularizer strength
     dropout: float = 0.0  # adapter dropout (LoRA/PiSSA/SORSA)
     variant: str = "large"  # S2FT scored strategies: keep the "large" or the "small" end
+    head_targets: tuple[str, ...] = ("o",)  # S2FT matrices whose heads train (⊆ q k v o)
+    channel_targets: tuple[str, ...] = ("down",)  # S2FT matrices whose channels train (⊆ gate up down)
 
     def __post_init__(self) -> None:
         if self.method not in METHOD_NAMES:
@@ -87,17 +91,44 @@ def apply_method(
         return [sorsa.gradient_hook(config)]
     else:
         config = s2ft_method.match_lora_budget(
-            model.config, r, lora_targets=spec.targets, strategy=spec.strategy, variant=spec.variant
+            model.config, r, lora_targets=spec.targets, strategy=spec.strategy, variant=spec.variant,
+            head_targets=spec.head_targets, channel_targets=spec.channel_targets,
         )
         if spec.heads is not None or spec.channels is not None:
             config = s2ft_method.S2FTConfig(
                 heads=config.heads if spec.heads is None else spec.heads,
                 channels=config.channels if spec.channels is None else spec.channels,
+                head_targets=spec.head_targets,
+                channel_targets=spec.channel_targets,
                 strategy=spec.strategy,  # type: ignore[arg-type]
                 variant=spec.variant,  # type: ignore[arg-type]
             )
         s2ft_method.apply_s2ft(model, config, calib, rng=rng)
     return []
+
+
+def s2ft_selection(model: Model) -> dict[str, Any] | None:
+    """An S2FT model's configuration and, per layer, the query heads and FFN channels it trains
+    (original ids); None for other methods."""
+    if "s2ft" not in model.meta:
+        return None
+    layers = layouts_of(model)
+    return {
+        "config": model.meta["s2ft"]["config"],
+        "layers": {
+            str(i): {"heads": list(lay.heads), "channels": list(lay.channels)} for i, lay in layers.items()
+        },
+    }
+
+
+def describe_selection(selection: dict[str, Any]) -> list[str]:
+    """The lines that show an S2FT selection: targets, then one line per layer."""
+    c = selection["config"]
+    lines = [f"S2FT {c['strategy']}: heads on {','.join(c['head_targets']) or '-'}, "
+             f"channels on {','.join(c['channel_targets']) or '-'}"]
+    for i, layer in selection["layers"].items():
+        lines.append(f"  layer {i}: heads {layer['heads']} channels {layer['channels']}")
+    return lines
 
 
 def trainable_count(model: Model) -> int:
@@ -110,7 +141,7 @@ def trainable_count(model: Model) -> int:
 
 def resolve_model_dir(model: str | Path) -> Path:
     """``embedded`` names the shipped base model; anything else is a Hugging Face model folder."""
-    return EMBEDDED if str(model) == "embedded" else Path(model)
+    return EMBEDDED if str(model) == EMBEDDED_NAME else Path(model)
 
 
 def load_model(model: str | Path) -> tuple[Model, Tokenizer]:
@@ -123,12 +154,52 @@ def load_model(model: str | Path) -> tuple[Model, Tokenizer]:
 
 def save_adapter(model: Model, folder: str | Path, *, base: str = "") -> Path | None:
     """Write the model's adapter (PEFT folder for LoRA/PiSSA/SORSA, S2FT adapter for S2FT); None for
-    full fine-tuning, which has no adapter (its result is the merged model)."""
+    full fine-tuning, which has no adapter (its result is the merged model). With ``base`` (a model
+    folder or ``embedded``) the folder also records its base model (``minift.io.provenance``)."""
     if "s2ft" in model.meta:
-        return s2ft_method.save_adapter(s2ft_method.extract_adapter(model), folder)
-    if model.meta.get("adapter", {}).get("method") == "full":
+        out = s2ft_method.save_adapter(s2ft_method.extract_adapter(model), folder)
+    elif model.meta.get("adapter", {}).get("method") == "full":
         return None
-    return export_peft_adapter(model, folder, base_model_name_or_path=base)
+    else:
+        out = export_peft_adapter(model, folder, base_model_name_or_path=str(resolve_model_dir(base)))
+    if base:
+        base_dir = resolve_model_dir(base)
+        write_provenance(out, base_dir, EMBEDDED_NAME if base_dir == EMBEDDED else None)
+    return out
+
+
+def base_of_adapter(adapter: str | Path, model: str | Path | None = None) -> Path:
+    """The base model folder to put ``adapter`` on: ``model`` if given, else the one the adapter
+    records; checked against the recorded fingerprint. CheckpointError when it does not fit."""
+    recorded = recorded_base(adapter)
+    if model is None:
+        if recorded is None:
+            raise CheckpointError(
+                f"{adapter}: the adapter does not record its base model ({PROVENANCE} or "
+                "base_model_name_or_path); pass it with --model"
+            )
+        folder = resolve_model_dir(recorded[0])
+        if not folder.is_dir():
+            raise CheckpointError(
+                f"{adapter}: its base model {recorded[0]} is not a folder here; pass it with --model"
+            )
+    else:
+        folder = resolve_model_dir(model)
+    if recorded is not None:
+        check_base(adapter, folder, recorded[1])
+    return folder
+
+
+def load_with_adapter(model: str | Path | None, adapter: str | Path | None) -> tuple[Model, Tokenizer, Path]:
+    """(model with the adapter attached, tokenizer, base folder); without ``model`` an adapter's
+    recorded base is used, without either the embedded model."""
+    folder = resolve_model_dir("embedded" if model is None else model)
+    if adapter is not None:
+        folder = base_of_adapter(adapter, model)
+    loaded, tokenizer = load_model(folder)
+    if adapter is not None:
+        attach_adapter(loaded, adapter)
+    return loaded, tokenizer, folder
 
 
 def attach_adapter(model: Model, folder: str | Path) -> Model:
@@ -207,8 +278,9 @@ def finetune(
     )
     result = train(model, data, config, grad_hooks=hooks, resume=resume)
     base = str(resolve_model_dir(model_dir))
-    adapter = save_adapter(model, out / "adapter", base=base)
+    adapter = save_adapter(model, out / "adapter", base=str(model_dir))
     trainable = trainable_count(model)
+    selection = s2ft_selection(model)  # before merging: that returns the model to original coordinates
     if run.merge or spec.method == "full":
         save_pretrained(merged_model(model), out / "merged", tokenizer_path=resolve_model_dir(model_dir))
     record = {
@@ -217,6 +289,7 @@ def finetune(
         "method": asdict(spec),
         "run": asdict(run),
         "trainable_parameters": trainable,
+        "s2ft": selection,
         "steps": result.steps,
         "final_loss": result.losses[-1] if result.losses else None,
         "adapter": None if adapter is None else str(adapter),
