@@ -201,6 +201,7 @@ def train(
     eval_fn: EvalFn | None = None,
     grad_hooks: Sequence[GradHook] = (),
     resume: bool | str | Path = False,
+    extend: bool = False,
 ) -> TrainResult:
     """Train ``model``'s trainable arrays in place for ``config.steps`` optimizer steps.
 
@@ -211,6 +212,13 @@ def train(
         grad_hooks: extra gradient terms (see the module docstring).
         resume: True resumes from ``config.checkpoint_dir`` if it holds a checkpoint; a path resumes from
             that run or step folder; False starts afresh.
+        extend: with ``resume``, ``config.steps`` may differ from the checkpoint's: a finished run
+            trains on to the new total. The steps already taken stay as they were (the state is
+            restored bit for bit); the remaining ones follow the schedule re-planned to the new total,
+            lr = schedule(step; total = config.steps). A constant schedule is therefore exactly the
+            run that was asked for the new total from the start; a decaying one jumps to the new
+            curve at the checkpoint (a linear decay that had reached 0 rises again to its value at
+            that step of the longer run).
     Raises:
         TrainingError on a NaN/inf loss or gradient; checkpoints already written are left intact.
     """
@@ -222,7 +230,7 @@ def train(
     rng = np.random.default_rng(config.seed)
     run_config = _run_config(config, data)
     run_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
-    start, resumed_from = _resume(resume, run_dir, run_config, model, optimizer, rng)
+    start, resumed_from = _resume(resume, run_dir, run_config, model, optimizer, rng, extend=extend)
     result = TrainResult(start, 0, 0.0, None, checkpoint=resumed_from)
     k = config.accum_steps
 
@@ -300,6 +308,8 @@ def _resume(
     model: Model,
     optimizer: AdamW,
     rng: np.random.Generator,
+    *,
+    extend: bool = False,
 ) -> tuple[int, Path | None]:
     """Restore a checkpoint if asked to; return the step to start from and the checkpoint's folder."""
     if resume is False:
@@ -314,12 +324,18 @@ def _resume(
     ckpt = load_checkpoint(path)
     saved = ckpt.state.get("train_config", {})
     # A decaying schedule depends on the total step count, so extending such a run changes its lr.
-    keys = _RESUME_MUST_MATCH + (("steps",) if run_config["schedule"] != "constant" else ())
+    keys = _RESUME_MUST_MATCH + (("steps",) if run_config["schedule"] != "constant" and not extend else ())
     differ = [key for key in keys if saved.get(key) != run_config[key]]
     if differ:
+        hint = (" (to train a finished run further, extend it: the schedule is re-planned to the new "
+                "total; or start a new run folder)") if differ == ["steps"] else ""
         raise CheckpointError(
             f"{ckpt.path / 'state.json'}: the run's settings {differ} differ from the checkpoint's "
-            f"({', '.join(f'{key}={saved.get(key)!r}' for key in differ)}); resume with the same ones"
+            f"({', '.join(f'{key}={saved.get(key)!r}' for key in differ)}); resume with the same ones{hint}"
+        )
+    if extend and ckpt.step >= run_config["steps"]:
+        raise CheckpointError(
+            f"{ckpt.path}: the run is already at step {ckpt.step}; extending needs more steps than that"
         )
     restore(ckpt, model, optimizer, rng)
     return ckpt.step, ckpt.path

@@ -118,7 +118,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         merge=args.merge,
         progress=not args.no_progress,
     )
-    finetune(args.model or "embedded", args.data, spec, args.out, run, resume=args.resume)
+    finetune(args.model or "embedded", args.data, spec, args.out, run, resume=args.resume, extend=args.extend)
     record = json.loads(Path(args.out, "finetune.json").read_text(encoding="utf-8"))
     print(f"trainable parameters {record['trainable_parameters']:,}")
     if record.get("s2ft"):
@@ -349,6 +349,11 @@ def finetune_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints"
     )
+    t.add_argument(
+        "--extend",
+        action="store_true",
+        help="resume a finished run and train on to --steps; the lr schedule is re-planned to the new total",
+    )
     t.add_argument("--merge", action="store_true", help="also write the merged model to OUT/merged")
     t.add_argument("--no-progress", action="store_true")
 
@@ -424,6 +429,9 @@ To run the spec itself against your own Python implementation:
   minift finetune --data train.jsonl --method lora --rank 8 --out runs/lora
   minift finetune --model ./my-llama --data train.jsonl --method s2ft --heads 1 --channels 64 --out runs/s2ft
   minift finetune --data train.jsonl --method lora --out runs/lora --steps 400 --resume   (after Ctrl-C)
+  minift finetune --data train.jsonl --method lora --out runs/lora --steps 600 --extend   (train on)
+  minift finetune --model ./smollm2 --data chat.jsonl --method s2ft --out runs/chat
+      chat.jsonl lines {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}
 
 Each line of train.jsonl is {"prompt": "Q: reverse abc\\nA: ", "completion": "cba"} (loss on the
 completion) or {"text": "..."} (loss on every token). The run folder gets adapter/ (PEFT for

@@ -256,9 +256,11 @@ def finetune(
     run: RunConfig,
     *,
     resume: bool = False,
+    extend: bool = False,
 ) -> tuple[Model, TrainResult]:
     """Fine-tune ``model_dir`` on the JSONL file ``data_path`` with ``spec``; write ``out_dir`` (see the
-    module docstring). With ``resume`` a run continues from ``out_dir/checkpoints``."""
+    module docstring). With ``resume`` a run continues from ``out_dir/checkpoints``; with ``extend`` too, a
+    finished run trains on to ``run.steps`` (``minift.train.train``: the schedule is re-planned)."""
     out = Path(out_dir)
     model, tokenizer = load_model(model_dir)
     examples = [encode_example(tokenizer, r, max_length=run.max_length) for r in read_jsonl(data_path)]
@@ -276,7 +278,7 @@ def finetune(
         checkpoint_dir=str(out / "checkpoints"),
         progress=run.progress,
     )
-    result = train(model, data, config, grad_hooks=hooks, resume=resume)
+    result = train(model, data, config, grad_hooks=hooks, resume=resume or extend, extend=extend)
     base = str(resolve_model_dir(model_dir))
     adapter = save_adapter(model, out / "adapter", base=str(model_dir))
     trainable = trainable_count(model)
