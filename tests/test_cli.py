@@ -260,3 +260,9 @@ def test_the_quick_demo_prints_one_row_per_method_and_writes_its_results(tmp_pat
     assert rows["lora"]["trainable_parameters"] == rows["pissa"]["trainable_parameters"]
     assert abs(rows["s2ft"]["trainable_parameters"] / rows["lora"]["trainable_parameters"] - 1) < 0.05
     assert len(rows["full"]["losses"]) == report["config"]["steps"]
+
+
+def test_eval_on_a_data_file_prints_exact_match_once(files, capsys):
+    code, out, err = run(["eval", "--model", files["model"], "--data", files["data"], "--limit", 2], capsys)
+    assert code == 0, err
+    assert [line.split()[2] for line in out.splitlines() if line.startswith("exact match")] == ["all"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 import numpy as np
 import pytest
@@ -198,7 +199,8 @@ def test_the_eval_hook_runs_every_eval_every_steps_and_at_the_end():
     assert result.evals == [(3, {"step_seen": 3.0}), (6, {"step_seen": 6.0}), (7, {"step_seen": 7.0})]
 
 
-def test_the_progress_bar_shows_loss_lr_and_tokens_per_second_and_ends_with_a_summary(capsys):
+def test_the_progress_bar_shows_loss_lr_and_tokens_per_second_and_ends_with_a_summary(capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a terminal: the bar is drawn
     result = train(tiny_model(TOK.vocab_size), _data(), _config(steps=3, progress=True))
     err = capsys.readouterr().err
     for word in ("loss=", "lr=", "tok_s=", "steps 3 | tokens", "peak memory"):
@@ -242,3 +244,24 @@ def test_extending_a_decaying_run_follows_the_schedule_replanned_to_the_new_tota
     assert lrs == [config.schedule_fn()(s) for s in range(4, 8)]
     with pytest.raises(CheckpointError, match="already at step 8"):
         train(tiny_model(TOK.vocab_size), _data(), config, resume=True, extend=True)
+
+
+def test_the_memory_figure_is_this_processs_own_peak_not_an_earlier_one(capsys):
+    """ru_maxrss keeps the highest RSS ever (a parent's at fork included); the figure after a reset of
+    VmHWM does not see a 256 MiB array that was freed before training."""
+    if not minift.train.reset_peak_rss():
+        pytest.skip("this OS cannot reset the peak-RSS counter")
+    big = np.ones(2**25)  # 256 MiB, touched
+    with_big, _ = minift.train.peak_memory(True)
+    del big
+    result = train(tiny_model(TOK.vocab_size), _data(), _config(steps=2))
+    assert "VmHWM" in result.peak_memory_what
+    assert result.peak_memory_bytes < with_big
+
+
+def test_a_log_gets_one_summary_line_and_no_progress_bar_redraws(capsys):
+    train(tiny_model(TOK.vocab_size), _data(), _config(steps=3, progress=True))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("steps 3 |")
+    assert "VmHWM" in lines[0] or "ru_maxrss" in lines[0]
