@@ -12,7 +12,7 @@ from minift.data.datasets import encode_example, read_jsonl
 from minift.data.tokenizer import Tokenizer
 from minift.errors import DataError
 from minift.layers.cross_entropy import IGNORE_INDEX
-from tests.chat_fixtures import CONVERSATIONS, TEMPLATES, write_chat_tokenizer
+from tests.chat_fixtures import CHATML_GENERATION, CONVERSATIONS, TEMPLATES, write_chat_tokenizer
 
 
 def _learned_text(tok: Tokenizer, messages) -> list[str]:
@@ -97,3 +97,10 @@ def test_chat_lines_are_read_and_bad_messages_name_the_line(tmp_path):
                     + json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
     with pytest.raises(DataError, match=r"chat\.jsonl:2: messages\[0\] has role 'robot'"):
         read_jsonl(path)
+
+
+def test_a_template_with_generation_blocks_renders_their_body(tmp_path):
+    folder = write_chat_tokenizer(tmp_path, "chatml", as_jinja_file=True)
+    (folder / "chat_template.jinja").write_text(CHATML_GENERATION)
+    tok = Tokenizer.from_pretrained(folder)
+    assert _learned_text(tok, CONVERSATIONS[1]) == ["cba<|im_end|>\n", "zyx \"q\"\n\nDone.<|im_end|>\n"]

@@ -79,7 +79,9 @@ class ChatTemplate:
         def strftime_now(fmt: str) -> str:
             return datetime.now().strftime(fmt)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _generation_block()]
+        )
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = strftime_now
@@ -111,14 +113,36 @@ class ChatTemplate:
         return text[at + len(probe):] if at >= 0 else ""
 
 
+def _generation_block() -> type:
+    """The ``{% generation %}…{% endgeneration %}`` tag transformers defines to mark assistant text:
+    here it renders its body unchanged (the mask comes from prefixes), so templates using it parse."""
+    import jinja2
+    from jinja2.ext import Extension
+
+    class GenerationBlock(Extension):
+        tags = frozenset({"generation"})
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller: Any) -> str:
+            return str(caller())
+
+    return GenerationBlock
+
+
 def load_chat_template(folder: str | Path) -> ChatTemplate | None:
     """The chat template of a model folder, or None when it has none. ``chat_template.jinja`` wins over
     ``tokenizer_config.json`` (as in transformers ≥ 4.43); a list of named templates gives ``default``."""
     folder = Path(folder)
     config_path = folder / TOKENIZER_CONFIG
     config = read_json_object(config_path, error=DataError) if config_path.is_file() else {}
+    map_path = folder / "special_tokens_map.json"  # older folders keep the special tokens here
+    tokens_map = read_json_object(map_path, error=DataError) if map_path.is_file() else {}
     special = {}
-    for key, value in config.items():
+    for key, value in {**tokens_map, **config}.items():
         if key.endswith("_token") and isinstance(value, dict):
             value = value.get("content")
         if key.endswith("_token") and isinstance(value, str):
