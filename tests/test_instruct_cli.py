@@ -15,8 +15,9 @@ from minift.io.peft import CONFIG_NAME, WEIGHTS_NAME
 from minift.io.provenance import PROVENANCE
 from minift.io.safetensors_io import read_safetensors
 from minift.methods.s2ft.peft_export import lora_form
-from minift.model import init_model
-from minift.tools.finetune import attach_adapter, merged_model
+from minift.model import init_model, model_forward
+from minift.testing import assert_close
+from minift.tools.finetune import attach_adapter, load_with_adapter, merged_model
 from tests.chat_fixtures import CONVERSATIONS, write_chat_tokenizer
 from tests.test_cli import run
 from tests.toy import task_world_config
@@ -103,6 +104,18 @@ def test_s2ft_exports_as_an_exact_lora_with_a_rank_per_module(chat_run, tmp_path
             assert alpha == rank
             W0 = getattr(base.blocks[i], name).weight
             np.testing.assert_array_equal(W0 + B @ A, getattr(merged.blocks[i], name).weight)
+
+
+def test_minift_loads_its_s2ft_lora_export_with_the_merged_models_logits(chat_run, tmp_path, capsys):
+    adapter = chat_run["root"] / "run" / "adapter"
+    assert run(["export", "--adapter", adapter, "--peft", tmp_path / "peft"], capsys)[0] == 0
+    tokens = np.array([[1, 5, 9, 30, 2, 7]])
+    merged = merged_model(attach_adapter(load_pretrained(chat_run["model"]), adapter))
+    as_lora, _, base = load_with_adapter(None, tmp_path / "peft")  # the base it records
+    assert base == chat_run["model"].resolve()
+    ours = model_forward(as_lora, tokens, train=False)[0]
+    assert_close(ours, model_forward(merged, tokens, train=False)[0], rtol=1e-5, atol=1e-6,
+                 what="LoRA form vs merged S2FT")
 
 
 def test_lora_form_reproduces_row_and_column_blocks_bit_for_bit():

@@ -223,10 +223,30 @@ def _read_config(folder: Path) -> tuple[Path, dict[str, Any]]:
     for key, expected in (("bias", "none"), ("fan_in_fan_out", False), ("use_dora", False)):
         if config.get(key, expected) != expected:
             raise CheckpointError(f"{path}: {key}={config[key]!r} is not supported; expected {expected!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if config.get(key):
-            raise CheckpointError(f"{path}: {key} (per-module ranks) is not supported; expected {{}}")
+    for key, kind in (("rank_pattern", int), ("alpha_pattern", float)):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise CheckpointError(f"{path}: {key} must map module patterns to numbers, got {pattern!r}")
+        for k, v in pattern.items():
+            ok = (type(v) is int and v > 0) if kind is int else _is_number(v)
+            if not ok:
+                raise CheckpointError(f"{path}: {key}[{k!r}] must be a positive integer/number, got {v!r}")
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise CheckpointError(
+                    f"{path}: {key} key {k!r} is not a valid regular expression ({e})"
+                ) from None
     return path, config
+
+
+def _per_module(config: dict[str, Any], key: str, module: str, default: Any) -> Any:
+    """A module's value in PEFT's ``rank_pattern``/``alpha_pattern`` (``get_pattern_key``: the first
+    pattern that matches the end of the module path), else the default ``r``/``lora_alpha``."""
+    for pattern, value in (config.get(key) or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
 
 
 def load_peft_adapter(model: Model, path: str | Path) -> Model:
@@ -268,9 +288,11 @@ def load_peft_adapter(model: Model, path: str | Path) -> Model:
     ]
     if not targeted:
         raise CheckpointError(f"{config_path}: target_modules selects no projection of this model")
+    ranks = {(i, s): int(_per_module(config, "rank_pattern", hf_module(i, s), r)) for i, s in targeted}
     for i, s in targeted:
         slot = getattr(model.blocks[i], s)
-        expected = {"A": (r, slot.in_features), "B": (slot.out_features, r)}
+        rm = ranks[(i, s)]
+        expected = {"A": (rm, slot.in_features), "B": (slot.out_features, rm)}
         for factor, shape in expected.items():
             key = peft_key(i, s, factor)
             if factor not in found.get((i, s), {}):
@@ -281,15 +303,16 @@ def load_peft_adapter(model: Model, path: str | Path) -> Model:
             if got != shape:
                 raise CheckpointError(
                     f"{weights}: tensor {key!r} has shape {got}, expected {shape} "
-                    f"(r={r} from {config_path}; {slot.out_features}×{slot.in_features} base weight)"
+                    f"(r={rm} from {config_path}; {slot.out_features}×{slot.in_features} base weight)"
                 )
 
     dense = {(i, s): adapt_slot(getattr(model.blocks[i], s), i, s) for i, s in targeted}
 
     freeze(model)
-    scaling = alpha / (math.sqrt(r) if use_rslora else r)
     dropout = float(config.get("lora_dropout", 0.0))
     for (i, s), base in dense.items():
+        rm, am = ranks[(i, s)], float(_per_module(config, "alpha_pattern", hf_module(i, s), alpha))
+        scaling = am / (math.sqrt(rm) if use_rslora else rm)
         xp, dtype = get_xp(base.weight), base.weight.dtype
         A, B = (to_xp(found[(i, s)][f].astype(dtype), xp) for f in "AB")
         slot = LowRankLinear(base.weight, A, B, scaling, bias=base.bias, dropout=dropout)
