@@ -5,10 +5,13 @@ A fine-tuning run writes one folder:
 
     OUT/
       adapter/          LoRA, PiSSA, SORSA: a PEFT adapter folder (``PeftModel.from_pretrained`` loads it);
-                        S2FT: minift's S2FT adapter (original indices + dense blocks); full FT: none
+                        S2FT: minift's S2FT adapter (original indices + dense blocks); full FT: none.
+                        minift_base.json: the base model's folder and fingerprint (io/provenance)
       merged/           the fine-tuned model as a Hugging Face folder (always for full FT; else ``merge``)
       checkpoints/      training checkpoints; a rerun with ``resume`` continues bitwise from the latest
-      finetune.json     the run: base model, data, method and its options, training settings, result
+                        (``extend``: a finished run trains on to more steps, the schedule re-planned)
+      finetune.json     the run: base model, data, method and its options, training settings, result,
+                        the trainable count and S2FT's heads and channels per layer
 
 Methods are compared at a **matched trainable budget**: LoRA, PiSSA and SORSA at rank r on the chosen
 projections, S2FT with the heads and channels whose parameter count is closest to that LoRA's
