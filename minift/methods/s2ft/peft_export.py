@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minift.backend import to_numpy
+from minift.backend import get_xp, to_numpy
 from minift.errors import ConfigError
 from minift.io.checkpoint import _write_atomic
 from minift.io.peft import CONFIG_NAME, WEIGHTS_NAME, hf_module, peft_key
@@ -43,13 +43,14 @@ def lora_form(axis: str, indices: np.ndarray, delta: np.ndarray, shape: tuple[in
     Shapes:
         indices (S,); delta (O, S) for columns, (S, I) for rows; shape (O, I)
     """
+    xp = get_xp(delta)
     O, I = shape
     S = len(indices)
-    selector = np.zeros((S, I if axis == "columns" else O), dtype=delta.dtype)
-    selector[np.arange(S), indices] = 1.0
+    selector = xp.zeros((S, I if axis == "columns" else O), dtype=delta.dtype)
+    selector[xp.arange(S), xp.asarray(indices)] = 1.0
     if axis == "columns":
         return selector, delta
-    return delta, np.ascontiguousarray(selector.T)
+    return delta, xp.ascontiguousarray(selector.T)
 
 
 def peft_lora_from_s2ft(adapter: S2FTAdapter) -> tuple[dict[str, np.ndarray], dict[str, object]]:
