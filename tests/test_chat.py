@@ -74,6 +74,9 @@ def test_templates_run_sandboxed_and_their_errors_name_the_file(tmp_path):
     (folder / "chat_template.jinja").write_text("{{ ''.__class__.__mro__ }}")  # a sandbox escape attempt
     with pytest.raises(DataError, match=r"chat_template\.jinja"):
         load_chat_template(folder).render(CONVERSATIONS[0])
+    (folder / "chat_template.jinja").write_text("{% set ns = namespace(_x=1) %}{{ ns._x }}")
+    with pytest.raises(DataError, match=r"chat_template\.jinja.*may not start with '_'"):
+        load_chat_template(folder).render(CONVERSATIONS[0])
     (folder / "chat_template.jinja").write_text("{% for m in messages %}")
     with pytest.raises(DataError, match=r"chat_template\.jinja.*does not parse"):
         load_chat_template(folder).render(CONVERSATIONS[0])

@@ -52,6 +52,7 @@ def test_finetune_on_chat_data_records_the_base_and_the_selection(chat_run, caps
     assert json.loads((adapter / PROVENANCE).read_text())["base_model"] == str(chat_run["model"].resolve())
     record = json.loads((chat_run["root"] / "run" / "finetune.json").read_text())
     s2ft = record["s2ft"]
+    assert (record["method"]["heads"], record["method"]["channels"]) == (1, 4)
     assert s2ft["config"]["head_targets"] == ["o", "v"]
     assert s2ft["config"]["channel_targets"] == ["down", "up"]
     assert [len(layer["heads"]) for layer in s2ft["layers"].values()] == [1, 1]

@@ -6,10 +6,11 @@ its folder (``chat_template.jinja``, or ``chat_template`` in ``tokenizer_config.
 list of ``{"name", "template"}`` of which ``default`` is used). It is rendered exactly as transformers'
 ``apply_chat_template`` renders it: a Jinja2 ``ImmutableSandboxedEnvironment`` (templates from the Hub
 are untrusted code) with ``trim_blocks`` and ``lstrip_blocks``, the ``loopcontrols`` extension, the
-``tojson`` filter without HTML escaping, the globals ``raise_exception`` and ``strftime_now``, and the
-variables ``messages``, ``add_generation_prompt`` and the special tokens (``bos_token``,
-``eos_token``, ...) as strings. The rendered text is tokenized WITHOUT the tokenizer's own special
-tokens (the template already writes BOS where the model wants one), so the ids are those of
+``tojson`` filter without HTML escaping, the globals ``raise_exception``, ``strftime_now`` and a
+``namespace`` that refuses underscore names, and the variables ``messages``,
+``add_generation_prompt`` and the special tokens (``bos_token``, ``eos_token``, ...) as strings.
+The rendered text is tokenized WITHOUT the tokenizer's own special tokens (the template already
+writes BOS where the model wants one), so the ids are those of
 ``apply_chat_template(messages, tokenize=True)``.
 
 Which tokens are learned (the assistant mask) — by rendering prefixes, not by ``{% generation %}``:
@@ -85,6 +86,7 @@ class ChatTemplate:
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = strftime_now
+        env.globals["namespace"] = _namespace_type()
         try:
             return env.from_string(self.source)
         except jinja2.exceptions.TemplateSyntaxError as e:
@@ -131,6 +133,31 @@ def _generation_block() -> type:
             return str(caller())
 
     return GenerationBlock
+
+
+def _namespace_type() -> type:
+    """jinja2's ``namespace`` that refuses underscore attributes (as transformers' does): a template
+    must not reach CPython internals through names it stores."""
+    import jinja2
+    from jinja2.utils import Namespace
+
+    def check(name: Any) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(f"a namespace attribute may not start with '_': {name!r}")
+
+    class SafeNamespace(Namespace):
+        def __init__(*args: Any, **kwargs: Any) -> None:  # jinja2's signature: ``namespace(self=...)`` works
+            self, rest = args[0], args[1:]
+            attrs = dict(*rest, **kwargs)
+            for name in attrs:
+                check(name)
+            Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name: str, value: Any) -> None:
+            check(name)
+            Namespace.__setitem__(self, name, value)
+
+    return SafeNamespace
 
 
 def load_chat_template(folder: str | Path) -> ChatTemplate | None:

@@ -286,12 +286,15 @@ def finetune(
     adapter = save_adapter(model, out / "adapter", base=str(model_dir))
     trainable = trainable_count(model)
     selection = s2ft_selection(model)  # before merging: that returns the model to original coordinates
+    method = asdict(spec)
+    if selection:  # S2FT's counts as used (the matched budget's, where the options left them open)
+        method |= {k: selection["config"][k] for k in ("heads", "channels")}
     if run.merge or spec.method == "full":
         save_pretrained(merged_model(model), out / "merged", tokenizer_path=resolve_model_dir(model_dir))
     record = {
         "base_model": base,
         "data": str(data_path),
-        "method": asdict(spec),
+        "method": method,
         "run": asdict(run),
         "trainable_parameters": trainable,
         "s2ft": selection,
