@@ -191,10 +191,11 @@ class TrainResult:
     steps: int  # the step count reached (including steps done before a resume)
     tokens: int  # input tokens processed in this session
     wall_s: float
-    peak_memory_bytes: int | None  # peak RSS of the whole process (None where the OS does not say)
+    peak_memory_bytes: int | None  # peak RSS (see ``peak_memory``; None where the OS does not say)
     losses: list[float] = field(default_factory=list)  # this session's steps
     evals: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     checkpoint: Path | None = None  # the last checkpoint written (or resumed from)
+    peak_memory_what: str = "process RSS"  # what peak_memory_bytes measures
 
     def summary(self) -> str:
         mem = "n/a" if self.peak_memory_bytes is None else f"{self.peak_memory_bytes / 2**20:.1f} MiB"
@@ -202,18 +203,38 @@ class TrainResult:
         last = f"{self.losses[-1]:.4f}" if self.losses else "n/a"
         return (
             f"steps {self.steps} | tokens {self.tokens} | wall {self.wall_s:.1f} s | {rate:.0f} tok/s | "
-            f"final loss {last} | peak memory {mem} (process RSS)"
+            f"final loss {last} | peak memory {mem} ({self.peak_memory_what})"
         )
 
 
-def peak_rss_bytes() -> int | None:
-    """The process's peak resident set size, or None where ``resource`` is unavailable (Windows)."""
+def reset_peak_rss() -> bool:
+    """Reset this process's peak-RSS counter (Linux: writing 5 to /proc/self/clear_refs resets VmHWM
+    to the current RSS); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_memory(reset_done: bool) -> tuple[int | None, str]:
+    """(bytes, what they measure): the process's own peak RSS since ``reset_peak_rss`` (VmHWM) when the
+    reset worked, else ``ru_maxrss``, which on Linux is inherited across fork: a process started by a
+    large parent reports at least the parent's peak at the fork. None where neither is available."""
+    if reset_done:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024, "peak RSS of this process during training, VmHWM"
+        except (OSError, ValueError, IndexError):
+            pass
     try:
         import resource
     except ImportError:
-        return None
+        return None, "not measured"
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) if sys.platform == "darwin" else int(peak) * 1024  # macOS: bytes, Linux: KiB
+    peak = int(peak) if sys.platform == "darwin" else int(peak) * 1024  # macOS: bytes, Linux: KiB
+    return peak, "ru_maxrss: process peak, may include a parent's peak at fork"
 
 
 class _DeferredInterrupt:
@@ -252,6 +273,7 @@ def train(
     eval_fn: EvalFn | None = None,
     grad_hooks: Sequence[GradHook] = (),
     resume: bool | str | Path = False,
+    extend: bool = False,
 ) -> TrainResult:
     """Train ``model``'s trainable arrays in place for ``config.steps`` optimizer steps.
 
@@ -262,6 +284,13 @@ def train(
         grad_hooks: extra gradient terms (see the module docstring).
         resume: True resumes from ``config.checkpoint_dir`` if it holds a checkpoint; a path resumes from
             that run or step folder; False starts afresh.
+        extend: with ``resume``, ``config.steps`` may differ from the checkpoint's: a finished run
+            trains on to the new total. The steps already taken stay as they were (the state is
+            restored bit for bit); the remaining ones follow the schedule re-planned to the new total,
+            lr = schedule(step; total = config.steps). A constant schedule is therefore exactly the
+            run that was asked for the new total from the start; a decaying one jumps to the new
+            curve at the checkpoint (a linear decay that had reached 0 rises again to its value at
+            that step of the longer run).
     Raises:
         TrainingError on a NaN/inf loss or gradient; checkpoints already written are left intact.
     """
@@ -273,7 +302,7 @@ def train(
     rng = np.random.default_rng(config.seed)
     run_config = _run_config(config, data)
     run_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
-    start, resumed_from = _resume(resume, run_dir, run_config, model, optimizer, rng)
+    start, resumed_from = _resume(resume, run_dir, run_config, model, optimizer, rng, extend=extend)
     result = TrainResult(start, 0, 0.0, None, checkpoint=resumed_from)
     k = config.accum_steps
 
@@ -292,7 +321,10 @@ def train(
                 bar.write(f"step {step}: " + ", ".join(f"{n} {v:.4g}" for n, v in metrics.items()))
 
     t0 = time.perf_counter()
-    bar = tqdm(total=config.steps, initial=start, disable=not config.progress, unit="step")
+    reset_done = reset_peak_rss()
+    # In a log (stderr not a terminal) a bar's redraws pile up as lines: the summary line says it all.
+    bar = tqdm(total=config.steps, initial=start, disable=not config.progress or not sys.stderr.isatty(),
+               unit="step")
     step = start
     try:
         with _DeferredInterrupt() as interrupt:
@@ -308,7 +340,7 @@ def train(
                 result.losses.append(out.loss)
                 elapsed = time.perf_counter() - t0
                 rate = result.tokens / elapsed
-                bar.set_postfix(loss=f"{out.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}")
+                bar.set_postfix(loss=f"{out.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{rate:.0f}", refresh=False)
                 bar.update()
                 done = step + 1
                 if config.eval_every and done % config.eval_every == 0:
@@ -339,7 +371,7 @@ def train(
     if config.checkpoint_every == 0 or result.steps % config.checkpoint_every != 0:
         save(result.steps)
     result.wall_s = time.perf_counter() - t0
-    result.peak_memory_bytes = peak_rss_bytes()
+    result.peak_memory_bytes, result.peak_memory_what = peak_memory(reset_done)
     if config.progress:
         print(result.summary(), file=sys.stderr)
     return result
@@ -352,6 +384,8 @@ def _resume(
     model: Model,
     optimizer: AdamW,
     rng: np.random.Generator,
+    *,
+    extend: bool = False,
 ) -> tuple[int, Path | None]:
     """Restore a checkpoint if asked to; return the step to start from and the checkpoint's folder."""
     if resume is False:
@@ -366,12 +400,18 @@ def _resume(
     ckpt = load_checkpoint(path)
     saved = ckpt.state.get("train_config", {})
     # A decaying schedule depends on the total step count, so extending such a run changes its lr.
-    keys = _RESUME_MUST_MATCH + (("steps",) if run_config["schedule"] != "constant" else ())
+    keys = _RESUME_MUST_MATCH + (("steps",) if run_config["schedule"] != "constant" and not extend else ())
     differ = [key for key in keys if saved.get(key) != run_config[key]]
     if differ:
+        hint = (" (to train a finished run further, extend it: the schedule is re-planned to the new "
+                "total; or start a new run folder)") if differ == ["steps"] else ""
         raise CheckpointError(
             f"{ckpt.path / 'state.json'}: the run's settings {differ} differ from the checkpoint's "
-            f"({', '.join(f'{key}={saved.get(key)!r}' for key in differ)}); resume with the same ones"
+            f"({', '.join(f'{key}={saved.get(key)!r}' for key in differ)}); resume with the same ones{hint}"
+        )
+    if extend and ckpt.step >= run_config["steps"]:
+        raise CheckpointError(
+            f"{ckpt.path}: the run is already at step {ckpt.step}; extending needs more steps than that"
         )
     restore_checkpoint(ckpt, model, optimizer, rng)
     return ckpt.step, ckpt.path

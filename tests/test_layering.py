@@ -31,7 +31,10 @@ RANKS: dict[str, int] = {
     "minift.model": 4,
     "minift": 4,  # the package itself re-exports the model's names
     "minift.methods": 5,
+    "minift.io.provenance": 1,
+    "minift.io.hfconfig": 1,
     "minift.io.hub": 6,
+    "minift.io.s2ft_peft": 6,
     "minift.io.peft": 6,
     "minift.io.checkpoint": 6,
     "minift.train": 7,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 import numpy as np
 import pytest
 
+import minift.train
 from minift.data import BatchStream, encode_example
 from minift.errors import CheckpointError, ConfigError, TrainingError
 from minift.generate import generate
@@ -197,7 +199,8 @@ def test_the_eval_hook_runs_every_eval_every_steps_and_at_the_end():
     assert result.evals == [(3, {"step_seen": 3.0}), (6, {"step_seen": 6.0}), (7, {"step_seen": 7.0})]
 
 
-def test_the_progress_bar_shows_loss_lr_and_tokens_per_second_and_ends_with_a_summary(capsys):
+def test_the_progress_bar_shows_loss_lr_and_tokens_per_second_and_ends_with_a_summary(capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a terminal: the bar is drawn
     result = train(tiny_model(TOK.vocab_size), _data(), _config(steps=3, progress=True))
     err = capsys.readouterr().err
     for word in ("loss=", "lr=", "tok_s=", "steps 3 | tokens", "peak memory"):
@@ -209,3 +212,56 @@ def test_the_progress_bar_shows_loss_lr_and_tokens_per_second_and_ends_with_a_su
 def test_a_model_with_nothing_trainable_is_a_config_error():
     with pytest.raises(ConfigError, match="no trainable arrays"):
         train(tiny_model(TOK.vocab_size, trainable=False), _data(), _config())
+
+
+def test_extending_a_finished_constant_run_continues_bitwise_to_the_longer_run(tmp_path):
+    longer = tiny_model(TOK.vocab_size)
+    straight = train(longer, _data(), _config(steps=8, schedule="constant"))
+    config = _config(steps=5, schedule="constant", checkpoint_dir=str(tmp_path))
+    train(tiny_model(TOK.vocab_size), _data(), config)
+    model = tiny_model(TOK.vocab_size)
+    extended = train(model, _data(), _config(steps=8, schedule="constant", checkpoint_dir=str(tmp_path)),
+                     resume=True, extend=True)
+    assert extended.losses == straight.losses[5:]
+    assert _same_bits(_params(model), _params(longer))
+
+
+def test_extending_a_decaying_run_follows_the_schedule_replanned_to_the_new_total(tmp_path, monkeypatch):
+    """Steps 0-3 ran under total 4; steps 4-7 get the 8-step curve's learning rates."""
+    train(tiny_model(TOK.vocab_size), _data(), _config(steps=4, checkpoint_dir=str(tmp_path)))
+    with pytest.raises(CheckpointError, match="extend it"):
+        train(tiny_model(TOK.vocab_size), _data(), _config(checkpoint_dir=str(tmp_path)), resume=True)
+    lrs, step = [], minift.train.train_step
+
+    def recording_step(model, optimizer, micro, lr, **kw):
+        lrs.append(lr)
+        return step(model, optimizer, micro, lr, **kw)
+
+    monkeypatch.setattr(minift.train, "train_step", recording_step)
+    config = _config(checkpoint_dir=str(tmp_path))
+    extended = train(tiny_model(TOK.vocab_size), _data(), config, resume=True, extend=True)
+    assert extended.steps == 8
+    assert lrs == [config.schedule_fn()(s) for s in range(4, 8)]
+    with pytest.raises(CheckpointError, match="already at step 8"):
+        train(tiny_model(TOK.vocab_size), _data(), config, resume=True, extend=True)
+
+
+def test_the_memory_figure_is_this_processs_own_peak_not_an_earlier_one(capsys):
+    """ru_maxrss keeps the highest RSS ever (a parent's at fork included); the figure after a reset of
+    VmHWM does not see a 256 MiB array that was freed before training."""
+    if not minift.train.reset_peak_rss():
+        pytest.skip("this OS cannot reset the peak-RSS counter")
+    big = np.ones(2**25)  # 256 MiB, touched
+    with_big, _ = minift.train.peak_memory(True)
+    del big
+    result = train(tiny_model(TOK.vocab_size), _data(), _config(steps=2))
+    assert "VmHWM" in result.peak_memory_what
+    assert result.peak_memory_bytes < with_big
+
+
+def test_a_log_gets_one_summary_line_and_no_progress_bar_redraws(capsys):
+    train(tiny_model(TOK.vocab_size), _data(), _config(steps=3, progress=True))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("steps 3 |")
+    assert "VmHWM" in lines[0] or "ru_maxrss" in lines[0]

@@ -1,10 +1,11 @@
 """Training data: JSONL records, tokenized examples with a loss mask, and deterministic batches.
 
-A record is ``{"prompt": ..., "completion": ...}`` (loss on the completion and its EOS only) or
-``{"text": ...}`` (loss on every token, language modelling). Examples are batched with RIGHT padding
-and an attention mask, and the targets are already shifted, as ``minift.model.loss_and_grads``
-expects: ``targets[b, t]`` is the token that follows position t, −100 where nothing is learned
-(prompt tokens, padding, the last position).
+A record is ``{"prompt": ..., "completion": ...}`` (loss on the completion and its EOS only),
+``{"text": ...}`` (loss on every token, language modelling) or ``{"messages": [...]}`` (a chat,
+rendered with the model's chat template, loss on the assistant turns: ``minift.data.chat``).
+Examples are batched with RIGHT padding and an attention mask, and the targets are already shifted,
+as ``minift.model.loss_and_grads`` expects: ``targets[b, t]`` is the token that follows position t,
+−100 where nothing is learned (prompt tokens, padding, the last position).
 
 The batch order is a pure function of (seed, batch index), so a resumed run sees exactly the batches
 an uninterrupted one would, without saving any data-loader state.
@@ -15,16 +16,18 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from minift.data.chat import encode_chat
+from minift.data.chat_template import check_messages
 from minift.data.tokenizer import Tokenizer
 from minift.errors import DataError
 from minift.io.jsonio import loads
 from minift.layers.cross_entropy import IGNORE_INDEX
 
-Record = dict[str, str]
+Record = dict[str, Any]  # str values; a chat's "messages" is a list of {role, content}
 
 
 class Example(NamedTuple):
@@ -81,13 +84,16 @@ def _check_record(obj: object, where: str) -> Record:
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     keys = set(obj)
+    if keys == {"messages"}:
+        return {"messages": check_messages(obj["messages"], where)}
     if keys == {"prompt", "completion"} or keys == {"text"}:
         for k, v in obj.items():
             if not isinstance(v, str):
                 raise DataError(f"{where}: {k!r} must be a string, got {type(v).__name__}")
         return obj
     raise DataError(
-        f"{where}: expected the keys {{'prompt', 'completion'}} or {{'text'}}, got {sorted(keys)}"
+        f"{where}: expected the keys {{'prompt', 'completion'}} or {{'text'}}, got {sorted(keys)} "
+        "(chat data: {'messages'})"
     )
 
 
@@ -98,6 +104,8 @@ def encode_example(tokenizer: Tokenizer, record: Record, *, max_length: int | No
 
     ``max_length`` truncates the end of a too-long sequence.
     """
+    if "messages" in record:  # the template writes the turns' end tokens itself
+        return Example(*encode_chat(tokenizer, record["messages"], max_length=max_length))
     eos = list(tokenizer.eos_ids[:1])
     if "text" in record:
         ids = tokenizer.encode(record["text"]) + eos

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from tokenizers import Tokenizer as HFTokenizer
 
 from minift.config import is_int
+from minift.data.chat_template import ChatTemplate, load_chat_template
 from minift.errors import DataError
 from minift.io.jsonio import read_json_object
 
@@ -47,6 +48,7 @@ class Tokenizer:
         self.bos_id = bos_id
         self.pad_id = pad_id if pad_id is not None else (self.eos_ids[0] if self.eos_ids else 0)
         self.add_bos = add_bos
+        self.chat_template: ChatTemplate | None = None  # set by from_pretrained when the folder has one
         if add_bos and bos_id is None:
             raise DataError("add_bos=True needs a bos_id")
         # every special id is an integer inside the vocabulary (an id past it would index nothing)
@@ -83,10 +85,12 @@ class Tokenizer:
             () if ids["eos_token"] is None else ids["eos_token"]
         )
         try:
-            return cls(tok.hf, eos_ids=eos, bos_id=ids["bos_token"], pad_id=ids["pad_token"])
+            loaded = cls(tok.hf, eos_ids=eos, bos_id=ids["bos_token"], pad_id=ids["pad_token"])
         except DataError as e:  # name the files the ids came from
             raise DataError(f"{folder}: {str(e).removeprefix('tokenizer: ')} (from tokenizer_config.json "
                             "or generation_config.json)") from None
+        loaded.chat_template = load_chat_template(folder)
+        return loaded
 
     def _special_id(self, token: Any, path: Path, key: str) -> int | None:
         if isinstance(token, dict):  # {"content": "<s>", "lstrip": false, ...}

@@ -50,6 +50,7 @@ from minift.model import SLOT_NAMES, Model
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_ARCHS = ("llama", "mistral", "qwen2")
+_MODULE_PATTERN = re.compile(r"[A-Za-z0-9_.\\]{1,200}")
 MAX_ALPHA = 2.0**24  # real alphas are 8 to a few thousand
 _KEY = re.compile(r"base_model\.model\.(model\.layers\.([0-9]{1,9})\.(\w+\.\w+))\.lora_(A|B)\.weight")
 _SLOT_OF = {path: name for name, path in SLOT_MODULES.items()}  # "self_attn.q_proj" → "q"
@@ -193,8 +194,8 @@ def _is_number(value: Any) -> bool:
 # PEFT LoraConfig fields that change what an adapter computes, with the value meaning "not used".
 # minift does not implement them, so any other value is refused rather than silently ignored.
 _UNSUPPORTED_DEFAULTS: dict[str, tuple[Any, ...]] = {
-    "bias": ("none",), "fan_in_fan_out": (False,), "use_dora": (False,), "rank_pattern": ({},),
-    "alpha_pattern": ({},), "layer_replication": (None,), "exclude_modules": (None, [], ""),
+    "bias": ("none",), "fan_in_fan_out": (False,), "use_dora": (False,),
+    "layer_replication": (None,), "exclude_modules": (None, [], ""),
     "lora_bias": (False,), "use_qalora": (False,), "layers_pattern": (None, [], ""),
     "megatron_config": (None,), "loftq_config": ({}, None), "trainable_token_indices": (None,),
     "modules_to_save": (None, []), "target_parameters": (None, []), "eva_config": (None,),
@@ -248,12 +249,34 @@ def _read_config(folder: Path) -> tuple[Path, dict[str, Any]]:
         if key in config and not any(_same(config[key], d) for d in defaults):
             raise CheckpointError(f"{path}: {key}={config[key]!r} is not supported by minift; expected "
                                   f"{' or '.join(json.dumps(d) for d in defaults)}")
+    for key, kind in (("rank_pattern", int), ("alpha_pattern", float)):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise CheckpointError(f"{path}: {key} must map module patterns to numbers, got {pattern!r}")
+        for k, v in pattern.items():
+            ok = (type(v) is int and v > 0) if kind is int else (_is_number(v) and 0 < v <= MAX_ALPHA)
+            if not ok:
+                raise CheckpointError(f"{path}: {key}[{k!r}] must be a positive integer/number, got {v!r}")
+            # PEFT reads the keys as regular expressions; minift accepts module paths (letters, digits,
+            # "_", "." and "\."), which cannot backtrack catastrophically on a hostile pattern
+            if not (isinstance(k, str) and _MODULE_PATTERN.fullmatch(k)):
+                raise CheckpointError(f"{path}: {key} key {k!r} is not a module path (letters, digits, "
+                                      "'_' and '.')")
     return path, config
 
 
 def _same(value: Any, default: Any) -> bool:
     """JSON equality without Python's 0 == False == 0.0 coercions."""
     return type(value) is type(default) and value == default
+
+
+def _per_module(config: dict[str, Any], key: str, module: str, default: Any) -> Any:
+    """A module's value in PEFT's ``rank_pattern``/``alpha_pattern`` (``get_pattern_key``: the first
+    pattern that matches the end of the module path), else the default ``r``/``lora_alpha``."""
+    for pattern, value in (config.get(key) or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
 
 
 def load_peft_adapter(model: Model, path: str | Path) -> Model:
@@ -298,9 +321,11 @@ def load_peft_adapter(model: Model, path: str | Path) -> Model:
     ]
     if not targeted:
         raise CheckpointError(f"{config_path}: target_modules selects no projection of this model")
+    ranks = {(i, s): int(_per_module(config, "rank_pattern", hf_module(i, s), r)) for i, s in targeted}
     for i, s in targeted:
         slot = getattr(model.blocks[i], s)
-        expected = {"A": (r, slot.in_features), "B": (slot.out_features, r)}
+        rm = ranks[(i, s)]
+        expected = {"A": (rm, slot.in_features), "B": (slot.out_features, rm)}
         for factor, shape in expected.items():
             key = peft_key(i, s, factor)
             if factor not in found.get((i, s), {}):
@@ -311,15 +336,16 @@ def load_peft_adapter(model: Model, path: str | Path) -> Model:
             if got != shape:
                 raise CheckpointError(
                     f"{weights}: tensor {key!r} has shape {got}, expected {shape} "
-                    f"(r={r} from {config_path}; {slot.out_features}×{slot.in_features} base weight)"
+                    f"(r={rm} from {config_path}; {slot.out_features}×{slot.in_features} base weight)"
                 )
 
     dense = {(i, s): require_dense(getattr(model.blocks[i], s), i, s) for i, s in targeted}
 
     freeze(model)
-    scaling = alpha / (math.sqrt(r) if use_rslora else r)
     dropout = float(config.get("lora_dropout", 0.0))
     for (i, s), base in dense.items():
+        rm, am = ranks[(i, s)], float(_per_module(config, "alpha_pattern", hf_module(i, s), alpha))
+        scaling = am / (math.sqrt(rm) if use_rslora else rm)
         xp, dtype = get_xp(base.weight), base.weight.dtype
         A, B = (to_xp(found[(i, s)][f].astype(dtype), xp) for f in "AB")
         slot = LowRankLinear(base.weight, A, B, scaling, bias=base.bias, dropout=dropout)

@@ -47,6 +47,8 @@ class MethodSpec:
     gamma: float = 4e-4  # SORSA regularizer strength
     dropout: float = 0.0  # adapter dropout (LoRA/PiSSA/SORSA)
     variant: str = "large"  # S2FT scored strategies: keep the "large" or the "small" end
+    head_targets: tuple[str, ...] = ("o",)  # S2FT matrices whose heads train (⊆ q k v o)
+    channel_targets: tuple[str, ...] = ("down",)  # S2FT matrices whose channels train (⊆ gate up down)
 
     def __post_init__(self) -> None:
         get_method(self.method)
@@ -140,13 +142,16 @@ def _peft_save(model: Model, folder: Path, base: str) -> Path:
 
 def _s2ft_config(spec: MethodSpec, config: ModelConfig) -> s2ft.S2FTConfig:
     matched = s2ft.match_lora_budget(
-        config, spec.rank, lora_targets=spec.targets, strategy=spec.strategy, variant=spec.variant
+        config, spec.rank, lora_targets=spec.targets, strategy=spec.strategy, variant=spec.variant,
+        head_targets=spec.head_targets, channel_targets=spec.channel_targets,
     )
     if spec.heads is None and spec.channels is None:
         return matched
     return s2ft.S2FTConfig(
         heads=matched.heads if spec.heads is None else spec.heads,
         channels=matched.channels if spec.channels is None else spec.channels,
+        head_targets=spec.head_targets,
+        channel_targets=spec.channel_targets,
         strategy=spec.strategy,  # type: ignore[arg-type]
         variant=spec.variant,  # type: ignore[arg-type]
     )
@@ -199,7 +204,8 @@ register(Method(
 ))
 register(Method(
     "s2ft", "S2FT", "a few heads and FFN channels trained in place (Yang et al. 2024)",
-    ("rank", "targets", "heads", "channels", "strategy", "variant"), s2ft.Config, s2ft.apply, _s2ft_config,
+    ("rank", "targets", "heads", "channels", "strategy", "variant", "head_targets", "channel_targets"),
+    s2ft.Config, s2ft.apply, _s2ft_config,
     s2ft.merge, s2ft.unmerge,
     lambda model, folder, base: s2ft.save_adapter(s2ft.extract_adapter(model), folder),
     adapter_file=S2FT_INDEX, load_adapter=_s2ft_load,

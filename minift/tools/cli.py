@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import platform
 import sys
@@ -106,7 +107,10 @@ def _method_spec(args: argparse.Namespace) -> MethodSpec:
     from minift.methods.registry import MethodSpec
 
     targets = tuple(t for part in args.targets for t in part.split(",") if t) if args.targets else None
-    options = {"targets": targets} if targets else {}
+    options: dict[str, tuple[str, ...]] = {"targets": targets} if targets else {}
+    for key in ("s2ft_head_targets", "s2ft_channel_targets"):
+        if getattr(args, key) is not None:  # "" (empty) trains no matrix on that side
+            options[key.removeprefix("s2ft_")] = tuple(t for t in getattr(args, key).split(",") if t)
     return MethodSpec(
         args.method,
         rank=args.rank,
@@ -122,9 +126,11 @@ def _method_spec(args: argparse.Namespace) -> MethodSpec:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune a model folder (or the embedded model) on a JSONL file."""
-    from minift.tools.finetune import RunConfig, finetune
+    from minift.tools.finetune import RunConfig, describe_selection, finetune
 
     spec = _method_spec(args)
+    if args.model is None:
+        print("no --model given: fine-tuning the embedded base model (a small toy model)", file=sys.stderr)
     run = RunConfig(
         steps=args.steps,
         batch_size=args.batch_size,
@@ -139,23 +145,29 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         activation_checkpointing=args.activation_checkpointing,
     )
-    finetune(args.model, args.data, spec, args.out, run, resume=args.resume)
+    finetune(args.model or "embedded", args.data, spec, args.out, run, resume=args.resume, extend=args.extend)
+    record = json.loads(Path(args.out, "finetune.json").read_text(encoding="utf-8"))
+    print(f"trainable parameters {record['trainable_parameters']:,}")
+    if record.get("s2ft"):
+        print("\n".join(describe_selection(record["s2ft"])))
     written = "merged/, " if args.method == "full" else "adapter/, " + ("merged/, " if args.merge else "")
     print(f"wrote {args.out} ({written}checkpoints/, finetune.json)")
     return 0
 
 
 def _model_with_adapter(args: argparse.Namespace) -> tuple[Model, Tokenizer]:
-    from minift.tools.finetune import attach_adapter, load_model
+    """--model (default: the adapter's recorded base, else the embedded model) with --adapter on it."""
+    from minift.tools.finetune import load_with_adapter
 
-    model, tokenizer = load_model(args.model)
-    if args.adapter:
-        attach_adapter(model, args.adapter)
+    model, tokenizer, base = load_with_adapter(args.model, args.adapter)
+    if args.model is None and args.adapter:
+        print(f"base model {base} (recorded by {args.adapter})", file=sys.stderr)
     return model, tokenizer
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Exact match and perplexity of a model (with an adapter) on a task split or a JSONL file."""
+    from minift.data.chat import chat_exact_match
     from minift.data.datasets import read_jsonl
     from minift.data.tasks import TaskExample, evaluate, perplexity, pretrain_heldout, task_splits
 
@@ -176,8 +188,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         examples, records = examples[: args.limit], records[: args.limit]
     print(f"{what}: {len(records)} records")
     print(f"perplexity   {perplexity(model, tokenizer, records):.4f}")
+    chats = [r["messages"] for r in records if "messages" in r]
+    if chats:  # the reply to each conversation's context, through the chat template
+        print(f"exact match  {'chat':<10} {chat_exact_match(model, tokenizer, chats):.1%}")
     if examples:
-        for name, value in evaluate(model, tokenizer, examples).items():
+        scores = evaluate(model, tokenizer, examples)
+        if len(scores) == 2:  # one skill: its score is the overall one
+            scores = {"all": scores["all"]}
+        for name, value in scores.items():
             print(f"exact match  {name:<10} {value:.1%}")
     return 0
 
@@ -186,6 +204,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Continue prompts with a model (and an adapter): greedy, or sampled with --temperature."""
     import numpy as np
 
+    from minift.data.chat import chat_prompt_ids, chat_stop_ids
     from minift.data.tasks import answer_stop_ids, format_prompt
     from minift.generate import SamplingConfig, generate
 
@@ -193,47 +212,59 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens > model.config.max_position_embeddings:  # else: hours of generation, by a typo
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens} is beyond the model's context of "
                           f"{model.config.max_position_embeddings} tokens (max_position_embeddings)")
-    prompts = list(args.prompt or []) + [format_prompt(q) for q in args.question or []]
+    if args.chat and (args.prompt or args.question):
+        raise ConfigError("generate takes --chat TEXT, or --prompt/--question TEXT, not both")
+    if args.chat:
+        prompts = list(args.chat)
+        ids = [chat_prompt_ids(tokenizer, [{"role": "user", "content": c}]) for c in prompts]
+        stops = chat_stop_ids(tokenizer)
+    else:
+        prompts = list(args.prompt or []) + [format_prompt(q) for q in args.question or []]
+        ids = [tokenizer.encode(p) for p in prompts]
+        stops = answer_stop_ids(tokenizer) if args.question and not args.prompt else tokenizer.eos_ids
     if not prompts:
-        raise ConfigError("generate needs at least one --prompt TEXT or --question TEXT")
+        raise ConfigError("generate needs at least one --prompt TEXT, --question TEXT or --chat TEXT")
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    stops = answer_stop_ids(tokenizer) if args.question and not args.prompt else tokenizer.eos_ids
     new = generate(
         model,
-        [tokenizer.encode(p) for p in prompts],
+        ids,
         max_new_tokens=args.max_new_tokens,
         sampling=sampling,
         eos_ids=stops,
         pad_id=tokenizer.pad_id,
         rng=np.random.default_rng(args.seed),
     )
-    for prompt, ids in zip(prompts, new, strict=True):
-        print(prompt + tokenizer.decode(ids))
+    for prompt, out in zip(prompts, new, strict=True):
+        text = tokenizer.decode(out)
+        print(f"user: {prompt}\nassistant: {text}" if args.chat else prompt + text)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a fine-tuned adapter as a PEFT folder and/or the merged model as a Hugging Face folder."""
     from minift.io.hub import save_pretrained
-    from minift.methods import method_record
-    from minift.tools.finetune import merged_model, resolve_model_dir, write_adapter
+    from minift.io.provenance import EMBEDDED_NAME, write_provenance
+    from minift.io.s2ft_peft import export_s2ft_as_peft
+    from minift.methods.s2ft import load_adapter as load_s2ft_adapter
+    from minift.methods.s2ft.adapter import INDEX as S2FT_INDEX
+    from minift.tools.finetune import load_with_adapter, merged_model, write_adapter
+    from minift.tools.pretrain import EMBEDDED
 
     if not args.peft and not args.merged:
         raise ConfigError("export needs --peft DIR and/or --merged DIR")
-    model, _ = _model_with_adapter(args)
+    if args.peft and args.adapter is None:
+        raise ConfigError("export --peft needs --adapter DIR (the adapter to convert)")
+    model, _, base = load_with_adapter(args.model, args.adapter)
     if args.peft:
-        if (
-            (record := method_record(model)) is None
-            or record.name == "s2ft"
-            or args.adapter is None
-            or not Path(args.adapter, "adapter_config.json").is_file()
-        ):
-            raise ConfigError(
-                f"{args.adapter}: only LoRA/PiSSA/SORSA adapters have a PEFT form; use --merged"
+        if Path(args.adapter, S2FT_INDEX).is_file():  # the exact LoRA form, one rank per module
+            folder = export_s2ft_as_peft(
+                load_s2ft_adapter(args.adapter), args.peft, base_model_name_or_path=str(base)
             )
-        print(f"wrote {write_adapter(model, args.peft, base=str(resolve_model_dir(args.model)))}")
+            write_provenance(folder, base, EMBEDDED_NAME if base == EMBEDDED else None)
+        else:
+            folder = write_adapter(model, args.peft, base=str(base))
+        print(f"wrote {folder}")
     if args.merged:
-        base = resolve_model_dir(args.model)
         folder = save_pretrained(merged_model(model), args.merged, tokenizer_path=base)
         print(f"wrote {folder}")
     return 0
@@ -258,11 +289,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _model_arguments(p: argparse.ArgumentParser, *, adapter: bool = True) -> None:
+    default = "the --adapter's recorded base, else 'embedded'" if adapter else "'embedded'"
     p.add_argument(
         "--model",
-        default="embedded",
         metavar="DIR",
-        help="a Hugging Face model folder, or 'embedded' (default): the shipped base model",
+        help=f"a Hugging Face model folder, or 'embedded': the shipped base model (default: {default})",
     )
     if adapter:
         p.add_argument(
@@ -291,9 +322,13 @@ def demo_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _method_option(group: argparse._ArgumentGroup, flag: str, **kwargs: object) -> None:
-    """A method option whose help names the registered methods that read it."""
-    users = [m.name for m in REGISTRY.values() if flag.lstrip("-") in m.options]
+def _method_option(
+    group: argparse._ArgumentGroup, flag: str, *, option: str | None = None, **kwargs: object
+) -> None:
+    """A method option whose help names the registered methods that read it (``option``: the
+    ``MethodSpec`` field it sets, where that is not the flag's own name)."""
+    option = option or flag.lstrip("-")
+    users = [m.name for m in REGISTRY.values() if option in m.options]
     kwargs["help"] = f"{kwargs.get('help', '')} [used by: {', '.join(users) or 'none'}]"
     group.add_argument(flag, **kwargs)  # type: ignore[arg-type]
 
@@ -304,7 +339,7 @@ def finetune_arguments(p: argparse.ArgumentParser) -> None:
         "--data",
         required=True,
         metavar="FILE.jsonl",
-        help='one {"prompt": ..., "completion": ...} or {"text": ...} object per line',
+        help='one {"prompt": ..., "completion": ...}, {"text": ...} or {"messages": [...]} object per line',
     )
     p.add_argument(
         "--method",
@@ -335,6 +370,18 @@ def finetune_arguments(p: argparse.ArgumentParser) -> None:
     _method_option(m, "--heads", type=int, help="S2FT attention heads per layer (default: matched budget)")
     _method_option(m, "--channels", type=int, help="S2FT FFN channels per layer (default: matched budget)")
     _method_option(m,
+        "--s2ft-head-targets",
+        option="head_targets",
+        metavar="LIST",
+        help="S2FT matrices whose heads train, some of q,k,v,o (default o); kept with --heads",
+    )
+    _method_option(m,
+        "--s2ft-channel-targets",
+        option="channel_targets",
+        metavar="LIST",
+        help="S2FT matrices whose channels train, some of gate,up,down (default down); kept with --channels",
+    )
+    _method_option(m,
         "--strategy", default="random", help="S2FT selection: random, weight, activation, product, gradient"
     )
     t = p.add_argument_group("training")
@@ -355,6 +402,11 @@ def finetune_arguments(p: argparse.ArgumentParser) -> None:
     )
     t.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints"
+    )
+    t.add_argument(
+        "--extend",
+        action="store_true",
+        help="resume a finished run and train on to --steps; the lr schedule is re-planned to the new total",
     )
     t.add_argument("--merge", action="store_true", help="also write the merged model to OUT/merged")
     t.add_argument("--no-progress", action="store_true")
@@ -385,6 +437,12 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
         metavar="TEXT",
         help="a question in the tasks' format 'Q: TEXT\\nA: ' (repeatable)",
     )
+    p.add_argument(
+        "--chat",
+        action="append",
+        metavar="TEXT",
+        help="a user message, rendered with the model's chat template; stops at its end of turn (repeatable)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     p.add_argument("--top-k", type=int, default=0)
@@ -394,7 +452,9 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
 
 def export_arguments(p: argparse.ArgumentParser) -> None:
     _model_arguments(p)
-    p.add_argument("--peft", metavar="DIR", help="write the adapter as a PEFT folder (LoRA/PiSSA/SORSA)")
+    p.add_argument(
+        "--peft", metavar="DIR", help="write the adapter as a PEFT LoRA folder (S2FT: exact, rank per module)"
+    )
     p.add_argument("--merged", metavar="DIR", help="write base + adapter merged, as a Hugging Face folder")
 
 
@@ -423,6 +483,9 @@ To run the spec itself against your own Python implementation:
   minift finetune --data train.jsonl --method lora --rank 8 --out runs/lora
   minift finetune --model ./my-llama --data train.jsonl --method s2ft --heads 1 --channels 64 --out runs/s2ft
   minift finetune --data train.jsonl --method lora --out runs/lora --steps 400 --resume   (after Ctrl-C)
+  minift finetune --data train.jsonl --method lora --out runs/lora --steps 600 --extend   (train on)
+  minift finetune --model ./smollm2 --data chat.jsonl --method s2ft --out runs/chat
+      chat.jsonl lines {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}
 
 Each line of train.jsonl is {"prompt": "Q: reverse abc\\nA: ", "completion": "cba"} (loss on the
 completion) or {"text": "..."} (loss on every token). The run folder gets adapter/ (PEFT for
@@ -438,7 +501,9 @@ full fine-tuning, merged/ (a Hugging Face model folder).""",
   minift generate --model ./my-llama --prompt "Once upon a time" --temperature 0.8 --top-p 0.9""",
     "export": """examples:
   minift export --adapter runs/lora/adapter --peft out/peft --merged out/merged
-  minift export --adapter runs/s2ft/adapter --merged out/merged    (S2FT adapters export merged only)""",
+  minift export --adapter runs/s2ft/adapter --peft out/peft       (S2FT as an exact LoRA, rank per module)
+
+Given only --adapter, the base model the adapter records (minift_base.json) is loaded and checked.""",
     "pretrain": """examples:
   minift pretrain --out my-base                 the shipped model's recipe: its weights, byte for byte
   minift pretrain --out tiny --steps 200        a quick, weaker base""",

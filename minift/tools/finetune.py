@@ -5,10 +5,13 @@ A fine-tuning run writes one folder:
 
     OUT/
       adapter/          LoRA, PiSSA, SORSA: a PEFT adapter folder (``PeftModel.from_pretrained`` loads it);
-                        S2FT: minift's S2FT adapter (original indices + dense blocks); full FT: none
+                        S2FT: minift's S2FT adapter (original indices + dense blocks); full FT: none.
+                        minift_base.json: the base model's folder and fingerprint (io/provenance)
       merged/           the fine-tuned model as a Hugging Face folder (always for full FT; else ``merge``)
       checkpoints/      training checkpoints; a rerun with ``resume`` continues bitwise from the latest
-      finetune.json     the run: base model, data, method and its options, training settings, result
+                        (``extend``: a finished run trains on to more steps, the schedule re-planned)
+      finetune.json     the run: base model, data, method and its options, training settings, result,
+                        the trainable count and S2FT's heads and channels per layer
 
 The methods, their options (``MethodSpec``) and their adapter formats come from
 ``minift.methods.registry``.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -27,12 +31,39 @@ from minift.data.tokenizer import Tokenizer
 from minift.errors import CheckpointError
 from minift.io.atomic import write_file_atomic
 from minift.io.hub import load_pretrained, save_pretrained
+from minift.io.provenance import EMBEDDED_NAME, PROVENANCE, check_base, recorded_base, write_provenance
 from minift.methods import META_KEY, MethodRecord, full, method_record
 from minift.methods import s2ft as s2ft_method
 from minift.methods.registry import MethodSpec, apply_method, get_method, load_adapter
+from minift.methods.s2ft.permute import layouts_of
 from minift.model import Model, trainable_parameters
 from minift.tools.pretrain import EMBEDDED
 from minift.train import TrainConfig, TrainResult, train
+
+
+def s2ft_selection(model: Model) -> dict[str, Any] | None:
+    """An S2FT model's configuration and, per layer, the query heads and FFN channels it trains
+    (original ids); None for other methods."""
+    record = method_record(model)
+    if record is None or record.name != "s2ft":
+        return None
+    layers = layouts_of(model)
+    return {
+        "config": asdict(record.config),
+        "layers": {
+            str(i): {"heads": list(lay.heads), "channels": list(lay.channels)} for i, lay in layers.items()
+        },
+    }
+
+
+def describe_selection(selection: dict[str, Any]) -> list[str]:
+    """The lines that show an S2FT selection: targets, then one line per layer."""
+    c = selection["config"]
+    lines = [f"S2FT {c['strategy']}: heads on {','.join(c['head_targets']) or '-'}, "
+             f"channels on {','.join(c['channel_targets']) or '-'}"]
+    for i, layer in selection["layers"].items():
+        lines.append(f"  layer {i}: heads {layer['heads']} channels {layer['channels']}")
+    return lines
 
 
 def trainable_count(model: Model) -> int:
@@ -45,7 +76,7 @@ def trainable_count(model: Model) -> int:
 
 def resolve_model_dir(model: str | Path) -> Path:
     """``embedded`` names the shipped base model; anything else is a Hugging Face model folder."""
-    return EMBEDDED if str(model) == "embedded" else Path(model)
+    return EMBEDDED if str(model) == EMBEDDED_NAME else Path(model)
 
 
 def load_model(model: str | Path) -> tuple[Model, Tokenizer]:
@@ -59,11 +90,50 @@ def load_model(model: str | Path) -> tuple[Model, Tokenizer]:
 def write_adapter(model: Model, folder: str | Path, *, base: str = "") -> Path | None:
     """Write the adapter of the method ``model`` carries (its registry entry says how: a PEFT folder
     for LoRA/PiSSA/SORSA, minift's S2FT adapter for S2FT); None for a method without one (full
-    fine-tuning, whose result is the merged model) and for a plain model."""
+    fine-tuning, whose result is the merged model) and for a plain model. With ``base`` (a model folder
+    or ``embedded``) the folder also records its base model (``minift.io.provenance``)."""
     record = method_record(model)
     if record is None:
         return None
-    return get_method(record.name).save_adapter(model, Path(folder), base)
+    base_dir = resolve_model_dir(base) if base else None
+    out = get_method(record.name).save_adapter(model, Path(folder), "" if base_dir is None else str(base_dir))
+    if out is not None and base_dir is not None:
+        write_provenance(out, base_dir, EMBEDDED_NAME if base_dir == EMBEDDED else None)
+    return out
+
+
+def base_of_adapter(adapter: str | Path, model: str | Path | None = None) -> Path:
+    """The base model folder to put ``adapter`` on: ``model`` if given, else the one the adapter
+    records; checked against the recorded fingerprint. CheckpointError when it does not fit."""
+    recorded = recorded_base(adapter)
+    if model is None:
+        if recorded is None:
+            raise CheckpointError(
+                f"{adapter}: the adapter does not record its base model ({PROVENANCE} or "
+                "base_model_name_or_path); pass it with --model"
+            )
+        folder = resolve_model_dir(recorded[0])
+        if not folder.is_dir():
+            raise CheckpointError(
+                f"{adapter}: its base model {recorded[0]} is not a folder here; pass it with --model"
+            )
+    else:
+        folder = resolve_model_dir(model)
+    if recorded is not None:
+        check_base(adapter, folder, recorded[1])
+    return folder
+
+
+def load_with_adapter(model: str | Path | None, adapter: str | Path | None) -> tuple[Model, Tokenizer, Path]:
+    """(model with the adapter attached, tokenizer, base folder); without ``model`` an adapter's
+    recorded base is used, without either the embedded model."""
+    folder = resolve_model_dir("embedded" if model is None else model)
+    if adapter is not None:
+        folder = base_of_adapter(adapter, model)
+    loaded, tokenizer = load_model(folder)
+    if adapter is not None:
+        attach_adapter(loaded, adapter)
+    return loaded, tokenizer, folder
 
 
 def attach_adapter(model: Model, folder: str | Path) -> Model:
@@ -117,9 +187,11 @@ def finetune(
     run: RunConfig,
     *,
     resume: bool = False,
+    extend: bool = False,
 ) -> tuple[Model, TrainResult]:
     """Fine-tune ``model_dir`` on the JSONL file ``data_path`` with ``spec``; write ``out_dir`` (see the
-    module docstring). With ``resume`` a run continues from ``out_dir/checkpoints``."""
+    module docstring). With ``resume`` a run continues from ``out_dir/checkpoints``; with ``extend`` too, a
+    finished run trains on to ``run.steps`` (``minift.train.train``: the schedule is re-planned)."""
     out = Path(out_dir)
     model, tokenizer = load_model(model_dir)
     examples = [encode_example(tokenizer, r, max_length=run.max_length) for r in read_jsonl(data_path)]
@@ -138,18 +210,23 @@ def finetune(
         progress=run.progress,
         activation_checkpointing=run.activation_checkpointing,
     )
-    result = train(model, data, config, grad_hooks=hooks, resume=resume)
+    result = train(model, data, config, grad_hooks=hooks, resume=resume or extend, extend=extend)
     base = str(resolve_model_dir(model_dir))
-    adapter = write_adapter(model, out / "adapter", base=base)
+    adapter = write_adapter(model, out / "adapter", base=str(model_dir))
     trainable = trainable_count(model)
+    selection = s2ft_selection(model)  # before merging: that returns the model to original coordinates
+    method = asdict(spec)
+    if selection:  # S2FT's counts as used (the matched budget's, where the options left them open)
+        method |= {k: selection["config"][k] for k in ("heads", "channels")}
     if run.merge or spec.method == "full":
         save_pretrained(merged_model(model), out / "merged", tokenizer_path=resolve_model_dir(model_dir))
     record = {
         "base_model": base,
         "data": str(data_path),
-        "method": asdict(spec),
+        "method": method,
         "run": asdict(run),
         "trainable_parameters": trainable,
+        "s2ft": selection,
         "steps": result.steps,
         "final_loss": result.losses[-1] if result.losses else None,
         "adapter": None if adapter is None else str(adapter),

@@ -1,0 +1,84 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+# ---
+
+# %% [markdown]
+# # Solutions to tutorial 13 · Instruction models on a CPU
+
+# %%
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from minift.data import Tokenizer, read_jsonl
+from minift.data.tasks import perplexity, task_splits
+from minift.tools.cli import main
+from minift.tools.finetune import load_with_adapter
+from minift.tools.pretrain import EMBEDDED
+
+work = Path(tempfile.mkdtemp(prefix="minift-13-solutions-", dir="."))
+model_dir = work / "chat-model"
+shutil.copytree(EMBEDDED, model_dir)
+config = json.loads((model_dir / "tokenizer_config.json").read_text())
+config["chat_template"] = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{{ 'Q: ' + m['content'] + '\\n' }}"
+    "{% else %}{{ 'A: ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'A: ' }}{% endif %}"
+)
+(model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+splits = task_splits("shift", 0, n_train=64, n_eval=8, n_retention=1)
+
+
+def write_chats(path, examples):
+    path.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": e.prompt.removeprefix("Q: ").removesuffix("\nA: ")},
+        {"role": "assistant", "content": e.answer}]}) + "\n" for e in examples))
+    return path
+
+
+train_file = write_chats(work / "train.jsonl", splits.train)
+test_file = write_chats(work / "test.jsonl", splits.test)
+
+
+def finetune(out, *extra):
+    argv = ["finetune", "--model", str(model_dir), "--data", str(train_file), "--method", "s2ft",
+            "--heads", "1", "--channels", "16", "--batch-size", "16", "--lr", "1e-2", "--out", str(out),
+            "--no-progress", *extra]
+    assert main(argv) == 0
+    return json.loads((Path(out) / "finetune.json").read_text())
+
+
+# %% [markdown]
+# ## 1. Every S2FT target
+#
+# With heads on q, k, v and o and channels on gate, up and down, each chosen head and channel trains
+# more matrices: the trainable count grows (k and v add whole key/value heads of the group).
+
+# %%
+default = finetune(work / "default", "--steps", "2")
+every = finetune(work / "every", "--steps", "2", "--s2ft-head-targets", "q,k,v,o",
+                 "--s2ft-channel-targets", "gate,up,down")
+print("trainable:", default["trainable_parameters"], "(o, down) vs", every["trainable_parameters"], "(all)")
+assert every["trainable_parameters"] > 2 * default["trainable_parameters"]
+
+# %% [markdown]
+# ## 2. Extending a finished run
+#
+# The extension restores step 30 bit for bit and trains 30 more steps under the 60-step schedule.
+
+# %%
+tokenizer = Tokenizer.from_pretrained(model_dir)
+chats = read_jsonl(test_file)
+finetune(work / "run", "--steps", "30")
+short = perplexity(load_with_adapter(None, work / "run" / "adapter")[0], tokenizer, chats)
+record = finetune(work / "run", "--steps", "60", "--extend")
+longer = perplexity(load_with_adapter(None, work / "run" / "adapter")[0], tokenizer, chats)
+print(f"test perplexity after 30 steps {short:.1f}, after extending to {record['steps']}: {longer:.1f}")
+assert record["steps"] == 60
