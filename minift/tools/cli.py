@@ -130,8 +130,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     finetune(args.model, args.data, spec, args.out, run, resume=args.resume)
-    written = "merged/, " if args.method == "full" else "adapter/, " + ("merged/, " if args.merge else "")
-    print(f"wrote {args.out} ({written}checkpoints/, finetune.json)")
+    written = [name for name in ("adapter", "merged") if Path(args.out, name).is_dir()]
+    print(f"wrote {args.out} ({', '.join(f'{w}/' for w in [*written, 'checkpoints'])}, finetune.json)")
     return 0
 
 

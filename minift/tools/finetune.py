@@ -139,7 +139,7 @@ def finetune(
     base = str(resolve_model_dir(model_dir))
     adapter = write_adapter(model, out / "adapter", base=base)
     trainable = trainable_count(model)
-    if run.merge or spec.method == "full":
+    if run.merge or adapter is None:  # a method without an adapter (full FT): its result is the merged model
         save_pretrained(merged_model(model), out / "merged", tokenizer_path=resolve_model_dir(model_dir))
     record = {
         "base_model": base,
