@@ -432,9 +432,29 @@ full fine-tuning, merged/ (a Hugging Face model folder).""",
 
 def cmd_study(args: argparse.Namespace) -> int:
     """Measure the S2FT and SORSA papers' headline claims on the embedded base model and tasks."""
-    from minift.tools.study import cmd_study as run_study
+    import json
+    import os
+    from dataclasses import replace
 
-    return run_study(args)
+    from minift.tools.study import load_base, render_markdown, run_study, write_report
+    from minift.tools.study.config import QUICK, StudyConfig
+
+    config = replace(
+        QUICK if args.quick else StudyConfig(),
+        **{k: getattr(args, k) for k in ("seeds", "steps") if getattr(args, k) is not None},
+    )
+    jobs = args.jobs if args.jobs is not None else (1 if args.quick else min(2, os.cpu_count() or 1))
+    if jobs < 0:
+        raise ConfigError(f"study --jobs must be ≥ 0 (0: no worker processes), got {jobs}")
+    report = run_study(config, load_base(args.base), jobs=jobs)
+    print(render_markdown(report))
+    if args.out:
+        for path in write_report(report, args.out):
+            print(f"wrote {path}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
 
 
 def study_arguments(p: argparse.ArgumentParser) -> None:
