@@ -150,8 +150,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     print(f"trainable parameters {record['trainable_parameters']:,}")
     if record.get("s2ft"):
         print("\n".join(describe_selection(record["s2ft"])))
-    written = "merged/, " if args.method == "full" else "adapter/, " + ("merged/, " if args.merge else "")
-    print(f"wrote {args.out} ({written}checkpoints/, finetune.json)")
+    written = [name for name in ("adapter", "merged") if Path(args.out, name).is_dir()]
+    print(f"wrote {args.out} ({', '.join(f'{w}/' for w in [*written, 'checkpoints'])}, finetune.json)")
     return 0
 
 
@@ -516,9 +516,29 @@ Given only --adapter, the base model the adapter records (minift_base.json) is l
 
 def cmd_study(args: argparse.Namespace) -> int:
     """Measure the S2FT and SORSA papers' headline claims on the embedded base model and tasks."""
-    from minift.tools.study import cmd_study as run_study
+    import json
+    import os
+    from dataclasses import replace
 
-    return run_study(args)
+    from minift.tools.study import load_base, render_markdown, run_study, write_report
+    from minift.tools.study.config import QUICK, StudyConfig
+
+    config = replace(
+        QUICK if args.quick else StudyConfig(),
+        **{k: getattr(args, k) for k in ("seeds", "steps") if getattr(args, k) is not None},
+    )
+    jobs = args.jobs if args.jobs is not None else (1 if args.quick else min(2, os.cpu_count() or 1))
+    if jobs < 0:
+        raise ConfigError(f"study --jobs must be ≥ 0 (0: no worker processes), got {jobs}")
+    report = run_study(config, load_base(args.base), jobs=jobs)
+    print(render_markdown(report))
+    if args.out:
+        for path in write_report(report, args.out):
+            print(f"wrote {path}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+    return 0
 
 
 def study_arguments(p: argparse.ArgumentParser) -> None:

@@ -218,7 +218,7 @@ def finetune(
     method = asdict(spec)
     if selection:  # S2FT's counts as used (the matched budget's, where the options left them open)
         method |= {k: selection["config"][k] for k in ("heads", "channels")}
-    if run.merge or spec.method == "full":
+    if run.merge or adapter is None:  # a method without an adapter (full FT): its result is the merged model
         save_pretrained(merged_model(model), out / "merged", tokenizer_path=resolve_model_dir(model_dir))
     record = {
         "base_model": base,

@@ -43,11 +43,9 @@ matplotlib is installed.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +54,7 @@ import numpy as np
 from minift.errors import ConfigError
 from minift.io.hub import load_pretrained, model_state
 from minift.model import Model, init_model
-from minift.tools.study.config import LABELS, METHODS, QUICK, StudyConfig
+from minift.tools.study.config import LABELS, METHODS, StudyConfig
 from minift.tools.study.experiments import (
     base_metrics,
     choose_lr,
@@ -140,22 +138,3 @@ def load_base(source: str | None) -> Model:
     if source is None and not (EMBEDDED / "config.json").is_file():
         raise ConfigError(f"no embedded base model in {EMBEDDED}: run `minift pretrain` or pass --base PATH")
     return load_pretrained(EMBEDDED if source is None else source)
-
-
-def cmd_study(args: Any) -> int:
-    """``minift study``: run, print the Markdown report, and write it (``--out``, ``--json``)."""
-    config = QUICK if args.quick else StudyConfig()
-    overrides = {k: getattr(args, k) for k in ("seeds", "steps") if getattr(args, k) is not None}
-    config = replace(config, **overrides)
-    jobs = args.jobs if args.jobs is not None else (1 if args.quick else min(2, os.cpu_count() or 1))
-    if jobs < 0:
-        raise ConfigError(f"study --jobs must be ≥ 0 (0: no worker processes), got {jobs}")
-    report = run_study(config, load_base(args.base), jobs=jobs)
-    print(render_markdown(report))
-    if args.out:
-        for path in write_report(report, args.out):
-            print(f"wrote {path}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-        print(f"wrote {args.json}")
-    return 0
