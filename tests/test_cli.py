@@ -133,6 +133,17 @@ def test_an_interrupted_finetune_resumes_to_the_same_adapter_as_an_uninterrupted
         np.testing.assert_array_equal(a[key], b[key])
 
 
+def test_finetune_with_activation_checkpointing_trains_the_same_adapter(files, tmp_path, capsys):
+    assert run(finetune(files, tmp_path / "a", "s2ft"), capsys)[0] == 0
+    assert run(finetune(files, tmp_path / "b", "s2ft", "--activation-checkpointing"), capsys)[0] == 0
+    assert json.loads((tmp_path / "b" / "finetune.json").read_text())["run"]["activation_checkpointing"]
+    a, _ = read_safetensors(tmp_path / "a" / "adapter" / "adapter.safetensors")
+    b, _ = read_safetensors(tmp_path / "b" / "adapter" / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:  # the same gradients, so the same float32 adapter, bit for bit
+        np.testing.assert_array_equal(a[key], b[key])
+
+
 def test_generate_and_eval_use_the_adapter(files, tmp_path, capsys):
     run(finetune(files, tmp_path / "run", "s2ft"), capsys)
     adapter = tmp_path / "run" / "adapter"
