@@ -24,6 +24,11 @@
 # `minift.optim.clip_grad_norm`, `minift.tools.measure.step_memory`.
 
 # %%
+import sys
+import tempfile
+from pathlib import Path
+
+import matplotlib.pyplot as plt
 import numpy as np
 
 from minift import (
@@ -45,6 +50,19 @@ from minift.layers.swiglu import swiglu_forward
 from minift.optim import AdamW, Schedule, clip_grad_norm
 from minift.testing import assert_close, check_grad
 from minift.tools.measure import step_memory
+
+
+def show(fig, name: str) -> None:
+    """Draw `fig` inline in a notebook; run as a script, save it as a PNG in the system's temporary
+    folder instead (a tutorial never writes into the checkout) and say where."""
+    if "ipykernel" in sys.modules:
+        plt.show()
+    else:
+        path = Path(tempfile.gettempdir()) / f"minift-tutorial-{name}.png"
+        fig.savefig(path)
+        print(f"figure saved to {path}")
+    plt.close(fig)
+
 
 rng = np.random.default_rng(0)
 config = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, n_layers=2, n_heads=4,
@@ -290,24 +308,17 @@ assert rows["top block's down only"][0] < 0.5 * rows["full fine-tuning"][0]
 # keeps trainable blocks in *every* layer and still saves most of this, by keeping only the
 # activation columns its few trainable columns need.
 #
-# A picture, when matplotlib is installed:
+# As a picture:
 
 # %%
-try:
-    import matplotlib.pyplot as plt
-except ImportError:  # plots are optional; the numbers above are the lesson
-    plt = None
-if plt is not None:
-    fig, ax = plt.subplots(figsize=(5, 3))
-    names = list(rows)
-    ax.bar(names, [rows[n][1] / 2**20 for n in names], label="step peak")
-    ax.bar(names, [rows[n][0] / 2**20 for n in names], label="forward cache")
-    ax.set_ylabel("MiB")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig("04_memory.png")
-    plt.close(fig)
-    print("saved 04_memory.png")
+fig, ax = plt.subplots(figsize=(5, 3))
+names = list(rows)
+ax.bar(names, [rows[n][1] / 2**20 for n in names], label="step peak")
+ax.bar(names, [rows[n][0] / 2**20 for n in names], label="forward cache")
+ax.set_ylabel("MiB")
+ax.legend()
+fig.tight_layout()
+show(fig, "04_memory")
 
 # %% [markdown]
 # ## Summary

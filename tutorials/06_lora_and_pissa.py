@@ -29,7 +29,11 @@
 
 # %%
 import copy
+import sys
+import tempfile
+from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 
 from minift import ModelConfig, init_model, loss_and_grads, model_forward, trainable_parameters
@@ -45,6 +49,19 @@ from minift.methods.lora import (
 from minift.methods.pissa import PiSSAConfig, apply_pissa, pissa_factors, top_svd
 from minift.optim import AdamW
 from minift.testing import assert_close, check_grad
+
+
+def show(fig, name: str) -> None:
+    """Draw `fig` inline in a notebook; run as a script, save it as a PNG in the system's temporary
+    folder instead (a tutorial never writes into the checkout) and say where."""
+    if "ipykernel" in sys.modules:
+        plt.show()
+    else:
+        path = Path(tempfile.gettempdir()) / f"minift-tutorial-{name}.png"
+        fig.savefig(path)
+        print(f"figure saved to {path}")
+    plt.close(fig)
+
 
 rng = np.random.default_rng(0)
 
@@ -191,23 +208,17 @@ for name, model in (("LoRA", lora), ("PiSSA", pissa)):
 print("merged = adapted, and merge then unmerge returns the weight (to rounding)")
 
 # %% [markdown]
-# A picture, when matplotlib is installed:
+# As a picture:
 
 # %%
-try:
-    import matplotlib.pyplot as plt
-except ImportError:
-    plt = None
-if plt is not None:
-    fig, ax = plt.subplots(figsize=(5, 3))
-    for name, c in curves.items():
-        ax.plot(c, label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig("06_lora_vs_pissa.png")
-    plt.close(fig)
+fig, ax = plt.subplots(figsize=(5, 3))
+for name, c in curves.items():
+    ax.plot(c, label=name)
+ax.set_xlabel("step")
+ax.set_ylabel("training loss")
+ax.legend()
+fig.tight_layout()
+show(fig, "06_lora_vs_pissa")
 
 # %% [markdown]
 # **Sharing adapters.** `minift.io.peft.export_peft_adapter` writes a LoRA as a Hugging

@@ -29,7 +29,11 @@
 
 # %%
 import copy
+import sys
+import tempfile
+from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 
 from minift import ModelConfig, init_model, model_forward, set_trainable, trainable_parameters
@@ -47,6 +51,19 @@ from minift.methods.svd_analysis import SVDTrajectory, svd_deviation
 from minift.optim import AdamW
 from minift.testing import assert_close, check_grad
 from minift.train import train_step
+
+
+def show(fig, name: str) -> None:
+    """Draw `fig` inline in a notebook; run as a script, save it as a PNG in the system's temporary
+    folder instead (a tutorial never writes into the checkout) and say where."""
+    if "ipykernel" in sys.modules:
+        plt.show()
+    else:
+        path = Path(tempfile.gettempdir()) / f"minift-tutorial-{name}.png"
+        fig.savefig(path)
+        print(f"figure saved to {path}")
+    plt.close(fig)
+
 
 rng = np.random.default_rng(0)
 
@@ -197,22 +214,15 @@ w0 = base.blocks[0].q.weight
 print("one matrix, directly:", svd_deviation(w0, full.blocks[0].q.weight))
 
 # %%
-try:
-    import matplotlib.pyplot as plt
-except ImportError:  # the numbers above are the result; the plot is a convenience
-    plt = None
-if plt is not None:
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, pts in rows.items():
-        arr = np.array(pts)
-        ax.plot(arr[:, 1], arr[:, 2], marker="o", label=name)
-    ax.set_xlabel("ΔΣ (mean |Δσ|)")
-    ax.set_ylabel("ΔD (1 − mean |cos|)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig("07_delta_sigma_delta_d.png")
-    plt.close(fig)
-    print("saved 07_delta_sigma_delta_d.png")
+fig, ax = plt.subplots(figsize=(5, 3.5))
+for name, pts in rows.items():
+    arr = np.array(pts)
+    ax.plot(arr[:, 1], arr[:, 2], marker="o", label=name)
+ax.set_xlabel("ΔΣ (mean |Δσ|)")
+ax.set_ylabel("ΔD (1 − mean |cos|)")
+ax.legend()
+fig.tight_layout()
+show(fig, "07_delta_sigma_delta_d")
 
 # %% [markdown]
 # (The learning rates differ — SORSA's adapters need a larger one — so this tiny run illustrates

@@ -27,7 +27,11 @@
 
 # %%
 import copy
+import sys
+import tempfile
+from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 
 from minift import ModelConfig, init_model, loss_and_grads, set_trainable, trainable_parameters
@@ -39,6 +43,19 @@ from minift.slots import Dense
 from minift.testing import assert_close
 from minift.tools.measure import step_flops, step_memory, time_step
 from minift.train import train_step
+
+
+def show(fig, name: str) -> None:
+    """Draw `fig` inline in a notebook; run as a script, save it as a PNG in the system's temporary
+    folder instead (a tutorial never writes into the checkout) and say where."""
+    if "ipykernel" in sys.modules:
+        plt.show()
+    else:
+        path = Path(tempfile.gettempdir()) / f"minift-tutorial-{name}.png"
+        fig.savefig(path)
+        print(f"figure saved to {path}")
+    plt.close(fig)
+
 
 rng = np.random.default_rng(0)
 
@@ -179,20 +196,14 @@ for name, (_, mem, flops, timing) in results.items():
           f"time ×{timing.median_s / full_r[3].median_s:.2f} of full FT")
 
 # %%
-try:
-    import matplotlib.pyplot as plt
-except ImportError:  # the table above is the result; the plot is a convenience
-    plt = None
-if plt is not None:
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    names = list(results)
-    axes[0].bar(names, [results[n][1].step_peak_bytes / 2**20 for n in names])
-    axes[0].set_ylabel("step peak (MiB)")
-    axes[1].bar(names, [results[n][2].backward / 1e6 for n in names])
-    axes[1].set_ylabel("backward MFLOPs")
-    fig.tight_layout()
-    fig.savefig("09_cost.png")
-    plt.close(fig)
+fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+names = list(results)
+axes[0].bar(names, [results[n][1].step_peak_bytes / 2**20 for n in names])
+axes[0].set_ylabel("step peak (MiB)")
+axes[1].bar(names, [results[n][2].backward / 1e6 for n in names])
+axes[1].set_ylabel("backward MFLOPs")
+fig.tight_layout()
+show(fig, "09_cost")
 
 # %% [markdown]
 # ## Summary

@@ -28,7 +28,10 @@
 # `minift.serving.fuse_adapters`, `minift.serving.batched_forward`, `minift.serving.LoraFactors`.
 
 # %%
+import atexit
 import copy
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +62,11 @@ from minift.serving import (
 )
 from minift.testing import assert_close
 from minift.train import train_step
+
+# Every file this tutorial writes goes into a scratch folder that is deleted when Python exits:
+# the tutorial can be rerun, from any folder, and leaves the checkout as it found it.
+work = Path(tempfile.mkdtemp(prefix="minift-tutorial-"))
+atexit.register(shutil.rmtree, work, ignore_errors=True)
 
 config = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=64, n_layers=2, n_heads=4,
                      n_kv_heads=2)
@@ -134,9 +142,9 @@ print("base + adapter = the unpermuted fine-tuned model")
 # shape fails with a `CheckpointError` that says why.
 
 # %%
-save_adapter(ad, "adapter_A")
-print(sorted(p.name for p in Path("adapter_A").iterdir()))
-reloaded = load_adapter("adapter_A")
+save_adapter(ad, work / "adapter_A")
+print(sorted(p.name for p in (work / "adapter_A").iterdir()))
+reloaded = load_adapter(work / "adapter_A")
 for key in ad.blocks:
     assert np.array_equal(reloaded.blocks[key].delta, ad.blocks[key].delta)
 other = init_model(config.replace(intermediate_size=48), np.random.default_rng(0))

@@ -25,11 +25,17 @@
 # `minift.methods.full.to_dense`, `minift.io.hub.save_pretrained`.
 
 # %%
+import atexit
 import copy
 import itertools
 import json
+import shutil
+import sys
+import tempfile
 import time
+from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 
 from minift import loss_and_grads, trainable_parameters
@@ -51,6 +57,24 @@ from minift.tools.measure import step_memory
 from minift.tools.pretrain import BASE_CONFIG, EMBEDDED, load_embedded
 from minift.train import TrainConfig, train
 
+
+def show(fig, name: str) -> None:
+    """Draw `fig` inline in a notebook; run as a script, save it as a PNG in the system's temporary
+    folder instead (a tutorial never writes into the checkout) and say where."""
+    if "ipykernel" in sys.modules:
+        plt.show()
+    else:
+        path = Path(tempfile.gettempdir()) / f"minift-tutorial-{name}.png"
+        fig.savefig(path)
+        print(f"figure saved to {path}")
+    plt.close(fig)
+
+
+# Every file this tutorial writes goes into a scratch folder that is deleted when Python exits:
+# the tutorial can be rerun, from any folder, and leaves the checkout as it found it.
+work = Path(tempfile.mkdtemp(prefix="minift-tutorial-"))
+atexit.register(shutil.rmtree, work, ignore_errors=True)
+
 # %% [markdown]
 # ## 1. Your data
 #
@@ -71,10 +95,10 @@ def word(r):
 words = sorted({word(rng) for _ in range(400)})
 rng.shuffle(words)
 test_words, train_words = words[:24], words[24:]
-with open("upper.jsonl", "w", encoding="utf-8") as f:
+with open(work / "upper.jsonl", "w", encoding="utf-8") as f:
     for w in train_words:
         f.write(json.dumps({"prompt": f"Q: upper {w}\nA: ", "completion": w.upper()}) + "\n")
-records = read_jsonl("upper.jsonl")
+records = read_jsonl(work / "upper.jsonl")
 test = [TaskExample(f"Q: upper {w}\nA: ", w.upper(), "upper") for w in test_words]
 print(len(records), "training records, e.g.", records[0])
 
@@ -193,20 +217,14 @@ assert max(peft.values()) < 1.2 * min(peft.values())  # matched budgets
 assert results["S2FT"]["memory"] < results["full"]["memory"]
 
 # %%
-try:
-    import matplotlib.pyplot as plt
-except ImportError:
-    plt = None
-if plt is not None:
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3))
-    names = list(results)
-    axes[0].bar(names, [results[n]["memory"] / 2**20 for n in names])
-    axes[0].set_ylabel("training step peak (MiB)")
-    axes[1].bar(names, [results[n]["test_loss"] for n in names])
-    axes[1].set_ylabel("held-out answer loss")
-    fig.tight_layout()
-    fig.savefig("11_methods.png")
-    plt.close(fig)
+fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+names = list(results)
+axes[0].bar(names, [results[n]["memory"] / 2**20 for n in names])
+axes[0].set_ylabel("training step peak (MiB)")
+axes[1].bar(names, [results[n]["test_loss"] for n in names])
+axes[1].set_ylabel("held-out answer loss")
+fig.tight_layout()
+show(fig, "11_methods")
 
 # %% [markdown]
 # ## 4. Ship the result
@@ -218,7 +236,7 @@ if plt is not None:
 
 # %%
 s2ft_model = unpermute(results["S2FT"]["model"])
-folder = save_pretrained(to_dense(s2ft_model), "upper-s2ft")
+folder = save_pretrained(to_dense(s2ft_model), work / "upper-s2ft")
 print("wrote", sorted(p.name for p in folder.iterdir()))
 
 # %% [markdown]

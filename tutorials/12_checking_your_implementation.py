@@ -27,7 +27,10 @@
 # vectors).
 
 # %%
+import atexit
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +39,11 @@ from minift.io.safetensors_io import read_safetensors
 from minift.spec.export import export_vectors
 from minift.spec.minift_impl import implementation as minift_impl
 from minift.spec.properties import PROPERTIES
+
+# Every file this tutorial writes goes into a scratch folder that is deleted when Python exits:
+# the tutorial can be rerun, from any folder, and leaves the checkout as it found it.
+work = Path(tempfile.mkdtemp(prefix="minift-tutorial-"))
+atexit.register(shutil.rmtree, work, ignore_errors=True)
 
 # %% [markdown]
 # ## 1. The interface
@@ -171,10 +179,10 @@ print("the squared regularizer passes the zero-at-orthonormal property: invarian
 # reader. Here, the LoRA and SORSA-split cases against `MyLowRank`:
 
 # %%
-folders = export_vectors("spec-vectors")
+folders = export_vectors(work / "spec-vectors")
 print(sorted(f.name for f in folders))
-case = json.loads(Path("spec-vectors/lora/case.json").read_text())
-arrays, _ = read_safetensors("spec-vectors/lora/arrays.safetensors")
+case = json.loads((work / "spec-vectors/lora/case.json").read_text())
+arrays, _ = read_safetensors(work / "spec-vectors/lora/arrays.safetensors")
 inp = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("input/")}
 s = case["scalars"]["scaling"]
 y = mine.lora_forward(inp["x"], inp["W"], inp["A"], inp["B"], s)
@@ -182,8 +190,8 @@ np.testing.assert_allclose(y, arrays["expected/y"], rtol=case["rtol"])
 np.testing.assert_allclose(mine.lora_merge(inp["W"], inp["A"], inp["B"], s), arrays["expected/merged"],
                            rtol=case["rtol"])
 
-case = json.loads(Path("spec-vectors/sorsa_split/case.json").read_text())
-arrays, _ = read_safetensors("spec-vectors/sorsa_split/arrays.safetensors")
+case = json.loads((work / "spec-vectors/sorsa_split/case.json").read_text())
+arrays, _ = read_safetensors(work / "spec-vectors/sorsa_split/arrays.safetensors")
 W_res, B, S, A = mine.sorsa_split(arrays["input/W"], case["scalars"]["r"])
 np.testing.assert_allclose(W_res, arrays["expected/W_res"], rtol=case["rtol"], atol=1e-12)
 np.testing.assert_allclose(S, arrays["expected/S"], rtol=case["rtol"])

@@ -11,9 +11,13 @@
 # # Solutions to tutorial 11 · Fine-tuning on your own data
 
 # %%
+import atexit
 import copy
 import itertools
 import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
@@ -26,6 +30,11 @@ from minift.model import init_model
 from minift.tools.pretrain import BASE_CONFIG
 from minift.train import TrainConfig, train
 
+# Every file this tutorial writes goes into a scratch folder that is deleted when Python exits:
+# the tutorial can be rerun, from any folder, and leaves the checkout as it found it.
+work = Path(tempfile.mkdtemp(prefix="minift-tutorial-"))
+atexit.register(shutil.rmtree, work, ignore_errors=True)
+
 tokenizer = task_tokenizer()
 quick = dict(schedule="cosine", warmup_steps=2, progress=False)
 
@@ -36,10 +45,10 @@ quick = dict(schedule="cosine", warmup_steps=2, progress=False)
 # prompt/completion only the completion and EOS are.
 
 # %%
-with open("notes.jsonl", "w", encoding="utf-8") as f:
+with open(work / "notes.jsonl", "w", encoding="utf-8") as f:
     for line in ("the cat sat on the mat.", "a dog ran in the park.", "the sun is warm today."):
         f.write(json.dumps({"text": line}) + "\n")
-text_examples = [encode_example(tokenizer, r) for r in read_jsonl("notes.jsonl")]
+text_examples = [encode_example(tokenizer, r) for r in read_jsonl(work / "notes.jsonl")]
 assert all(e.labels == e.ids for e in text_examples)
 print("every token counts:", text_examples[0].labels[:8], "…")
 
