@@ -128,8 +128,9 @@ print("largest |drow_max|:", float(np.abs(steps["drow_max"]).max()))
 #
 # `minift.testing.check_grad(forward, backward, args)` evaluates `forward(**args)`, draws a random
 # upstream gradient `G` of the output's shape, and compares `backward(G, **args)` with central
-# differences of `Σ forward(**args) ⊙ G`, entry by entry, in float64. Here the output is the scalar
-# loss, so `G` is one random number.
+# differences of `Σ forward(**args) ⊙ G` (each entry of each argument nudged by ±ε in turn), in
+# float64. It reports one relative error per argument array, ‖g − g_fd‖ / max(‖g‖, ‖g_fd‖), and
+# fails when any exceeds 1e-6. Here the output is the scalar loss, so `G` is one random number.
 
 
 # %%

@@ -138,8 +138,8 @@ print(f"{n_lora} trainable parameters (dense q, v, down would be "
 
 # %%
 _, g = loss_and_grads(lora, x_in, y_out)
-print("‖dA‖ at step 0:", max(np.abs(v).max() for k, v in g.items() if k.endswith(".A")),
-      " ‖dB‖:", round(max(np.abs(v).max() for k, v in g.items() if k.endswith(".B")), 4))
+print("largest |dA| entry at step 0:", max(np.abs(v).max() for k, v in g.items() if k.endswith(".A")),
+      " largest |dB| entry:", round(max(np.abs(v).max() for k, v in g.items() if k.endswith(".B")), 4))
 assert all(np.all(v == 0) for k, v in g.items() if k.endswith(".A"))
 
 # %% [markdown]
@@ -167,7 +167,8 @@ pissa = apply_pissa(copy.deepcopy(base), PiSSAConfig(r=2, alpha=4.0, targets=("q
 assert_close(model_forward(pissa, x_in, train=False)[0], base_logits, rtol=1e-10, atol=1e-12,
              what="PiSSA at init")
 _, g = loss_and_grads(pissa, x_in, y_out)
-print("PiSSA ‖dA‖ at step 0:", round(max(np.abs(v).max() for k, v in g.items() if k.endswith(".A")), 4))
+print("PiSSA: largest |dA| entry at step 0:",
+      round(max(np.abs(v).max() for k, v in g.items() if k.endswith(".A")), 4))
 
 # %% [markdown]
 # For large matrices the exact SVD is the expensive part; `PiSSAConfig(niter=k)` uses the
