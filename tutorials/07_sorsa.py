@@ -272,9 +272,11 @@ show(fig, "07_delta_sigma_delta_d")
 # %% [markdown]
 # At matched settings SORSA moves both the singular values and the singular vectors least — the
 # ordering the paper reports and minift's study measures (`minift study`). Read it with the loss
-# column beside it, though: at this learning rate full fine-tuning also *fits* the batch far
-# better, so part of SORSA's small deviation is that it has learned less. A matched-loss comparison
-# (the study's "steps to target") is the fairer one for a claim about forgetting.
+# column beside it: SORSA also fits the batch better than PiSSA here (training loss about 0.7
+# against 1.8), so against PiSSA it learns more while moving less; full fine-tuning fits far better
+# still (about 0.02), so against full FT part of SORSA's smaller deviation is that it has learned
+# less. A comparison at matched loss (the study's "steps to target") is the fairer one for a claim
+# about forgetting.
 #
 # ## Summary
 #
