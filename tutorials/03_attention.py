@@ -247,3 +247,32 @@ for T_ in (16, 256, 4096):
 #    of the attention rows changes for D = 4, 64 and 1024 with standard-normal q and k.
 #
 # Solutions: `tutorials/solutions/03_attention.py`.
+
+# %% [markdown]
+# ### Check cell
+#
+# Write your answer in the function below, in place of `return None`, and run the cell: the
+# check prints "not answered yet" while a function returns None, "correct" when your answer is
+# right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
+# `tutorials/solutions/` defines the same function.)
+
+# %%
+def kv_cache_mask(T, S):
+    """Exercise 1: the (T, S) boolean mask of T new queries against S keys, of which the first
+    S − T are cached: True where query t may read key j."""
+    return None  # your code here
+
+
+def check_kv_cache_mask(kv_cache_mask):
+    if kv_cache_mask(1, 1) is None:
+        print("exercise 1: not answered yet")
+        return
+    for T, S in [(1, 5), (3, 5), (4, 4), (2, 7)]:
+        mine, ref = np.asarray(kv_cache_mask(T, S)), causal_mask(T, S)[0, 0, 0]
+        assert mine.shape == (T, S), f"T={T}, S={S}: shape {mine.shape}, expected {(T, S)}"
+        assert np.array_equal(mine, ref), (
+            f"T={T}, S={S}: got\n{mine.astype(int)}\nexpected\n{ref.astype(int)}")
+    print("exercise 1: correct")
+
+
+check_kv_cache_mask(kv_cache_mask)

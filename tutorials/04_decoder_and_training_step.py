@@ -364,3 +364,37 @@ show(fig, "04_memory")
 #    fit how it grows. Which term is quadratic in T?
 #
 # Solutions: `tutorials/solutions/04_decoder_and_training_step.py`.
+
+# %% [markdown]
+# ### Check cell
+#
+# Write your answer in the function below, in place of `return None`, and run the cell: the
+# check prints "not answered yet" while a function returns None, "correct" when your answer is
+# right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
+# `tutorials/solutions/` defines the same function.)
+
+# %%
+def combine_micro_batches(grads, counted):
+    """Exercise 1: the whole batch's gradient from micro-batch gradients `grads` (a list of dicts,
+    each the mean over its own counted target tokens) and their counts of counted tokens."""
+    return None  # your code here
+
+
+def check_combine_micro_batches(combine_micro_batches):
+    m = set_trainable(init_model(config, np.random.default_rng(5), dtype=np.float64, std=0.3))
+    r = np.random.default_rng(6)
+    tok, tgt = r.integers(0, config.vocab_size, (4, 7)), r.integers(0, config.vocab_size, (4, 7))
+    tgt[2:, :5] = -100  # the second micro-batch counts far fewer tokens
+    parts = [loss_and_grads(m, tok[i:i + 2], tgt[i:i + 2])[1] for i in (0, 2)]
+    counts = [int((tgt[i:i + 2] != -100).sum()) for i in (0, 2)]
+    combined = combine_micro_batches(parts, counts)
+    if combined is None:
+        print("exercise 1: not answered yet")
+        return
+    whole = loss_and_grads(m, tok, tgt)[1]
+    for k in whole:
+        assert_close(combined[k], whole[k], rtol=1e-10, atol=1e-14, what=k)
+    print("exercise 1: correct")
+
+
+check_combine_micro_batches(combine_micro_batches)

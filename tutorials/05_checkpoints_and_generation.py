@@ -254,3 +254,34 @@ print("sampled:", repr(tok.decode(a[0])))
 #    greedy generation still produce the sentence?
 #
 # Solutions: `tutorials/solutions/05_checkpoints_and_generation.py`.
+
+# %% [markdown]
+# ### Check cell
+#
+# Write your answer in the function below, in place of `return None`, and run the cell: the
+# check prints "not answered yet" while a function returns None, "correct" when your answer is
+# right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
+# `tutorials/solutions/` defines the same function.)
+
+# %%
+def tokens_processed(P, n, cached):
+    """Exercise 1: how many token positions the model runs through to generate n tokens after a
+    prompt of P tokens, greedily, with (`cached=True`) or without a KV cache."""
+    return None  # your code here
+
+
+def check_tokens_processed(tokens_processed):
+    if tokens_processed(1, 1, True) is None:
+        print("exercise 1: not answered yet")
+        return
+    for P, n in [(10, 30), (1, 1), (5, 2), (64, 32)]:
+        # count by running the loops: without a cache every step reruns the whole sequence; with
+        # one, the prompt once (the prefill gives the first new token), then one token a step
+        without = sum(P + i for i in range(n))
+        with_cache = P + (n - 1)
+        assert tokens_processed(P, n, False) == without, f"P={P}, n={n}, no cache: expected {without}"
+        assert tokens_processed(P, n, True) == with_cache, f"P={P}, n={n}, cached: expected {with_cache}"
+    print("exercise 1: correct")
+
+
+check_tokens_processed(tokens_processed)

@@ -247,3 +247,29 @@ show(fig, "06_lora_vs_pissa")
 #    still passes `check_grad` (use `lowrank_forward(..., mask=, p=)` directly).
 #
 # Solutions: `tutorials/solutions/06_lora_and_pissa.py`.
+
+# %% [markdown]
+# ### Check cell
+#
+# Write your answer in the function below, in place of `return None`, and run the cell: the
+# check prints "not answered yet" while a function returns None, "correct" when your answer is
+# right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
+# `tutorials/solutions/` defines the same function.)
+
+# %%
+def rslora_scaling(alpha, r):
+    """Exercise 1: the scaling factor s of rank-stabilised LoRA for a given alpha and rank r."""
+    return None  # your code here
+
+
+def check_rslora_scaling(rslora_scaling):
+    if rslora_scaling(8.0, 4) is None:
+        print("exercise 1: not answered yet")
+        return
+    for r in (1, 4, 16):
+        expected = LoRAConfig(r=r, alpha=8.0, use_rslora=True).scaling
+        assert abs(rslora_scaling(8.0, r) - expected) < 1e-12, f"r={r}: expected {expected}"
+    print("exercise 1: correct")
+
+
+check_rslora_scaling(rslora_scaling)

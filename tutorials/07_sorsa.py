@@ -48,6 +48,7 @@ from minift.data import Batch
 from minift.methods.pissa import PiSSAConfig, apply_pissa
 from minift.methods.sorsa import (
     SORSAConfig,
+    SORSARegularizer,
     apply_sorsa,
     gradient_hook,
     orthonormal_regularizer,
@@ -297,3 +298,31 @@ show(fig, "07_delta_sigma_delta_d")
 #    and ΔΣ = mean σ, while a random orthogonal rotation of W's rows keeps ΔΣ = 0.
 #
 # Solutions: `tutorials/solutions/07_sorsa.py`.
+
+# %% [markdown]
+# ### Check cell
+#
+# Write your answer in the function below, in place of `return None`, and run the cell: the
+# check prints "not answered yet" while a function returns None, "correct" when your answer is
+# right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
+# `tutorials/solutions/` defines the same function.)
+
+# %%
+def regularizer_coefficient(gamma, lr_max, accum_steps, mode):
+    """Exercise 2: the factor c the hook puts on ∇L_ortho, for mode "faithful" or "plain"."""
+    return None  # your code here
+
+
+def check_regularizer_coefficient(regularizer_coefficient):
+    if regularizer_coefficient(4e-4, 3e-5, 4, "plain") is None:
+        print("exercise 2: not answered yet")
+        return
+    for mode in ("faithful", "plain"):
+        for accum in (1, 4):
+            expected = SORSARegularizer(4e-4, mode).coefficient(3e-5, accum)
+            got = regularizer_coefficient(4e-4, 3e-5, accum, mode)
+            assert abs(got - expected) <= 1e-12 * expected, f"{mode}, {accum} steps: {got} ≠ {expected}"
+    print("exercise 2: correct")
+
+
+check_regularizer_coefficient(regularizer_coefficient)

@@ -268,3 +268,32 @@ print(matched.heads, "heads and", matched.channels, "channels per layer ≈ LoRA
 #    `s2ft_parameter_count`.
 #
 # Solutions: `tutorials/solutions/08_s2ft_selection_and_permutation.py`.
+
+# %% [markdown]
+# ### Check cell
+#
+# Write your answer in the function below, in place of `return None`, and run the cell: the
+# check prints "not answered yet" while a function returns None, "correct" when your answer is
+# right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
+# `tutorials/solutions/` defines the same function.)
+
+# %%
+def smallest_down_channels(down, k):
+    """Exercise 2: the ids of the k FFN channels whose Down columns have the smallest norm, sorted;
+    `down` is a layer's Down weight, (C, F)."""
+    return None  # your code here
+
+
+def check_smallest_down_channels(smallest_down_channels):
+    m = init_model(config, np.random.default_rng(4), dtype=np.float64)
+    if smallest_down_channels(m.blocks[0].down.weight, 4) is None:
+        print("exercise 2: not answered yet")
+        return
+    expected = select_units(m, S2FTConfig(channels=4, strategy="weight", variant="small"))
+    for i, block in enumerate(m.blocks):
+        got = tuple(int(j) for j in smallest_down_channels(block.down.weight, 4))
+        assert got == tuple(expected[i][1]), f"layer {i}: {got}, expected {tuple(expected[i][1])}"
+    print("exercise 2: correct")
+
+
+check_smallest_down_channels(smallest_down_channels)

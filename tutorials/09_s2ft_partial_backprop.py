@@ -226,3 +226,33 @@ show(fig, "09_cost")
 #    the `attention` entry: why is it the same for all three?
 #
 # Solutions: `tutorials/solutions/09_s2ft_partial_backprop.py`.
+
+# %% [markdown]
+# ### Check cell
+#
+# Write your answer in the function below, in place of `return None`, and run the cell: the
+# check prints "not answered yet" while a function returns None, "correct" when your answer is
+# right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
+# `tutorials/solutions/` defines the same function.)
+
+# %%
+def row_block_grad(dy, x, a, b):
+    """Exercise 1: the gradient of rows a:b of W for y = x Wᵀ (a row block, as V and Up train),
+    computed without forming the full (O, I) gradient. x (N, I), dy (N, O)."""
+    return None  # your code here
+
+
+def check_row_block_grad(row_block_grad):
+    r = np.random.default_rng(9)
+    x, dy = r.standard_normal((6, 5)), r.standard_normal((6, 8))
+    if row_block_grad(dy, x, 2, 5) is None:
+        print("exercise 1: not answered yet")
+        return
+    for a, b in [(2, 5), (0, 1), (0, 8)]:
+        got, full = np.asarray(row_block_grad(dy, x, a, b)), dy.T @ x
+        assert got.shape == (b - a, 5), f"rows {a}:{b}: shape {got.shape}, expected {(b - a, 5)}"
+        assert_close(got, full[a:b], rtol=1e-12, atol=1e-14, what=f"rows {a}:{b}")
+    print("exercise 1: correct")
+
+
+check_row_block_grad(row_block_grad)

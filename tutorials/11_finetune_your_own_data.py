@@ -255,3 +255,31 @@ print("wrote", sorted(p.name for p in folder.iterdir()))
 #    using a few training batches as calibration data.
 #
 # Solutions: `tutorials/solutions/11_finetune_your_own_data.py`.
+
+# %% [markdown]
+# ### Check cell
+#
+# Write your answer in the function below, in place of `return None`, and run the cell: the
+# check prints "not answered yet" while a function returns None, "correct" when your answer is
+# right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
+# `tutorials/solutions/` defines the same function.)
+
+# %%
+def text_labels(ids):
+    """Exercise 1: the labels `encode_example` gives a `{"text": …}` record whose token ids (BOS,
+    the text, EOS) are `ids`: the target at each position, −100 where the loss ignores it."""
+    return None  # your code here
+
+
+def check_text_labels(text_labels):
+    if text_labels([1, 2]) is None:
+        print("exercise 1: not answered yet")
+        return
+    for text in ("the cat sat.", "a", "Q: min 1 2 3"):
+        example = encode_example(tokenizer, {"text": text})
+        got = list(text_labels(list(example.ids)))
+        assert got == list(example.labels), f"{text!r}: {got}, expected {list(example.labels)}"
+    print("exercise 1: correct")
+
+
+check_text_labels(text_labels)

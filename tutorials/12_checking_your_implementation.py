@@ -221,3 +221,35 @@ print("my implementation matches the exported vectors of", case["name"], "and lo
 #    against the expected logits using only the arrays and `case.json`.
 #
 # Solutions: `tutorials/solutions/12_checking_your_implementation.py`.
+
+# %% [markdown]
+# ### Check cell
+#
+# Write your answer in the function below, in place of `return None`, and run the cell: the
+# check prints "not answered yet" while a function returns None, "correct" when your answer is
+# right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
+# `tutorials/solutions/` defines the same function.)
+
+# %%
+def pissa_init(W, r, alpha):
+    """Exercise 1: PiSSA's initialisation as the interface states it, (W_res, A, B), with scaling
+    s = alpha / r — written correctly, so that the spec's PiSSA properties pass."""
+    return None  # your code here
+
+
+def check_pissa_init(pissa_init):
+    if pissa_init(np.eye(2), 1, 1.0) is None:
+        print("exercise 1: not answered yet")
+        return
+
+    class Yours(MyLowRank):
+        def pissa_init(self, W, r, alpha):
+            return pissa_init(W, r, alpha)
+
+    for name in PROPERTIES:
+        if name.startswith("pissa"):
+            PROPERTIES[name](Yours())
+    print("exercise 1: correct")
+
+
+check_pissa_init(pissa_init)

@@ -101,3 +101,11 @@ assert 0 < rel < 5e-2
 cache = KVCache.empty(config.n_layers)  # the loaded bf16 model generates like any other
 model_forward(half, tokens, kv_cache=cache, train=False)
 assert cache.length == 16
+
+
+# %% [markdown]
+# ## The answer for the tutorial's check cell
+
+# %%
+def tokens_processed(P, n, cached):
+    return P + n - 1 if cached else n * P + n * (n - 1) // 2

@@ -94,3 +94,12 @@ print(f"heads {heads} touch {touched} groups: {n} trainable = O {3 * D * C} + V 
       f"{s2ft_parameter_count(config, s2)} before one is drawn")
 assert n == 3 * D * C + touched * D * C == s2ft_parameter_count(config, s2, selection)
 assert n >= s2ft_parameter_count(config, s2)
+
+
+# %% [markdown]
+# ## The answer for the tutorial's check cell
+
+# %%
+def smallest_down_channels(down, k):
+    # channel j of the FFN is column j of Down (C, F): norms over axis 0
+    return tuple(sorted(np.argsort(np.linalg.norm(down, axis=0), kind="stable")[:k].tolist()))

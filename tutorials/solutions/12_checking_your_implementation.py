@@ -85,3 +85,15 @@ weights = {k.removeprefix("input/weight/"): v for k, v in arrays.items() if k.st
 logits = minift_impl.decoder_logits(case["scalars"]["config"], weights, arrays["input/tokens"])
 np.testing.assert_allclose(logits, arrays["expected/logits"], rtol=case["rtol"], atol=1e-12)
 print("decoder_gqa: logits", logits.shape, "match the vector")
+
+
+# %% [markdown]
+# ## The answer for the tutorial's check cell
+
+# %%
+def pissa_init(W, r, alpha):
+    s = alpha / r
+    U, sigma, Vt = np.linalg.svd(W, full_matrices=False)
+    root = np.sqrt(sigma[:r] / s)  # divided by s, so that s · B A is the top-r part of W
+    A, B = root[:, None] * Vt[:r], U[:, :r] * root
+    return W - s * B @ A, A, B
