@@ -7,6 +7,7 @@ Special tokens follow the file: the BOS a post-processor adds (Llama's ``Templat
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,10 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from minift.errors import DataError
 from minift.io.jsonio import read_json_object
+
+
+class UnknownTokenWarning(UserWarning):
+    """Text mapped to the vocabulary's unknown token: what it said is lost to the model."""
 
 
 class Tokenizer:
@@ -28,6 +33,10 @@ class Tokenizer:
             to the first EOS id, as Hugging Face does for models without a pad token.
         add_bos: None: BOS exactly as the post-processor adds it; True: also when it adds none;
             False: never (strip the post-processor's prefix).
+
+    ``encode`` warns (``UnknownTokenWarning``, with the count and the first piece of text affected)
+    when text maps to the model's unknown token, e.g. characters outside a character-level
+    vocabulary: silently training on ``<unk>`` is a data bug.
     """
 
     def __init__(
@@ -46,6 +55,8 @@ class Tokenizer:
         self.add_bos = add_bos
         if add_bos and bos_id is None:
             raise DataError("add_bos=True needs a bos_id")
+        unk = getattr(tokenizer.model, "unk_token", None)  # WordLevel, WordPiece, BPE; None if unset
+        self.unk_id: int | None = None if unk is None else tokenizer.token_to_id(str(unk))
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> Tokenizer:
@@ -94,13 +105,26 @@ class Tokenizer:
     def encode(self, text: str, *, bos: bool = True) -> list[int]:
         """Ids of ``text``, with BOS (per ``add_bos``) when ``bos`` and never with an EOS: callers
         append EOS where a training sequence ends (``encode_example``)."""
-        plain = self.hf.encode(text, add_special_tokens=False).ids
+        encoding = self.hf.encode(text, add_special_tokens=False)
+        plain = encoding.ids
+        if self.unk_id is not None and self.unk_id in plain:
+            self._warn_unknown(text, plain, encoding.offsets)
         if not bos or self.add_bos is False:
             return list(plain)
         prefix = self._post_processor_prefix(text, plain)
         if not prefix and self.add_bos and self.bos_id is not None:
             prefix = [self.bos_id]
         return prefix + list(plain)
+
+    def _warn_unknown(self, text: str, ids: list[int], offsets: list[tuple[int, int]]) -> None:
+        at = [k for k, i in enumerate(ids) if i == self.unk_id]
+        start, end = offsets[at[0]]
+        warnings.warn(
+            f"{len(at)} token(s) of the text map to the unknown token (id {self.unk_id}); the first is "
+            f"{text[start:end]!r} at character {start} of {text[:60]!r}",
+            UnknownTokenWarning,
+            stacklevel=3,
+        )
 
     def _post_processor_prefix(self, text: str, plain: list[int]) -> list[int]:
         """The ids the post-processor puts before the text (e.g. [BOS]); suffixes such as an EOS a
