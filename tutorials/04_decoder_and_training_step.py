@@ -11,7 +11,9 @@
 # # 04 · The whole decoder, one training step, and where the memory goes
 #
 # **What you will build.** A Llama-style decoder assembled from the layers of tutorials 01–03,
-# its gradient checked end to end, a few AdamW training steps, and a measurement of the memory a
+# its whole backward written by hand (SwiGLU with silu' derived, the head reshapes, the
+# embedding's scatter-add) and matched array by array with `model_backward`, every gradient
+# checked by finite differences, a few AdamW training steps, and a measurement of the memory a
 # training step needs — and of how much of it disappears when the lower layers are frozen
 # (partial backpropagation, the idea S2FT builds on).
 #
@@ -41,12 +43,12 @@ from minift import (
     trainable_parameters,
 )
 from minift.data import Batch
-from minift.layers.attention import attention_forward, causal_mask
+from minift.layers.attention import attention_backward, attention_forward, causal_mask
 from minift.layers.cross_entropy import cross_entropy_backward, cross_entropy_forward
 from minift.layers.linear import linear_backward_weight, linear_forward
-from minift.layers.rmsnorm import rmsnorm_forward
-from minift.layers.rope import rope_forward, rope_tables
-from minift.layers.swiglu import swiglu_forward
+from minift.layers.rmsnorm import rmsnorm_backward, rmsnorm_forward
+from minift.layers.rope import rope_backward, rope_forward, rope_tables
+from minift.layers.swiglu import swiglu_backward, swiglu_forward
 from minift.optim import AdamW, Schedule, clip_grad_norm
 from minift.testing import assert_close, check_grad
 from minift.tools.measure import step_memory
@@ -152,6 +154,117 @@ grads_by_hand = model_backward(model, cross_entropy_backward(ce_cache).reshape(l
 assert ce_loss == loss
 for key in grads:
     assert np.array_equal(grads[key], grads_by_hand[key])
+
+# %% [markdown]
+# ### The backward, written by hand
+#
+# `model_backward` is nothing but the layer backwards of tutorials 01–03, run in reverse order.
+# Three pieces are new here; derive them first.
+#
+# **SwiGLU.** The MLP computes `m = silu(g) ⊙ u` with g = gate(h), u = up(h), and
+# `silu(z) = z · σ(z)`, σ the logistic sigmoid `1 / (1 + e^−z)`. Since σ' = σ (1 − σ),
+# `silu'(z) = σ(z) + z σ(z)(1 − σ(z)) = σ(z) (1 + z (1 − σ(z)))`, and the product rule gives
+# `dg = dm ⊙ u ⊙ silu'(g)` and `du = dm ⊙ silu(g)`.
+#
+# **Head reshapes.** A projection's output (N, H·D) becomes heads by a reshape and a transpose,
+# (N, H·D) → (B, T, H, D) → (B, H, T, D). Both only move entries, so the backward moves the
+# gradient back the same way: the inverse transpose, then the inverse reshape.
+#
+# **Embedding.** x[n] = E[token_n] copies a row, so E's row t receives the sum of dx over every
+# position n that holds token t — a *scatter-add*. `np.add.at` adds once per occurrence;
+# `dE[tokens] += dx` would not (with a repeated token only one of the writes would survive).
+#
+# **A value used twice gets both gradients.** h feeds q, k and v (and gate and up): its gradient is
+# the sum of what each projection sends back. The residual stream x feeds the branch and skips past
+# it: `dx = dx + d(branch)`.
+
+# %%
+def silu(z):
+    return z / (1 + np.exp(-z))  # z · σ(z)
+
+
+def silu_grad(z):
+    s = 1 / (1 + np.exp(-z))
+    return s * (1 + z * (1 - s))
+
+
+def swiglu_by_hand_backward(dm, g, u):
+    return dm * u * silu_grad(g), dm * silu(g)  # (dg, du)
+
+
+def heads(y, n):
+    """(N, n·D) → (B, n, T, D)."""
+    return y.reshape(B, T, n, D).transpose(0, 2, 1, 3)
+
+
+def unheads(y):
+    """(B, n, T, D) → (N, n·D): the inverse of `heads`, so also the backward of `heads`."""
+    return y.transpose(0, 2, 1, 3).reshape(B * T, -1)
+
+
+z = np.linspace(-4, 4, 9)
+check_grad(silu, lambda G, z: {"z": G * silu_grad(z)}, {"z": z.copy()})
+g_, u_, dm_ = (rng.standard_normal((5, 7)) for _ in range(3))
+assert_close(swiglu_forward(g_, u_)[0], silu(g_) * u_, rtol=1e-13, what="swiglu forward")
+for mine, lib in zip(swiglu_by_hand_backward(dm_, g_, u_), swiglu_backward(dm_, swiglu_forward(g_, u_)[1]),
+                     strict=True):
+    assert_close(mine, lib, rtol=1e-12, atol=1e-14, what="swiglu backward")
+print("silu' by finite differences, and the SwiGLU backward against the library's: checked")
+
+
+# %%
+def backward_by_hand(model, tokens, dlogits):
+    """Every parameter's gradient: the forward of `decoder_by_hand` keeping what each backward needs,
+    then the backward, block by block from the top."""
+    c = model.config
+    cos, sin = rope_tables(np.broadcast_to(np.arange(T), (B, T)), D, c.rope_theta, c.rope_scaling)
+    x = model.embed.weight[tokens].reshape(B * T, -1)
+    kept = []
+    for blk in model.blocks:
+        h1, n1 = rmsnorm_forward(x, blk.attn_norm.weight, c.norm_eps)
+        q, k, v = (heads(linear_forward(h1, s.weight), n) for s, n in ((blk.q, H), (blk.k, K), (blk.v, K)))
+        a, att = attention_forward(rope_forward(q, cos, sin), rope_forward(k, cos, sin), v, causal_mask(T, T))
+        x = x + linear_forward(unheads(a), blk.o.weight)
+        h2, n2 = rmsnorm_forward(x, blk.mlp_norm.weight, c.norm_eps)
+        g, u = linear_forward(h2, blk.gate.weight), linear_forward(h2, blk.up.weight)
+        kept.append((h1, n1, att, unheads(a), h2, n2, g, u, silu(g) * u))
+        x = x + linear_forward(silu(g) * u, blk.down.weight)
+    xf, nf = rmsnorm_forward(x, model.final_norm.weight, c.norm_eps)
+
+    grads = {}
+    dy = dlogits.reshape(B * T, -1)
+    grads["lm_head.weight"] = dy.T @ xf  # y = x Wᵀ: dW = dyᵀ x, dx = dy W (tutorial 01)
+    dx, grads["final_norm.weight"] = rmsnorm_backward(dy @ model.lm_head.weight, nf, model.final_norm.weight)
+    for i in reversed(range(len(model.blocks))):
+        blk, (h1, n1, att, a, h2, n2, g, u, m), p = model.blocks[i], kept[i], f"blocks.{i}."
+        # the MLP branch: x = x + down(silu(gate(h2)) ⊙ up(h2)), h2 = mlp_norm(x)
+        grads[p + "down.weight"] = dx.T @ m
+        dg, du = swiglu_by_hand_backward(dx @ blk.down.weight, g, u)
+        grads[p + "gate.weight"], grads[p + "up.weight"] = dg.T @ h2, du.T @ h2
+        dh2 = dg @ blk.gate.weight + du @ blk.up.weight  # h2 feeds gate and up: the two add
+        d_branch, grads[p + "mlp_norm.weight"] = rmsnorm_backward(dh2, n2, blk.mlp_norm.weight)
+        dx = dx + d_branch  # the residual: the skip and the branch
+        # the attention branch: x = x + o(attention(rope(q(h1)), rope(k(h1)), v(h1))), h1 = attn_norm(x)
+        grads[p + "o.weight"] = dx.T @ a
+        dq, dk, dv = attention_backward(heads(dx @ blk.o.weight, H), att)  # tutorial 03
+        dq, dk, dv = unheads(rope_backward(dq, cos, sin)), unheads(rope_backward(dk, cos, sin)), unheads(dv)
+        grads[p + "q.weight"], grads[p + "k.weight"], grads[p + "v.weight"] = dq.T @ h1, dk.T @ h1, dv.T @ h1
+        dh1 = dq @ blk.q.weight + dk @ blk.k.weight + dv @ blk.v.weight  # h1 feeds q, k and v
+        d_branch, grads[p + "attn_norm.weight"] = rmsnorm_backward(dh1, n1, blk.attn_norm.weight)
+        dx = dx + d_branch
+    dE = np.zeros_like(model.embed.weight)
+    np.add.at(dE, tokens.reshape(-1), dx)  # the scatter-add: once per occurrence of each token
+    grads["embed.weight"] = dE
+    return grads
+
+
+mine = backward_by_hand(model, inputs, cross_entropy_backward(ce_cache).reshape(logits.shape))
+assert mine.keys() == grads.keys()
+for key in grads:
+    assert_close(mine[key], grads[key], rtol=1e-10, atol=1e-13, what=key)
+print(f"all {len(grads)} gradients written by hand match model_backward's")
+print("a repeated input token:", np.bincount(inputs.reshape(-1)).max(), "occurrences of the most common one")
+
 
 # %% [markdown]
 # ### The whole model's gradient, checked by finite differences
@@ -346,7 +459,8 @@ show(fig, "04_memory")
 # ## Summary
 #
 # * The decoder is the layers composed; the backward is that composition reversed, with the
-#   residual stream summing gradients.
+#   residual stream summing gradients, a head reshape undone by its inverse, and the embedding
+#   scatter-adding into the rows of the tokens it looked up.
 # * Backward functions return fresh gradients, so a gradient computation is idempotent and tied
 #   weights sum their parts explicitly.
 # * A training step = `loss_and_grads` → `clip_grad_norm` → `AdamW.step(grads, lr=schedule(step))`.
