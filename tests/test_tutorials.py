@@ -53,18 +53,20 @@ def test_the_tutorial_folder_is_found_and_not_empty():
     assert LESSONS, f"no tutorials found under {TUTORIALS}"
 
 
+TOOL_CACHES = ("__pycache__", ".hypothesis", ".ruff_cache", ".pytest_cache", ".egg-info")
+
+
 def _checkout_state() -> tuple[str, frozenset[str]]:
     """What a tutorial could leave behind: ``git status`` (new or changed files, ignored ones
     included) where the tests run from a git checkout, and the entries of the root and of
-    ``tutorials/`` either way. Bytecode caches are Python's, not the tutorial's."""
+    ``tutorials/`` either way. Bytecode and tool caches are not the tutorial's."""
     status = ""
     if (ROOT / ".git").exists():
         status = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"],
                                 cwd=ROOT, capture_output=True, text=True, check=True).stdout
-        status = "\n".join(line for line in status.splitlines()
-                           if "__pycache__" not in line and ".hypothesis" not in line)
+        status = "\n".join(line for line in status.splitlines() if not any(c in line for c in TOOL_CACHES))
     entries = frozenset(str(p.relative_to(ROOT)) for folder in (ROOT, TUTORIALS, TUTORIALS / "solutions")
-                        for p in folder.iterdir() if p.name not in {"__pycache__", ".hypothesis"})
+                        for p in folder.iterdir() if p.name not in TOOL_CACHES)
     return status, entries
 
 
