@@ -87,6 +87,13 @@ print("cached for the backward:", cache._fields, "q is stored as", cache.q.shape
 # %% [markdown]
 # ## 2. The causal mask, and why −∞
 #
+# `causal_mask(T, S)` says which of S keys each of T queries may read. Usually S = T; during
+# generation with a KV cache (tutorial 05) the keys are the P cached positions plus the T new ones,
+# S = P + T, and the new queries are the *last* T positions: query t sits at absolute position
+# S − T + t and may read keys 0 … S − T + t. So the mask is aligned at the bottom-right corner of
+# the (T, S) grid, not the top-left (exercise 1). (The README's notation table lists this second
+# use of S next to its first, "selected heads/channels" in S2FT.)
+#
 # Causality is a property you can test directly: perturb the keys and values of tokens after t and
 # the outputs at positions ≤ t must not move.
 
