@@ -66,6 +66,12 @@ rng = np.random.default_rng(0)
 # (tutorial 01). A `ColumnBlock` therefore keeps a contiguous copy of `x[:, a:b]` — N·S numbers
 # instead of N·I — and returns that block's gradient. It still returns the full `dx = dy W`,
 # because the layers below need it. A frozen dense slot keeps nothing at all.
+#
+# Two arguments below need a word. `ColumnBlock(W, segments, reference)`: `segments` are the
+# (start, end) column ranges that train (here columns 0:3), and `reference` is a copy of those
+# columns as they were before training, from which the adapter ΔW = W[:, 0:3] − reference is
+# extracted later (tutorial 10). Every slot's `forward(x, keep=…)` returns y and what the backward
+# will need: `keep=True` in training, `keep=False` in inference, where nothing is kept.
 
 # %%
 N, I, O = 6, 10, 5
