@@ -155,7 +155,9 @@ assert g_plain > 1.0 > 10 * g_squared
 # then adds `(γ / η_max) · ∇L_ortho` unclipped, and hands the sum to AdamW (γ the strength, η_max
 # the peak learning rate). That is a *gradient hook* the training step calls after clipping:
 # `hook(model, grads, lr_max=…, accum_steps=…)`. γ lives in one place, `SORSAConfig.gamma`;
-# `gradient_hook(config)` builds the hook (a `SORSARegularizer`) from it.
+# `gradient_hook(config)` builds the hook (a `SORSARegularizer`) from it. With gradient
+# accumulation over n micro-batches, `SORSAConfig(mode="faithful")` (the default) also divides the
+# coefficient by n, as the official run did through its training library; `mode="plain"` does not.
 #
 # **How this relates to the paper's rule.** The paper writes one step as
 # `W ← W − η_t ∇L_train − γ ∇L_reg` (Sec. 3, with the regularizer's step *not* scaled by the
