@@ -153,9 +153,22 @@ assert all(np.all(v == 0) for k, v in g.items() if k.endswith(".A"))
 # `W_res + s · B A = W`: the model is unchanged at initialisation, but the trainable part is the
 # most significant part of W instead of zero, and both A and B get gradients from the first step.
 
+# Written from those three lines with NumPy's SVD, and compared with the library's
+# `pissa_factors` (singular vectors are defined up to sign, so compare B A, which is not):
+
 # %%
+def pissa_by_hand(w, r, s):
+    U, sigma, Vt = np.linalg.svd(w, full_matrices=False)
+    root = np.sqrt(sigma[:r] / s)
+    A, B = root[:, None] * Vt[:r], U[:, :r] * root
+    return A, B, w - s * B @ A
+
+
 w = base.blocks[0].q.weight
 A0, B0, W_res = pissa_factors(w, 2, scaling=2.0)
+A1, B1, W_res1 = pissa_by_hand(w, 2, 2.0)
+assert_close(B1 @ A1, B0 @ A0, rtol=1e-10, atol=1e-12, what="B A, by hand and pissa_factors")
+assert_close(W_res1, W_res, rtol=1e-10, atol=1e-12, what="W_res, by hand and pissa_factors")
 U, sig, Vt = top_svd(w, 2)
 assert_close(W_res + 2.0 * B0 @ A0, w, rtol=1e-12, atol=1e-13, what="W_res + sBA = W")
 sigma_all = np.linalg.svd(w, compute_uv=False)
