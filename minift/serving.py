@@ -35,10 +35,10 @@ from minift.model import KVCache, Model, model_forward
 
 
 class LoraFactors(NamedTuple):
-    """ΔW = scaling · B A of one slot."""
+    """ΔW = scaling · B A of one slot (A and B named as in the LoRA paper and the model's slots)."""
 
-    a: Array  # (R, I)
-    b: Array  # (O, R)
+    A: Array  # (R, I)
+    B: Array  # (O, R)
     scaling: float
 
 
@@ -108,9 +108,9 @@ def check_adapter(model: Model, adapter: Adapter) -> None:
                     f"is {w.shape}"
                 )
             check_block(e, f"{origin}adapter key {key!r}")
-        elif e.a.shape[1] != w.shape[1] or e.b.shape[0] != w.shape[0] or e.a.shape[0] != e.b.shape[1]:
+        elif e.A.shape[1] != w.shape[1] or e.B.shape[0] != w.shape[0] or e.A.shape[0] != e.B.shape[1]:
             raise CheckpointError(
-                f"LoRA adapter key {key!r}: A {e.a.shape} and B {e.b.shape} "
+                f"LoRA adapter key {key!r}: A {e.A.shape} and B {e.B.shape} "
                 f"do not fit a weight of shape {w.shape}"
             )
 
@@ -119,7 +119,7 @@ def _add(w: Array, e: Entry, scale: float) -> None:
     """W += scale · ΔW of one entry, in place."""
     xp = get_xp(w)
     if isinstance(e, LoraFactors):
-        w += (scale * e.scaling) * (xp.asarray(e.b, dtype=w.dtype) @ xp.asarray(e.a, dtype=w.dtype))
+        w += (scale * e.scaling) * (xp.asarray(e.B, dtype=w.dtype) @ xp.asarray(e.A, dtype=w.dtype))
         return
     delta = scale * xp.asarray(e.delta, dtype=w.dtype)
     idx = xp.asarray(e.indices)
@@ -225,7 +225,7 @@ class _GroupedAdapterSlot:
             xr = x[rows]
             if isinstance(e, LoraFactors):
                 y[rows] += e.scaling * (
-                    (xr @ xp.asarray(e.a, dtype=x.dtype).T) @ xp.asarray(e.b, dtype=x.dtype).T
+                    (xr @ xp.asarray(e.A, dtype=x.dtype).T) @ xp.asarray(e.B, dtype=x.dtype).T
                 )
             elif e.axis == "columns":
                 y[rows] += xr[:, xp.asarray(e.indices)] @ xp.asarray(e.delta, dtype=x.dtype).T

@@ -1,21 +1,31 @@
-"""The tutorials are executable lessons: each one and each exercise solution runs as a script, and
-every ``minift.<name>`` it mentions, in code or prose, exists.
+"""The tutorials are executable lessons: each one and each exercise solution runs as a script, each
+tutorial runs as a notebook and shows its pictures inline, none leaves a file behind, and every
+``minift.<name>`` it mentions, in code or prose, exists.
 
 A tutorial's own ``assert`` statements and ``check_grad`` calls are the pass criteria, so every claim
 its prose makes ("the gradients match", "the merged model is identical") is executed here.
+
+Scripts run from the repository root and notebooks from ``tutorials/`` (the two places a reader
+starts them), each followed by a check that the checkout holds no new or changed file, so every
+tutorial runs twice in the same checkout and must clean up after itself.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import os
 import re
 import runpy
+import subprocess
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 
-TUTORIALS = Path(__file__).resolve().parent.parent / "tutorials"
+ROOT = Path(__file__).resolve().parent.parent
+TUTORIALS = ROOT / "tutorials"
 LESSONS = sorted(TUTORIALS.glob("[0-9][0-9]_*.py"))
 SOLUTIONS = sorted((TUTORIALS / "solutions").glob("[0-9][0-9]_*.py"))
 NAME = re.compile(r"\bminift(?:\.[A-Za-z_]\w*)+")
@@ -43,11 +53,146 @@ def test_the_tutorial_folder_is_found_and_not_empty():
     assert LESSONS, f"no tutorials found under {TUTORIALS}"
 
 
+TOOL_CACHES = ("__pycache__", ".hypothesis", ".ruff_cache", ".pytest_cache", ".egg-info")
+
+
+def _checkout_state() -> tuple[str, frozenset[str]]:
+    """What a tutorial could leave behind: ``git status`` (new or changed files, ignored ones
+    included) where the tests run from a git checkout, and the entries of the root and of
+    ``tutorials/`` either way. Bytecode and tool caches are not the tutorial's."""
+    status = ""
+    if (ROOT / ".git").exists():
+        status = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"],
+                                cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        status = "\n".join(line for line in status.splitlines() if not any(c in line for c in TOOL_CACHES))
+    entries = frozenset(str(p.relative_to(ROOT)) for folder in (ROOT, TUTORIALS, TUTORIALS / "solutions")
+                        for p in folder.iterdir() if p.name not in TOOL_CACHES)
+    return status, entries
+
+
+@pytest.fixture
+def leaves_the_checkout_clean():
+    before = _checkout_state()
+    yield
+    after = _checkout_state()
+    assert after == before, f"the tutorial left files behind:\n{after[0]}\n{sorted(after[1] - before[1])}"
+
+
+@functools.cache
+def _run(path: Path) -> dict:
+    """Run a tutorial or solution as a script from the repository root (as `python tutorials/…`),
+    once per session; its globals, for the check-cell tests."""
+    old, backend = Path.cwd(), os.environ.get("MPLBACKEND")
+    os.chdir(ROOT)
+    os.environ["MPLBACKEND"] = "Agg"  # never open a window
+    try:
+        return runpy.run_path(str(path), run_name="__main__")
+    finally:
+        os.chdir(old)
+        if backend is None:
+            del os.environ["MPLBACKEND"]
+        else:
+            os.environ["MPLBACKEND"] = backend
+
+
 @pytest.mark.parametrize("path", LESSONS + SOLUTIONS, ids=_id)
-def test_the_script_runs_to_completion_and_its_asserts_hold(path, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # plots and checkpoints land in a scratch folder
-    monkeypatch.setenv("MPLBACKEND", "Agg")  # never open a window
-    runpy.run_path(str(path), run_name="__main__")
+def test_the_script_runs_to_completion_and_its_asserts_hold(path, leaves_the_checkout_clean):
+    _run(path)
+
+
+def _checks(namespace: dict) -> dict:
+    """The tutorial's own check functions (not imported ones such as ``check_grad``)."""
+    return {k: v for k, v in namespace.items()
+            if k.startswith("check_") and getattr(v, "__module__", None) == "__main__"}
+
+
+# One plausible wrong answer per tutorial: the slip each check cell exists to catch.
+def _mse_without_the_mean(x, W, b, y):
+    d = 2 * (x @ W.T + b - y)  # forgot the mean's 1/(N·V)
+    return {"x": d @ W, "W": d.T @ x, "b": d.sum(0)}
+
+
+def _layernorm_without_the_mean_path(dy, x, w, b, eps):
+    xc = x - x.mean(1, keepdims=True)
+    rstd = ((xc**2).mean(1, keepdims=True) + eps) ** -0.5
+    return {"x": dy * w * rstd, "w": (dy * xc * rstd).sum(0), "b": dy.sum(0)}  # dx misses two paths
+
+
+def _plain_average(grads, counted):
+    return {k: sum(g[k] for g in grads) / len(grads) for k in grads[0]}
+
+
+def _largest_row_norms(down, k):  # Down is (C, F): its rows are the residual stream, not channels
+    return tuple(sorted(np.argsort(np.linalg.norm(down, axis=1))[:k].tolist()))
+
+
+def _pissa_without_scaling(W, r, alpha):  # forgot to divide σ by s = alpha / r
+    U, sigma, Vt = np.linalg.svd(W, full_matrices=False)
+    A, B = np.sqrt(sigma[:r])[:, None] * Vt[:r], U[:, :r] * np.sqrt(sigma[:r])
+    return W - alpha / r * B @ A, A, B
+
+
+WRONG = {
+    "01_backprop_by_hand": ("mse_grads", _mse_without_the_mean),
+    "02_rmsnorm_and_rope": ("layernorm_grads", _layernorm_without_the_mean_path),
+    "03_attention": ("kv_cache_mask", lambda T, S: np.tril(np.ones((T, S), dtype=bool))),  # top-left aligned
+    "04_decoder_and_training_step": ("combine_micro_batches", _plain_average),
+    "05_checkpoints_and_generation": ("tokens_processed",  # off by one with the cache, P + n without
+                                      lambda P, n, cached: P + n if cached else n * (P + n)),
+    "06_lora_and_pissa": ("rslora_scaling", lambda alpha, r: alpha / r),  # plain LoRA's scaling
+    "07_sorsa": ("regularizer_coefficient",  # divides by the accumulation steps in both modes
+                 lambda gamma, lr_max, accum, mode: gamma / lr_max / accum),
+    "08_s2ft_selection_and_permutation": ("smallest_down_channels", _largest_row_norms),
+    "09_s2ft_partial_backprop": ("row_block_grad", lambda dy, x, a, b: dy.T @ x[:, a:b]),  # a column block
+    "10_s2ft_adapters_and_serving": ("switch_additions",  # counts only the new adapter
+                                     lambda old, new: sum(b.delta.size for b in new.blocks.values())),
+    "11_finetune_your_own_data": ("text_labels", lambda ids: [-100, *ids[1:]]),  # BOS masked like a prompt
+    "12_checking_your_implementation": ("pissa_init", _pissa_without_scaling),
+}
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=_id)
+def test_every_check_cell_passes_the_solution_and_rejects_a_plausible_wrong_answer(path, capsys):
+    checks = _checks(_run(path))
+    assert checks, f"{_id(path)} has no check cell"
+    solution = _run(TUTORIALS / "solutions" / path.name)
+    for check_name, check in checks.items():
+        answer_name = check_name.removeprefix("check_")
+        assert answer_name in solution, f"solutions/{path.name} does not define {answer_name}"
+        capsys.readouterr()
+        check(solution[answer_name])
+        assert "correct" in capsys.readouterr().out, f"{check_name} did not run on the solution"
+    answer_name, wrong = WRONG[path.stem]
+    with pytest.raises(AssertionError):
+        checks["check_" + answer_name](wrong)
+
+
+def test_every_tutorial_has_a_wrong_answer_for_its_checks():
+    assert set(WRONG) == {p.stem for p in LESSONS}
+
+
+PLOTTING = {p for p in LESSONS if "plt.subplots" in p.read_text(encoding="utf-8")}
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=_id)
+def test_the_notebook_executes_and_shows_its_pictures_inline(path, monkeypatch, leaves_the_checkout_clean):
+    """The tutorial as a reader opens it: converted by jupytext, executed cell by cell in a Jupyter
+    kernel started in ``tutorials/``; a tutorial that plots must show at least one inline PNG."""
+    jupytext = pytest.importorskip("jupytext")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    pytest.importorskip("matplotlib")
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend, as in Jupyter
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    notebook = jupytext.read(path)
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(TUTORIALS)}}).execute()
+    pictures = sum("image/png" in out.get("data", {})
+                   for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs)
+    if path in PLOTTING:
+        assert pictures >= 1, f"{_id(path)} plots but showed no inline picture"
+    else:
+        assert pictures == 0
 
 
 @pytest.mark.parametrize("path", LESSONS + SOLUTIONS, ids=_id)
@@ -63,12 +208,16 @@ def test_every_minift_name_the_script_mentions_exists(path):
 
 
 @pytest.mark.parametrize("path", LESSONS, ids=_id)
-def test_the_tutorial_opens_with_prose_and_ends_with_exercises_that_have_solutions(path):
+def test_the_tutorial_opens_with_prose_and_ends_with_exercises_and_their_check_cells(path):
     cells = re.split(r"^# %%", path.read_text(encoding="utf-8"), flags=re.MULTILINE)[1:]
     assert cells[0].startswith(" [markdown]"), "the first cell must be a markdown cell stating the goal"
     assert "**Library functions explained here.**" in cells[0], "the opening cell must name them"
-    assert cells[-1].startswith(" [markdown]"), "the tutorial must end with its Exercises cell"
-    assert re.search(r"^# ## Exercises", cells[-1], flags=re.MULTILINE), "no '## Exercises' at the end"
+    exercises = [i for i, c in enumerate(cells) if re.search(r"^# ## Exercises", c, flags=re.MULTILINE)]
+    assert len(exercises) == 1, "one '## Exercises' section"
+    after = cells[exercises[0] + 1:]
+    assert after, "the exercises must be followed by their check cells"
+    assert all(c.startswith(" [markdown]") or re.search(r"^def check_\w+", c, re.M) for c in after), (
+        "after the exercises come only check cells (and their prose)")
     assert (TUTORIALS / "solutions" / path.name).exists(), f"solutions/{path.name} is missing"
 
 
@@ -79,7 +228,6 @@ def test_the_tutorial_opens_as_a_notebook_of_markdown_and_code_cells(path):
     kinds = {c.cell_type for c in cells}
     assert kinds == {"markdown", "code"}, f"expected markdown and code cells, got {kinds}"
     assert cells[0].cell_type == "markdown"
-    assert cells[-1].cell_type == "markdown"
 
 
 def test_the_name_checker_rejects_a_name_that_does_not_exist():

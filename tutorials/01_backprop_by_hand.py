@@ -128,8 +128,9 @@ print("largest |drow_max|:", float(np.abs(steps["drow_max"]).max()))
 #
 # `minift.testing.check_grad(forward, backward, args)` evaluates `forward(**args)`, draws a random
 # upstream gradient `G` of the output's shape, and compares `backward(G, **args)` with central
-# differences of `Σ forward(**args) ⊙ G`, entry by entry, in float64. Here the output is the scalar
-# loss, so `G` is one random number.
+# differences of `Σ forward(**args) ⊙ G` (each entry of each argument nudged by ±ε in turn), in
+# float64. It reports one relative error per argument array, ‖g − g_fd‖ / max(‖g‖, ‖g_fd‖), and
+# fails when any exceeds 1e-6. Here the output is the scalar loss, so `G` is one random number.
 
 
 # %%
@@ -301,3 +302,33 @@ assert losses[-1] < 0.5 * head_loss(x, W, b)
 #    disagreement becomes with `eps = 1e-6` and with `eps = 1e-3`.
 #
 # Solutions: `tutorials/solutions/01_backprop_by_hand.py`.
+
+# %% [markdown]
+# ### Check cell
+#
+# Write your answer in the function below, in place of `return None`, and run the cell: the
+# check prints "not answered yet" while a function returns None, "correct" when your answer is
+# right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
+# `tutorials/solutions/` defines the same function.)
+
+# %%
+def mse_grads(x, W, b, y):
+    """Exercise 2: the gradients of loss = mean((x Wᵀ + b − y)²), the mean over all N·V entries,
+    as a dict {"x": dx, "W": dW, "b": db}."""
+    return None  # your code here
+
+
+def check_mse_grads(mse_grads):
+    r = np.random.default_rng(7)
+    x, W, b = r.standard_normal((5, 3)), r.standard_normal((4, 3)), r.standard_normal(4)
+    y = r.standard_normal((5, 4))
+    if mse_grads(x, W, b, y) is None:
+        print("exercise 2: not answered yet")
+        return
+    check_grad(lambda x, W, b: ((x @ W.T + b - y) ** 2).mean(),
+               lambda G, x, W, b: {k: G * g for k, g in mse_grads(x, W, b, y).items()},
+               {"x": x, "W": W, "b": b})
+    print("exercise 2: correct")
+
+
+check_mse_grads(mse_grads)

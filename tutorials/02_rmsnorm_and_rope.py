@@ -254,3 +254,33 @@ assert not bad.ok
 #    explain why the gap grows.
 #
 # Solutions: `tutorials/solutions/02_rmsnorm_and_rope.py`.
+
+# %% [markdown]
+# ### Check cell
+#
+# Write your answer in the function below, in place of `return None`, and run the cell: the
+# check prints "not answered yet" while a function returns None, "correct" when your answer is
+# right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
+# `tutorials/solutions/` defines the same function.)
+
+# %%
+def layernorm_grads(dy, x, w, b, eps):
+    """Exercise 1: the backward of y = w ⊙ (x − μ) / √(var + eps) + b over the last axis of x
+    (N, C), as a dict {"x": dx, "w": dw, "b": db}."""
+    return None  # your code here
+
+
+def check_layernorm_grads(layernorm_grads):
+    from minift.layers.layernorm import layernorm_forward
+
+    r = np.random.default_rng(7)
+    x, w, b = r.standard_normal((4, 6)), 1 + 0.1 * r.standard_normal(6), r.standard_normal(6)
+    if layernorm_grads(r.standard_normal((4, 6)), x, w, b, 1e-5) is None:
+        print("exercise 1: not answered yet")
+        return
+    check_grad(lambda x, w, b: layernorm_forward(x, w, b, 1e-5)[0],
+               lambda G, x, w, b: layernorm_grads(G, x, w, b, 1e-5), {"x": x, "w": w, "b": b})
+    print("exercise 1: correct")
+
+
+check_layernorm_grads(layernorm_grads)

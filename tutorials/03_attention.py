@@ -92,6 +92,13 @@ print("cached for the backward:", cache._fields, "q is stored as", cache.q.shape
 # %% [markdown]
 # ## 2. The causal mask, and why −∞
 #
+# `causal_mask(T, S)` says which of S keys each of T queries may read. Usually S = T; during
+# generation with a KV cache (tutorial 05) the keys are the P cached positions plus the T new ones,
+# S = P + T, and the new queries are the *last* T positions: query t sits at absolute position
+# S − T + t and may read keys 0 … S − T + t. So the mask is aligned at the bottom-right corner of
+# the (T, S) grid, not the top-left (exercise 1). (The README's notation table lists this second
+# use of S next to its first, "selected heads/channels" in S2FT.)
+#
 # Causality is a property you can test directly: perturb the keys and values of tokens after t and
 # the outputs at positions ≤ t must not move.
 
@@ -262,3 +269,32 @@ assert_close(attention_probabilities(cache, 0).reshape(H, T, T), p0, rtol=1e-12,
 #    of the attention rows changes for D = 4, 64 and 1024 with standard-normal q and k.
 #
 # Solutions: `tutorials/solutions/03_attention.py`.
+
+# %% [markdown]
+# ### Check cell
+#
+# Write your answer in the function below, in place of `return None`, and run the cell: the
+# check prints "not answered yet" while a function returns None, "correct" when your answer is
+# right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
+# `tutorials/solutions/` defines the same function.)
+
+# %%
+def kv_cache_mask(T, S):
+    """Exercise 1: the (T, S) boolean mask of T new queries against S keys, of which the first
+    S − T are cached: True where query t may read key j."""
+    return None  # your code here
+
+
+def check_kv_cache_mask(kv_cache_mask):
+    if kv_cache_mask(1, 1) is None:
+        print("exercise 1: not answered yet")
+        return
+    for T, S in [(1, 5), (3, 5), (4, 4), (2, 7)]:
+        mine, ref = np.asarray(kv_cache_mask(T, S)), causal_mask(T, S)[0, 0, 0]
+        assert mine.shape == (T, S), f"T={T}, S={S}: shape {mine.shape}, expected {(T, S)}"
+        assert np.array_equal(mine, ref), (
+            f"T={T}, S={S}: got\n{mine.astype(int)}\nexpected\n{ref.astype(int)}")
+    print("exercise 1: correct")
+
+
+check_kv_cache_mask(kv_cache_mask)

@@ -11,7 +11,9 @@
 # # 04 · The whole decoder, one training step, and where the memory goes
 #
 # **What you will build.** A Llama-style decoder assembled from the layers of tutorials 01–03,
-# its gradient checked end to end, a few AdamW training steps, and a measurement of the memory a
+# its whole backward written by hand (SwiGLU with silu' derived, the head reshapes, the
+# embedding's scatter-add) and matched array by array with `model_backward`, every gradient
+# checked by finite differences, a few AdamW training steps, and a measurement of the memory a
 # training step needs — and of how much of it disappears when the lower layers are frozen
 # (partial backpropagation, the idea S2FT builds on).
 #
@@ -25,7 +27,11 @@
 
 # %%
 import dataclasses
+import sys
+import tempfile
+from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 
 from minift import (
@@ -38,15 +44,28 @@ from minift import (
     trainable_parameters,
 )
 from minift.data import Batch
-from minift.layers.attention import attention_forward, causal_mask
+from minift.layers.attention import attention_backward, attention_forward, causal_mask
 from minift.layers.cross_entropy import cross_entropy_backward, cross_entropy_forward
 from minift.layers.linear import linear_backward_weight, linear_forward
-from minift.layers.rmsnorm import rmsnorm_forward
-from minift.layers.rope import rope_forward, rope_tables
-from minift.layers.swiglu import swiglu_forward
+from minift.layers.rmsnorm import rmsnorm_backward, rmsnorm_forward
+from minift.layers.rope import rope_backward, rope_forward, rope_tables
+from minift.layers.swiglu import swiglu_backward, swiglu_forward
 from minift.optim import AdamW, Schedule, clip_grad_norm
 from minift.testing import assert_close, check_grad
 from minift.tools.measure import step_memory
+
+
+def show(fig, name: str) -> None:
+    """Draw `fig` inline in a notebook; run as a script, save it as a PNG in the system's temporary
+    folder instead (a tutorial never writes into the checkout) and say where."""
+    if "ipykernel" in sys.modules:
+        plt.show()
+    else:
+        path = Path(tempfile.gettempdir()) / f"minift-tutorial-{name}.png"
+        fig.savefig(path)
+        print(f"figure saved to {path}")
+    plt.close(fig)
+
 
 rng = np.random.default_rng(0)
 config = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, n_layers=2, n_heads=4,
@@ -138,15 +157,133 @@ for key in grads:
     assert np.array_equal(grads[key], grads_by_hand[key])
 
 # %% [markdown]
-# ### The whole model's gradient, checked by finite differences
+# ### The backward, written by hand
 #
-# `check_grad` perturbs each entry of the arrays it is given *in place*. Passing the model's own
-# arrays (not copies) therefore perturbs the model, and the forward can ignore its arguments. A
-# few arrays from different depths are enough to catch a wrong rule anywhere above them.
+# `model_backward` is nothing but the layer backwards of tutorials 01–03, run in reverse order.
+# Three pieces are new here; derive them first.
+#
+# **SwiGLU.** The MLP computes `m = silu(g) ⊙ u` with g = gate(h), u = up(h), and
+# `silu(z) = z · σ(z)`, σ the logistic sigmoid `1 / (1 + e^−z)`. Since σ' = σ (1 − σ),
+# `silu'(z) = σ(z) + z σ(z)(1 − σ(z)) = σ(z) (1 + z (1 − σ(z)))`, and the product rule gives
+# `dg = dm ⊙ u ⊙ silu'(g)` and `du = dm ⊙ silu(g)`.
+#
+# **Head reshapes.** A projection's output (N, H·D) becomes heads by a reshape and a transpose,
+# (N, H·D) → (B, T, H, D) → (B, H, T, D). Both only move entries, so the backward moves the
+# gradient back the same way: the inverse transpose, then the inverse reshape.
+#
+# **Embedding.** x[n] = E[token_n] copies a row, so E's row t receives the sum of dx over every
+# position n that holds token t — a *scatter-add*. `np.add.at` adds once per occurrence;
+# `dE[tokens] += dx` would not (with a repeated token only one of the writes would survive).
+#
+# **A value used twice gets both gradients.** h feeds q, k and v (and gate and up): its gradient is
+# the sum of what each projection sends back. The residual stream x feeds the branch and skips past
+# it: `dx = dx + d(branch)`.
 
 # %%
-checked = {k: params[k] for k in ("blocks.0.attn_norm.weight", "blocks.0.k.weight",
-                                  "blocks.1.v.weight", "final_norm.weight")}
+def silu(z):
+    return z / (1 + np.exp(-z))  # z · σ(z)
+
+
+def silu_grad(z):
+    s = 1 / (1 + np.exp(-z))
+    return s * (1 + z * (1 - s))
+
+
+def swiglu_by_hand_backward(dm, g, u):
+    return dm * u * silu_grad(g), dm * silu(g)  # (dg, du)
+
+
+def heads(y, n):
+    """(N, n·D) → (B, n, T, D)."""
+    return y.reshape(B, T, n, D).transpose(0, 2, 1, 3)
+
+
+def unheads(y):
+    """(B, n, T, D) → (N, n·D): the inverse of `heads`, so also the backward of `heads`."""
+    return y.transpose(0, 2, 1, 3).reshape(B * T, -1)
+
+
+z = np.linspace(-4, 4, 9)
+check_grad(silu, lambda G, z: {"z": G * silu_grad(z)}, {"z": z.copy()})
+g_, u_, dm_ = (rng.standard_normal((5, 7)) for _ in range(3))
+assert_close(swiglu_forward(g_, u_)[0], silu(g_) * u_, rtol=1e-13, what="swiglu forward")
+for mine, lib in zip(swiglu_by_hand_backward(dm_, g_, u_), swiglu_backward(dm_, swiglu_forward(g_, u_)[1]),
+                     strict=True):
+    assert_close(mine, lib, rtol=1e-12, atol=1e-14, what="swiglu backward")
+print("silu' by finite differences, and the SwiGLU backward against the library's: checked")
+
+
+# %%
+def backward_by_hand(model, tokens, dlogits):
+    """Every parameter's gradient: the forward of `decoder_by_hand` keeping what each backward needs,
+    then the backward, block by block from the top."""
+    c = model.config
+    cos, sin = rope_tables(np.broadcast_to(np.arange(T), (B, T)), D, c.rope_theta, c.rope_scaling)
+    x = model.embed.weight[tokens].reshape(B * T, -1)
+    kept = []
+    for blk in model.blocks:
+        h1, n1 = rmsnorm_forward(x, blk.attn_norm.weight, c.norm_eps)
+        q, k, v = (heads(linear_forward(h1, s.weight), n) for s, n in ((blk.q, H), (blk.k, K), (blk.v, K)))
+        a, att = attention_forward(rope_forward(q, cos, sin), rope_forward(k, cos, sin), v, causal_mask(T, T))
+        x = x + linear_forward(unheads(a), blk.o.weight)
+        h2, n2 = rmsnorm_forward(x, blk.mlp_norm.weight, c.norm_eps)
+        g, u = linear_forward(h2, blk.gate.weight), linear_forward(h2, blk.up.weight)
+        kept.append((h1, n1, att, unheads(a), h2, n2, g, u, silu(g) * u))
+        x = x + linear_forward(silu(g) * u, blk.down.weight)
+    xf, nf = rmsnorm_forward(x, model.final_norm.weight, c.norm_eps)
+
+    grads = {}
+    dy = dlogits.reshape(B * T, -1)
+    grads["lm_head.weight"] = dy.T @ xf  # y = x Wᵀ: dW = dyᵀ x, dx = dy W (tutorial 01)
+    dx, grads["final_norm.weight"] = rmsnorm_backward(dy @ model.lm_head.weight, nf, model.final_norm.weight)
+    for i in reversed(range(len(model.blocks))):
+        blk, (h1, n1, att, a, h2, n2, g, u, m), p = model.blocks[i], kept[i], f"blocks.{i}."
+        # the MLP branch: x = x + down(silu(gate(h2)) ⊙ up(h2)), h2 = mlp_norm(x)
+        grads[p + "down.weight"] = dx.T @ m
+        dg, du = swiglu_by_hand_backward(dx @ blk.down.weight, g, u)
+        grads[p + "gate.weight"], grads[p + "up.weight"] = dg.T @ h2, du.T @ h2
+        dh2 = dg @ blk.gate.weight + du @ blk.up.weight  # h2 feeds gate and up: the two add
+        d_branch, grads[p + "mlp_norm.weight"] = rmsnorm_backward(dh2, n2, blk.mlp_norm.weight)
+        dx = dx + d_branch  # the residual: the skip and the branch
+        # the attention branch: x = x + o(attention(rope(q(h1)), rope(k(h1)), v(h1))), h1 = attn_norm(x)
+        grads[p + "o.weight"] = dx.T @ a
+        dq, dk, dv = attention_backward(heads(dx @ blk.o.weight, H), att)  # tutorial 03
+        dq, dk, dv = unheads(rope_backward(dq, cos, sin)), unheads(rope_backward(dk, cos, sin)), unheads(dv)
+        grads[p + "q.weight"], grads[p + "k.weight"], grads[p + "v.weight"] = dq.T @ h1, dk.T @ h1, dv.T @ h1
+        dh1 = dq @ blk.q.weight + dk @ blk.k.weight + dv @ blk.v.weight  # h1 feeds q, k and v
+        d_branch, grads[p + "attn_norm.weight"] = rmsnorm_backward(dh1, n1, blk.attn_norm.weight)
+        dx = dx + d_branch
+    dE = np.zeros_like(model.embed.weight)
+    np.add.at(dE, tokens.reshape(-1), dx)  # the scatter-add: once per occurrence of each token
+    grads["embed.weight"] = dE
+    return grads
+
+
+mine = backward_by_hand(model, inputs, cross_entropy_backward(ce_cache).reshape(logits.shape))
+assert mine.keys() == grads.keys()
+for key in grads:
+    assert_close(mine[key], grads[key], rtol=1e-10, atol=1e-13, what=key)
+print(f"all {len(grads)} gradients written by hand match model_backward's")
+print("a repeated input token:", np.bincount(inputs.reshape(-1)).max(), "occurrences of the most common one")
+
+
+# %% [markdown]
+# ### The whole model's gradient, checked by finite differences
+#
+# `check_grad` perturbs each entry of the arrays it is given *in place*, by ±ε, and compares the
+# resulting central differences of the loss with the gradient the backward returned: one relative
+# error ‖g − g_fd‖ / max(‖g‖, ‖g_fd‖) per array (the `rel error` column; `max |Δ|` is the largest
+# entrywise difference), which must stay below 1e-6. Passing the
+# model's own arrays (not copies) therefore perturbs the model, and the forward can ignore its
+# arguments.
+#
+# Which arrays to check? A gradient rule that is wrong in one place only shows up in the arrays
+# whose gradient flows *through* that place — a doubled gradient of the gate weight, say, leaves
+# every other array's gradient untouched. So we check all 21 arrays (4,944 numbers, two forwards
+# each: a few seconds in float64).
+
+# %%
+checked = params  # every trainable array of the model
 
 
 def loss_only(model):
@@ -164,9 +301,24 @@ def whole_model_grads(G, **_):
     return {k: G * g[k] for k in checked}
 
 
-print(check_grad(whole_model_loss, whole_model_grads, checked))
+report = check_grad(whole_model_loss, whole_model_grads, checked)
+print(report)
+assert len(report.checks) == len(params) == 21
 
 # %% [markdown]
+# And the slip the check is for: a backward whose gate-weight gradient in block 0 came out doubled
+# (say, `silu'` applied twice). Only that row fails; a check of a few other arrays would have passed.
+
+# %%
+def doubled_gate_grads(G, **_):
+    g = whole_model_grads(G)
+    return {**g, "blocks.0.gate.weight": 2 * g["blocks.0.gate.weight"]}
+
+
+bad = check_grad(whole_model_loss, doubled_gate_grads, checked, raise_on_failure=False)
+assert not bad.ok
+print([c.name for c in bad.checks if c.rel_error > bad.tol], "fails; the other 20 arrays pass")
+
 # ### Why backward functions return gradients instead of accumulating them
 #
 # Many hand-written backprop codes add (`+=`) into gradient buffers owned by the parameters, which
@@ -295,30 +447,24 @@ assert rows["top block's down only"][0] < 0.5 * rows["full fine-tuning"][0]
 # keeps trainable blocks in *every* layer and still saves most of this, by keeping only the
 # activation columns its few trainable columns need.
 #
-# A picture, when matplotlib is installed:
+# As a picture:
 
 # %%
-try:
-    import matplotlib.pyplot as plt
-except ImportError:  # plots are optional; the numbers above are the lesson
-    plt = None
-if plt is not None:
-    fig, ax = plt.subplots(figsize=(5, 3))
-    names = list(rows)
-    ax.bar(names, [rows[n][1] / 2**20 for n in names], label="step peak")
-    ax.bar(names, [rows[n][0] / 2**20 for n in names], label="forward cache")
-    ax.set_ylabel("MiB")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig("04_memory.png")
-    plt.close(fig)
-    print("saved 04_memory.png")
+fig, ax = plt.subplots(figsize=(5, 3))
+names = list(rows)
+ax.bar(names, [rows[n][1] / 2**20 for n in names], label="step peak")
+ax.bar(names, [rows[n][0] / 2**20 for n in names], label="forward cache")
+ax.set_ylabel("MiB")
+ax.legend()
+fig.tight_layout()
+show(fig, "04_memory")
 
 # %% [markdown]
 # ## Summary
 #
 # * The decoder is the layers composed; the backward is that composition reversed, with the
-#   residual stream summing gradients.
+#   residual stream summing gradients, a head reshape undone by its inverse, and the embedding
+#   scatter-adding into the rows of the tokens it looked up.
 # * Backward functions return fresh gradients, so a gradient computation is idempotent and tied
 #   weights sum their parts explicitly.
 # * A training step = `loss_and_grads` → `clip_grad_norm` → `AdamW.step(grads, lr=schedule(step))`.
@@ -336,3 +482,37 @@ if plt is not None:
 #    fit how it grows. Which term is quadratic in T?
 #
 # Solutions: `tutorials/solutions/04_decoder_and_training_step.py`.
+
+# %% [markdown]
+# ### Check cell
+#
+# Write your answer in the function below, in place of `return None`, and run the cell: the
+# check prints "not answered yet" while a function returns None, "correct" when your answer is
+# right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
+# `tutorials/solutions/` defines the same function.)
+
+# %%
+def combine_micro_batches(grads, counted):
+    """Exercise 1: the whole batch's gradient from micro-batch gradients `grads` (a list of dicts,
+    each the mean over its own counted target tokens) and their counts of counted tokens."""
+    return None  # your code here
+
+
+def check_combine_micro_batches(combine_micro_batches):
+    m = set_trainable(init_model(config, np.random.default_rng(5), dtype=np.float64, std=0.3))
+    r = np.random.default_rng(6)
+    tok, tgt = r.integers(0, config.vocab_size, (4, 7)), r.integers(0, config.vocab_size, (4, 7))
+    tgt[2:, :5] = -100  # the second micro-batch counts far fewer tokens
+    parts = [loss_and_grads(m, tok[i:i + 2], tgt[i:i + 2])[1] for i in (0, 2)]
+    counts = [int((tgt[i:i + 2] != -100).sum()) for i in (0, 2)]
+    combined = combine_micro_batches(parts, counts)
+    if combined is None:
+        print("exercise 1: not answered yet")
+        return
+    whole = loss_and_grads(m, tok, tgt)[1]
+    for k in whole:
+        assert_close(combined[k], whole[k], rtol=1e-10, atol=1e-14, what=k)
+    print("exercise 1: correct")
+
+
+check_combine_micro_batches(combine_micro_batches)

@@ -25,7 +25,10 @@
 # and `minift.errors.CheckpointError`.
 
 # %%
+import atexit
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +52,11 @@ from minift.model import KVCache
 from minift.optim import AdamW
 from minift.testing import assert_close
 
+# Every file this tutorial writes goes into a scratch folder that is deleted when Python exits:
+# the tutorial can be rerun, from any folder, and leaves the checkout as it found it.
+work = Path(tempfile.mkdtemp(prefix="minift-tutorial-"))
+atexit.register(shutil.rmtree, work, ignore_errors=True)
+
 # %% [markdown]
 # ## 1. A tokenizer and a model worth saving
 #
@@ -63,8 +71,8 @@ hf_tok = HFTokenizer(models.WordLevel(vocab, unk_token="<pad>"))
 hf_tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every char
 hf_tok.decoder = decoders.Fuse()
 hf_tok.add_special_tokens(specials)
-hf_tok.save("tokenizer.json")
-tok = Tokenizer.from_file("tokenizer.json", eos_ids=2, bos_id=1, add_bos=True)
+hf_tok.save(str(work / "tokenizer.json"))
+tok = Tokenizer.from_file(work / "tokenizer.json", eos_ids=2, bos_id=1, add_bos=True)
 
 text = "the quick brown fox jumps over the lazy dog."
 ids = [*tok.encode(text), 2]  # BOS … EOS
@@ -98,7 +106,7 @@ set_trainable(model, False)
 # safetensors.
 
 # %%
-folder = save_pretrained(model, "tiny-llama", tokenizer_path="tokenizer.json")
+folder = save_pretrained(model, work / "tiny-llama", tokenizer_path=work / "tokenizer.json")
 print(sorted(p.name for p in folder.iterdir()))
 hf_config = json.loads((folder / "config.json").read_text())
 print({k: hf_config[k] for k in ("architectures", "hidden_size", "num_attention_heads",
@@ -132,13 +140,13 @@ print("the loaded model computes bit-identical logits; EOS ids:", tok.eos_ids)
 # shape error deep inside a matmul:
 
 # %%
-broken = Path("broken")
+broken = work / "broken"
 broken.mkdir()
 for f in folder.iterdir():
     (broken / f.name).write_bytes(f.read_bytes())
 data = (broken / "model.safetensors").read_bytes()
 (broken / "model.safetensors").write_bytes(data[: len(data) // 2])  # a half-copied download
-pickled = Path("pickled")
+pickled = work / "pickled"
 pickled.mkdir()
 (pickled / "config.json").write_bytes((folder / "config.json").read_bytes())
 (pickled / "pytorch_model.bin").write_bytes(b"not opened: pickle can run code")
@@ -246,3 +254,34 @@ print("sampled:", repr(tok.decode(a[0])))
 #    greedy generation still produce the sentence?
 #
 # Solutions: `tutorials/solutions/05_checkpoints_and_generation.py`.
+
+# %% [markdown]
+# ### Check cell
+#
+# Write your answer in the function below, in place of `return None`, and run the cell: the
+# check prints "not answered yet" while a function returns None, "correct" when your answer is
+# right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
+# `tutorials/solutions/` defines the same function.)
+
+# %%
+def tokens_processed(P, n, cached):
+    """Exercise 1: how many token positions the model runs through to generate n tokens after a
+    prompt of P tokens, greedily, with (`cached=True`) or without a KV cache."""
+    return None  # your code here
+
+
+def check_tokens_processed(tokens_processed):
+    if tokens_processed(1, 1, True) is None:
+        print("exercise 1: not answered yet")
+        return
+    for P, n in [(10, 30), (1, 1), (5, 2), (64, 32)]:
+        # count by running the loops: without a cache every step reruns the whole sequence; with
+        # one, the prompt once (the prefill gives the first new token), then one token a step
+        without = sum(P + i for i in range(n))
+        with_cache = P + (n - 1)
+        assert tokens_processed(P, n, False) == without, f"P={P}, n={n}, no cache: expected {without}"
+        assert tokens_processed(P, n, True) == with_cache, f"P={P}, n={n}, cached: expected {with_cache}"
+    print("exercise 1: correct")
+
+
+check_tokens_processed(tokens_processed)

@@ -29,7 +29,11 @@
 
 # %%
 import copy
+import sys
+import tempfile
+from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 
 from minift import ModelConfig, init_model, loss_and_grads, model_forward, trainable_parameters
@@ -45,6 +49,19 @@ from minift.methods.lora import (
 from minift.methods.pissa import PiSSAConfig, apply_pissa, pissa_factors, top_svd
 from minift.optim import AdamW
 from minift.testing import assert_close, check_grad
+
+
+def show(fig, name: str) -> None:
+    """Draw `fig` inline in a notebook; run as a script, save it as a PNG in the system's temporary
+    folder instead (a tutorial never writes into the checkout) and say where."""
+    if "ipykernel" in sys.modules:
+        plt.show()
+    else:
+        path = Path(tempfile.gettempdir()) / f"minift-tutorial-{name}.png"
+        fig.savefig(path)
+        print(f"figure saved to {path}")
+    plt.close(fig)
+
 
 rng = np.random.default_rng(0)
 
@@ -121,8 +138,8 @@ print(f"{n_lora} trainable parameters (dense q, v, down would be "
 
 # %%
 _, g = loss_and_grads(lora, x_in, y_out)
-print("‖dA‖ at step 0:", max(np.abs(v).max() for k, v in g.items() if k.endswith(".A")),
-      " ‖dB‖:", round(max(np.abs(v).max() for k, v in g.items() if k.endswith(".B")), 4))
+print("largest |dA| entry at step 0:", max(np.abs(v).max() for k, v in g.items() if k.endswith(".A")),
+      " largest |dB| entry:", round(max(np.abs(v).max() for k, v in g.items() if k.endswith(".B")), 4))
 assert all(np.all(v == 0) for k, v in g.items() if k.endswith(".A"))
 
 # %% [markdown]
@@ -136,9 +153,22 @@ assert all(np.all(v == 0) for k, v in g.items() if k.endswith(".A"))
 # `W_res + s · B A = W`: the model is unchanged at initialisation, but the trainable part is the
 # most significant part of W instead of zero, and both A and B get gradients from the first step.
 
+# Written from those three lines with NumPy's SVD, and compared with the library's
+# `pissa_factors` (singular vectors are defined up to sign, so compare B A, which is not):
+
 # %%
+def pissa_by_hand(w, r, s):
+    U, sigma, Vt = np.linalg.svd(w, full_matrices=False)
+    root = np.sqrt(sigma[:r] / s)
+    A, B = root[:, None] * Vt[:r], U[:, :r] * root
+    return A, B, w - s * B @ A
+
+
 w = base.blocks[0].q.weight
 A0, B0, W_res = pissa_factors(w, 2, scaling=2.0)
+A1, B1, W_res1 = pissa_by_hand(w, 2, 2.0)
+assert_close(B1 @ A1, B0 @ A0, rtol=1e-10, atol=1e-12, what="B A, by hand and pissa_factors")
+assert_close(W_res1, W_res, rtol=1e-10, atol=1e-12, what="W_res, by hand and pissa_factors")
 U, sig, Vt = top_svd(w, 2)
 assert_close(W_res + 2.0 * B0 @ A0, w, rtol=1e-12, atol=1e-13, what="W_res + sBA = W")
 sigma_all = np.linalg.svd(w, compute_uv=False)
@@ -150,7 +180,8 @@ pissa = apply_pissa(copy.deepcopy(base), PiSSAConfig(r=2, alpha=4.0, targets=("q
 assert_close(model_forward(pissa, x_in, train=False)[0], base_logits, rtol=1e-10, atol=1e-12,
              what="PiSSA at init")
 _, g = loss_and_grads(pissa, x_in, y_out)
-print("PiSSA ‖dA‖ at step 0:", round(max(np.abs(v).max() for k, v in g.items() if k.endswith(".A")), 4))
+print("PiSSA: largest |dA| entry at step 0:",
+      round(max(np.abs(v).max() for k, v in g.items() if k.endswith(".A")), 4))
 
 # %% [markdown]
 # For large matrices the exact SVD is the expensive part; `PiSSAConfig(niter=k)` uses the
@@ -191,23 +222,17 @@ for name, model in (("LoRA", lora), ("PiSSA", pissa)):
 print("merged = adapted, and merge then unmerge returns the weight (to rounding)")
 
 # %% [markdown]
-# A picture, when matplotlib is installed:
+# As a picture:
 
 # %%
-try:
-    import matplotlib.pyplot as plt
-except ImportError:
-    plt = None
-if plt is not None:
-    fig, ax = plt.subplots(figsize=(5, 3))
-    for name, c in curves.items():
-        ax.plot(c, label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig("06_lora_vs_pissa.png")
-    plt.close(fig)
+fig, ax = plt.subplots(figsize=(5, 3))
+for name, c in curves.items():
+    ax.plot(c, label=name)
+ax.set_xlabel("step")
+ax.set_ylabel("training loss")
+ax.legend()
+fig.tight_layout()
+show(fig, "06_lora_vs_pissa")
 
 # %% [markdown]
 # **Sharing adapters.** `minift.io.peft.export_peft_adapter` writes a LoRA as a Hugging
@@ -235,3 +260,29 @@ if plt is not None:
 #    still passes `check_grad` (use `lowrank_forward(..., mask=, p=)` directly).
 #
 # Solutions: `tutorials/solutions/06_lora_and_pissa.py`.
+
+# %% [markdown]
+# ### Check cell
+#
+# Write your answer in the function below, in place of `return None`, and run the cell: the
+# check prints "not answered yet" while a function returns None, "correct" when your answer is
+# right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
+# `tutorials/solutions/` defines the same function.)
+
+# %%
+def rslora_scaling(alpha, r):
+    """Exercise 1: the scaling factor s of rank-stabilised LoRA for a given alpha and rank r."""
+    return None  # your code here
+
+
+def check_rslora_scaling(rslora_scaling):
+    if rslora_scaling(8.0, 4) is None:
+        print("exercise 1: not answered yet")
+        return
+    for r in (1, 4, 16):
+        expected = LoRAConfig(r=r, alpha=8.0, use_rslora=True).scaling
+        assert abs(rslora_scaling(8.0, r) - expected) < 1e-12, f"r={r}: expected {expected}"
+    print("exercise 1: correct")
+
+
+check_rslora_scaling(rslora_scaling)

@@ -29,8 +29,13 @@
 
 # %%
 import copy
+import sys
+import tempfile
+from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.patches import Rectangle
 
 from minift import ModelConfig, init_model, model_forward, trainable_parameters
 from minift.layers.linear import linear_forward
@@ -47,6 +52,19 @@ from minift.methods.s2ft import (
     unpermute,
 )
 from minift.testing import assert_close
+
+
+def show(fig, name: str) -> None:
+    """Draw `fig` inline in a notebook; run as a script, save it as a PNG in the system's temporary
+    folder instead (a tutorial never writes into the checkout) and say where."""
+    if "ipykernel" in sys.modules:
+        plt.show()
+    else:
+        path = Path(tempfile.gettempdir()) / f"minift-tutorial-{name}.png"
+        fig.savefig(path)
+        print(f"figure saved to {path}")
+    plt.close(fig)
+
 
 rng = np.random.default_rng(0)
 # 6 query heads sharing 2 key/value heads (G = 3 per group), head width D = 4, FFN width F = 16
@@ -180,6 +198,30 @@ for new_pos, h0 in enumerate(layout.head_order):
     assert h0 // G == kv_new  # every query head still reads its own key/value head
 
 # %% [markdown]
+# The same layout as a picture: one box per query head — a block of D rows of Q and the same D
+# columns of O — coloured by the key/value group it reads (K's and V's row blocks move with their
+# group), selected heads solid, the others faded. After co-permutation the selected heads are one
+# contiguous segment and every head is still inside its group.
+
+# %%
+fig, axes = plt.subplots(2, 1, figsize=(6, 2.4))
+for ax, (title, order) in zip(axes, [("original order", range(6)), ("co-permuted: layout.head_order",
+                                                                      layout.head_order)], strict=True):
+    for pos, h in enumerate(order):
+        chosen = h in layout.heads
+        ax.add_patch(Rectangle((pos, 0), 1, 1, facecolor=f"C{h // G}", alpha=1.0 if chosen else 0.25,
+                               edgecolor="k"))
+        ax.text(pos + 0.5, 0.5, f"head {h}", ha="center", va="center", fontsize=8)
+    ax.set_xlim(0, 6)
+    ax.set_ylim(0, 1)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=9)
+fig.suptitle("Q row blocks = O column blocks; colour: KV group; solid: selected", fontsize=9)
+fig.tight_layout()
+show(fig, "08_copermuted_heads")
+
+# %% [markdown]
 # ## 4. Proof by test: the co-permuted model is the same function
 #
 # The claim "co-permutation leaves the network function unchanged" is checked here over many
@@ -268,3 +310,32 @@ print(matched.heads, "heads and", matched.channels, "channels per layer ≈ LoRA
 #    `s2ft_parameter_count`.
 #
 # Solutions: `tutorials/solutions/08_s2ft_selection_and_permutation.py`.
+
+# %% [markdown]
+# ### Check cell
+#
+# Write your answer in the function below, in place of `return None`, and run the cell: the
+# check prints "not answered yet" while a function returns None, "correct" when your answer is
+# right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
+# `tutorials/solutions/` defines the same function.)
+
+# %%
+def smallest_down_channels(down, k):
+    """Exercise 2: the ids of the k FFN channels whose Down columns have the smallest norm, sorted;
+    `down` is a layer's Down weight, (C, F)."""
+    return None  # your code here
+
+
+def check_smallest_down_channels(smallest_down_channels):
+    m = init_model(config, np.random.default_rng(4), dtype=np.float64)
+    if smallest_down_channels(m.blocks[0].down.weight, 4) is None:
+        print("exercise 2: not answered yet")
+        return
+    expected = select_units(m, S2FTConfig(channels=4, strategy="weight", variant="small"))
+    for i, block in enumerate(m.blocks):
+        got = tuple(int(j) for j in smallest_down_channels(block.down.weight, 4))
+        assert got == tuple(expected[i][1]), f"layer {i}: {got}, expected {tuple(expected[i][1])}"
+    print("exercise 2: correct")
+
+
+check_smallest_down_channels(smallest_down_channels)

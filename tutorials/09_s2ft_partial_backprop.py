@@ -28,7 +28,11 @@
 
 # %%
 import copy
+import sys
+import tempfile
+from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 
 from minift import ModelConfig, init_model, loss_and_grads, set_trainable, trainable_parameters
@@ -41,6 +45,19 @@ from minift.testing import assert_close
 from minift.tools.measure import step_flops, step_memory, time_step
 from minift.train import train_step
 
+
+def show(fig, name: str) -> None:
+    """Draw `fig` inline in a notebook; run as a script, save it as a PNG in the system's temporary
+    folder instead (a tutorial never writes into the checkout) and say where."""
+    if "ipykernel" in sys.modules:
+        plt.show()
+    else:
+        path = Path(tempfile.gettempdir()) / f"minift-tutorial-{name}.png"
+        fig.savefig(path)
+        print(f"figure saved to {path}")
+    plt.close(fig)
+
+
 rng = np.random.default_rng(0)
 
 # %% [markdown]
@@ -50,6 +67,12 @@ rng = np.random.default_rng(0)
 # (tutorial 01). A `ColumnBlock` therefore keeps a contiguous copy of `x[:, a:b]` — N·S numbers
 # instead of N·I — and returns that block's gradient. It still returns the full `dx = dy W`,
 # because the layers below need it. A frozen dense slot keeps nothing at all.
+#
+# Two arguments below need a word. `ColumnBlock(W, segments, reference)`: `segments` are the
+# (start, end) column ranges that train (here columns 0:3), and `reference` is a copy of those
+# columns as they were before training, from which the adapter ΔW = W[:, 0:3] − reference is
+# extracted later (tutorial 10). Every slot's `forward(x, keep=…)` returns y and what the backward
+# will need: `keep=True` in training, `keep=False` in inference, where nothing is kept.
 
 # %%
 N, I, O = 6, 10, 5
@@ -180,20 +203,14 @@ for name, (_, mem, flops, timing) in results.items():
           f"time ×{timing.median_s / full_r[3].median_s:.2f} of full FT")
 
 # %%
-try:
-    import matplotlib.pyplot as plt
-except ImportError:  # the table above is the result; the plot is a convenience
-    plt = None
-if plt is not None:
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    names = list(results)
-    axes[0].bar(names, [results[n][1].step_peak_bytes / 2**20 for n in names])
-    axes[0].set_ylabel("step peak (MiB)")
-    axes[1].bar(names, [results[n][2].backward / 1e6 for n in names])
-    axes[1].set_ylabel("backward MFLOPs")
-    fig.tight_layout()
-    fig.savefig("09_cost.png")
-    plt.close(fig)
+fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+names = list(results)
+axes[0].bar(names, [results[n][1].step_peak_bytes / 2**20 for n in names])
+axes[0].set_ylabel("step peak (MiB)")
+axes[1].bar(names, [results[n][2].backward / 1e6 for n in names])
+axes[1].set_ylabel("backward MFLOPs")
+fig.tight_layout()
+show(fig, "09_cost")
 
 # %% [markdown]
 # ## 5. Where each byte goes, and activation checkpointing
@@ -253,3 +270,33 @@ for key, g in plain.items():
 #    the `attention` entry: why is it the same for all three?
 #
 # Solutions: `tutorials/solutions/09_s2ft_partial_backprop.py`.
+
+# %% [markdown]
+# ### Check cell
+#
+# Write your answer in the function below, in place of `return None`, and run the cell: the
+# check prints "not answered yet" while a function returns None, "correct" when your answer is
+# right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
+# `tutorials/solutions/` defines the same function.)
+
+# %%
+def row_block_grad(dy, x, a, b):
+    """Exercise 1: the gradient of rows a:b of W for y = x Wᵀ (a row block, as V and Up train),
+    computed without forming the full (O, I) gradient. x (N, I), dy (N, O)."""
+    return None  # your code here
+
+
+def check_row_block_grad(row_block_grad):
+    r = np.random.default_rng(9)
+    x, dy = r.standard_normal((6, 5)), r.standard_normal((6, 8))
+    if row_block_grad(dy, x, 2, 5) is None:
+        print("exercise 1: not answered yet")
+        return
+    for a, b in [(2, 5), (0, 1), (0, 8)]:
+        got, full = np.asarray(row_block_grad(dy, x, a, b)), dy.T @ x
+        assert got.shape == (b - a, 5), f"rows {a}:{b}: shape {got.shape}, expected {(b - a, 5)}"
+        assert_close(got, full[a:b], rtol=1e-12, atol=1e-14, what=f"rows {a}:{b}")
+    print("exercise 1: correct")
+
+
+check_row_block_grad(row_block_grad)

@@ -28,7 +28,10 @@
 # `minift.serving.fuse_adapters`, `minift.serving.batched_forward`, `minift.serving.LoraFactors`.
 
 # %%
+import atexit
 import copy
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +62,11 @@ from minift.serving import (
 )
 from minift.testing import assert_close
 from minift.train import train_step
+
+# Every file this tutorial writes goes into a scratch folder that is deleted when Python exits:
+# the tutorial can be rerun, from any folder, and leaves the checkout as it found it.
+work = Path(tempfile.mkdtemp(prefix="minift-tutorial-"))
+atexit.register(shutil.rmtree, work, ignore_errors=True)
 
 config = ModelConfig(vocab_size=40, hidden_size=32, intermediate_size=64, n_layers=2, n_heads=4,
                      n_kv_heads=2)
@@ -134,9 +142,9 @@ print("base + adapter = the unpermuted fine-tuned model")
 # shape fails with a `CheckpointError` that says why.
 
 # %%
-save_adapter(ad, "adapter_A")
-print(sorted(p.name for p in Path("adapter_A").iterdir()))
-reloaded = load_adapter("adapter_A")
+save_adapter(ad, work / "adapter_A")
+print(sorted(p.name for p in (work / "adapter_A").iterdir()))
+reloaded = load_adapter(work / "adapter_A")
 for key in ad.blocks:
     assert np.array_equal(reloaded.blocks[key].delta, ad.blocks[key].delta)
 other = init_model(config.replace(intermediate_size=48), np.random.default_rng(0))
@@ -257,3 +265,40 @@ assert all(np.array_equal(s0.weight, s1.weight) for b0, b1 in zip(base.blocks, s
 #    on the shared columns.
 #
 # Solutions: `tutorials/solutions/10_s2ft_adapters_and_serving.py`.
+
+# %% [markdown]
+# ### Check cell
+#
+# Write your answer in the function below, in place of `return None`, and run the cell: the
+# check prints "not answered yet" while a function returns None, "correct" when your answer is
+# right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
+# `tutorials/solutions/` defines the same function.)
+
+# %%
+def switch_additions(old, new):
+    """Exercise 1: how many floating-point additions an S2FT switch from adapter `old` to adapter
+    `new` performs on the served weights (both are `S2FTAdapter`s)."""
+    return None  # your code here
+
+
+def check_switch_additions(switch_additions):
+    a, b = adapters["A"], adapters["B"]
+    if switch_additions(a, b) is None:
+        print("exercise 1: not answered yet")
+        return
+    # count them: the entries the switch writes, once to take `old` out and once to put `new` in
+    w = copy.deepcopy(base)
+    merge_adapter(w, a)
+    before = {k: np.array(v) for k, v in _weights(w).items()}
+    unmerge_adapter(w, a)
+    out = sum(int((_weights(w)[k] != before[k]).sum()) for k in before)
+    merge_adapter(w, b)
+    assert switch_additions(a, b) == out + sum(blk.delta.size for blk in b.blocks.values())
+    print("exercise 1: correct")
+
+
+def _weights(model):
+    return {f"{i}.{n}": s.weight for i, blk in enumerate(model.blocks) for n, s in blk.slots()}
+
+
+check_switch_additions(switch_additions)

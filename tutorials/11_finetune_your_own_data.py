@@ -25,11 +25,15 @@
 # `minift.methods.full.to_dense`, `minift.io.hub.save_pretrained`.
 
 # %%
+import atexit
 import copy
-import itertools
 import json
-import time
+import shutil
+import sys
+import tempfile
+from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 
 from minift import loss_and_grads, trainable_parameters
@@ -38,7 +42,6 @@ from minift.data.tasks import (
     TaskExample,
     exact_match,
     generate_answers,
-    pretrain_stream,
     task_tokenizer,
 )
 from minift.io.hub import save_pretrained
@@ -46,36 +49,53 @@ from minift.methods.full import to_dense
 from minift.methods.registry import get_method
 from minift.methods.s2ft import apply_s2ft, match_lora_budget, unpermute
 from minift.methods.sorsa import gradient_hook
-from minift.model import init_model, set_trainable
 from minift.tools.measure import step_memory
-from minift.tools.pretrain import BASE_CONFIG, EMBEDDED, load_embedded
+from minift.tools.pretrain import load_embedded
 from minift.train import TrainConfig, train
+
+
+def show(fig, name: str) -> None:
+    """Draw `fig` inline in a notebook; run as a script, save it as a PNG in the system's temporary
+    folder instead (a tutorial never writes into the checkout) and say where."""
+    if "ipykernel" in sys.modules:
+        plt.show()
+    else:
+        path = Path(tempfile.gettempdir()) / f"minift-tutorial-{name}.png"
+        fig.savefig(path)
+        print(f"figure saved to {path}")
+    plt.close(fig)
+
+
+# Every file this tutorial writes goes into a scratch folder that is deleted when Python exits:
+# the tutorial can be rerun, from any folder, and leaves the checkout as it found it.
+work = Path(tempfile.mkdtemp(prefix="minift-tutorial-"))
+atexit.register(shutil.rmtree, work, ignore_errors=True)
 
 # %% [markdown]
 # ## 1. Your data
 #
 # Any JSONL file whose lines are `{"prompt": …, "completion": …}` (the loss counts on the
-# completion only) or `{"text": …}` (every token counts). Here we write one: a skill the base model
-# never saw — upper-casing a word — in the instruction format of minift's embedded tasks,
-# `Q: <question>\nA: <answer>`. Replace the file with yours; a malformed line raises a `DataError`
-# naming the file and the line.
+# completion only) or `{"text": …}` (every token counts). Here we write one: the smallest of three
+# digits, in the instruction format of minift's embedded tasks, `Q: <question>\nA: <answer>`. The
+# base model below learned `max a b c` in pretraining but never saw `min`: a new skill next to one
+# it has. Replace the file with yours; a malformed line raises a `DataError` naming the file and
+# the line.
 
 # %%
 rng = np.random.default_rng(0)
+triples = [tuple(int(d) for d in f"{n:03d}") for n in rng.permutation(1000)]  # every (a, b, c), shuffled
+test_triples, train_triples = triples[:40], triples[40:640]  # 40 held out, never trained on
 
 
-def word(r):
-    return "".join(r.choice(list("abcdefghijklmnopqrstuvwxyz"), size=int(r.integers(2, 5))))
+def question(t):
+    return f"Q: min {t[0]} {t[1]} {t[2]}\nA: "
 
 
-words = sorted({word(rng) for _ in range(400)})
-rng.shuffle(words)
-test_words, train_words = words[:24], words[24:]
-with open("upper.jsonl", "w", encoding="utf-8") as f:
-    for w in train_words:
-        f.write(json.dumps({"prompt": f"Q: upper {w}\nA: ", "completion": w.upper()}) + "\n")
-records = read_jsonl("upper.jsonl")
-test = [TaskExample(f"Q: upper {w}\nA: ", w.upper(), "upper") for w in test_words]
+with open(work / "min.jsonl", "w", encoding="utf-8") as f:
+    for t in train_triples:
+        f.write(json.dumps({"prompt": question(t), "completion": str(min(t))}) + "\n")
+records = read_jsonl(work / "min.jsonl")
+test = [TaskExample(question(t), str(min(t)), "min") for t in test_triples]
 print(len(records), "training records, e.g.", records[0])
 
 # %% [markdown]
@@ -92,25 +112,16 @@ print("one example:", examples[0].ids, "\nlabels:     ", examples[0].labels)
 # %% [markdown]
 # ## 2. A base model
 #
-# minift ships a small pretrained Llama (`minift.tools.pretrain.load_embedded`, trained by
-# `minift pretrain` on the embedded tasks' pretraining mix). Where that folder is absent — a
-# source checkout without the asset — we pretrain a miniature one on the same mix for a few
-# seconds instead; everything below works with either.
+# minift ships a small pretrained Llama (`minift.tools.pretrain.load_embedded`: 4 layers, width
+# 128, trained by `minift pretrain` on the embedded tasks' pretraining mix). Asked for a minimum,
+# it answers something else — the exact match below is 0 of 40.
 
 # %%
-if (EMBEDDED / "config.json").is_file():
-    base = load_embedded()
-    print("the embedded base model:", base.config.n_layers, "layers, width", base.config.hidden_size)
-else:
-    tiny = BASE_CONFIG.replace(hidden_size=64, intermediate_size=128, n_layers=2)
-    base = set_trainable(init_model(tiny, np.random.default_rng(0)))
-    mix = [encode_example(tokenizer, ex.record) for ex in itertools.islice(pretrain_stream(0), 1024)]
-    t0 = time.perf_counter()
-    recipe = TrainConfig(steps=60, lr=1e-2, schedule="cosine", warmup_steps=5, progress=False)
-    pre = train(base, BatchStream(mix, 16, tokenizer.pad_id), recipe)
-    set_trainable(base, False)
-    print(f"pretrained a tiny base in {time.perf_counter() - t0:.1f} s: loss {pre.losses[0]:.2f} → "
-          f"{pre.losses[-1]:.2f} (a seconds-long stand-in: expect little of it)")
+base = load_embedded()
+print("the embedded base model:", base.config.n_layers, "layers, width", base.config.hidden_size)
+print("its answers to the first test questions:",
+      generate_answers(base, tokenizer, test[:5], max_new_tokens=3), "— right:",
+      [ex.answer for ex in test[:5]])
 
 # %% [markdown]
 # ## 3. Every method, one loop
@@ -120,27 +131,29 @@ else:
 # `minift.train.train` trains whatever `trainable_parameters(model)` returns. The budgets are
 # matched: LoRA, PiSSA and SORSA at rank 4 on q, k, v, up, down, and S2FT with the heads and
 # channels `match_lora_budget` gives for that rank. SORSA adds its orthonormal regularizer through
-# the loop's gradient hook. Learning rates differ per method, as they do in the papers: adapters
-# with small initial updates need larger ones.
+# the loop's gradient hook. Every method runs the same 150 steps of 8 examples (two passes over the
+# 600 records) with a cosine schedule; learning rates differ per method, as they do in the papers —
+# adapters whose updates start small need larger ones, and S2FT, which trains the fewest
+# directions per matrix, the largest. (The rates were picked by trying a few on this task.)
 
 # %%
 targets = ("q", "k", "v", "up", "down")
-steps = 30
+steps = 150
 
 
 def make(name):
     model = copy.deepcopy(base)
     r = np.random.default_rng(1)
     if name == "S2FT":
-        return apply_s2ft(model, match_lora_budget(model.config, rank=4), rng=r), [], 1e-2
+        return apply_s2ft(model, match_lora_budget(model.config, rank=4), rng=r), [], 1e-1
     if name == "full":
-        return get_method("full").apply(model, None, r), [], 2e-3
+        return get_method("full").apply(model, None, r), [], 3e-3
     module = get_method(name.lower())
     if name == "SORSA":
         cfg = module.Config(r=4, targets=targets)
-        return module.apply(model, cfg, r), [gradient_hook(cfg)], 3e-3
+        return module.apply(model, cfg, r), [gradient_hook(cfg)], 5e-3
     cfg = module.Config(r=4, alpha=8.0, targets=targets)
-    return module.apply(model, cfg, r), [], 1e-2 if name == "LoRA" else 3e-3
+    return module.apply(model, cfg, r), [], 1e-2 if name == "LoRA" else 5e-3
 
 
 test_batch = collate([encode_example(tokenizer, ex.record) for ex in test], tokenizer.pad_id)
@@ -150,7 +163,7 @@ def held_out(model):
     """Mean loss on the test answers given their prompts, and greedy exact match."""
     loss, _ = loss_and_grads(model, test_batch.tokens, test_batch.targets,
                              attention_mask=test_batch.attention_mask)
-    answers = generate_answers(model, tokenizer, test, max_new_tokens=6)
+    answers = generate_answers(model, tokenizer, test, max_new_tokens=3)
     return loss, exact_match(answers, test)
 
 
@@ -163,10 +176,12 @@ for name in ("full", "LoRA", "PiSSA", "SORSA", "S2FT"):
     run = train(model, data, TrainConfig(steps=steps, lr=lr, schedule="cosine", warmup_steps=4,
                                          progress=False), grad_hooks=hooks)
     test_loss, accuracy = held_out(model)
-    results[name] = dict(params=n_params, loss=(run.losses[0], run.losses[-1]), seconds=run.wall_s,
-                         memory=memory, test_loss=test_loss, accuracy=accuracy, model=model)
+    results[name] = dict(params=n_params, loss=(run.losses[0], float(np.mean(run.losses[-10:]))),
+                         seconds=run.wall_s, memory=memory, test_loss=test_loss, accuracy=accuracy,
+                         model=model)
 
 print(f"before fine-tuning: test loss {before[0]:.3f}, exact match {before[1]:.2f}")
+print("train loss: first step → mean of the last 10 (one step's loss is noisy)")
 print(f"{'method':>6} {'trainable':>10} {'train loss':>15} {'step peak':>10} {'time':>7} "
       f"{'test loss':>9} {'exact':>6}")
 for name, r in results.items():
@@ -174,39 +189,40 @@ for name, r in results.items():
           f"{r['memory'] / 2**20:6.2f} MiB {r['seconds']:6.2f}s {r['test_loss']:9.3f} {r['accuracy']:6.2f}")
 
 # %% [markdown]
-# What the table shows at this scale (the assertions check what must hold on any machine):
-# every method learns — the training loss falls, and so does the loss on the *held-out*
-# answers; the four parameter-efficient methods train a few percent of what full fine-tuning
-# trains, at matched budgets; and S2FT's training step keeps the least memory. Exact match needs
-# more steps (and a better base than the seconds-long stand-in) before it moves off zero; accuracy
-# and time depend on the base, the seed and the machine: a real comparison uses several seeds and
-# proper evaluation splits (`minift.data.tasks.task_splits` has train, validation, test,
-# near-out-of-domain and retention splits for the embedded tasks).
+# What the table shows (the assertions below check what must hold on any machine): every method
+# learns the new skill — the training loss falls, so does the loss on the 40 *held-out* questions,
+# and exact match rises from the base's 0 to a clear majority of them; the four parameter-efficient
+# methods train a few percent of what full fine-tuning trains, at matched budgets; and S2FT's
+# training step keeps the least memory. On this seed full FT, LoRA, PiSSA and SORSA answer all or
+# all but one of the 40 right, and S2FT about two thirds: it changes only a few whole columns of O
+# and Down per layer, and at matched budgets needs more steps than the low-rank methods here (its
+# training loss is still falling). Accuracy
+# and time depend on the seed and the machine: a real comparison uses several seeds and proper
+# evaluation splits (`minift.data.tasks.task_splits` has train, validation, test, near-out-of-domain
+# and retention splits for the embedded tasks; `minift study` runs them).
 
 # %%
+assert before[1] == 0.0
 for name, r in results.items():
     assert r["loss"][1] < r["loss"][0], name
     assert r["test_loss"] < before[0], name
+    assert r["accuracy"] >= 0.4, name  # the base: 0
 peft = {n: r["params"] for n, r in results.items() if n != "full"}
 assert max(peft.values()) < 0.2 * results["full"]["params"]
 assert max(peft.values()) < 1.2 * min(peft.values())  # matched budgets
 assert results["S2FT"]["memory"] < results["full"]["memory"]
 
 # %%
-try:
-    import matplotlib.pyplot as plt
-except ImportError:
-    plt = None
-if plt is not None:
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3))
-    names = list(results)
-    axes[0].bar(names, [results[n]["memory"] / 2**20 for n in names])
-    axes[0].set_ylabel("training step peak (MiB)")
-    axes[1].bar(names, [results[n]["test_loss"] for n in names])
-    axes[1].set_ylabel("held-out answer loss")
-    fig.tight_layout()
-    fig.savefig("11_methods.png")
-    plt.close(fig)
+fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+names = list(results)
+axes[0].bar(names, [results[n]["memory"] / 2**20 for n in names])
+axes[0].set_ylabel("training step peak (MiB)")
+axes[1].bar(names, [results[n]["accuracy"] for n in names])
+axes[1].axhline(before[1], color="k", linestyle="--", label="base")
+axes[1].set_ylabel("held-out exact match")
+axes[1].legend()
+fig.tight_layout()
+show(fig, "11_methods")
 
 # %% [markdown]
 # ## 4. Ship the result
@@ -218,7 +234,7 @@ if plt is not None:
 
 # %%
 s2ft_model = unpermute(results["S2FT"]["model"])
-folder = save_pretrained(to_dense(s2ft_model), "upper-s2ft")
+folder = save_pretrained(to_dense(s2ft_model), work / "min-s2ft")
 print("wrote", sorted(p.name for p in folder.iterdir()))
 
 # %% [markdown]
@@ -239,3 +255,31 @@ print("wrote", sorted(p.name for p in folder.iterdir()))
 #    using a few training batches as calibration data.
 #
 # Solutions: `tutorials/solutions/11_finetune_your_own_data.py`.
+
+# %% [markdown]
+# ### Check cell
+#
+# Write your answer in the function below, in place of `return None`, and run the cell: the
+# check prints "not answered yet" while a function returns None, "correct" when your answer is
+# right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
+# `tutorials/solutions/` defines the same function.)
+
+# %%
+def text_labels(ids):
+    """Exercise 1: the labels `encode_example` gives a `{"text": …}` record whose token ids (BOS,
+    the text, EOS) are `ids`: the target at each position, −100 where the loss ignores it."""
+    return None  # your code here
+
+
+def check_text_labels(text_labels):
+    if text_labels([1, 2]) is None:
+        print("exercise 1: not answered yet")
+        return
+    for text in ("the cat sat.", "a", "Q: min 1 2 3"):
+        example = encode_example(tokenizer, {"text": text})
+        got = list(text_labels(list(example.ids)))
+        assert got == list(example.labels), f"{text!r}: {got}, expected {list(example.labels)}"
+    print("exercise 1: correct")
+
+
+check_text_labels(text_labels)

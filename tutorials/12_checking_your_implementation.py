@@ -11,13 +11,14 @@
 # # 12 · Checking your own implementation against the minift spec
 #
 # **What you will build.** A second, independent implementation of the low-rank methods (LoRA,
-# PiSSA, SORSA) written straight from the formulas — the kind you would write in another
-# framework — and the check that it is right: the minift *spec*, a set of Hypothesis properties
-# that state the methods' mathematics ("merging does not change the output", "the regularizer is
-# zero exactly for orthonormal factors", "block gradients equal the full gradient restricted to the
-# block") over a small documented interface. You will run them against your implementation, watch
-# them catch a plausible mistake with a shrunk counterexample, and use the exported test vectors,
-# which need no Python at all.
+# PiSSA, SORSA) and of S2FT's co-permutation, written from NumPy alone straight from the formulas
+# — the kind you would write in another framework — and the check that it is right: the minift
+# *spec*, a set of Hypothesis properties that state the methods' mathematics ("merging does not
+# change the output", "the regularizer is zero exactly for orthonormal factors", "block gradients
+# equal the full gradient restricted to the block") over a small documented interface. You will
+# run them against your implementation, watch them catch two plausible mistakes (a squared
+# regularizer, a co-permutation that forgets O) with a shrunk counterexample, and use the exported
+# test vectors, which need no Python at all.
 #
 # **Prerequisites.** Tutorials 06–07 (LoRA, PiSSA, SORSA); 08–09 for the S2FT properties.
 #
@@ -27,7 +28,10 @@
 # vectors).
 
 # %%
+import atexit
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +40,11 @@ from minift.io.safetensors_io import read_safetensors
 from minift.spec.export import export_vectors
 from minift.spec.minift_impl import implementation as minift_impl
 from minift.spec.properties import PROPERTIES
+
+# Every file this tutorial writes goes into a scratch folder that is deleted when Python exits:
+# the tutorial can be rerun, from any folder, and leaves the checkout as it found it.
+work = Path(tempfile.mkdtemp(prefix="minift-tutorial-"))
+atexit.register(shutil.rmtree, work, ignore_errors=True)
 
 # %% [markdown]
 # ## 1. The interface
@@ -163,7 +172,111 @@ PROPERTIES["sorsa_regularizer_is_zero_exactly_for_orthonormal_factors"](SquaredN
 print("the squared regularizer passes the zero-at-orthonormal property: invariants alone are not enough")
 
 # %% [markdown]
-# ## 5. Test vectors for any language
+# ## 5. S2FT's co-permutation, from NumPy alone
+#
+# The spec speaks the format of checkpoints: weights are a dict of Hugging Face Llama keys
+# (`model.layers.0.self_attn.o_proj.weight`, …) in PyTorch's `[out, in]` layout, and a
+# **selection** is a dict `{layer index: [ids]}` — one for the query heads (0 … H−1) and one for
+# the FFN channels (0 … F−1), both numbered as in the unmodified checkpoint. Those numbers are the
+# **original coordinates**: `copermute` reorders the rows and columns of a layer's matrices so
+# that the selected heads and channels sit at the front, and `unpermute` puts every number back
+# where the checkpoint had it.
+#
+# What must move together (tutorial 08): query head h is rows h·D … (h+1)·D−1 of Q and the same
+# *columns* of O; key/value head g is the same rows of K and V, and serves the G = H/K query heads
+# g·G … (g+1)·G−1, so under grouped-query attention whole groups move and the query heads stay
+# with their group; FFN channel j is row j of Gate and Up and column j of Down. Here is a port
+# that does exactly that (the decoder, S2FT's partial backward and its gradients still come from
+# minift via `MyLowRank`: writing a decoder backward is tutorial 04).
+
+# %%
+def head_rows(order, D):
+    """Row (or column) indices of the heads in `order`, each a block of D."""
+    return np.concatenate([np.arange(h * D, (h + 1) * D) for h in order])
+
+
+def layer_orders(config, heads, channels):
+    """The new order of the KV groups, of the query heads and of the FFN channels of one layer."""
+    H, K, F = config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]
+    G = H // K
+    chosen = set(heads)
+    groups = sorted(range(K), key=lambda g: not chosen & set(range(g * G, (g + 1) * G)))  # stable
+    head_order = [h for g in groups for h in sorted(range(g * G, (g + 1) * G), key=lambda h: h not in chosen)]
+    channel_order = list(channels) + [j for j in range(F) if j not in set(channels)]
+    return groups, head_order, channel_order
+
+
+class MyS2FT(MyLowRank):
+    name = "my-s2ft"
+
+    def copermute(self, config, weights, heads, channels):
+        D = config["head_dim"]
+        out, state = dict(weights), {}
+        for i in heads:
+            groups, head_order, channel_order = layer_orders(config, heads[i], channels[i])
+            q_idx, kv_idx = head_rows(head_order, D), head_rows(groups, D)
+            p = f"model.layers.{i}"
+            for name, idx in (("q_proj", q_idx), ("k_proj", kv_idx), ("v_proj", kv_idx)):
+                out[f"{p}.self_attn.{name}.weight"] = weights[f"{p}.self_attn.{name}.weight"][idx]
+            out[f"{p}.self_attn.o_proj.weight"] = weights[f"{p}.self_attn.o_proj.weight"][:, q_idx]
+            for name in ("gate_proj", "up_proj"):
+                out[f"{p}.mlp.{name}.weight"] = weights[f"{p}.mlp.{name}.weight"][channel_order]
+            out[f"{p}.mlp.down_proj.weight"] = weights[f"{p}.mlp.down_proj.weight"][:, channel_order]
+            state[i] = (q_idx, kv_idx, np.array(channel_order))
+        return out, state
+
+    def unpermute(self, config, weights, state):
+        out = dict(weights)
+        for i, (q_idx, kv_idx, ch_idx) in state.items():
+            p = f"model.layers.{i}"
+            for key, idx, axis in ((f"{p}.self_attn.q_proj.weight", q_idx, 0),
+                                   (f"{p}.self_attn.k_proj.weight", kv_idx, 0),
+                                   (f"{p}.self_attn.v_proj.weight", kv_idx, 0),
+                                   (f"{p}.self_attn.o_proj.weight", q_idx, 1),
+                                   (f"{p}.mlp.gate_proj.weight", ch_idx, 0),
+                                   (f"{p}.mlp.up_proj.weight", ch_idx, 0),
+                                   (f"{p}.mlp.down_proj.weight", ch_idx, 1)):
+                restored = np.empty_like(weights[key])
+                if axis == 0:
+                    restored[idx] = weights[key]  # the row that moved to position n goes back to idx[n]
+                else:
+                    restored[:, idx] = weights[key]
+                out[key] = restored
+        return out
+
+
+copermute_props = [n for n in PROPERTIES if "permut" in n]  # the three co-permutation properties
+assert len(copermute_props) == 3
+for name in copermute_props:
+    PROPERTIES[name](MyS2FT())
+    print("passed:", name)
+
+# %% [markdown]
+# A realistic slip: moving the heads' rows of Q, K and V but forgetting that O *reads* the heads,
+# so its columns must move too. Every matrix still has the right shape and `unpermute` still
+# inverts `copermute` exactly — but the model now computes a different function, and the spec
+# says so:
+
+# %%
+class ForgotO(MyS2FT):
+    def copermute(self, config, weights, heads, channels):
+        out, state = super().copermute(config, weights, heads, channels)
+        for i in heads:
+            key = f"model.layers.{i}.self_attn.o_proj.weight"
+            out[key] = weights[key]  # O left in the original order
+        return out, state
+
+
+try:
+    PROPERTIES["copermuting_heads_and_channels_leaves_the_logits_unchanged"](ForgotO())
+    report = ""
+except AssertionError as e:
+    report = "\n".join([str(e), *getattr(e, "__notes__", [])])
+print(report)
+assert "logits of the co-permuted model" in report
+
+# %% [markdown]
+# ## 6. Test vectors for any language
 #
 # `export_vectors(folder)` (also `minift spec export DIR`) writes each canonical case as
 # `arrays.safetensors` (float64 inputs and expected outputs) plus `case.json` (the property, the
@@ -172,7 +285,7 @@ print("the squared regularizer passes the zero-at-orthonormal property: invarian
 # SORSA-split cases against `MyLowRank`:
 
 # %%
-folders = export_vectors("spec-vectors")
+folders = export_vectors(work / "spec-vectors")
 print(sorted(f.name for f in folders))
 
 
@@ -181,15 +294,15 @@ def check(case, name, actual):
     np.testing.assert_allclose(actual, arrays[f"expected/{name}"], rtol=tol["rtol"], atol=tol["atol"])
 
 
-case = json.loads(Path("spec-vectors/lora/case.json").read_text())
-arrays, _ = read_safetensors("spec-vectors/lora/arrays.safetensors")
+case = json.loads((work / "spec-vectors/lora/case.json").read_text())
+arrays, _ = read_safetensors(work / "spec-vectors/lora/arrays.safetensors")
 inp = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith("input/")}
 s = case["scalars"]["scaling"]
 check(case, "y", mine.lora_forward(inp["x"], inp["W"], inp["A"], inp["B"], s))
 check(case, "merged", mine.lora_merge(inp["W"], inp["A"], inp["B"], s))
 
-case = json.loads(Path("spec-vectors/sorsa_split/case.json").read_text())
-arrays, _ = read_safetensors("spec-vectors/sorsa_split/arrays.safetensors")
+case = json.loads((work / "spec-vectors/sorsa_split/case.json").read_text())
+arrays, _ = read_safetensors(work / "spec-vectors/sorsa_split/arrays.safetensors")
 W_res, B, S, A = mine.sorsa_split(arrays["input/W"], case["scalars"]["r"])
 check(case, "W_res", W_res)
 check(case, "S", S)
@@ -217,3 +330,35 @@ print("my implementation matches the exported vectors of", case["name"], "and lo
 #    against the expected logits using only the arrays and `case.json`.
 #
 # Solutions: `tutorials/solutions/12_checking_your_implementation.py`.
+
+# %% [markdown]
+# ### Check cell
+#
+# Write your answer in the function below, in place of `return None`, and run the cell: the
+# check prints "not answered yet" while a function returns None, "correct" when your answer is
+# right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
+# `tutorials/solutions/` defines the same function.)
+
+# %%
+def pissa_init(W, r, alpha):
+    """Exercise 1: PiSSA's initialisation as the interface states it, (W_res, A, B), with scaling
+    s = alpha / r — written correctly, so that the spec's PiSSA properties pass."""
+    return None  # your code here
+
+
+def check_pissa_init(pissa_init):
+    if pissa_init(np.eye(2), 1, 1.0) is None:
+        print("exercise 1: not answered yet")
+        return
+
+    class Yours(MyLowRank):
+        def pissa_init(self, W, r, alpha):
+            return pissa_init(W, r, alpha)
+
+    for name in PROPERTIES:
+        if name.startswith("pissa"):
+            PROPERTIES[name](Yours())
+    print("exercise 1: correct")
+
+
+check_pissa_init(pissa_init)

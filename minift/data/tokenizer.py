@@ -7,6 +7,7 @@ Special tokens follow the file: the BOS a post-processor adds (Llama's ``Templat
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +22,10 @@ from minift.io.jsonio import read_json_object
 T = TypeVar("T")
 
 
+class UnknownTokenWarning(UserWarning):
+    """Text mapped to the vocabulary's unknown token: what it said is lost to the model."""
+
+
 class Tokenizer:
     """Text ↔ ids with the BOS/EOS/PAD conventions training and generation need.
 
@@ -32,6 +37,10 @@ class Tokenizer:
             to the first EOS id, as Hugging Face does for models without a pad token.
         add_bos: None: BOS exactly as the post-processor adds it; True: also when it adds none;
             False: never (strip the post-processor's prefix).
+
+    ``encode`` warns (``UnknownTokenWarning``, with the count and the first piece of text affected)
+    when text maps to the model's unknown token, e.g. characters outside a character-level
+    vocabulary: silently training on ``<unk>`` is a data bug.
     """
 
     def __init__(
@@ -58,6 +67,8 @@ class Tokenizer:
             if tid is not None and not (is_int(tid) and 0 <= tid < V):
                 raise DataError(f"tokenizer: {name} {tid!r} is not an id of the {V}-token vocabulary of "
                                 "tokenizer.json")
+        unk = getattr(tokenizer.model, "unk_token", None)  # WordLevel, WordPiece, BPE; None if unset
+        self.unk_id: int | None = None if unk is None else tokenizer.token_to_id(str(unk))
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> Tokenizer:
@@ -114,14 +125,27 @@ class Tokenizer:
     def encode(self, text: str, *, bos: bool = True) -> list[int]:
         """Ids of ``text``, with BOS (per ``add_bos``) when ``bos`` and never with an EOS: callers
         append EOS where a training sequence ends (``encode_example``)."""
-        plain = _library(lambda: self.hf.encode(text, add_special_tokens=False).ids,
-                         f"cannot tokenize {text[:40]!r}")
+        encoding = _library(lambda: self.hf.encode(text, add_special_tokens=False),
+                            f"cannot tokenize {text[:40]!r}")
+        plain = encoding.ids
+        if self.unk_id is not None and self.unk_id in plain:
+            self._warn_unknown(text, plain, encoding.offsets)
         if not bos or self.add_bos is False:
             return list(plain)
         prefix = self._post_processor_prefix(text, plain)
         if not prefix and self.add_bos and self.bos_id is not None:
             prefix = [self.bos_id]
         return prefix + list(plain)
+
+    def _warn_unknown(self, text: str, ids: list[int], offsets: list[tuple[int, int]]) -> None:
+        at = [k for k, i in enumerate(ids) if i == self.unk_id]
+        start, end = offsets[at[0]]
+        warnings.warn(
+            f"{len(at)} token(s) of the text map to the unknown token (id {self.unk_id}); the first is "
+            f"{text[start:end]!r} at character {start} of {text[:60]!r}",
+            UnknownTokenWarning,
+            stacklevel=3,
+        )
 
     def _post_processor_prefix(self, text: str, plain: list[int]) -> list[int]:
         """The ids the post-processor puts before the text (e.g. [BOS]); suffixes such as an EOS a

@@ -86,3 +86,15 @@ for pos in (10, 1234, 123457):
     gaps[pos] = np.abs(cos32[0, 0, 0, : D // 2] - exact).max()
     print(f"position {pos:>6}: max |cos32 − cos64| = {gaps[pos]:.1e}")
 assert gaps[10] < 1e-6 < gaps[123457]
+
+
+# %% [markdown]
+# ## The answer for the tutorial's check cell
+
+# %%
+def layernorm_grads(dy, x, w, b, eps):
+    xc = x - x.mean(axis=1, keepdims=True)
+    rstd = ((xc**2).mean(axis=1, keepdims=True) + eps) ** -0.5
+    xhat, g = xc * rstd, dy * w
+    dx = rstd * (g - g.mean(axis=1, keepdims=True) - xhat * (g * xhat).mean(axis=1, keepdims=True))
+    return {"x": dx, "w": (dy * xhat).sum(axis=0), "b": dy.sum(axis=0)}

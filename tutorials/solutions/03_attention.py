@@ -73,3 +73,12 @@ entropies = {D_: (mean_entropy(1.0, D_), mean_entropy(np.sqrt(D_), D_)) for D_ i
 for D_, (scaled, unscaled) in entropies.items():
     print(f"D = {D_:>4}: entropy with 1/√D {scaled:.2f}, without {unscaled:.2f} (max log 64 = 4.16)")
 assert entropies[1024][1] < 0.5 < entropies[1024][0]
+
+
+# %% [markdown]
+# ## The answer for the tutorial's check cell
+
+# %%
+def kv_cache_mask(T, S):
+    # query t sits at absolute position (S − T) + t and reads every key up to it
+    return np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T)

@@ -98,3 +98,12 @@ for T in (16, 32, 64, 128):
 growth = [peaks[2 * T] / peaks[T] for T in (16, 32, 64)]
 print("growth per doubling of T:", np.round(growth, 2), "(2 = linear, 4 = quadratic)")
 assert growth[-1] > growth[0]  # the quadratic term takes over as T grows
+
+
+# %% [markdown]
+# ## The answer for the tutorial's check cell
+
+# %%
+def combine_micro_batches(grads, counted):
+    total = sum(counted)  # each micro-batch enters with weight n_i / Σ n
+    return {k: sum(n / total * g[k] for g, n in zip(grads, counted, strict=True)) for k in grads[0]}

@@ -11,7 +11,11 @@
 # # Solutions to tutorial 05 · Checkpoints and generation
 
 # %%
+import atexit
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -21,6 +25,11 @@ from minift.generate import generate
 from minift.io.hub import load_pretrained, save_pretrained
 from minift.io.safetensors_io import read_safetensors, write_safetensors
 from minift.model import KVCache
+
+# Every file this tutorial writes goes into a scratch folder that is deleted when Python exits:
+# the tutorial can be rerun, from any folder, and leaves the checkout as it found it.
+work = Path(tempfile.mkdtemp(prefix="minift-tutorial-"))
+atexit.register(shutil.rmtree, work, ignore_errors=True)
 
 config = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, n_layers=2, n_heads=4,
                      n_kv_heads=2)
@@ -59,7 +68,7 @@ print(f"32 tokens after a 64-token prompt: {t1 - t0:.3f} s without cache, {t2 - 
 # ## 2. A missing tensor
 
 # %%
-folder = save_pretrained(model, "m")
+folder = save_pretrained(model, work / "m")
 tensors, metadata = read_safetensors(folder / "model.safetensors")
 del tensors["model.layers.1.mlp.up_proj.weight"]
 write_safetensors(folder / "model.safetensors", tensors, metadata=metadata)
@@ -79,7 +88,7 @@ assert "up_proj" in message, "a checkpoint with a missing tensor must not load"
 # tokens are nearly tied.
 
 # %%
-folder = save_pretrained(model, "m16")
+folder = save_pretrained(model, work / "m16")
 tensors, metadata = read_safetensors(folder / "model.safetensors")
 write_safetensors(folder / "model.safetensors", tensors, metadata=metadata, bf16=True)
 half = load_pretrained(folder)
@@ -92,3 +101,11 @@ assert 0 < rel < 5e-2
 cache = KVCache.empty(config.n_layers)  # the loaded bf16 model generates like any other
 model_forward(half, tokens, kv_cache=cache, train=False)
 assert cache.length == 16
+
+
+# %% [markdown]
+# ## The answer for the tutorial's check cell
+
+# %%
+def tokens_processed(P, n, cached):
+    return P + n - 1 if cached else n * P + n * (n - 1) // 2

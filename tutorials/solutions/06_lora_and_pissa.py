@@ -84,3 +84,11 @@ def df(G, x, A, B):
 
 
 print(check_grad(f, df, {"x": xx.copy(), "A": slot.A.copy(), "B": slot.B.copy()}))
+
+
+# %% [markdown]
+# ## The answer for the tutorial's check cell
+
+# %%
+def rslora_scaling(alpha, r):
+    return alpha / np.sqrt(r)

@@ -68,3 +68,11 @@ rotated = svd_deviation(W, Q @ W)
 assert abs(rotated.delta_sigma) < 1e-12
 assert rotated.delta_d > 0.05
 print("2W:", scaled, "\nQW:", rotated)
+
+
+# %% [markdown]
+# ## The answer for the tutorial's check cell
+
+# %%
+def regularizer_coefficient(gamma, lr_max, accum_steps, mode):
+    return gamma / lr_max / (accum_steps if mode == "faithful" else 1)

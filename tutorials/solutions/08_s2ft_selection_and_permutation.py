@@ -78,8 +78,8 @@ assert mine == theirs
 #
 # V is a producer: its selected heads are output **rows**, so it becomes a `RowBlock`. With GQA a
 # key/value head serves G query heads; V trains the whole key/value head of every group the
-# selection touches. `s2ft_parameter_count` charges V at D·C / G per query head, which is exact
-# when the selected heads fill their groups and a lower bound otherwise.
+# selection touches. Given the selection, `s2ft_parameter_count` counts exactly that; without one
+# it counts the fewest groups the heads can touch (⌈heads / G⌉), a lower bound for a random draw.
 
 # %%
 s2 = S2FTConfig(heads=3, head_targets=("v", "o"))
@@ -89,7 +89,18 @@ n = sum(p.size for p in trainable_parameters(model).values())
 D, C, G = 4, 24, 2
 heads = method_record(model).state["layers"]["0"]["heads"]
 touched = len({h // G for h in heads})
+selection = {int(i): (layer["heads"], layer["channels"]) for i, layer in method_record(model).state["layers"].items()}
 print(f"heads {heads} touch {touched} groups: {n} trainable = O {3 * D * C} + V {touched * D * C}; "
-      f"s2ft_parameter_count says {s2ft_parameter_count(config, s2)}")
-assert n == 3 * D * C + touched * D * C
+      f"s2ft_parameter_count says {s2ft_parameter_count(config, s2, selection)} for this selection, "
+      f"{s2ft_parameter_count(config, s2)} before one is drawn")
+assert n == 3 * D * C + touched * D * C == s2ft_parameter_count(config, s2, selection)
 assert n >= s2ft_parameter_count(config, s2)
+
+
+# %% [markdown]
+# ## The answer for the tutorial's check cell
+
+# %%
+def smallest_down_channels(down, k):
+    # channel j of the FFN is column j of Down (C, F): norms over axis 0
+    return tuple(sorted(np.argsort(np.linalg.norm(down, axis=0), kind="stable")[:k].tolist()))

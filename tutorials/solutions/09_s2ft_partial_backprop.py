@@ -81,3 +81,12 @@ for name, model in methods.items():
     attention[name] = report.by_kind["attention"]
     print(f"{name:>7}:", {k: (round(f / 1e6), round(b / 1e6)) for k, (f, b) in report.by_kind.items()})
 assert len(set(attention.values())) == 1
+
+
+# %% [markdown]
+# ## The answer for the tutorial's check cell
+
+# %%
+def row_block_grad(dy, x, a, b):
+    # a row block needs the block's output columns of dy and the whole input x
+    return dy[:, a:b].T @ x

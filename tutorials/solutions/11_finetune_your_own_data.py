@@ -11,21 +11,28 @@
 # # Solutions to tutorial 11 · Fine-tuning on your own data
 
 # %%
+import atexit
 import copy
-import itertools
 import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 
-from minift import loss_and_grads, set_trainable
+from minift import loss_and_grads
 from minift.data import BatchStream, collate, encode_example, read_jsonl
-from minift.data.tasks import pretrain_heldout, pretrain_stream, task_tokenizer
+from minift.data.tasks import pretrain_heldout, task_tokenizer
 from minift.methods import method_record
 from minift.methods.registry import get_method
 from minift.methods.s2ft import S2FTConfig, apply_s2ft, unpermute
-from minift.model import init_model
-from minift.tools.pretrain import BASE_CONFIG
+from minift.tools.pretrain import load_embedded
 from minift.train import TrainConfig, train
+
+# Every file this tutorial writes goes into a scratch folder that is deleted when Python exits:
+# the tutorial can be rerun, from any folder, and leaves the checkout as it found it.
+work = Path(tempfile.mkdtemp(prefix="minift-tutorial-"))
+atexit.register(shutil.rmtree, work, ignore_errors=True)
 
 tokenizer = task_tokenizer()
 quick = dict(schedule="cosine", warmup_steps=2, progress=False)
@@ -37,15 +44,14 @@ quick = dict(schedule="cosine", warmup_steps=2, progress=False)
 # prompt/completion only the completion and EOS are.
 
 # %%
-with open("notes.jsonl", "w", encoding="utf-8") as f:
+with open(work / "notes.jsonl", "w", encoding="utf-8") as f:
     for line in ("the cat sat on the mat.", "a dog ran in the park.", "the sun is warm today."):
         f.write(json.dumps({"text": line}) + "\n")
-text_examples = [encode_example(tokenizer, r) for r in read_jsonl("notes.jsonl")]
+text_examples = [encode_example(tokenizer, r) for r in read_jsonl(work / "notes.jsonl")]
 assert all(e.labels == e.ids for e in text_examples)
 print("every token counts:", text_examples[0].labels[:8], "…")
 
-base = init_model(BASE_CONFIG.replace(hidden_size=48, intermediate_size=96, n_layers=2),
-                  np.random.default_rng(0))
+base = load_embedded()  # the tutorial's base model
 lora = get_method("lora")
 model = lora.apply(copy.deepcopy(base), lora.Config(r=4, alpha=8.0), np.random.default_rng(1))
 run = train(model, BatchStream(text_examples, 3, tokenizer.pad_id), TrainConfig(steps=25, lr=2e-2, **quick))
@@ -62,12 +68,10 @@ assert run.losses[-1] < run.losses[0]
 # concluding anything); how much of the model changed is unambiguous.
 
 # %%
-mix = [encode_example(tokenizer, ex.record) for ex in itertools.islice(pretrain_stream(0), 512)]
-base = set_trainable(base)
-train(base, BatchStream(mix, 16, tokenizer.pad_id), TrainConfig(steps=30, lr=1e-2, **quick))
-set_trainable(base, False)
-words = ["ab", "cat", "dog", "sun", "map", "kite", "pen", "owl"] * 8
-upper = [encode_example(tokenizer, {"prompt": f"Q: upper {w}\nA: ", "completion": w.upper()}) for w in words]
+r = np.random.default_rng(0)
+triples = [tuple(int(d) for d in r.integers(0, 10, 3)) for _ in range(64)]
+task = [encode_example(tokenizer, {"prompt": f"Q: min {a} {b} {c}\nA: ", "completion": str(min(a, b, c))})
+        for a, b, c in triples]  # the tutorial's new skill
 retention = collate([encode_example(tokenizer, ex.record) for ex in pretrain_heldout(0, 4)],
                     tokenizer.pad_id)
 
@@ -80,7 +84,7 @@ def retention_loss(model):
 full = get_method("full").apply(copy.deepcopy(base), None, None)
 s2 = apply_s2ft(copy.deepcopy(base), S2FTConfig(heads=1, channels=8), rng=np.random.default_rng(0))
 for model in (full, s2):  # the same learning rate for both
-    train(model, BatchStream(upper, 16, tokenizer.pad_id), TrainConfig(steps=20, lr=3e-3, **quick))
+    train(model, BatchStream(task, 16, tokenizer.pad_id), TrainConfig(steps=20, lr=3e-3, **quick))
 unpermute(s2)
 
 
@@ -102,7 +106,7 @@ assert entries_changed(s2) < 0.1 * entries_changed(full)
 # heads and channels whose inputs are smallest on them (the paper's best in Table 4).
 
 # %%
-data = BatchStream(upper, 16, tokenizer.pad_id)
+data = BatchStream(task, 16, tokenizer.pad_id)
 calib = [(data.batch(i).tokens, data.batch(i).targets) for i in range(2)]
 small = apply_s2ft(copy.deepcopy(base), S2FTConfig(heads=1, channels=8, strategy="activation",
                                                    variant="small"), calib)
@@ -111,3 +115,11 @@ print("selected (heads, channels) per layer:",
 run = train(small, data, TrainConfig(steps=20, lr=1e-2, **quick))
 print(f"S2FT-A (small): loss {run.losses[0]:.2f} → {run.losses[-1]:.2f}")
 assert run.losses[-1] < run.losses[0]
+
+
+# %% [markdown]
+# ## The answer for the tutorial's check cell
+
+# %%
+def text_labels(ids):
+    return list(ids)  # plain text: every token is a target, BOS and EOS included

@@ -11,7 +11,10 @@
 # # Solutions to tutorial 12 · Checking your implementation
 
 # %%
+import atexit
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +24,11 @@ from minift.io.safetensors_io import read_safetensors
 from minift.spec.export import export_vectors
 from minift.spec.minift_impl import implementation as minift_impl
 from minift.spec.properties import PROPERTIES
+
+# Every file this tutorial writes goes into a scratch folder that is deleted when Python exits:
+# the tutorial can be rerun, from any folder, and leaves the checkout as it found it.
+work = Path(tempfile.mkdtemp(prefix="minift-tutorial-"))
+atexit.register(shutil.rmtree, work, ignore_errors=True)
 
 # %% [markdown]
 # ## 1. PiSSA without the division by the scaling
@@ -70,11 +78,23 @@ assert len(times) == 4
 # ## 3. The decoder vector
 
 # %%
-export_vectors("vectors")
-case = json.loads(Path("vectors/decoder_gqa/case.json").read_text())
-arrays, _ = read_safetensors("vectors/decoder_gqa/arrays.safetensors")
+export_vectors(work / "vectors")
+case = json.loads((work / "vectors/decoder_gqa/case.json").read_text())
+arrays, _ = read_safetensors(work / "vectors/decoder_gqa/arrays.safetensors")
 weights = {k.removeprefix("input/weight/"): v for k, v in arrays.items() if k.startswith("input/weight/")}
 logits = minift_impl.decoder_logits(case["scalars"]["config"], weights, arrays["input/tokens"])
 tol = case["tolerance"]["logits"]
 np.testing.assert_allclose(logits, arrays["expected/logits"], rtol=tol["rtol"], atol=tol["atol"])
 print("decoder_gqa: logits", logits.shape, "match the vector")
+
+
+# %% [markdown]
+# ## The answer for the tutorial's check cell
+
+# %%
+def pissa_init(W, r, alpha):
+    s = alpha / r
+    U, sigma, Vt = np.linalg.svd(W, full_matrices=False)
+    root = np.sqrt(sigma[:r] / s)  # divided by s, so that s · B A is the top-r part of W
+    A, B = root[:, None] * Vt[:r], U[:, :r] * root
+    return W - s * B @ A, A, B

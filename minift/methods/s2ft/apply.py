@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from minift.config import ModelConfig
 from minift.errors import ConfigError
 from minift.methods import method_record
 from minift.methods.s2ft.config import COUPLING, S2FTConfig
@@ -22,12 +23,16 @@ def apply_s2ft(
     calib_batches: Sequence[CalibBatch] | None = None,
     *,
     rng: np.random.Generator | None = None,
+    selection: Mapping[int, tuple[Sequence[int], Sequence[int]]] | None = None,
 ) -> Model:
     """Turn a dense model into an S2FT model, in place, and return it.
 
-    Everything is frozen; per layer, the selected heads and channels (``config.strategy``, scored on
-    ``calib_batches`` where needed, random draws from ``rng``) are co-permuted to the front and the
-    target slots become ``ColumnBlock``/``RowBlock`` whose trainable arrays are views of the blocks.
+    Everything is frozen; per layer, the selected heads and channels are co-permuted to the front
+    and the target slots become ``ColumnBlock``/``RowBlock`` whose trainable arrays are views of the
+    blocks. The units are chosen by ``config.strategy`` (scored on ``calib_batches`` where needed,
+    random draws from ``rng``), or given as ``selection``: layer index → (query head ids, FFN channel
+    ids), in original coordinates, which then replaces the strategy (``config.heads``/``channels``
+    are not used).
     The model's ``MethodRecord`` holds the configuration and every layer's permutation; use
     ``unpermute`` to return to original coordinates and ``extract_adapter`` for the sparse update.
     """
@@ -41,7 +46,28 @@ def apply_s2ft(
                 raise ConfigError(
                     f"apply_s2ft needs dense slots; blocks.{i}.{name} is a {type(slot).__name__}"
                 )
-    return apply_selection(model, config, select_units(model, config, calib_batches, rng=rng))
+    if selection is None:
+        selection = select_units(model, config, calib_batches, rng=rng)
+    return apply_selection(model, config, _checked(selection, c))
+
+
+def _checked(
+    selection: Mapping[int, tuple[Sequence[int], Sequence[int]]], c: ModelConfig
+) -> dict[int, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """A chosen selection as sorted, distinct ids, or a ConfigError naming the bad layer or id."""
+    out = {}
+    for i, (heads, channels) in selection.items():
+        if not 0 <= int(i) < c.n_layers:
+            raise ConfigError(f"S2FT selection names layer {i}; the model has layers 0…{c.n_layers - 1}")
+        for kind, ids, n in (("head", heads, c.n_heads), ("channel", channels, c.intermediate_size)):
+            bad = [u for u in ids if not 0 <= int(u) < n]
+            if bad or len(set(ids)) != len(ids):
+                raise ConfigError(
+                    f"S2FT selection, layer {i}: {kind} ids must be distinct and in 0…{n - 1}, "
+                    f"got {list(ids)}"
+                )
+        out[int(i)] = (tuple(sorted(int(h) for h in heads)), tuple(sorted(int(u) for u in channels)))
+    return out
 
 
 def apply_selection(

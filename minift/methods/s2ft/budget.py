@@ -2,18 +2,21 @@
 
 LoRA of rank R on a (O, I) matrix trains R·(I + O) parameters; S2FT trains s·I (s output rows) or
 s·O (s input columns). One query head costs D·C on Q or O, and D·C/G on K or V (its
-share of its group's key/value head; exact when whole groups are selected); one FFN channel costs C
-on each of Gate, Up and Down. The paper splits the budget "fairly" between O and Down (Sec. 5.4).
+share of its group's key/value head, when budgets are matched; ``s2ft_parameter_count`` counts the
+whole KV heads that actually train); one FFN channel costs C on each of Gate, Up and Down. The paper
+splits the budget "fairly" between O and Down (Sec. 5.4).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from minift.config import ModelConfig
 from minift.errors import ConfigError
 from minift.methods.s2ft.config import S2FTConfig
 from minift.model import slot_shapes
+
+Units = tuple[Sequence[int], Sequence[int]]  # one layer's selection: (query heads, FFN channels)
 
 
 def lora_parameter_count(
@@ -39,12 +42,36 @@ def channel_cost(config: ModelConfig, channel_targets: Sequence[str]) -> int:
     return config.hidden_size * len(channel_targets)
 
 
-def s2ft_parameter_count(config: ModelConfig, s2: S2FTConfig) -> int:
-    """Trainable parameters of an S2FT configuration (K/V counted per head, as in ``head_cost``)."""
-    per_layer = s2.heads * head_cost(config, s2.head_targets) + s2.channels * channel_cost(
-        config, s2.channel_targets
-    )
-    return round(len(s2.layer_ids(config)) * per_layer)
+def s2ft_parameter_count(
+    config: ModelConfig, s2: S2FTConfig, selection: Mapping[int, Units] | None = None
+) -> int:
+    """The number of parameters S2FT trains, per layer: D·C for each selected query head on Q and
+    on O; D·C for each key/value head on K and on V that at least one selected query head reads (a
+    KV head is shared by G = H/K query heads, and its block trains whole); C for each selected
+    channel on each channel target.
+
+    With ``selection`` (layer → (query heads, channels), as ``apply_s2ft(selection=...)`` takes) the
+    count is exact. Without it the selection is not known yet: K/V are counted for the fewest KV
+    heads the ``s2.heads`` query heads can touch, ⌈heads / G⌉ (exact when whole groups are selected,
+    and always when G = 1); a random draw of heads spread over more groups trains more.
+    """
+    assert config.head_dim is not None
+    assert config.n_kv_heads is not None
+    G = config.n_heads // config.n_kv_heads
+    per_head = config.head_dim * config.hidden_size
+
+    def layer_count(heads: Sequence[int], n_channels: int) -> int:
+        kv_heads = len({h // G for h in heads})
+        n_q = sum(t in ("q", "o") for t in s2.head_targets)
+        n_kv = sum(t in ("k", "v") for t in s2.head_targets)
+        return per_head * (len(heads) * n_q + kv_heads * n_kv) + n_channels * channel_cost(
+            config, s2.channel_targets
+        )
+
+    if selection is not None:
+        return sum(layer_count(tuple(h), len(set(ch))) for h, ch in selection.values())
+    grouped = range(s2.heads)  # heads 0…heads−1 fill ⌈heads / G⌉ whole groups
+    return len(s2.layer_ids(config)) * layer_count(grouped, s2.channels)
 
 
 def match_lora_budget(
