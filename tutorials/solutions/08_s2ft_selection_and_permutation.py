@@ -89,7 +89,8 @@ n = sum(p.size for p in trainable_parameters(model).values())
 D, C, G = 4, 24, 2
 heads = method_record(model).state["layers"]["0"]["heads"]
 touched = len({h // G for h in heads})
-selection = {int(i): (layer["heads"], layer["channels"]) for i, layer in method_record(model).state["layers"].items()}
+layers = method_record(model).state["layers"]
+selection = {int(i): (layer["heads"], layer["channels"]) for i, layer in layers.items()}
 print(f"heads {heads} touch {touched} groups: {n} trainable = O {3 * D * C} + V {touched * D * C}; "
       f"s2ft_parameter_count says {s2ft_parameter_count(config, s2, selection)} for this selection, "
       f"{s2ft_parameter_count(config, s2)} before one is drawn")
