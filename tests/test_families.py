@@ -9,6 +9,8 @@ forward equals the full forward on sequences longer than the window; bad window 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -190,3 +192,42 @@ def test_the_kv_cache_forward_equals_the_full_forward_past_the_window(name):
 def test_bad_window_settings_are_refused(changes, message):
     with pytest.raises(ConfigError, match=message):
         CONFIGS["qwen3-window-on-upper-layers"].replace(**changes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the methods on these families
+
+
+def test_s2ft_co_permutation_leaves_the_logits_unchanged_with_q_k_norms_shared_by_all_heads():
+    from minift.methods.s2ft import co_permute
+    from tests.test_s2ft_permute import _random_layouts
+
+    config = CONFIGS["qwen3-window-on-upper-layers"]
+    model, (tokens, _, mask) = _model(config), _batch()
+    before, _ = model_forward(model, tokens, attention_mask=mask, train=False)
+    co_permute(model, _random_layouts(config, np.random.default_rng(1)))
+    after, _ = model_forward(model, tokens, attention_mask=mask, train=False)
+    assert_close(after, before, rtol=1e-10, atol=1e-12, what="logits")
+
+
+@pytest.mark.parametrize("method", ["lora", "s2ft"])
+def test_minift_finetune_runs_on_a_qwen3_folder_with_windows_and_saves_it_back(method, tmp_path):
+    from minift.data.tasks import save_tokenizer, task_splits
+    from minift.io.hub import load_pretrained, save_pretrained
+    from minift.tools.cli import main
+    from tests.toy import task_world_config
+
+    base = task_world_config(16)
+    config = base.replace(arch="qwen3", qk_norm=True, sliding_window=3,
+                          layer_types=("sliding_attention",) * base.n_layers)
+    folder = save_pretrained(init_model(config, np.random.default_rng(0), std=0.1), tmp_path / "qwen3",
+                             tokenizer_path=save_tokenizer(tmp_path / "tok"))
+    assert load_pretrained(folder).config == config
+    data = tmp_path / "train.jsonl"
+    records = task_splits("shift", 0, n_train=8, n_eval=2, n_retention=1).train
+    data.write_text("".join(json.dumps(ex.record) + "\n" for ex in records))
+    code = main([str(a) for a in ["finetune", "--model", folder, "--data", data, "--method", method,
+                                  "--out", tmp_path / "run", "--steps", 2, "--batch-size", 2, "--rank", 2,
+                                  "--no-progress"]])
+    assert code == 0
+    assert (tmp_path / "run" / "adapter").is_dir()

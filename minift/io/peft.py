@@ -47,7 +47,7 @@ from minift.model import SLOT_NAMES, Model
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_ARCHS = ("llama", "mistral", "qwen2")
+PEFT_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 _KEY = re.compile(r"base_model\.model\.(model\.layers\.(\d+)\.(\w+\.\w+))\.lora_(A|B)\.weight")
 _SLOT_OF = {path: name for name, path in HF_MODULES.items()}  # "self_attn.q_proj" → "q"
 
