@@ -231,3 +231,19 @@ def test_minift_finetune_runs_on_a_qwen3_folder_with_windows_and_saves_it_back(m
                                   "--no-progress"]])
     assert code == 0
     assert (tmp_path / "run" / "adapter").is_dir()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_the_config_json_written_reads_back_as_the_same_config(name):
+    from minift.io.hub import config_from_hf, config_to_hf
+
+    config = CONFIGS[name]
+    assert config_from_hf(json.loads(json.dumps(config_to_hf(config)))) == config
+
+
+def test_a_mistral_config_json_cannot_express_windows_on_some_layers_only():
+    from minift.io.hub import config_to_hf
+
+    config = CONFIGS["qwen3-window-on-upper-layers"].replace(arch="mistral", qk_norm=False)
+    with pytest.raises(ConfigError, match="every layer or none"):
+        config_to_hf(config)
