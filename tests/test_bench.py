@@ -11,6 +11,7 @@ import json
 
 import pytest
 
+from minift.backend import gpu_available
 from minift.tools.bench import METHODS, QUICK, available_methods, ratios
 from minift.tools.cli import main
 
@@ -97,3 +98,33 @@ def test_the_served_adapters_change_the_model_and_s2ft_touches_only_its_blocks()
 def test_an_unknown_method_is_a_one_line_error(capsys):
     assert main(["bench", "--quick", "--methods", "dora"]) == 2
     assert "dora" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------
+# --device: the GPU harness, run here through its CPU path
+
+
+def test_the_device_bench_times_minift_and_torch_side_by_side_on_one_device():
+    from minift.tools.bench_device import run_device
+
+    report = run_device("cpu", {"quick": QUICK}, methods=("full", "lora", "s2ft"), steps=1, warmup=0,
+                        log=lambda _: None)
+    entry = report["sizes"]["quick"]
+    assert entry["gemm_tflops_in_run"] > 0
+    got = {(r["impl"], r["method"]) for r in entry["results"]}
+    assert {("minift", "full"), ("minift", "lora"), ("minift", "s2ft")} <= got
+    by_key = {(r["impl"], r["method"]): r for r in entry["results"]}
+    assert entry["ratios"]["s2ft/full_time"] == pytest.approx(
+        by_key["minift", "s2ft"]["step_seconds"] / by_key["minift", "full"]["step_seconds"]
+    )
+    if ("torch", "full") in got:  # the crosscheck extra is installed
+        assert entry["ratios"]["minift/torch_full_time"] > 0
+    assert entry["ratios"]["minift/torch_full_memory"] is None  # allocator peaks exist on a GPU only
+
+
+@pytest.mark.skipif(gpu_available(), reason="this machine has a GPU")
+def test_bench_on_cuda_without_a_gpu_is_a_one_line_error(capsys):
+    assert main(["bench", "--device", "cuda", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "needs CuPy and a CUDA GPU" in err

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -325,16 +326,17 @@ def test_every_bf16_bit_pattern_widens_to_float32_exactly_and_rounds_back_to_its
 @given(x=st.floats(width=32, allow_nan=False, allow_infinity=False))
 @example(x=1.0 + 2.0**-8)  # halfway between 1 and 1 + 2⁻⁷: the even neighbour, 1, wins
 @example(x=1.0 + 3 * 2.0**-8)  # halfway between 1 + 2⁻⁷ and 1 + 2⁻⁶: 1 + 2⁻⁶ is even
+@example(x=3.3961775e38)  # past the largest bf16 by half an ulp or more: inf, as in torch
 def test_float32_rounds_to_the_nearest_bf16_ties_to_even(x):
     x32 = np.float32(x)
     down = (np.array(x32).view(np.uint32) >> 16).astype(np.uint16)  # truncation, toward zero
     up = down + np.uint16(1)
     lo, hi = (float(bf16_to_float32(np.array(b))) for b in (down, up))
+    if not np.isfinite(hi):  # IEEE 754 rounds past the largest bf16 as if 2¹²⁸ were its neighbour
+        hi = math.copysign(2.0**128, hi)
     got = float32_to_bf16(np.array(x32))
     d_lo, d_hi = abs(float(x32) - lo), abs(hi - float(x32))
     expected = down if d_lo < d_hi or (d_lo == d_hi and down % 2 == 0) else up
-    if not np.isfinite(hi):  # above the largest bf16, rounding up gives inf, as in torch
-        expected = down if d_lo < d_hi else up
     assert got == expected
 
 

@@ -22,6 +22,7 @@ ALLOWED = {
 HOST_FUNCTIONS = {  # (file, function): why it may call numpy directly
     ("minift/io/peft.py", "lora_factors"): "builds float64 host arrays for a PEFT file",
     ("minift/methods/svd_analysis.py", "mean"): "summarises Python floats for a plot",
+    ("minift/layers/rope.py", "rope_tables"): "one host definition of the angles for every device",
 }
 
 

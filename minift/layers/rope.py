@@ -10,7 +10,7 @@ from types import ModuleType
 
 import numpy as np
 
-from minift.backend import Array, get_xp
+from minift.backend import Array, get_xp, to_numpy, to_xp
 from minift.config import RopeScaling
 
 
@@ -45,14 +45,18 @@ def rope_inv_freq(D: int, theta: float, scaling: RopeScaling, *, xp: ModuleType 
 def rope_tables(positions: Array, D: int, theta: float, scaling: RopeScaling) -> tuple[Array, Array]:
     """cos and sin of φ[b, t, j] = positions[b, t] · inv_freq[j], duplicated to D columns (float32).
 
+    The tables are computed on the host in NumPy and copied to the positions' device: CuPy's float32
+    cos and sin can differ from NumPy's in the last bit, and one definition of the angles keeps a model
+    on a GPU equal to the same model on the host (to 1e-10 in float64, not float32's 1e-7).
+
     Shapes:
         positions: (B, T) integer   returns cos, sin: (B, 1, T, D), broadcast over heads
     """
     xp = get_xp(positions)
-    inv = rope_inv_freq(D, theta, scaling, xp=xp)  # (D/2,)
-    freqs = positions.astype(xp.float32)[..., None] * inv  # (B, T, D/2)
-    emb = xp.concatenate([freqs, freqs], axis=-1)[:, None]  # (B, 1, T, D)
-    return xp.cos(emb), xp.sin(emb)
+    inv = rope_inv_freq(D, theta, scaling)  # (D/2,)
+    freqs = to_numpy(positions).astype(np.float32)[..., None] * inv  # (B, T, D/2)
+    emb = np.concatenate([freqs, freqs], axis=-1)[:, None]  # (B, 1, T, D)
+    return to_xp(np.cos(emb), xp), to_xp(np.sin(emb), xp)
 
 
 def rotate_half(x: Array) -> Array:

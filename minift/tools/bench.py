@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import os
 import platform
 import statistics
@@ -232,8 +233,11 @@ def torch_available() -> bool:
     return True
 
 
-def torch_step(method: str, size: BenchSize, seed: int) -> tuple[Callable[[], float], int]:
-    """The same model in transformers (eager PyTorch, float32, CPU): (one training step, trainable count).
+def torch_step(
+    method: str, size: BenchSize, seed: int, device: str = "cpu"
+) -> tuple[Callable[[], float], int]:
+    """The same model in transformers (eager PyTorch, float32, on ``device``): (one training step,
+    trainable count).
 
     Full fine-tuning uses ``torch.optim.AdamW`` on every parameter; ``lora`` wraps the model with PEFT
     LoRA at the same rank and targets as minift's. The step mirrors minift's ``train_step``: forward,
@@ -280,11 +284,11 @@ def torch_step(method: str, size: BenchSize, seed: int) -> tuple[Callable[[], fl
             model = peft.get_peft_model(model, lora)
     elif method != "full":
         raise ValueError(f"no PyTorch reference for {method!r}")
-    model.train()
+    model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)  # as minift's AdamW
     b = batch(size, seed)
-    tokens, targets, mask = (torch.from_numpy(a) for a in b)
+    tokens, targets, mask = (torch.from_numpy(a).to(device) for a in b)
 
     def step() -> float:
         logits = model(input_ids=tokens, attention_mask=mask).logits
@@ -302,7 +306,9 @@ def torch_step(method: str, size: BenchSize, seed: int) -> tuple[Callable[[], fl
 # the report
 
 
-def _ratio(results: list[Result], a: tuple[str, str], b: tuple[str, str], field: str) -> float | None:
+def ratio_of(results: list[Any], a: Key, b: Key, field: str) -> float | None:
+    """``field`` of result ``a`` over that of ``b``, results keyed by (impl, method); None where a side
+    or its value is missing."""
     by_key = {(r.impl, r.method): r for r in results}
     if a not in by_key or b not in by_key:
         return None
@@ -314,16 +320,16 @@ def ratios(results: list[Result]) -> dict[str, float | None]:
     """The headline ratios; None where a side is missing (a method not installed, no PyTorch)."""
     m = "minift"
     return {
-        "s2ft/full_time": _ratio(results, (m, "s2ft"), (m, "full"), "step_seconds"),
-        "s2ft/full_memory": _ratio(results, (m, "s2ft"), (m, "full"), "peak_bytes"),
-        "s2ft/lora_time": _ratio(results, (m, "s2ft"), (m, "lora"), "step_seconds"),
-        "s2ft/lora_memory": _ratio(results, (m, "s2ft"), (m, "lora"), "peak_bytes"),
-        "pissa/lora_time": _ratio(results, (m, "pissa"), (m, "lora"), "step_seconds"),
-        "sorsa/lora_time": _ratio(results, (m, "sorsa"), (m, "lora"), "step_seconds"),
-        "lora/full_time": _ratio(results, (m, "lora"), (m, "full"), "step_seconds"),
-        "lora/full_memory": _ratio(results, (m, "lora"), (m, "full"), "peak_bytes"),
-        "minift/torch_full_time": _ratio(results, (m, "full"), ("torch", "full"), "step_seconds"),
-        "minift/torch_lora_time": _ratio(results, (m, "lora"), ("torch", "lora"), "step_seconds"),
+        "s2ft/full_time": ratio_of(results, (m, "s2ft"), (m, "full"), "step_seconds"),
+        "s2ft/full_memory": ratio_of(results, (m, "s2ft"), (m, "full"), "peak_bytes"),
+        "s2ft/lora_time": ratio_of(results, (m, "s2ft"), (m, "lora"), "step_seconds"),
+        "s2ft/lora_memory": ratio_of(results, (m, "s2ft"), (m, "lora"), "peak_bytes"),
+        "pissa/lora_time": ratio_of(results, (m, "pissa"), (m, "lora"), "step_seconds"),
+        "sorsa/lora_time": ratio_of(results, (m, "sorsa"), (m, "lora"), "step_seconds"),
+        "lora/full_time": ratio_of(results, (m, "lora"), (m, "full"), "step_seconds"),
+        "lora/full_memory": ratio_of(results, (m, "lora"), (m, "full"), "peak_bytes"),
+        "minift/torch_full_time": ratio_of(results, (m, "full"), ("torch", "full"), "step_seconds"),
+        "minift/torch_lora_time": ratio_of(results, (m, "lora"), ("torch", "lora"), "step_seconds"),
     }
 
 
@@ -595,16 +601,28 @@ def run(
 
 
 def cmd_bench(args: Any) -> int:
-    """``minift bench``: print one line per result; ``--json FILE`` writes the whole report."""
-    import json
-
+    """``minift bench``: print one line per result; ``--json FILE`` writes the whole report.
+    ``--device cuda`` runs the GPU benchmark of ``minift.tools.bench_device`` instead."""
     methods = tuple(args.methods or METHODS)
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise ConfigError(f"bench --methods: unknown {unknown}; expected some of {' '.join(METHODS)}")
-    size = QUICK if args.quick else BENCH
     steps = args.steps if args.steps is not None else (2 if args.quick else 5)
     warmup = args.warmup if args.warmup is not None else 1
+    if args.device != "cpu":
+        from minift.tools.bench_device import LARGE, run_device
+
+        sizes = {"quick": QUICK} if args.quick else {"bench": BENCH, "large": LARGE}
+        report = run_device(
+            args.device, sizes, methods=methods, steps=steps, warmup=warmup, seed=args.seed,
+            with_torch=not args.no_torch,
+        )
+        for name, entry in report["sizes"].items():
+            for ratio, value in entry["ratios"].items():
+                print(f"{name:<6}{ratio:<26}{'—' if value is None else f'{value:.3f}'}")
+        _write_json(report, args.json)
+        return 0
+    size = QUICK if args.quick else BENCH
     report = run(
         size,
         steps=steps,
@@ -616,8 +634,12 @@ def cmd_bench(args: Any) -> int:
     )
     for name, value in {**report["ratios"], **report.get("serving", {}).get("ratios", {})}.items():
         print(f"{name:<24}{'—' if value is None else f'{value:.3f}'}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.json}")
+    _write_json(report, args.json)
     return 0
+
+
+def _write_json(report: dict[str, Any], path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"wrote {path}")

@@ -56,6 +56,8 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", help="some of: full lora pissa sorsa s2ft (default: all)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference even if installed")
     p.add_argument("--seed", type=int, default=0, help="seed of the base model and the batch")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: minift on CuPy against PyTorch on the same GPU, at the bench size and ~10x it")
 
 
 # ----------------------------------------------------------------------------------------------------
