@@ -1,4 +1,4 @@
-"""Model configuration for the Llama family (Llama, Mistral, Qwen2) and GPT-2.
+"""Model configuration for the Llama family (Llama, Mistral, Qwen2, Qwen3) and GPT-2.
 
 Field names follow the shape alphabet of ``minift/__init__.py``. Reading and writing Hugging Face
 ``config.json`` files lives in ``minift.io.hub``; this module only states and checks the architecture.
@@ -14,7 +14,9 @@ from typing import Any, Literal
 
 from minift.errors import ConfigError
 
-Arch = Literal["llama", "mistral", "qwen2", "gpt2"]
+Arch = Literal["llama", "mistral", "qwen2", "qwen3", "gpt2"]
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face's names, kept as they are
 RopeKind = Literal["default", "linear", "llama3"]
 
 # Upper bounds no real model comes near (the largest released ones have ~128 layers, widths of ~2^14,
@@ -121,6 +123,10 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()  # one or several ids that end generation
     pad_token_id: int | None = None
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on every query and key head, before RoPE
+    sliding_window: int | None = None  # W: a query sees only the W most recent keys, itself included
+    layer_types: tuple[str, ...] = ()  # per layer "full_attention"/"sliding_attention"; () = every
+    # layer sliding when ``sliding_window`` is set (Mistral), else every layer full
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -134,6 +140,7 @@ class ModelConfig:
                 f"eos_token_id must be an integer or a list of integers, got {self.eos_token_id!r}"
             )
         object.__setattr__(self, "eos_token_id", tuple(int(e) for e in self.eos_token_id))
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
         self._validate()
@@ -156,10 +163,8 @@ class ModelConfig:
                               f"that float32 holds, got {self.norm_eps!r} and {self.rope_theta!r}")
         if not isinstance(self.rope_scaling, RopeScaling):
             raise ConfigError(f"rope_scaling must be a RopeScaling or an object, got {self.rope_scaling!r}")
-        if not isinstance(self.arch, str) or self.arch not in ("llama", "mistral", "qwen2", "gpt2"):
-            raise ConfigError(
-                f"unsupported architecture {self.arch!r}: minift supports llama, mistral, qwen2, gpt2"
-            )
+        if not isinstance(self.arch, str) or self.arch not in ARCHS:
+            raise ConfigError(f"unsupported architecture {self.arch!r}: minift supports {', '.join(ARCHS)}")
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         if not is_int(K) or K <= 0 or H % K != 0:
             raise ConfigError(
@@ -177,6 +182,7 @@ class ModelConfig:
                 raise ConfigError("GPT-2 needs n_heads * head_dim == hidden_size")
             if not (self.qkv_bias and self.o_bias and self.mlp_bias):
                 raise ConfigError("GPT-2 has biases on every projection: set qkv_bias, o_bias, mlp_bias")
+        self._validate_windows()
         if self.norm_eps < 0:
             raise ConfigError(f"norm_eps must be >= 0, got {self.norm_eps}")
         if self.rope_theta <= 0:
@@ -188,6 +194,29 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be an integer token id, got {tok!r}")
             if tok is not None and (tok < 0 or tok >= self.vocab_size):
                 raise ConfigError(f"{name}={tok} is outside the vocabulary [0, {self.vocab_size})")
+
+    def _validate_windows(self) -> None:
+        W = self.sliding_window
+        if W is not None and (type(W) is not int or W <= 0):
+            raise ConfigError(f"sliding_window must be a positive integer or null, got {W!r}")
+        if self.layer_types:
+            if len(self.layer_types) != self.n_layers:
+                raise ConfigError(
+                    f"layer_types has {len(self.layer_types)} entries for {self.n_layers} layers"
+                )
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if bad:
+                raise ConfigError(f"unsupported layer_types {bad}: minift supports {', '.join(LAYER_TYPES)}")
+            if W is None and "sliding_attention" in self.layer_types:
+                raise ConfigError("layer_types has sliding_attention layers but sliding_window is null")
+        if self.arch == "gpt2" and (W is not None or self.qk_norm):
+            raise ConfigError("GPT-2 has neither a sliding window nor q/k norms")
+
+    def window(self, layer: int) -> int | None:
+        """The sliding-window width of one layer, or None where it attends to every past position."""
+        if self.layer_types:
+            return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+        return self.sliding_window
 
     @property
     def uses_rope(self) -> bool:
@@ -208,6 +237,7 @@ class ModelConfig:
         """A JSON-ready dict (minift's own format; ``minift.io.hub`` writes the HF one)."""
         d = dataclasses.asdict(self)
         d["eos_token_id"] = list(self.eos_token_id)
+        d["layer_types"] = list(self.layer_types)
         return d
 
     @classmethod

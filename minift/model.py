@@ -1,9 +1,9 @@
 """The decoder: forward and backward composed from ``minift.layers``, top-down and readable.
 
-Llama family (Llama, Mistral, Qwen2), per block:
+Llama family (Llama, Mistral, Qwen2, Qwen3), per block:
 
     h = norm(x);  q, k, v = q(h), k(h), v(h);  q, k = rope(q), rope(k)
-    x = x + o(attention(q, k, v))
+    x = x + o(attention(q, k, v))        (Qwen3: q, k = rope(q_norm(q)), rope(k_norm(k)) per head)
     h = norm(x);  x = x + down(silu(gate(h)) ⊙ up(h))          (GPT-2: down(gelu(up(h))))
 
 then logits = lm_head(norm(x)), or x Eᵀ with tied embeddings. Every projection is a linear slot
@@ -87,6 +87,15 @@ class Block:
     gate: LinearSlot | None  # (F, C); None for GPT-2's GELU MLP
     up: LinearSlot  # (F, C)
     down: LinearSlot  # (C, F)
+    q_norm: Norm | None = None  # (D,) Qwen3: RMSNorm of each query head, shared by all heads
+    k_norm: Norm | None = None  # (D,) and of each key head
+
+    def norms(self) -> Iterator[tuple[str, Norm]]:
+        """(name, norm) for each norm present: attn_norm, mlp_norm, then q_norm and k_norm if any."""
+        for name in ("attn_norm", "mlp_norm", "q_norm", "k_norm"):
+            norm = getattr(self, name)
+            if norm is not None:
+                yield name, norm
 
     def slots(self) -> Iterator[tuple[str, LinearSlot]]:
         """(name, slot) for each linear slot present, in SLOT_NAMES order."""
@@ -129,6 +138,8 @@ class BlockCache:
     up: Any
     act: SwiGLUCache | Array | None  # gate/up pre-activations (silu is recomputed), or GELU's input
     down: Any
+    q_norm: Any = None  # the q/k norms' caches (Qwen3)
+    k_norm: Any = None
 
 
 @dataclass(eq=False)
@@ -149,7 +160,7 @@ class ModelCache(NamedTuple):
     x_final: Array  # (N, C) normalised final hidden state, kept for the LM head's weight gradient
     head: Any
     lowest: int  # index of the lowest block the backward must reach (L when none)
-    allowed: Array | None = None  # the attention mask, for rerunning checkpointed blocks
+    masks: dict[int | None, Array] | None = None  # attention masks by window, to rerun checkpointed blocks
 
 
 @dataclass
@@ -200,6 +211,8 @@ def init_model(
             mlp_norm=norm(),
             **{name: None for name in SLOT_NAMES}
             | {name: Dense(normal(o, i), zeros_if(bias, o)) for name, (o, i, bias) in slots.items()},
+            q_norm=Norm(xp.ones(c.head_dim, dtype=dtype), None, c.norm_eps) if c.qk_norm else None,
+            k_norm=Norm(xp.ones(c.head_dim, dtype=dtype), None, c.norm_eps) if c.qk_norm else None,
         )
         for _ in range(c.n_layers)
     ]
@@ -219,8 +232,8 @@ def named_modules(model: Model) -> Iterator[tuple[str, Any]]:
     if model.pos_embed is not None:
         yield "pos_embed", model.pos_embed
     for i, block in enumerate(model.blocks):
-        yield f"blocks.{i}.attn_norm", block.attn_norm
-        yield f"blocks.{i}.mlp_norm", block.mlp_norm
+        for name, norm in block.norms():
+            yield f"blocks.{i}.{name}", norm
         for name, slot in block.slots():
             yield f"blocks.{i}.{name}", slot
     yield "final_norm", model.final_norm
@@ -250,7 +263,7 @@ def lowest_trainable_block(model: Model) -> int:
     if model.embed.parameters() or (model.pos_embed is not None and model.pos_embed.parameters()):
         return 0
     for i, block in enumerate(model.blocks):
-        holders = [block.attn_norm, block.mlp_norm, *(s for _, s in block.slots())]
+        holders = [*(n for _, n in block.norms()), *(s for _, s in block.slots())]
         if any(h.parameters() for h in holders):
             return i
     return len(model.blocks)
@@ -312,6 +325,10 @@ def block_forward(
     q, c_q = block.q.forward(h, keep=keep, rng=rng)  # (N, H·D)
     k, c_k = block.k.forward(h, keep=keep, rng=rng)  # (N, K·D)
     v, c_v = block.v.forward(h, keep=keep, rng=rng)
+    c_qn = c_kn = None
+    if block.q_norm is not None and block.k_norm is not None:  # over each head's D values
+        q, c_qn = block.q_norm.forward(q.reshape(B * T * H, D), keep=keep)
+        k, c_kn = block.k_norm.forward(k.reshape(B * T * K, D), keep=keep)
     q = q.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
     k = k.reshape(B, T, K, D).transpose(0, 2, 1, 3)  # (B, K, T, D)
     v = v.reshape(B, T, K, D).transpose(0, 2, 1, 3)
@@ -334,8 +351,9 @@ def block_forward(
         c_g, m, c_act = None, gelu_forward(u), u
     y, c_d = block.down.forward(m, keep=keep, rng=rng)  # (N, C)
     x = x + y
-    cache = BlockCache(c_n1, c_q, c_k, c_v, c_att, c_o, c_n2, c_g, c_u, c_act, c_d) if keep else None
-    return x, cache, (k, v)
+    if not keep:
+        return x, None, (k, v)
+    return x, BlockCache(c_n1, c_q, c_k, c_v, c_att, c_o, c_n2, c_g, c_u, c_act, c_d, c_qn, c_kn), (k, v)
 
 
 def model_forward(
@@ -391,12 +409,14 @@ def model_forward(
                              "(max_position_embeddings): shorten the sequence")
         x = x + model.pos_embed.forward(positions)
     x = x.reshape(B * T, -1)  # (N, C)
-    allowed = causal_mask(T, past + T, attention_mask, xp=xp)
+    masks = {w: causal_mask(T, past + T, attention_mask, window=w, xp=xp)  # one per distinct window
+             for w in {c.window(i) for i in range(c.n_layers)}}
 
     caches: list[BlockCache | BlockCheckpoint | None] = []
     for i, block in enumerate(model.blocks):
         kv = (kv_cache.keys[i], kv_cache.values[i]) if kv_cache is not None and past else None
         keep = train and i >= lowest
+        allowed = masks[c.window(i)]
         saved = BlockCheckpoint(x, _rng_state(rng)) if keep and checkpoint else None
         # A checkpointed block still runs in training mode (keep=True: e.g. dropout is drawn), and its
         # cache is dropped at once: only one block's cache exists at a time.
@@ -414,7 +434,7 @@ def model_forward(
     logits = logits.reshape(B, T, -1)  # (B, T, V)
     if not train:
         return logits, None
-    return logits, ModelCache(tokens, positions, rope, caches, c_fn, x, c_head, lowest, allowed)
+    return logits, ModelCache(tokens, positions, rope, caches, c_fn, x, c_head, lowest, masks)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -480,6 +500,12 @@ def block_backward(
         dq, dk = rope_backward(dq, *rope), rope_backward(dk, *rope)
     dq = dq.transpose(0, 2, 1, 3).reshape(B * T, H * D)  # (N, H·D)
     dk = dk.transpose(0, 2, 1, 3).reshape(B * T, K * D)  # (N, K·D)
+    if block.q_norm is not None and block.k_norm is not None:
+        dq, g = block.q_norm.backward(dq.reshape(B * T * H, D), cache.q_norm)
+        _collect(grads, f"{prefix}.q_norm", g)
+        dk, g = block.k_norm.backward(dk.reshape(B * T * K, D), cache.k_norm)
+        _collect(grads, f"{prefix}.k_norm", g)
+        dq, dk = dq.reshape(B * T, H * D), dk.reshape(B * T, K * D)
     dv = dv.transpose(0, 2, 1, 3).reshape(B * T, K * D)
     need_dh = need_dx or block.attn_norm.requires_grad
     dh = None
@@ -576,9 +602,9 @@ def blocks_backward(
         need_dx = i > cache.lowest or need_embed
         args = ((B, T), cache.rope)
         if isinstance(entry, BlockCheckpoint):
-            assert cache.allowed is not None
-            dx = checkpointed_block_backward(model.blocks[i], dx, entry, *args, cache.allowed, c, grads,
-                                             f"blocks.{i}", need_dx=need_dx)
+            assert cache.masks is not None
+            dx = checkpointed_block_backward(model.blocks[i], dx, entry, *args, cache.masks[c.window(i)], c,
+                                             grads, f"blocks.{i}", need_dx=need_dx)
         else:
             assert entry is not None
             dx = block_backward(model.blocks[i], dx, entry, *args, c, grads, f"blocks.{i}", need_dx=need_dx)

@@ -22,6 +22,8 @@ LLAMA_MODULES = {
     **{s: SLOT_MODULES[s] for s in ("q", "k", "v", "o")},
     "mlp_norm": "post_attention_layernorm",
     **{s: SLOT_MODULES[s] for s in ("gate", "up", "down")},
+    "q_norm": "self_attn.q_norm",  # Qwen3's per-head query and key norms
+    "k_norm": "self_attn.k_norm",
 }
 """Every part of a Llama-family block → its module path."""
 

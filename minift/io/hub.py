@@ -1,4 +1,4 @@
-"""Hugging Face model folders in and out: Llama, Mistral, Qwen2 and GPT-2.
+"""Hugging Face model folders in and out: Llama, Mistral, Qwen2, Qwen3 and GPT-2.
 
 ``load_pretrained(folder)`` reads ``config.json`` (the transformers 4 format with top-level
 ``rope_theta``/``rope_scaling`` and the transformers 5 ``rope_parameters`` format), ``model.safetensors``
@@ -19,8 +19,10 @@ What ``load_pretrained`` leaves in ``model.meta``:
     tokenizer_path     str | None, the folder's tokenizer.json (its tokenizer_config.json and
                        chat_template.jinja, when present, lie beside it)
     generation_config  dict | None, generation_config.json as read
-    sliding_window     int | None, Mistral/Qwen2 sliding-window width W when the model uses one: results
-                       equal full causal attention only while P + T <= W
+
+Sliding windows become ``ModelConfig.sliding_window`` and ``layer_types``: Mistral's ``sliding_window``
+applies to every layer; Qwen2/Qwen3 apply it only with ``use_sliding_window``, to the layers that
+``layer_types`` marks ``sliding_attention`` (transformers 5), else to layers i >= ``max_window_layers``.
 
 Name and layout rules (as transformers' ``modeling_llama.py`` and ``modeling_gpt2.py`` save them):
 - Llama family: ``model.layers.{i}.self_attn.q_proj.weight`` etc., PyTorch's [out, in] layout as minift.
@@ -65,7 +67,7 @@ from minift.model import Block, Model, named_modules, slot_shapes
 from minift.slots import Dense, Embedding, Norm
 
 ARCH_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
 ROPE_TYPES = ("default", "linear", "llama3")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja")
@@ -174,7 +176,7 @@ def config_from_hf(cfg: Mapping[str, Any], *, source: str = "config.json") -> Mo
             raise ConfigError(f"{source}: unsupported hidden_act {act!r}; the Llama family uses silu")
         theta, scaling = _rope_from_hf(cfg, source)
         C, H = _require(cfg, source, "hidden_size"), _require(cfg, source, "num_attention_heads")
-        attention_bias = bool(cfg.get("attention_bias", False)) if arch == "llama" else False
+        attention_bias = bool(cfg.get("attention_bias", False)) if arch in ("llama", "qwen3") else False
         fields = {"hidden_size": C, "intermediate_size": _require(cfg, source, "intermediate_size"),
                   "n_layers": _require(cfg, source, "num_hidden_layers"), "n_heads": H,
                   "n_kv_heads": cfg.get("num_key_value_heads") or H,
@@ -184,24 +186,54 @@ def config_from_hf(cfg: Mapping[str, Any], *, source: str = "config.json") -> Mo
                   "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", False)),
                   "qkv_bias": attention_bias or arch == "qwen2",  # Qwen2 hard-codes q, k, v biases
                   "o_bias": attention_bias,
-                  "mlp_bias": bool(cfg.get("mlp_bias", False)) if arch == "llama" else False}
+                  "mlp_bias": bool(cfg.get("mlp_bias", False)) if arch == "llama" else False,
+                  "qk_norm": arch == "qwen3", **_windows_from_hf(cfg, source)}
     try:
         return ModelConfig(**common, **fields)
     except (TypeError, ValueError) as e:  # ConfigError included; TypeError/ValueError: e.g. "2" as an id
         raise ConfigError(f"{source}: {e}") from None
 
 
-def sliding_window_from_hf(cfg: Mapping[str, Any]) -> int | None:
-    """The sliding-window width W in force, or None (Qwen2 applies it only with use_sliding_window)."""
-    if cfg.get("model_type") == "mistral":
-        return cfg.get("sliding_window")
-    if cfg.get("model_type") == "qwen2" and cfg.get("use_sliding_window"):
-        return cfg.get("sliding_window")
-    return None
+def _windows_from_hf(cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """``sliding_window`` and ``layer_types`` as transformers applies them (see the module docstring)."""
+    arch = cfg.get("model_type")
+    if arch == "mistral":
+        return {"sliding_window": cfg.get("sliding_window")}
+    if arch not in ("qwen2", "qwen3") or not cfg.get("use_sliding_window"):
+        return {}
+    if cfg.get("sliding_window") is None:
+        return {}
+    n_layers = cfg.get("num_hidden_layers")
+    types = cfg.get("layer_types")
+    if types is None:
+        first = cfg.get("max_window_layers", 28)
+        if type(first) is not int or type(n_layers) is not int:
+            raise ConfigError(f"{source}: max_window_layers and num_hidden_layers must be integers")
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+    if not isinstance(types, list):
+        raise ConfigError(f"{source}: layer_types must be a list, got {types!r}")
+    return {"sliding_window": cfg["sliding_window"], "layer_types": tuple(types)}
 
 
-def config_to_hf(config: ModelConfig, *, dtype: Any = np.float32, sliding_window: int | None = None
-                 ) -> dict[str, Any]:
+def _windows_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """The sliding-window keys of config.json for the architecture (inverse of ``_windows_from_hf``)."""
+    c = config
+    types = ["sliding_attention" if c.window(i) is not None else "full_attention" for i in range(c.n_layers)]
+    if c.arch == "mistral":
+        if len(set(types)) > 1:
+            raise ConfigError("a mistral config.json applies sliding_window to every layer or none: it "
+                              f"cannot express layer_types={types}")
+        return {"sliding_window": c.sliding_window}
+    if c.arch in ("qwen2", "qwen3"):
+        n_full = types.index("sliding_attention") if "sliding_attention" in types else c.n_layers
+        return {"use_sliding_window": c.sliding_window is not None, "sliding_window": c.sliding_window,
+                "max_window_layers": n_full, "layer_types": types}
+    if c.sliding_window is not None:
+        raise ConfigError(f"a {c.arch} config.json cannot express a sliding window")
+    return {}
+
+
+def config_to_hf(config: ModelConfig, *, dtype: Any = np.float32) -> dict[str, Any]:
     """A ``config.json`` dict for the architecture, loadable by transformers 4 and 5.
 
     RoPE is written both ways: ``rope_theta``/``rope_scaling`` (read by transformers 4) and
@@ -222,11 +254,12 @@ def config_to_hf(config: ModelConfig, *, dtype: Any = np.float32, sliding_window
     # What each family can express: Llama's attention_bias covers q, k, v and o together; Qwen2 always
     # has q, k, v biases and nothing else; Mistral has no biases at all.
     can = {"llama": c.qkv_bias == c.o_bias,
+           "qwen3": c.qkv_bias == c.o_bias and not c.mlp_bias,
            "qwen2": c.qkv_bias and not c.o_bias and not c.mlp_bias,
            "mistral": not (c.qkv_bias or c.o_bias or c.mlp_bias)}[c.arch]
-    if not can:
+    if not can or c.qk_norm != (c.arch == "qwen3"):
         raise ConfigError(f"a {c.arch} config.json cannot express qkv_bias={c.qkv_bias}, o_bias={c.o_bias}, "
-                          f"mlp_bias={c.mlp_bias}")
+                          f"mlp_bias={c.mlp_bias}, qk_norm={c.qk_norm}")
     rs = c.rope_scaling
     rope: dict[str, Any] = {"rope_type": rs.kind}
     if rs.kind != "default":
@@ -242,12 +275,9 @@ def config_to_hf(config: ModelConfig, *, dtype: Any = np.float32, sliding_window
             "rope_parameters": rope | {"rope_theta": c.rope_theta}}
     if c.arch == "llama":
         out |= {"attention_bias": c.qkv_bias, "mlp_bias": c.mlp_bias}
-    if c.arch == "mistral":
-        out["sliding_window"] = sliding_window
-    if c.arch == "qwen2":
-        out |= {"use_sliding_window": sliding_window is not None, "sliding_window": sliding_window,
-                "max_window_layers": 0}
-    return out
+    if c.arch == "qwen3":
+        out["attention_bias"] = c.qkv_bias
+    return out | _windows_to_hf(c)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -272,6 +302,9 @@ def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         p = f"blocks.{i}"
         norm(f"{p}.attn_norm")
         norm(f"{p}.mlp_norm")
+        if c.qk_norm:
+            shapes[f"{p}.q_norm.weight"] = (c.head_dim,)
+            shapes[f"{p}.k_norm.weight"] = (c.head_dim,)
         for name, (n_out, n_in, bias) in slot_shapes(c).items():
             shapes[f"{p}.{name}.weight"] = (n_out, n_in)
             if bias:
@@ -403,7 +436,9 @@ def model_from_state(config: ModelConfig, state: Mapping[str, Array], *, xp: Mod
         Block(attn_norm=norm(f"blocks.{i}.attn_norm"), q=dense(f"blocks.{i}.q"), k=dense(f"blocks.{i}.k"),
               v=dense(f"blocks.{i}.v"), o=dense(f"blocks.{i}.o"), mlp_norm=norm(f"blocks.{i}.mlp_norm"),
               gate=dense(f"blocks.{i}.gate") if config.arch != "gpt2" else None,
-              up=dense(f"blocks.{i}.up"), down=dense(f"blocks.{i}.down"))
+              up=dense(f"blocks.{i}.up"), down=dense(f"blocks.{i}.down"),
+              q_norm=norm(f"blocks.{i}.q_norm") if config.qk_norm else None,
+              k_norm=norm(f"blocks.{i}.k_norm") if config.qk_norm else None)
         for i in range(config.n_layers)
     ]
     return Model(
@@ -518,7 +553,7 @@ def _locate_tensors(config: ModelConfig, files: Mapping[Path, set[str] | None]
 
 
 def load_pretrained(path: str | os.PathLike[str], *, dtype: Any = np.float32, xp: ModuleType = np) -> Model:
-    """Load a Hugging Face model folder (Llama, Mistral, Qwen2, GPT-2) as a frozen minift ``Model``.
+    """Load a Hugging Face model folder (Llama, Mistral, Qwen2, Qwen3, GPT-2) as a frozen minift ``Model``.
 
     Float tensors of any stored precision (F32, F16, BF16, F64) are converted to ``dtype`` on the host,
     bf16 exactly, then moved once to ``xp`` (numpy or cupy). ``model.meta`` is described in the module
@@ -554,7 +589,7 @@ def load_pretrained(path: str | os.PathLike[str], *, dtype: Any = np.float32, xp
     tokenizer = folder / "tokenizer.json"
     meta = {"source": str(folder), "hf_config": hf_config,
             "tokenizer_path": str(tokenizer) if tokenizer.is_file() else None,
-            "generation_config": generation, "sliding_window": sliding_window_from_hf(hf_config)}
+            "generation_config": generation}
     return model_from_state(config, from_hf_tensors(config, arrays), xp=xp, meta=meta)
 
 
@@ -598,7 +633,7 @@ def save_pretrained(
     extra = sorted(set(state) - set(expected))
     if extra:
         raise ConfigError(f"cannot save: {extra} have no place in a {config.arch} checkpoint")
-    hf_config = config_to_hf(config, dtype=model.dtype, sliding_window=model.meta.get("sliding_window"))
+    hf_config = config_to_hf(config, dtype=model.dtype)
     generation = model.meta.get("generation_config") or {
         k: v for k, v in (("bos_token_id", config.bos_token_id), ("pad_token_id", config.pad_token_id),
                           ("eos_token_id", hf_config["eos_token_id"])) if v is not None}

@@ -25,9 +25,15 @@ class AttentionCache(NamedTuple):
     scale: float
 
 
-def causal_mask(T: int, S: int, key_mask: Array | None = None, *, xp: ModuleType = np) -> Array:
+def causal_mask(
+    T: int, S: int, key_mask: Array | None = None, *, window: int | None = None, xp: ModuleType = np
+) -> Array:
     """Which keys each query may read: key j is visible to query i iff j ≤ (S − T) + i and key j is
     not padding. S − T is the number of cached (past) positions.
+
+    With a sliding ``window`` W, also j > (S − T) + i − W: each query sees the W most recent keys,
+    itself included (transformers' ``sliding_window_overlay``: kv_idx > q_idx − W). Indices count
+    cache slots, padding included, as transformers counts them under left padding.
 
     Shapes:
         key_mask: (B, S) 1 for real tokens, 0 for padding   returns: (B|1, 1, 1, T, S) bool
@@ -35,7 +41,10 @@ def causal_mask(T: int, S: int, key_mask: Array | None = None, *, xp: ModuleType
     if key_mask is not None:
         xp = get_xp(key_mask)
     i = xp.arange(T)[:, None] + (S - T)
-    allowed = xp.arange(S)[None, :] <= i  # (T, S)
+    j = xp.arange(S)[None, :]
+    allowed = j <= i  # (T, S)
+    if window is not None:
+        allowed = allowed & (j > i - window)
     allowed = allowed[None, None, None]  # (1, 1, 1, T, S)
     if key_mask is not None:
         allowed = allowed & (key_mask[:, None, None, None, :] != 0)  # (B, 1, 1, T, S)

@@ -60,8 +60,7 @@ def to_dense(model: Model) -> Model:
     """
     blocks = [
         Block(
-            attn_norm=_norm(b.attn_norm),
-            mlp_norm=_norm(b.mlp_norm),
+            **{name: _norm(norm) for name, norm in b.norms()},
             **({name: None for name in SLOT_NAMES} | {name: _dense(slot) for name, slot in b.slots()}),
         )
         for b in model.blocks

@@ -39,6 +39,14 @@ SPECS: dict[str, tuple[str, str, dict]] = {
     "mistral_head_dim": ("MistralConfig", "MistralForCausalLM", dict(
         hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=12, sliding_window=None)),
+    # Sliding windows (4) shorter than the test batch (9 tokens): Mistral's on every layer, Qwen3's on the
+    # layers from max_window_layers on, beside Qwen3's per-head q/k norms.
+    "mistral_window": ("MistralConfig", "MistralForCausalLM", dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=4)),
+    "qwen3_window": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, use_sliding_window=True, sliding_window=4, max_window_layers=1)),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(
         n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=40)),
 }

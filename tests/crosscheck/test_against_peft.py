@@ -39,6 +39,10 @@ CASES = {
     "pissa": ("llama_gqa_llama3",
               lambda m, rng: apply_pissa(m, PiSSAConfig(r=4, alpha=8.0, targets=ALL), rng)),
     "sorsa": ("mistral_head_dim", lambda m, rng: apply_sorsa(m, SORSAConfig(r=3), rng)),
+    "lora-qwen3-window": ("qwen3_window",
+                          lambda m, rng: apply_lora(m, LoRAConfig(r=2, alpha=4.0, targets=ALL), rng)),
+    "pissa-mistral-window": ("mistral_window",
+                             lambda m, rng: apply_pissa(m, PiSSAConfig(r=2, alpha=4.0, targets=ALL), rng)),
 }
 
 

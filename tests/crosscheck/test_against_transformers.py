@@ -1,7 +1,8 @@
 """minift against transformers/PyTorch: the same checkpoints, the same numbers.
 
 For every tiny random model of ``make_fixtures.SPECS`` (Llama with GQA and llama3 RoPE, Llama with
-attention and MLP biases and a tied head, Qwen2, Mistral with head_dim ≠ C/H, GPT-2), written by
+attention and MLP biases and a tied head, Qwen2, Mistral with head_dim ≠ C/H, Mistral and Qwen3 with
+sliding windows shorter than the batch, Qwen3's q/k norms, GPT-2), written by
 transformers' ``save_pretrained`` and read by ``minift.io.hub.load_pretrained``:
 - logits agree to 1e-4 (max abs) on a left-padded batch, at every real position;
 - the loss and the gradient of every parameter agree with torch autograd to relative error 1e-4;
