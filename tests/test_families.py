@@ -171,6 +171,16 @@ def test_the_loss_gradient_of_every_parameter_matches_finite_differences(name):
 
 
 @pytest.mark.parametrize("name", CONFIGS)
+def test_activation_checkpointing_reruns_each_block_with_its_own_window(name):
+    model, (tokens, targets, mask) = _model(CONFIGS[name]), _batch(T=6)
+    kept = loss_and_grads(model, tokens, targets, attention_mask=mask)
+    rerun = loss_and_grads(model, tokens, targets, attention_mask=mask, checkpoint=True)
+    assert rerun[0] == pytest.approx(kept[0], rel=1e-12)
+    for k, g in kept[1].items():
+        np.testing.assert_allclose(rerun[1][k], g, rtol=1e-12, atol=1e-14, err_msg=k)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
 def test_the_kv_cache_forward_equals_the_full_forward_past_the_window(name):
     model, (tokens, _, mask) = _model(CONFIGS[name]), _batch()
     full, _ = model_forward(model, tokens, attention_mask=mask, train=False)
