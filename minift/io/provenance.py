@@ -73,15 +73,22 @@ def recorded_base(adapter: str | Path) -> tuple[str, dict[str, Any] | None] | No
     if path.is_file():
         record = read_json_object(path, error=CheckpointError)
         base, fp = record.get("base_model"), record.get("fingerprint")
-        if not isinstance(base, str) or not isinstance(fp, dict):
-            raise CheckpointError(f"{path}: expected 'base_model' (a string) and 'fingerprint' (an object)")
+        if not _is_path(base) or not isinstance(fp, dict):
+            raise CheckpointError(
+                f"{path}: expected 'base_model' (a folder path) and 'fingerprint' (an object)"
+            )
         return base, fp
     peft = adapter / "adapter_config.json"
     if peft.is_file():
         base = read_json_object(peft, error=CheckpointError).get("base_model_name_or_path")
-        if isinstance(base, str) and base:
+        if _is_path(base):
             return base, None
     return None
+
+
+def _is_path(value: Any) -> bool:
+    """A string the file system can take as a path (no NUL byte, not absurdly long)."""
+    return isinstance(value, str) and 0 < len(value) <= 4096 and "\x00" not in value
 
 
 def check_base(adapter: str | Path, base: str | Path, expected: dict[str, Any] | None) -> None:
