@@ -4,11 +4,12 @@ template's failures name its file."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from minift.data.chat import chat_stop_ids
-from minift.data.chat_template import load_chat_template
+from minift.data.chat_template import ChatTemplate, load_chat_template
 from minift.data.datasets import encode_example, read_jsonl
 from minift.data.tokenizer import Tokenizer
 from minift.errors import DataError
@@ -108,3 +109,17 @@ def test_a_template_with_generation_blocks_renders_their_body(tmp_path):
     (folder / "chat_template.jinja").write_text(CHATML_GENERATION)
     tok = Tokenizer.from_pretrained(folder)
     assert _learned_text(tok, CONVERSATIONS[1]) == ["cba<|im_end|>\n", "zyx \"q\"\n\nDone.<|im_end|>\n"]
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ 1 / 0 }}",  # Python errors inside the template
+        "{{ messages[0]['content'] + 1 }}",
+        "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}",  # unbounded recursion
+        "{{ messages[",  # does not parse
+    ],
+)
+def test_a_template_that_fails_in_any_way_is_a_data_error_naming_its_file(source):
+    with pytest.raises(DataError, match="bad.jinja"):
+        ChatTemplate(source, Path("bad.jinja")).render([{"role": "user", "content": "hi"}])

@@ -72,6 +72,10 @@ class ChatTemplate:
             raise DataError(
                 f"{self.path}: the chat template does not parse (line {e.lineno}: {e.message})"
             ) from None
+        except (RecursionError, MemoryError, ValueError) as e:  # a pathological template
+            raise DataError(
+                f"{self.path}: the chat template cannot be compiled ({type(e).__name__})"
+            ) from None
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> str:
         """The conversation as text, exactly as transformers renders it."""
@@ -84,6 +88,10 @@ class ChatTemplate:
             ))
         except jinja2.exceptions.TemplateError as e:
             raise DataError(f"{self.path}: the chat template failed on this conversation ({e})") from None
+        except Exception as e:  # the template is a program from the model folder: any error is its own
+            raise DataError(
+                f"{self.path}: the chat template failed on this conversation ({type(e).__name__}: {e})"
+            ) from None
 
     def end_of_turn(self) -> str:
         """The text that closes an assistant turn (``<|im_end|>\\n``, ``<|eot_id|>``): what the template
