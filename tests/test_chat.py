@@ -121,5 +121,5 @@ def test_a_template_with_generation_blocks_renders_their_body(tmp_path):
     ],
 )
 def test_a_template_that_fails_in_any_way_is_a_data_error_naming_its_file(source):
-    with pytest.raises(DataError, match="bad.jinja"):
+    with pytest.raises(DataError, match=r"bad\.jinja"):
         ChatTemplate(source, Path("bad.jinja")).render([{"role": "user", "content": "hi"}])
