@@ -19,6 +19,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
+
+# The spec's properties run Hypothesis, which by default keeps its files (a database of failing
+# examples, a cache) in ./.hypothesis; a tutorial writes nothing into the folder it runs from, so
+# they go to a temporary folder, and no database is kept. (Before minift.spec.properties is
+# imported: the properties read the profile then.)
+set_hypothesis_home_dir(tempfile.mkdtemp(prefix="minift-tutorial-hypothesis-"))
+settings.register_profile("minift-tutorial", parent=settings.default, database=None)
+settings.load_profile("minift-tutorial")
 
 from minift.io.safetensors_io import read_safetensors
 from minift.spec.export import export_vectors
