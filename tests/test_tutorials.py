@@ -148,6 +148,8 @@ WRONG = {
                                      lambda old, new: sum(b.delta.size for b in new.blocks.values())),
     "11_finetune_your_own_data": ("text_labels", lambda ids: [-100, *ids[1:]]),  # BOS masked like a prompt
     "12_checking_your_implementation": ("pissa_init", _pissa_without_scaling),
+    "13_instruction_models_on_a_cpu": ("lora_form",  # the first S columns, not the selected ones
+                                       lambda delta, columns, n_in: (np.eye(len(columns), n_in), delta)),
 }
 
 

@@ -18,8 +18,8 @@
 #
 # **Prerequisites.** Tutorials 08–11.
 #
-# **Library functions explained here.** `minift.data.chat.load_chat_template`,
-# `minift.data.chat.assistant_spans`, `minift.data.chat.chat_prompt_ids`,
+# **Library functions explained here.** `minift.data.chat_template.load_chat_template`,
+# `minift.data.chat_template.assistant_spans`, `minift.data.chat.chat_prompt_ids`,
 # `minift.data.chat.chat_stop_ids`, `minift.data.encode_example`, `minift.tools.cli.main`,
 # `minift.io.provenance.recorded_base`, `minift.io.s2ft_peft.lora_form`.
 #
@@ -28,6 +28,7 @@
 # which we give a chat template of our own, so the tutorial runs anywhere without a download.
 
 # %%
+import atexit
 import json
 import shutil
 import tempfile
@@ -48,7 +49,10 @@ from minift.tools.cli import main
 from minift.tools.finetune import load_with_adapter, merged_model
 from minift.tools.pretrain import EMBEDDED
 
-work = Path(tempfile.mkdtemp(prefix="minift-13-", dir="."))  # a fresh folder here
+# Every file this tutorial writes goes into a scratch folder that is deleted when Python exits:
+# the tutorial can be rerun, from any folder, and leaves the checkout as it found it.
+work = Path(tempfile.mkdtemp(prefix="minift-tutorial-"))
+atexit.register(shutil.rmtree, work, ignore_errors=True)
 
 # %% [markdown]
 # ## 1. A model with a chat template
@@ -192,3 +196,40 @@ print("W + B A equals the fine-tuned weights exactly, in every layer")
 #    trainable count with the default (O and Down only).
 # 2. Run the fine-tune again with `--steps 120 --extend`: it continues from step 60, with the learning
 #    rate schedule re-planned to 120 steps. Does the test perplexity improve?
+# 3. Write the exact LoRA factors of an S2FT column update by hand (the check cell below): what
+#    `minift export --peft` writes for O and Down.
+#
+# Solutions: `tutorials/solutions/13_instruction_models_on_a_cpu.py`.
+
+# %% [markdown]
+# ### Check cell
+#
+# Write your answer in the function below, in place of `return None`, and run the cell: the
+# check prints "not answered yet" while the function returns None, "correct" when your answer is
+# right, and otherwise stops with an `AssertionError` that says what is wrong.
+
+# %%
+def lora_form(delta, columns, n_in):
+    """Exercise 3: the LoRA factors (A: (S, n_in), B: (n_out, S)) of an S2FT update that adds
+    `delta` (n_out, S) to the input columns `columns` of an (n_out, n_in) weight: B @ A must be the
+    whole (n_out, n_in) update, zero outside those columns."""
+    return None  # your code here
+
+
+def check_lora_form(lora_form):
+    if lora_form(np.zeros((2, 1)), [0], 3) is None:
+        print("exercise 3: not answered yet")
+        return
+    rng = np.random.default_rng(0)
+    for n_out, n_in, columns in ((4, 6, [1, 4]), (3, 5, [3, 0, 2])):
+        delta = rng.standard_normal((n_out, len(columns)))
+        A, B = lora_form(delta, columns, n_in)
+        assert np.shape(A) == (len(columns), n_in), f"A has shape {np.shape(A)}"
+        assert np.shape(B) == (n_out, len(columns)), f"B has shape {np.shape(B)}"
+        update = np.zeros((n_out, n_in))
+        update[:, columns] = delta
+        np.testing.assert_allclose(B @ A, update, atol=1e-12, err_msg=f"columns {columns}")
+    print("exercise 3: correct")
+
+
+check_lora_form(lora_form)

@@ -11,10 +11,13 @@
 # # Solutions to tutorial 13 · Instruction models on a CPU
 
 # %%
+import atexit
 import json
 import shutil
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 from minift.data import Tokenizer, read_jsonl
 from minift.data.tasks import perplexity, task_splits
@@ -22,7 +25,8 @@ from minift.tools.cli import main
 from minift.tools.finetune import load_with_adapter
 from minift.tools.pretrain import EMBEDDED
 
-work = Path(tempfile.mkdtemp(prefix="minift-13-solutions-", dir="."))
+work = Path(tempfile.mkdtemp(prefix="minift-tutorial-"))  # deleted when Python exits
+atexit.register(shutil.rmtree, work, ignore_errors=True)
 model_dir = work / "chat-model"
 shutil.copytree(EMBEDDED, model_dir)
 config = json.loads((model_dir / "tokenizer_config.json").read_text())
@@ -82,3 +86,19 @@ record = finetune(work / "run", "--steps", "60", "--extend")
 longer = perplexity(load_with_adapter(None, work / "run" / "adapter")[0], tokenizer, chats)
 print(f"test perplexity after 30 steps {short:.1f}, after extending to {record['steps']}: {longer:.1f}")
 assert record["steps"] == 60
+
+
+# %% [markdown]
+# ## 3. The LoRA form of a column update
+#
+# A selects the columns (row k of A is the unit vector of input column `columns[k]`), B holds the
+# update: (B A)[:, j] = Σ_k delta[:, k] [j = columns[k]], exactly the update in its columns.
+
+# %%
+def lora_form(delta, columns, n_in):
+    A = np.eye(n_in)[columns]  # (S, n_in)
+    return A, delta
+
+
+A, B = lora_form(np.arange(6.0).reshape(3, 2), [2, 0], 4)
+print(B @ A)
