@@ -157,7 +157,7 @@ def _load_s2ft(folder: Path) -> Any:
 
 
 def _load_checkpoint(folder: Path) -> Any:
-    from minift.io.checkpoint import load_checkpoint, restore
+    from minift.io.checkpoint import load_checkpoint, restore_checkpoint
     from minift.model import set_trainable, trainable_parameters
     from minift.optim import AdamW
 
@@ -165,7 +165,7 @@ def _load_checkpoint(folder: Path) -> Any:
     opt = AdamW(trainable_parameters(model))
     rng = np.random.default_rng(123)
     ckpt = load_checkpoint(folder.parent)
-    restore(ckpt, model, opt, rng)
+    restore_checkpoint(ckpt, model, opt, rng)
     # (train_config is the run's record, compared with the resumed run's settings by train(), not here)
     return [ckpt.step, opt.t, trainable_parameters(model), opt.state_arrays(), rng.random(4)]
 

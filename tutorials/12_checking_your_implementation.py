@@ -206,12 +206,23 @@ def head_rows(order, D):
 
 
 def layer_orders(config, heads, channels):
-    """The new order of the KV groups, of the query heads and of the FFN channels of one layer."""
+    """The new order of the KV groups, of the query heads and of the FFN channels of one layer, in
+    the spec's documented minimal layout: groups partial₀, full…, partial₁, partial₂, …, empty…, the
+    selected heads last inside partial₀, partial₂, … and first inside the others, so that they form
+    ⌈p/2⌉ runs for p partially selected groups; the selected channels first."""
     H, K, F = config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]
     G = H // K
     chosen = set(heads)
-    groups = sorted(range(K), key=lambda g: not chosen & set(range(g * G, (g + 1) * G)))  # stable
-    head_order = [h for g in groups for h in sorted(range(g * G, (g + 1) * G), key=lambda h: h not in chosen)]
+    members = {g: list(range(g * G, (g + 1) * G)) for g in range(K)}
+    picked = {g: [h for h in members[g] if h in chosen] for g in range(K)}
+    partial = [g for g in range(K) if 0 < len(picked[g]) < G]
+    full = [g for g in range(K) if len(picked[g]) == G]
+    groups = partial[:1] + full + partial[1:] + [g for g in range(K) if not picked[g]]
+    head_order = []
+    for g in groups:
+        rest = [h for h in members[g] if h not in chosen]
+        last = g in partial and partial.index(g) % 2 == 0  # partial₀, partial₂, …: selected heads last
+        head_order += rest + picked[g] if last else picked[g] + rest
     channel_order = list(channels) + [j for j in range(F) if j not in set(channels)]
     return groups, head_order, channel_order
 
@@ -226,11 +237,13 @@ class MyS2FT(MyLowRank):
             groups, head_order, channel_order = layer_orders(config, heads[i], channels[i])
             q_idx, kv_idx = head_rows(head_order, D), head_rows(groups, D)
             p = f"model.layers.{i}"
-            for name, idx in (("q_proj", q_idx), ("k_proj", kv_idx), ("v_proj", kv_idx)):
-                out[f"{p}.self_attn.{name}.weight"] = weights[f"{p}.self_attn.{name}.weight"][idx]
+            rows = {"self_attn.q_proj": q_idx, "self_attn.k_proj": kv_idx, "self_attn.v_proj": kv_idx,
+                    "mlp.gate_proj": channel_order, "mlp.up_proj": channel_order}
+            for module, idx in rows.items():  # output rows move, and the biases that sit on them
+                for part in ("weight", "bias"):
+                    if f"{p}.{module}.{part}" in weights:
+                        out[f"{p}.{module}.{part}"] = weights[f"{p}.{module}.{part}"][idx]
             out[f"{p}.self_attn.o_proj.weight"] = weights[f"{p}.self_attn.o_proj.weight"][:, q_idx]
-            for name in ("gate_proj", "up_proj"):
-                out[f"{p}.mlp.{name}.weight"] = weights[f"{p}.mlp.{name}.weight"][channel_order]
             out[f"{p}.mlp.down_proj.weight"] = weights[f"{p}.mlp.down_proj.weight"][:, channel_order]
             state[i] = (q_idx, kv_idx, np.array(channel_order))
         return out, state
@@ -239,13 +252,13 @@ class MyS2FT(MyLowRank):
         out = dict(weights)
         for i, (q_idx, kv_idx, ch_idx) in state.items():
             p = f"model.layers.{i}"
-            for key, idx, axis in ((f"{p}.self_attn.q_proj.weight", q_idx, 0),
-                                   (f"{p}.self_attn.k_proj.weight", kv_idx, 0),
-                                   (f"{p}.self_attn.v_proj.weight", kv_idx, 0),
-                                   (f"{p}.self_attn.o_proj.weight", q_idx, 1),
-                                   (f"{p}.mlp.gate_proj.weight", ch_idx, 0),
-                                   (f"{p}.mlp.up_proj.weight", ch_idx, 0),
-                                   (f"{p}.mlp.down_proj.weight", ch_idx, 1)):
+            moved = [(f"{p}.{m}.{part}", idx, 0) for m, idx in (("self_attn.q_proj", q_idx),
+                     ("self_attn.k_proj", kv_idx), ("self_attn.v_proj", kv_idx), ("mlp.gate_proj", ch_idx),
+                     ("mlp.up_proj", ch_idx)) for part in ("weight", "bias")]
+            moved += [(f"{p}.self_attn.o_proj.weight", q_idx, 1), (f"{p}.mlp.down_proj.weight", ch_idx, 1)]
+            for key, idx, axis in moved:
+                if key not in weights:
+                    continue
                 restored = np.empty_like(weights[key])
                 if axis == 0:
                     restored[idx] = weights[key]  # the row that moved to position n goes back to idx[n]

@@ -201,16 +201,16 @@ def time_step(
 
 # What each entry of a block's cache is, for the breakdown (the kind of op that keeps it).
 CACHE_KINDS = {
-    "attn_norm": "norms", "mlp_norm": "norms", "final_norm": "norms",
+    "attn_norm": "norms", "mlp_norm": "norms", "final_norm": "norms", "q_norm": "norms", "k_norm": "norms",
     "attn": "attention", "act": "mlp",
     "q": "slots", "k": "slots", "v": "slots", "o": "slots", "gate": "slots", "up": "slots", "down": "slots",
     "head": "slots", "x_final": "slots",  # the LM head's input, kept for its (tied) weight gradient
-    "tokens": "other", "positions": "other", "rope": "other", "allowed": "other",
+    "tokens": "other", "positions": "other", "rope": "other", "masks": "other",
 }
 
 
 def _arrays(obj: Any) -> Iterator[Any]:
-    """Every array inside a cache: NamedTuples, tuples, lists and dataclasses are walked into."""
+    """Every array inside a cache: NamedTuples, tuples, lists, dicts and dataclasses are walked into."""
     if hasattr(obj, "nbytes") and hasattr(obj, "shape"):
         yield obj
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -219,6 +219,9 @@ def _arrays(obj: Any) -> Iterator[Any]:
     elif isinstance(obj, tuple | list):
         for item in obj:
             yield from _arrays(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _arrays(item)
 
 
 def activation_bytes(cache: ModelCache) -> dict[str, int]:
@@ -226,7 +229,7 @@ def activation_bytes(cache: ModelCache) -> dict[str, int]:
     ``mlp`` (SwiGLU's gate/up pre-activations or GELU's input), ``norms`` (inputs and 1/rms), ``slots``
     (the linear slots' own caches: inputs of trained weights, adapter activations, S2FT column slices),
     ``checkpoints`` (the inputs of checkpointed blocks) and ``other`` (tokens, positions, RoPE tables,
-    mask). A buffer shared by several entries (views, the input of q, k and v) is counted once, under
+    masks). A buffer shared by several entries (views, the input of q, k and v) is counted once, under
     the first kind that reaches it, block by block from the bottom."""
     out: dict[str, int] = {}
     seen: set[int] = set()
@@ -244,7 +247,7 @@ def activation_bytes(cache: ModelCache) -> dict[str, int]:
         elif entry is not None:
             for f in dataclasses.fields(entry):
                 add(CACHE_KINDS[f.name], getattr(entry, f.name))
-    for name in ("final_norm", "x_final", "head", "tokens", "positions", "rope", "allowed"):
+    for name in ("final_norm", "x_final", "head", "tokens", "positions", "rope", "masks"):
         add(CACHE_KINDS[name], getattr(cache, name))
     return out
 
