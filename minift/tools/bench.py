@@ -471,7 +471,8 @@ def measure_serving(size: BenchSize, *, steps: int, warmup: int, seed: int) -> d
     }
 
 
-def format_result(r: Result) -> str:
+def format_result(r: Any) -> str:
+    """One result as a printed line (a CPU ``Result`` or a GPU ``DeviceResult``)."""
     peak = "—" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:8.1f} MiB"
     mfu = "—" if r.mfu is None else f"{r.mfu:6.1%}"
     return (

@@ -35,6 +35,7 @@ from minift.tools.bench import (
     BenchSize,
     Key,
     batch,
+    format_result,
     interleaved_step_seconds,
     prepare_model,
     ratio_of,
@@ -191,7 +192,7 @@ def measure_size(
         mfu = None if flops is None else flops / t / (peak_tflops * 1e12)
         r = DeviceResult(impl, method, t, peak, allocated, n_params, size.batch * size.seq / t, mfu, flops)
         results.append(r)
-        log(format_device_result(r))
+        log(format_result(r))
     m, t_ = ("minift", "full"), ("torch", "full")
     ml, tl = ("minift", "lora"), ("torch", "lora")
     return {
@@ -210,15 +211,6 @@ def measure_size(
             "s2ft/lora_time": ratio_of(results, ("minift", "s2ft"), ml, "step_seconds"),
         },
     }
-
-
-def format_device_result(r: DeviceResult) -> str:
-    peak = "—" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:8.1f} MiB"
-    mfu = "—" if r.mfu is None else f"{r.mfu:6.1%}"
-    return (
-        f"{r.impl:<7}{r.method:<7}{r.step_seconds * 1e3:9.2f} ms/step {r.tokens_per_second:10.0f} tok/s"
-        f"  MFU {mfu:>6}  peak {peak:>12}  trainable {r.trainable_params:,}"
-    )
 
 
 def print_device_report(report: dict[str, Any]) -> None:
