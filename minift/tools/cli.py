@@ -243,12 +243,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a fine-tuned adapter as a PEFT folder and/or the merged model as a Hugging Face folder."""
     from minift.io.hub import save_pretrained
-    from minift.io.provenance import EMBEDDED_NAME, write_provenance
     from minift.io.s2ft_peft import export_s2ft_as_peft
     from minift.methods.s2ft import load_adapter as load_s2ft_adapter
     from minift.methods.s2ft.adapter import INDEX as S2FT_INDEX
-    from minift.tools.finetune import load_with_adapter, merged_model, write_adapter
-    from minift.tools.pretrain import EMBEDDED
+    from minift.tools.finetune import load_with_adapter, merged_model, record_base, write_adapter
 
     if not args.peft and not args.merged:
         raise ConfigError("export needs --peft DIR and/or --merged DIR")
@@ -260,7 +258,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             folder = export_s2ft_as_peft(
                 load_s2ft_adapter(args.adapter), args.peft, base_model_name_or_path=str(base)
             )
-            write_provenance(folder, base, EMBEDDED_NAME if base == EMBEDDED else None)
+            record_base(folder, base)
         else:
             folder = write_adapter(model, args.peft, base=str(base))
         print(f"wrote {folder}")

@@ -98,8 +98,14 @@ def write_adapter(model: Model, folder: str | Path, *, base: str = "") -> Path |
     base_dir = resolve_model_dir(base) if base else None
     out = get_method(record.name).save_adapter(model, Path(folder), "" if base_dir is None else str(base_dir))
     if out is not None and base_dir is not None:
-        write_provenance(out, base_dir, EMBEDDED_NAME if base_dir == EMBEDDED else None)
+        record_base(out, base_dir)
     return out
+
+
+def record_base(adapter: Path, base_dir: Path) -> None:
+    """Write the adapter folder's record of its base model (``minift.io.provenance``), naming the
+    embedded model by name rather than by its installed path."""
+    write_provenance(adapter, base_dir, EMBEDDED_NAME if base_dir == EMBEDDED else None)
 
 
 def base_of_adapter(adapter: str | Path, model: str | Path | None = None) -> Path:
