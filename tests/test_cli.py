@@ -277,3 +277,10 @@ def test_eval_on_a_data_file_prints_exact_match_once(files, capsys):
     code, out, err = run(["eval", "--model", files["model"], "--data", files["data"], "--limit", 2], capsys)
     assert code == 0, err
     assert [line.split()[2] for line in out.splitlines() if line.startswith("exact match")] == ["all"]
+
+
+def test_text_the_vocabulary_lacks_is_one_warning_line_and_the_command_still_runs(capsys):
+    assert main(["generate", "--prompt", "Q: é", "--max-new-tokens", "2"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("minift: warning: 1 token(s) of the text map to the unknown token")
+    assert err.count("\n") == 1

@@ -7,10 +7,12 @@ import json
 import math
 import platform
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from minift.data.tokenizer import UnknownTokenWarning
 from minift.errors import ConfigError, MinIFTError
 from minift.methods.registry import REGISTRY, method_names
 
@@ -656,6 +658,10 @@ def _check_numbers(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
+    print(f"minift: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: user errors print one line and exit 2, never a traceback."""
     parser = build_parser()
@@ -664,7 +670,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         parser.error(problem)
     try:
-        return int(args.func(args))
+        with warnings.catch_warnings():  # minift's own warnings, one line each, as its errors are
+            warnings.simplefilter("always", UnknownTokenWarning)
+            warnings.showwarning = _one_line_warning
+            return int(args.func(args))
     except MinIFTError as e:
         print(f"minift: error: {e}", file=sys.stderr)
         return 2
