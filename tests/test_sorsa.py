@@ -165,10 +165,10 @@ def test_hook_adds_gamma_over_lr_max_times_the_gradient_over_accumulation_if_fai
 def test_hook_creates_missing_gradient_entries_and_ignores_models_without_sorsa():
     model = perturb(_sorsa(targets=("o",)), seed=6)
     grads: dict = {}
-    SORSARegularizer(1.0)(model, grads, lr_max=1.0)
+    SORSARegularizer(SORSAConfig(gamma=1.0))(model, grads, lr_max=1.0)
     assert sorted(grads) == ["blocks.0.o.A", "blocks.0.o.B", "blocks.1.o.A", "blocks.1.o.B"]
     grads = {}
-    assert SORSARegularizer(1.0)(base_model(), grads, lr_max=1.0) == 0.0
+    assert SORSARegularizer(SORSAConfig(gamma=1.0))(base_model(), grads, lr_max=1.0) == 0.0
     assert grads == {}
 
 
@@ -176,6 +176,13 @@ def test_hook_creates_missing_gradient_entries_and_ignores_models_without_sorsa(
 def test_bad_regularizer_settings_raise_config_errors(kw, message):
     with pytest.raises(ConfigError, match=message):
         SORSAConfig(**kw)
+
+
+def test_the_regularizer_reads_gamma_from_the_config_and_refuses_a_bare_number():
+    config = SORSAConfig(gamma=2e-3, mode="plain")
+    assert SORSARegularizer(config).coefficient(1e-2, 4) == pytest.approx(2e-3 / 1e-2, rel=1e-12)
+    with pytest.raises(ConfigError, match="SORSAConfig"):
+        SORSARegularizer(4e-4)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -321,7 +321,7 @@ def check_regularizer_coefficient(regularizer_coefficient):
         return
     for mode in ("faithful", "plain"):
         for accum in (1, 4):
-            expected = SORSARegularizer(4e-4, mode).coefficient(3e-5, accum)
+            expected = SORSARegularizer(SORSAConfig(gamma=4e-4, mode=mode)).coefficient(3e-5, accum)
             got = regularizer_coefficient(4e-4, 3e-5, accum, mode)
             assert abs(got - expected) <= 1e-12 * expected, f"{mode}, {accum} steps: {got} ≠ {expected}"
     print("exercise 2: correct")

@@ -127,40 +127,11 @@ def orthonormal_regularizer(model: Model) -> tuple[float, Grads]:
     return value, grads
 
 
-RegMode = Literal["faithful", "plain"]
-
-
-@dataclass(frozen=True)
-class SORSARegularizer:
-    """The training loop's gradient hook: after clipping and before AdamW, add c · ∇L_ortho to the
-    gradients in place, with c = γ / η_max (÷ accumulation steps in ``"faithful"`` mode; see the module
-    doc). Returns L_ortho, the unscaled value the official code logs as "orthonormality"."""
-
-    gamma: float = 4e-4  # γ; the paper's Llama-2 run used 4e-4 with η_max = 3e-5
-    mode: RegMode = "faithful"
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("faithful", "plain"):
-            raise ConfigError(f"SORSA regularizer mode must be 'faithful' or 'plain', got {self.mode!r}")
-        if self.gamma < 0:
-            raise ConfigError(f"SORSA gamma must be ≥ 0, got {self.gamma!r}")
-
-    def coefficient(self, lr_max: float, accum_steps: int = 1) -> float:
-        """c, the factor on ∇L_ortho."""
-        if lr_max <= 0:
-            raise ConfigError(f"lr_max must be positive for the SORSA regularizer, got {lr_max!r}")
-        return self.gamma / lr_max / (accum_steps if self.mode == "faithful" else 1)
-
-    def __call__(self, model: Model, grads: Grads, *, lr_max: float, accum_steps: int = 1) -> float:
-        value, reg = orthonormal_regularizer(model)
-        c = self.coefficient(lr_max, accum_steps)
-        for key, g in reg.items():
-            grads[key] = grads[key] + c * g if key in grads else c * g
-        return value
-
-
 # ----------------------------------------------------------------------------------------------------
 # the method
+
+
+RegMode = Literal["faithful", "plain"]
 
 
 @dataclass(frozen=True)
@@ -179,11 +150,43 @@ class SORSAConfig:
     def __post_init__(self) -> None:
         check_adapter_config(self)
         check_niter(self.niter)
-        SORSARegularizer(self.gamma, self.mode)  # validates gamma and mode
+        if self.mode not in ("faithful", "plain"):
+            raise ConfigError(f"SORSA regularizer mode must be 'faithful' or 'plain', got {self.mode!r}")
+        if self.gamma < 0:
+            raise ConfigError(f"SORSA gamma must be ≥ 0, got {self.gamma!r}")
 
     @property
     def scaling(self) -> float:
         return 1.0 if self.alpha is None else self.alpha / self.r
+
+
+@dataclass(frozen=True)
+class SORSARegularizer:
+    """The training loop's gradient hook: after clipping and before AdamW, add c · ∇L_ortho to the
+    gradients in place, with c = γ / η_max (÷ accumulation steps in ``"faithful"`` mode; see the module
+    doc). γ and the mode are read from the method's ``SORSAConfig`` — their one place — so the hook
+    and the adapted model cannot disagree. Returns L_ortho, the unscaled value the official code logs
+    as "orthonormality"."""
+
+    config: SORSAConfig
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.config, SORSAConfig):
+            raise ConfigError(f"SORSARegularizer takes the method's SORSAConfig, which holds γ and the mode; "
+                              f"got {self.config!r}")
+
+    def coefficient(self, lr_max: float, accum_steps: int = 1) -> float:
+        """c, the factor on ∇L_ortho."""
+        if lr_max <= 0:
+            raise ConfigError(f"lr_max must be positive for the SORSA regularizer, got {lr_max!r}")
+        return self.config.gamma / lr_max / (accum_steps if self.config.mode == "faithful" else 1)
+
+    def __call__(self, model: Model, grads: Grads, *, lr_max: float, accum_steps: int = 1) -> float:
+        value, reg = orthonormal_regularizer(model)
+        c = self.coefficient(lr_max, accum_steps)
+        for key, g in reg.items():
+            grads[key] = grads[key] + c * g if key in grads else c * g
+        return value
 
 
 def sorsa_factors(
@@ -222,7 +225,7 @@ def apply_sorsa(
 
 def gradient_hook(config: SORSAConfig) -> SORSARegularizer:
     """The regularizer hook the training loop calls after clipping, built from the config."""
-    return SORSARegularizer(config.gamma, config.mode)
+    return SORSARegularizer(config)
 
 
 Config = SORSAConfig

@@ -13,7 +13,12 @@
 # %%
 import numpy as np
 
-from minift.methods.sorsa import SORSARegularizer, orthonormality_backward, orthonormality_forward
+from minift.methods.sorsa import (
+    SORSAConfig,
+    SORSARegularizer,
+    orthonormality_backward,
+    orthonormality_forward,
+)
 from minift.methods.svd_analysis import svd_deviation
 from minift.testing import assert_close
 
@@ -47,9 +52,9 @@ assert np.linalg.norm(g_rounded) > 1.0
 
 # %%
 for mode in ("faithful", "plain"):
-    c = SORSARegularizer(4e-4, mode).coefficient(lr_max=3e-5, accum_steps=4)
+    c = SORSARegularizer(SORSAConfig(gamma=4e-4, mode=mode)).coefficient(lr_max=3e-5, accum_steps=4)
     print(f"{mode:>8}: c = {c:.3f}")
-assert_close(SORSARegularizer(4e-4, "faithful").coefficient(3e-5, 4), 4e-4 / 3e-5 / 4, rtol=1e-12)
+assert_close(SORSARegularizer(SORSAConfig(gamma=4e-4)).coefficient(3e-5, 4), 4e-4 / 3e-5 / 4, rtol=1e-12)
 
 # %% [markdown]
 # ## 3. Rescaling versus rotation
