@@ -253,21 +253,23 @@ show(fig, "06_lora_vs_pissa")
 # 1. **rsLoRA.** With `use_rslora=True` the scaling is alpha / √r. For r = 1, 4, 16 and alpha = 8,
 #    compare both scalings, and show with `pissa_factors` that PiSSA's `s·B A` does not depend on
 #    the scaling at all.
-# 2. **Randomized SVD.** Measure `‖U_k σ_k V_kᵀ − U σ Vᵀ‖` for the randomized `top_svd(w, r,
-#    niter=k)` with k = 0, 1, 2, 4 on a matrix with slowly decaying singular values.
-# 3. **Dropout.** `LoRAConfig(dropout=0.5)` drops adapter inputs during training only. Show that
-#    a forward with `keep=False` (inference) is deterministic, and that with a fixed mask the slot
-#    still passes `check_grad` (use `lowrank_forward(..., mask=, p=)` directly).
+# 2. **Randomized SVD.** Measure `‖U_k diag(σ_k) V_kᵀ − U_r diag(σ_r) V_rᵀ‖_F` — the randomized
+#    rank-r part against the exact one — for `top_svd(w, r, niter=k)` with k = 0, 1, 2, 4 on a
+#    matrix with slowly decaying singular values.
+# 3. **Dropout.** `LoRAConfig(dropout=p)` feeds the adapter `drop(x) = x ⊙ mask / (1 − p)` during
+#    training (mask: a fixed 0/1 array of x's shape), and x itself in inference. Show that a forward
+#    with `keep=False` (inference) is deterministic, and derive the backward with the mask: which of
+#    section 1's four rules change?
 #
 # Solutions: `tutorials/solutions/06_lora_and_pissa.py`.
 
 # %% [markdown]
-# ### Check cell
+# ### Check cells
 #
-# Write your answer in the function below, in place of `return None`, and run the cell: the
+# Write each answer in its function below, in place of `return None`, and run the cell: the
 # check prints "not answered yet" while a function returns None, "correct" when your answer is
 # right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
-# `tutorials/solutions/` defines the same function.)
+# `tutorials/solutions/` defines the same functions.)
 
 # %%
 def rslora_scaling(alpha, r):
@@ -286,3 +288,53 @@ def check_rslora_scaling(rslora_scaling):
 
 
 check_rslora_scaling(rslora_scaling)
+
+
+# %%
+def randomized_error(w, r, niter):
+    """Exercise 2: ‖rank-r part from top_svd(w, r, niter=niter, rng=default_rng(1)) − exact rank-r
+    part‖_F (Frobenius norm)."""
+    return None  # your code here
+
+
+def check_randomized_error(randomized_error):
+    M = np.random.default_rng(3).standard_normal((30, 20)) / np.arange(1, 21) ** 0.5
+    if randomized_error(M, 4, 0) is None:
+        print("exercise 2: not answered yet")
+        return
+    U, sig, Vt = top_svd(M, 4)
+    for k in (0, 2):
+        Uk, sk, Vtk = top_svd(M, 4, niter=k, rng=np.random.default_rng(1))
+        expected = np.linalg.norm((Uk * sk) @ Vtk - (U * sig) @ Vt)
+        got = randomized_error(M, 4, k)
+        assert abs(got - expected) <= 1e-9 * max(1.0, expected), f"niter={k}: {got}, expected {expected}"
+    print("exercise 2: correct")
+
+
+check_randomized_error(randomized_error)
+
+
+# %%
+def dropout_lowrank_grads(G, x, W, A, B, s, mask, p):
+    """Exercise 3: the gradients {"x", "A", "B"} of y = x Wᵀ + s · (drop(x) Aᵀ) Bᵀ for the upstream
+    gradient G, with drop(x) = x ⊙ mask / (1 − p)."""
+    return None  # your code here
+
+
+def check_dropout_lowrank_grads(dropout_lowrank_grads):
+    r = np.random.default_rng(5)
+    x, W, A, B = r.standard_normal((4, 6)), r.standard_normal((3, 6)), r.standard_normal((2, 6)), \
+        r.standard_normal((3, 2))
+    G, mask = r.standard_normal((4, 3)), r.random((4, 6)) >= 0.5
+    if dropout_lowrank_grads(G, x, W, A, B, 2.0, mask, 0.5) is None:
+        print("exercise 3: not answered yet")
+        return
+    _, cache = lowrank_forward(x, W, A, B, scaling=2.0, mask=mask, p=0.5)
+    dx, dA, dB, _ = lowrank_backward(G, cache, W, A, B, scaling=2.0, p=0.5)
+    got = dropout_lowrank_grads(G, x, W, A, B, 2.0, mask, 0.5)
+    for name, expected in (("x", dx), ("A", dA), ("B", dB)):
+        assert_close(np.asarray(got[name]), expected, rtol=1e-10, atol=1e-12, what=f"d{name}")
+    print("exercise 3: correct")
+
+
+check_dropout_lowrank_grads(dropout_lowrank_grads)

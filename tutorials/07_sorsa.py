@@ -155,9 +155,14 @@ assert g_plain > 1.0 > 10 * g_squared
 # then adds `(γ / η_max) · ∇L_ortho` unclipped, and hands the sum to AdamW (γ the strength, η_max
 # the peak learning rate). That is a *gradient hook* the training step calls after clipping:
 # `hook(model, grads, lr_max=…, accum_steps=…)`. γ lives in one place, `SORSAConfig.gamma`;
-# `gradient_hook(config)` builds the hook (a `SORSARegularizer`) from it. With gradient
-# accumulation over n micro-batches, `SORSAConfig(mode="faithful")` (the default) also divides the
-# coefficient by n, as the official run did through its training library; `mode="plain"` does not.
+# `gradient_hook(config)` builds the hook (a `SORSARegularizer` holding that config) from it.
+# The factor the hook puts on ∇L_ortho, with n the number of micro-batches accumulated per step:
+#
+#     mode="faithful" (default):  c = γ / (η_max · n)   — what the official run did: its training
+#                                                          library divides every backward by n
+#     mode="plain":               c = γ / η_max         — the paper's formula (there n = 1)
+#
+# With n = 1 the two modes agree.
 #
 # **How this relates to the paper's rule.** The paper writes one step as
 # `W ← W − η_t ∇L_train − γ ∇L_reg` (Sec. 3, with the regularizer's step *not* scaled by the
@@ -182,19 +187,23 @@ print("trainable:", [k for k in trainable_parameters(sorsa)][:3], "…")
 print(f"L_ortho at init: {orthonormal_regularizer(sorsa)[0]:.1e}")
 
 # %% [markdown]
-# One SGD step by hand, in the paper's form, against the hook: with γ' = γ / η_max on ∇L_reg and
-# step size η = η_max, the update of a factor X is `−η ∇L_train − γ ∇L_reg`.
+# One SGD step by hand, in the paper's form, against the hook. In the paper's rule W stands for
+# each trainable factor A and B (S has no regularizer gradient). The hook adds c · ∇L_reg with
+# c = γ / η_max (n = 1 here); an SGD step of size η = η_max on the sum is then
+# `−η ∇L_train − γ ∇L_reg`, the paper's rule exactly. Write both sides:
 
 # %%
 eta = 1e-2
-hook = gradient_hook(sorsa_cfg)
 _, g_train = loss_and_grads(sorsa, batch.tokens, batch.targets)
 _, g_reg = orthonormal_regularizer(sorsa)
-g_hooked = dict(g_train)
-hook(sorsa, g_hooked, lr_max=eta)
 key = "blocks.0.q.A"
-paper_step = -eta * g_train[key] - sorsa_cfg.gamma * g_reg[key]
-assert_close(-eta * g_hooked[key], paper_step, rtol=1e-5, atol=1e-9, what="hooked step = paper's step")
+paper_step = -eta * g_train[key] - sorsa_cfg.gamma * g_reg[key]  # the paper's rule, η_t = η_max = η
+c = sorsa_cfg.gamma / eta  # the code's coefficient, γ / η_max (n = 1)
+code_step = -eta * (g_train[key] + c * g_reg[key])  # SGD on the hooked gradient
+assert_close(code_step, paper_step, rtol=1e-5, atol=1e-9, what="the code's step = the paper's step")
+g_hooked = dict(g_train)
+gradient_hook(sorsa_cfg)(sorsa, g_hooked, lr_max=eta)  # the library's hook adds the same c · ∇L_reg
+assert_close(-eta * g_hooked[key], code_step, rtol=1e-5, atol=1e-9, what="hook vs by hand")
 print(f"{key}: −η·(∇L_train + γ/η·∇L_reg) equals −η∇L_train − γ∇L_reg")
 
 # %% [markdown]
@@ -290,24 +299,47 @@ show(fig, "07_delta_sigma_delta_d")
 #
 # ## Exercises
 #
-# 1. **The guard.** Call `orthonormality_backward` on an exactly orthonormal X (`np.eye(3, 6)`)
-#    and on one that is orthonormal only up to rounding (from a QR). What does the difference
-#    say about how the plain norm behaves near its minimum?
+# 1. **The guard.** Write ∇_X ‖X Xᵀ − I‖_F with the library's guard (zero where the norm is zero),
+#    and call it on an exactly orthonormal X (`np.eye(3, 6)`) and on one that is orthonormal only
+#    up to rounding (from a QR). What does the difference say about how the plain norm behaves
+#    near its minimum?
 # 2. **Accumulation.** With `mode="faithful"` the hook divides by the accumulation steps, as the
 #    official run did through `accelerate`. Compute the coefficient for γ = 4e-4, η_max = 3e-5 and
 #    4 accumulation steps in both modes.
-# 3. **ΔD of a pure rescaling.** Show with `svd_deviation` that multiplying W by 2 gives ΔD = 0
-#    and ΔΣ = mean σ, while a random orthogonal rotation of W's rows keeps ΔΣ = 0.
+# 3. **ΔΣ and ΔD by hand.** Write ΔΣ and ΔD from their definitions in section 4 with NumPy's SVD
+#    (all min(O, I) triplets), and show that multiplying W by 2 gives ΔD = 0 and ΔΣ = mean σ, while
+#    a random orthogonal rotation of W's rows keeps ΔΣ = 0.
 #
 # Solutions: `tutorials/solutions/07_sorsa.py`.
 
 # %% [markdown]
-# ### Check cell
+# ### Check cells
 #
-# Write your answer in the function below, in place of `return None`, and run the cell: the
+# Write each answer in its function below, in place of `return None`, and run the cell: the
 # check prints "not answered yet" while a function returns None, "correct" when your answer is
 # right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
-# `tutorials/solutions/` defines the same function.)
+# `tutorials/solutions/` defines the same functions.)
+
+# %%
+def ortho_grad(X):
+    """Exercise 1: ∇_X ‖X Xᵀ − I‖_F, and zeros where the norm is exactly 0."""
+    return None  # your code here
+
+
+def check_ortho_grad(ortho_grad):
+    if ortho_grad(np.ones((1, 2))) is None:
+        print("exercise 1: not answered yet")
+        return
+    exact = np.asarray(ortho_grad(np.eye(3, 6)))
+    assert np.array_equal(exact, np.zeros((3, 6))), "at M = 0 (X = np.eye(3, 6)) the guard gives zeros"
+    for seed in (0, 1):
+        X = np.random.default_rng(seed).standard_normal((3, 5))
+        expected = orthonormality_backward(1.0, orthonormality_forward(X)[1])
+        assert_close(np.asarray(ortho_grad(X)), expected, rtol=1e-10, atol=1e-12, what=f"seed {seed}")
+    print("exercise 1: correct")
+
+
+check_ortho_grad(ortho_grad)
 
 # %%
 def regularizer_coefficient(gamma, lr_max, accum_steps, mode):
@@ -328,3 +360,26 @@ def check_regularizer_coefficient(regularizer_coefficient):
 
 
 check_regularizer_coefficient(regularizer_coefficient)
+
+
+# %%
+def deviation_by_hand(w_old, w_new):
+    """Exercise 3: (ΔΣ, ΔD) of two weights of one shape, over all min(O, I) singular triplets."""
+    return None  # your code here
+
+
+def check_deviation_by_hand(deviation_by_hand):
+    r = np.random.default_rng(6)
+    W = r.standard_normal((6, 4))
+    if deviation_by_hand(W, W) is None:
+        print("exercise 3: not answered yet")
+        return
+    Q = np.linalg.qr(r.standard_normal((6, 6)))[0]
+    for name, W1 in (("2W", 2 * W), ("−W", -W), ("QW", Q @ W), ("W + noise", W + r.standard_normal((6, 4)))):
+        expected = svd_deviation(W, W1)
+        got = tuple(float(v) for v in deviation_by_hand(W, W1))
+        assert_close(np.array(got), np.array(expected), rtol=1e-9, atol=1e-12, what=f"(ΔΣ, ΔD) for {name}")
+    print("exercise 3: correct")
+
+
+check_deviation_by_hand(deviation_by_hand)

@@ -23,7 +23,7 @@
 # **Prerequisites.** Tutorials 06–07 (LoRA, PiSSA, SORSA); 08–09 for the S2FT properties.
 #
 # **Library functions explained here.** `minift.spec.interface.Implementation`,
-# `minift.spec.properties.PROPERTIES`, `minift.spec.minift_impl.implementation`,
+# `minift.spec.properties.PROPERTIES`, `minift.spec.reference` (the oracle), `minift.spec.export.outputs_of`,
 # `minift.spec.export.export_vectors`, and `minift.io.safetensors_io.read_safetensors` (to read the
 # vectors).
 
@@ -47,8 +47,7 @@ settings.register_profile("minift-tutorial", parent=settings.default, database=N
 settings.load_profile("minift-tutorial")
 
 from minift.io.safetensors_io import read_safetensors
-from minift.spec.export import export_vectors
-from minift.spec.minift_impl import implementation as minift_impl
+from minift.spec.export import export_vectors, outputs_of
 from minift.spec.properties import PROPERTIES
 
 # Every file this tutorial writes goes into a scratch folder that is deleted when Python exits:
@@ -72,15 +71,12 @@ for name in PROPERTIES:
 # ## 2. A second implementation, from the formulas
 #
 # Here is the low-rank part, written without minift: each method exactly as its paper states it.
-# For the decoder and S2FT operations it delegates to minift's own implementation (writing a
-# decoder is tutorials 01–04).
+# Sections 5 and 6 add S2FT (the co-permutation, then the decoder and the partial backward), also
+# from NumPy alone.
 
 # %%
 class MyLowRank:
     name = "my-low-rank"
-
-    def __getattr__(self, op):  # decoder and S2FT operations: borrowed from minift
-        return getattr(minift_impl, op)
 
     def lora_forward(self, x, W, A, B, scaling):
         return x @ W.T + scaling * (x @ A.T) @ B.T
@@ -196,8 +192,8 @@ print("the squared regularizer passes the zero-at-orthonormal property: invarian
 # *columns* of O; key/value head g is the same rows of K and V, and serves the G = H/K query heads
 # g·G … (g+1)·G−1, so under grouped-query attention whole groups move and the query heads stay
 # with their group; FFN channel j is row j of Gate and Up and column j of Down. Here is a port
-# that does exactly that (the decoder, S2FT's partial backward and its gradients still come from
-# minift via `MyLowRank`: writing a decoder backward is tutorial 04).
+# that does exactly that. (The properties that check it run the decoder, which the port gets in
+# section 6.)
 
 # %%
 def head_rows(order, D):
@@ -268,20 +264,240 @@ class MyS2FT(MyLowRank):
         return out
 
 
-copermute_props = [n for n in PROPERTIES if "permut" in n]  # the three co-permutation properties
-assert len(copermute_props) == 3
-for name in copermute_props:
-    PROPERTIES[name](MyS2FT())
-    print("passed:", name)
-
 # %% [markdown]
-# A realistic slip: moving the heads' rows of Q, K and V but forgetting that O *reads* the heads,
-# so its columns must move too. Every matrix still has the right shape and `unpermute` still
-# inverts `copermute` exactly — but the model now computes a different function, and the spec
-# says so:
+# ## 6. S2FT's partial backward, from NumPy alone
+#
+# `s2ft_block_grads` must return, for every layer, the gradient of the selected columns of O and
+# Down (heads in selection order, each head's D columns; channels in selection order), in original
+# coordinates. Computing it needs the decoder's forward and backward, so the port carries its own:
+# a Llama-family decoder (RMSNorm, RoPE, grouped-query causal attention, SwiGLU, a tied or untied
+# head) in about sixty lines, each backward being the rule tutorials 01–04 derive. The spec's
+# reference decoder (`minift.spec.reference`, forward only) is the oracle it is checked against,
+# not a part of it.
+#
+# The *partial* part is one line, in `linear_back`: a linear layer `y = x Wᵀ + b` always returns
+# `dx = dy W` (the layers below need it), but its weight gradient is computed only where `want`
+# asks for one, and then only for the trained columns — `dyᵀ x[:, cols]`, N·O·S multiply-adds
+# instead of N·O·I. (In a training loop co-permutation makes `cols` a contiguous range, so
+# `W[:, a:b]` is a view that the optimizer updates in place; the gradient's values do not depend on
+# the layout, so the port indexes the original columns directly.) The backward also stops below the
+# lowest layer that trains: nothing under it has a gradient to compute.
+#
+# One symbol the code uses: `want(name)` is `None` for a frozen weight, `ALL` for a fully trained
+# one, and a list of column indices for an S2FT column block.
 
 # %%
-class ForgotO(MyS2FT):
+ALL = slice(None)
+
+
+def inv_freq(config):
+    """RoPE's (D/2,) frequencies 1/θ^(2j/D), rescaled as the config's rope_scaling says."""
+    D = config["head_dim"]
+    inv = 1.0 / config["rope_theta"] ** (np.arange(0, D, 2) / D)
+    sc = config.get("rope_scaling") or {}
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind == "linear":
+        return inv / sc["factor"]
+    if kind == "llama3":  # low frequencies divided by factor, high ones kept, a ramp in between
+        ramp = (sc["original_max_position_embeddings"] * inv / (2 * np.pi) - sc["low_freq_factor"]) / (
+            sc["high_freq_factor"] - sc["low_freq_factor"])
+        s = np.clip(ramp, 0.0, 1.0)
+        return (1 - s) * inv / sc["factor"] + s * inv
+    return inv
+
+
+def rope(x, cos, sin, sign=1.0):
+    """Turn the pairs (i, i + D/2) of x (B, n, T, D) by +angle; sign=−1 turns back (the backward:
+    a rotation's transpose is its inverse)."""
+    h = x.shape[-1] // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return np.concatenate([x1 * cos - sign * x2 * sin, x2 * cos + sign * x1 * sin], axis=-1)
+
+
+def rms(x, w, eps):
+    r = 1.0 / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    return w * x * r, (x * r, r)
+
+
+def rms_back(dy, w, cache):
+    n, r = cache  # y = w ⊙ n, n = x·r:  dx = r (dn − n · mean(dn ⊙ n)),  dw = Σ dy ⊙ n
+    dn = dy * w
+    return r * (dn - n * (dn * n).mean(-1, keepdims=True)), (dy * n).sum((0, 1))
+
+
+def linear(w, name, x):
+    y = x @ w[name + ".weight"].T
+    return y + w[name + ".bias"] if name + ".bias" in w else y
+
+
+def linear_back(w, name, dy, x, want, grads):
+    """dx = dy W always; dW = dyᵀ x only for the columns `want(name)` trains (partial backward)."""
+    cols = want(name)
+    if cols is not None:
+        dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+        grads[name + ".weight"] = dy2.T @ x2[:, cols]  # N·O·S multiply-adds, not N·O·I
+        if cols is ALL and name + ".bias" in w:
+            grads[name + ".bias"] = dy2.sum(0)
+    return dy @ w[name + ".weight"]
+
+
+def split_heads(x, n):  # (B, T, n·D) → (B, n, T, D)
+    return x.reshape(*x.shape[:2], n, -1).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x):  # (B, n, T, D) → (B, T, n·D)
+    return x.transpose(0, 2, 1, 3).reshape(x.shape[0], x.shape[2], -1)
+
+
+def forward(config, w, tokens):
+    """Logits (B, T, V) and what the backward needs, per layer."""
+    H, K, D, eps = (config[k] for k in ("num_attention_heads", "num_key_value_heads", "head_dim",
+                                        "rms_norm_eps"))
+    T = tokens.shape[1]
+    angle = np.arange(T)[:, None] * inv_freq(config)[None]
+    rot = (np.cos(angle), np.sin(angle))
+    causal = np.tril(np.ones((T, T), dtype=bool))  # query t reads keys s ≤ t
+    x, caches = w["model.embed_tokens.weight"][tokens], []
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h, n1 = rms(x, w[p + "input_layernorm.weight"], eps)
+        q = rope(split_heads(linear(w, p + "self_attn.q_proj", h), H), *rot)
+        k = rope(split_heads(linear(w, p + "self_attn.k_proj", h), K), *rot)
+        v = split_heads(linear(w, p + "self_attn.v_proj", h), K)
+        k, v = np.repeat(k, H // K, axis=1), np.repeat(v, H // K, axis=1)  # head h reads kv h // G
+        s = np.where(causal, q @ k.swapaxes(-1, -2) / np.sqrt(D), -np.inf)
+        P = np.exp(s - s.max(-1, keepdims=True))
+        P /= P.sum(-1, keepdims=True)
+        a = merge_heads(P @ v)
+        x = x + linear(w, p + "self_attn.o_proj", a)
+        h2, n2 = rms(x, w[p + "post_attention_layernorm.weight"], eps)
+        g, u = linear(w, p + "mlp.gate_proj", h2), linear(w, p + "mlp.up_proj", h2)
+        sig = 1.0 / (1.0 + np.exp(-g))
+        m = g * sig * u  # silu(g) ⊙ u
+        x = x + linear(w, p + "mlp.down_proj", m)
+        caches.append((h, n1, q, k, v, P, a, h2, n2, g, sig, u, m))
+    hf, nf = rms(x, w["model.norm.weight"], eps)
+    head = w.get("lm_head.weight", w["model.embed_tokens.weight"])  # tied: the embedding
+    return hf @ head.T, (rot, caches, hf, nf)
+
+
+def loss_and_backward(config, w, tokens, targets, want, lowest=0):
+    """Mean cross-entropy over targets ≠ −100 and the gradients `want` asks for, layers ≥ lowest."""
+    H, K, D = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+    z, (rot, caches, hf, nf) = forward(config, w, tokens)
+    P = np.exp(z - z.max(-1, keepdims=True))
+    P /= P.sum(-1, keepdims=True)
+    keep = targets != -100
+    b, t = np.nonzero(keep)
+    loss = -np.log(P[b, t, targets[b, t]]).mean()
+    dz = P * keep[..., None]
+    dz[b, t, targets[b, t]] -= 1.0
+    dz /= keep.sum()  # softmax − one-hot, over the kept positions, divided by their number
+    grads, tied = {}, "lm_head.weight" not in w
+    head = w["model.embed_tokens.weight"] if tied else w["lm_head.weight"]
+    if want("lm_head") is not None:
+        grads["model.embed_tokens.weight" if tied else "lm_head.weight"] = (
+            dz.reshape(-1, dz.shape[-1]).T @ hf.reshape(-1, hf.shape[-1]))
+    dx, dnorm = rms_back(dz @ head, w["model.norm.weight"], nf)
+    if want("model.norm") is not None:
+        grads["model.norm.weight"] = dnorm
+    for i in reversed(range(lowest, config["num_hidden_layers"])):
+        h, n1, q, k, v, P, a, h2, n2, g, sig, u, m = caches[i]
+        p = f"model.layers.{i}."
+        dm = linear_back(w, p + "mlp.down_proj", dx, m, want, grads)
+        dg = dm * u * sig * (1 + g * (1 - sig))  # silu'(g) = σ(g) (1 + g (1 − σ(g)))
+        dh2 = (linear_back(w, p + "mlp.gate_proj", dg, h2, want, grads)
+               + linear_back(w, p + "mlp.up_proj", dm * g * sig, h2, want, grads))
+        dh2, dnorm = rms_back(dh2, w[p + "post_attention_layernorm.weight"], n2)
+        dx = dx + dh2
+        if want(p + "post_attention_layernorm") is not None:
+            grads[p + "post_attention_layernorm.weight"] = dnorm
+        da = split_heads(linear_back(w, p + "self_attn.o_proj", dx, a, want, grads), H)
+        dP = da @ v.swapaxes(-1, -2)
+        ds = P * (dP - (dP * P).sum(-1, keepdims=True)) / np.sqrt(D)  # the softmax backward
+        dq, dk, dv = ds @ k, ds.swapaxes(-1, -2) @ q, P.swapaxes(-1, -2) @ da
+        B, T = tokens.shape
+        dk, dv = (d.reshape(B, K, H // K, T, D).sum(2) for d in (dk, dv))  # sum over each group
+        dq, dk = rope(dq, *rot, sign=-1.0), rope(dk, *rot, sign=-1.0)
+        dh = sum(linear_back(w, p + f"self_attn.{n}_proj", merge_heads(d), h, want, grads)
+                 for n, d in (("q", dq), ("k", dk), ("v", dv)))
+        dh, dnorm = rms_back(dh, w[p + "input_layernorm.weight"], n1)
+        dx = dx + dh
+        if want(p + "input_layernorm") is not None:
+            grads[p + "input_layernorm.weight"] = dnorm
+    if lowest == 0 and want("model.embed_tokens") is not None:
+        dE = grads.get("model.embed_tokens.weight", np.zeros_like(w["model.embed_tokens.weight"]))
+        np.add.at(dE, tokens, dx)  # scatter-add: a token seen twice collects both gradients
+        grads["model.embed_tokens.weight"] = dE
+    return float(loss), grads
+
+
+class MyPort(MyS2FT):
+    """LoRA, PiSSA, SORSA (MyLowRank), S2FT's co-permutation (MyS2FT) and, now, the decoder and
+    S2FT's partial backward: every operation the S2FT and low-rank properties call."""
+
+    name = "my-port"
+
+    def decoder_logits(self, config, weights, tokens):
+        return forward(config, weights, tokens)[0]
+
+    def decoder_loss_and_grads(self, config, weights, tokens, targets):
+        return loss_and_backward(config, weights, tokens, targets, want=lambda name: ALL)
+
+    def s2ft_block_grads(self, config, weights, tokens, targets, heads, channels):
+        D, L = config["head_dim"], config["num_hidden_layers"]
+        cols = {}
+        for i in range(L):
+            p = f"model.layers.{i}."
+            cols[p + "self_attn.o_proj"] = [h * D + d for h in heads.get(i, []) for d in range(D)]
+            cols[p + "mlp.down_proj"] = list(channels.get(i, []))
+        lowest = min([i for i in range(L) if heads.get(i) or channels.get(i)], default=L)
+        _, grads = loss_and_backward(config, weights, tokens, targets, want=cols.get, lowest=lowest)
+        return {name + ".weight": grads.get(name + ".weight", np.zeros((config["hidden_size"], 0)))
+                for name in cols}
+
+
+port = MyPort()
+
+# %% [markdown]
+# First the decoder against the oracle — the spec's reference forward, on three hand-picked configs
+# (MHA with linear RoPE scaling; GQA with biases; one key/value head with Llama-3 RoPE scaling and a
+# tied head) — and the backward against finite differences. `prop.hypothesis.inner_test` runs a
+# property on one chosen input. (The generated inputs of these two properties include GPT-2, which
+# this port does not implement.)
+
+# %%
+from minift.spec.properties import GQA, GQA4, MHA
+
+for cfg in (MHA, GQA, GQA4):
+    for name in ("decoder_logits_and_loss_equal_the_reference", "decoder_gradient_matches_finite_differences",
+                 "decoder_is_causal"):
+        kwargs = {"t": 2} if name == "decoder_is_causal" else {}
+        PROPERTIES[name].hypothesis.inner_test(port, config=cfg, seed=0, **kwargs)
+print("the port's decoder: logits and loss = the reference, gradient = finite differences, causal")
+
+# %% [markdown]
+# Then every S2FT property, with Hypothesis drawing the configurations (MHA, GQA, multi-query;
+# biases or not; tied head or not; RoPE scaling or not) and the selections:
+
+# %%
+s2ft_props = [n for n in PROPERTIES if "permut" in n or "s2ft" in n]
+assert len(s2ft_props) == 4
+for name in s2ft_props:
+    PROPERTIES[name](port)
+    print("passed:", name)
+
+
+# %% [markdown]
+# ## 7. Two slips: one the spec catches, one it cannot see
+#
+# A realistic slip in the co-permutation: moving the heads' rows of Q, K and V but forgetting that
+# O *reads* the heads, so its columns must move too. Every matrix still has the right shape and
+# `unpermute` still inverts `copermute` exactly — but the model now computes a different function,
+# and the spec says so, with the shrunk input that shows it:
+
+# %%
+class ForgotO(MyPort):
     def copermute(self, config, weights, heads, channels):
         out, state = super().copermute(config, weights, heads, channels)
         for i in heads:
@@ -299,7 +515,64 @@ print(report)
 assert "logits of the co-permuted model" in report
 
 # %% [markdown]
-# ## 6. Test vectors for any language
+# A shortcut in the backward: compute the *whole* gradient and slice the selected columns out of
+# it. The numbers are the same — the block gradient is, by definition, the full gradient's
+# columns — so the spec, which compares numbers, passes it:
+
+# %%
+class SlicedFull(MyPort):
+    def s2ft_block_grads(self, config, weights, tokens, targets, heads, channels):
+        _, full = self.decoder_loss_and_grads(config, weights, tokens, targets)  # every gradient
+        D, out = config["head_dim"], {}
+        for i in range(config["num_hidden_layers"]):
+            p = f"model.layers.{i}."
+            out[p + "self_attn.o_proj.weight"] = full[p + "self_attn.o_proj.weight"][
+                :, [h * D + d for h in heads[i] for d in range(D)]]
+            out[p + "mlp.down_proj.weight"] = full[p + "mlp.down_proj.weight"][:, channels[i]]
+        return out
+
+
+PROPERTIES["s2ft_block_gradients_equal_the_full_gradient_restricted_to_the_block"](SlicedFull())
+print("the sliced full gradient passes the spec: the values are right, only the work is not")
+
+# %% [markdown]
+# What partial backpropagation saves is work and memory, and no property of the returned arrays
+# can see that — any check of outputs that a correct port passes, the sliced one passes too. So
+# check the cost where it is visible, in your own code: wrap `linear_back` to count the
+# multiply-adds of the weight gradients (N·O·S for a block of S columns, N·O·I for a whole
+# weight) and compare the two ports on one input. (Tutorial 09 measures the same saving in
+# minift's training step: memory, FLOPs and time.)
+
+# %%
+from minift.spec.cases import random_selection, random_tokens, random_weights
+
+plain_linear_back, madds = linear_back, [0]
+
+
+def linear_back(w, name, dy, x, want, grads):  # the same function, counting dW's multiply-adds
+    cols = want(name)
+    if cols is not None:
+        madds[0] += dy[..., 0].size * dy.shape[-1] * x[..., cols].shape[-1]
+    return plain_linear_back(w, name, dy, x, want, grads)
+
+
+def weight_grad_madds(impl, config, seed=0):
+    weights, (tokens, targets) = random_weights(config, seed), random_tokens(config, seed)
+    heads, channels = random_selection(config, seed, 1, 2)
+    madds[0] = 0
+    impl.s2ft_block_grads(config, weights, tokens, targets, heads, channels)
+    return madds[0]
+
+
+partial_cost, sliced_cost = weight_grad_madds(port, GQA), weight_grad_madds(SlicedFull(), GQA)
+print(f"weight-gradient multiply-adds, one head and two channels per layer: partial {partial_cost}, "
+      f"sliced full gradient {sliced_cost} ({sliced_cost / partial_cost:.0f}×)")
+assert sliced_cost > 4 * partial_cost
+linear_back = plain_linear_back
+
+
+# %% [markdown]
+# ## 8. Test vectors for any language
 #
 # `export_vectors(folder)` (also `minift spec export DIR`) writes each canonical case as
 # `arrays.safetensors` (float64 inputs and expected outputs) plus `case.json` (the property, the
@@ -334,6 +607,22 @@ check(case, "BSA", B @ np.diag(S) @ A)
 print("my implementation matches the exported vectors of", case["name"], "and lora")
 
 # %% [markdown]
+# Every other case is read the same way; `minift.spec.export.outputs_of(impl, case, inputs)` is each
+# case's `call` line as code. The whole port against every vector of a Llama-family model (GPT-2's
+# is skipped: the port has no GPT-2 decoder), with the tolerance rule above:
+
+# %%
+for folder in folders:
+    if folder.name == "decoder_gpt2":
+        continue
+    case = json.loads((folder / "case.json").read_text())
+    arrays, _ = read_safetensors(folder / "arrays.safetensors")
+    inputs = {k.removeprefix("input/"): v for k, v in arrays.items() if k.startswith("input/")}
+    for name, actual in outputs_of(port, case, inputs).items():
+        check(case, name, actual)
+print(f"the port matches all {len(folders) - 1} Llama-family and low-rank vectors")
+
+# %% [markdown]
 # ## Summary
 #
 # * The spec is a list of properties over a small interface of float64 arrays with Hugging Face
@@ -341,26 +630,31 @@ print("my implementation matches the exported vectors of", case["name"], "and lo
 # * Hypothesis explores shapes and seeds and shrinks failures to minimal counterexamples.
 # * State definitions as well as invariants: a squared regularizer satisfies the invariants and
 #   fails the definition.
+# * A port of S2FT needs a decoder backward with one change: weight gradients only for the
+#   trained columns, `dyᵀ x[:, cols]`. The spec checks the values; the saving is checked by
+#   counting the work.
 # * Exported vectors (safetensors + JSON) check implementations outside Python.
 #
 # ## Exercises
 #
 # 1. **Another slip.** Write a PiSSA that forgets to divide σ by the scaling (A = diag(√σ) Vᵀ,
 #    B = U diag(√σ)) and find which property catches it, and for which `alpha`.
-# 2. **The S2FT properties.** Run the co-permutation and block-gradient properties against
-#    minift's own implementation and time them. What do their configurations cover (MHA, GQA)?
-# 3. **The decoder case.** Load `spec-vectors/decoder_gqa` and check minift's `decoder_logits`
-#    against the expected logits using only the arrays and `case.json`.
+# 2. **The tolerance rule.** Write the test every vector applies to one output,
+#    |actual − expected| ≤ atol + rtol·|expected| entrywise, as a function returning True or False.
+# 3. **The cost of the partial backward.** Give the number of weight-gradient multiply-adds the
+#    port's `s2ft_block_grads` performs, as a formula in N = B·T tokens, the width C, the head
+#    width D, the layers L, and the heads and channels selected per layer; compare with
+#    `weight_grad_madds`.
 #
 # Solutions: `tutorials/solutions/12_checking_your_implementation.py`.
 
 # %% [markdown]
-# ### Check cell
+# ### Check cells
 #
-# Write your answer in the function below, in place of `return None`, and run the cell: the
+# Write each answer in its function below, in place of `return None`, and run the cell: the
 # check prints "not answered yet" while a function returns None, "correct" when your answer is
 # right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
-# `tutorials/solutions/` defines the same function.)
+# `tutorials/solutions/` defines the same functions.)
 
 # %%
 def pissa_init(W, r, alpha):
@@ -385,3 +679,52 @@ def check_pissa_init(pissa_init):
 
 
 check_pissa_init(pissa_init)
+
+
+# %%
+def within_tolerance(actual, expected, rtol, atol):
+    """Exercise 2: True when every entry satisfies |actual − expected| ≤ atol + rtol·|expected|."""
+    return None  # your code here
+
+
+def check_within_tolerance(within_tolerance):
+    if within_tolerance(np.ones(2), np.ones(2), 0.0, 0.0) is None:
+        print("exercise 2: not answered yet")
+        return
+    e = np.array([100.0, -2.0, 0.0])
+    cases = [  # (actual, rtol, atol, verdict)
+        (e, 0.0, 0.0, True),
+        (e + np.array([0, 0, 0.5]), 0.25, 0.0, False),   # near zero only atol can help …
+        (e + np.array([0, 0, 0.5]), 0.25, 0.5, True),
+        (e + np.array([0, 0.25, 0]), 0.25, 0.0, True),   # … rtol scales |expected|, whatever its sign …
+        (e + np.array([0, 1.0, 0]), 0.25, 0.0, False),   # … entry by entry: the 100 does not cover the −2 …
+        (e + np.array([50, 0, 0]), 0.375, 0.0, False),   # … and |expected|, not |actual|
+    ]
+    for k, (a, rtol, atol, verdict) in enumerate(cases):
+        got = bool(within_tolerance(np.array(a), e, rtol, atol))
+        assert got == verdict, f"case {k}: expected {verdict} for rtol={rtol}, atol={atol}"
+    print("exercise 2: correct")
+
+
+check_within_tolerance(within_tolerance)
+
+
+# %%
+def block_grad_madds(N, C, D, L, n_heads, n_channels):
+    """Exercise 3: the weight-gradient multiply-adds of the port's s2ft_block_grads, for n_heads
+    heads and n_channels channels selected in each of L layers, on N tokens."""
+    return None  # your code here
+
+
+def check_block_grad_madds(block_grad_madds):
+    if block_grad_madds(1, 1, 1, 1, 1, 1) is None:
+        print("exercise 3: not answered yet")
+        return
+    for config in (MHA, GQA, GQA4):
+        C, D, L = config["hidden_size"], config["head_dim"], config["num_hidden_layers"]
+        got = block_grad_madds(12, C, D, L, 1, 2)  # random_tokens: B = 2, T = 6
+        assert got == weight_grad_madds(port, config), f"{got}, counted {weight_grad_madds(port, config)}"
+    print("exercise 3: correct")
+
+
+check_block_grad_madds(block_grad_madds)

@@ -60,6 +60,10 @@ assert errors[-1] < errors[0]
 
 # %% [markdown]
 # ## 3. Dropout
+#
+# With `x_d = x ⊙ mask / (1 − p)` the adapter path is section 1's with x_d in place of x: dB and
+# dh are unchanged, `dA = dhᵀ x_d`, and the adapter's contribution to dx goes back through the
+# mask, `dx = dy W + (dh A) ⊙ mask / (1 − p)`. The frozen path reads x itself and is unchanged.
 
 # %%
 N, I, O, R = 4, 6, 5, 2
@@ -87,8 +91,21 @@ print(check_grad(f, df, {"x": xx.copy(), "A": slot.A.copy(), "B": slot.B.copy()}
 
 
 # %% [markdown]
-# ## The answer for the tutorial's check cell
+# ## The answers for the tutorial's check cells
 
 # %%
 def rslora_scaling(alpha, r):
     return alpha / np.sqrt(r)
+
+
+def randomized_error(w, r, niter):
+    U, sig, Vt = top_svd(w, r)
+    Uk, sk, Vtk = top_svd(w, r, niter=niter, rng=np.random.default_rng(1))
+    return np.linalg.norm((Uk * sk) @ Vtk - (U * sig) @ Vt)
+
+
+def dropout_lowrank_grads(G, x, W, A, B, s, mask, p):
+    x_d = x * mask / (1 - p)
+    h = x_d @ A.T
+    dh = s * G @ B
+    return {"x": G @ W + (dh @ A) * mask / (1 - p), "A": dh.T @ x_d, "B": s * G.T @ h}

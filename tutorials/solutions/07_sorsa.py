@@ -76,8 +76,22 @@ print("2W:", scaled, "\nQW:", rotated)
 
 
 # %% [markdown]
-# ## The answer for the tutorial's check cell
+# ## The answers for the tutorial's check cells
 
 # %%
 def regularizer_coefficient(gamma, lr_max, accum_steps, mode):
     return gamma / lr_max / (accum_steps if mode == "faithful" else 1)
+
+
+def ortho_grad(X):
+    M = X @ X.T - np.eye(X.shape[0])
+    norm = np.linalg.norm(M)
+    return np.zeros_like(X) if norm == 0 else 2 * M @ X / norm
+
+
+def deviation_by_hand(w_old, w_new):
+    U0, s0, Vt0 = np.linalg.svd(w_old, full_matrices=False)
+    U1, s1, Vt1 = np.linalg.svd(w_new, full_matrices=False)
+    cos_u = np.abs((U0 * U1).sum(0))  # |⟨u'_i, u_i⟩|: singular vectors are defined up to sign
+    cos_v = np.abs((Vt0 * Vt1).sum(1))
+    return np.abs(s1 - s0).mean(), 1 - (cos_u.mean() + cos_v.mean()) / 2
