@@ -24,6 +24,8 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from minift.methods.pissa import top_svd
+
 ROOT = Path(__file__).resolve().parent.parent
 TUTORIALS = ROOT / "tutorials"
 LESSONS = sorted(TUTORIALS.glob("[0-9][0-9]_*.py"))
@@ -106,7 +108,7 @@ def _checks(namespace: dict) -> dict:
             if k.startswith("check_") and getattr(v, "__module__", None) == "__main__"}
 
 
-# One plausible wrong answer per tutorial: the slip each check cell exists to catch.
+# One plausible wrong answer per check cell: the slip each check exists to catch.
 def _mse_without_the_mean(x, W, b, y):
     d = 2 * (x @ W.T + b - y)  # forgot the mean's 1/(N·V)
     return {"x": d @ W, "W": d.T @ x, "b": d.sum(0)}
@@ -132,24 +134,61 @@ def _pissa_without_scaling(W, r, alpha):  # forgot to divide σ by s = alpha / r
     return W - alpha / r * B @ A, A, B
 
 
-WRONG = {
-    "01_backprop_by_hand": ("mse_grads", _mse_without_the_mean),
-    "02_rmsnorm_and_rope": ("layernorm_grads", _layernorm_without_the_mean_path),
-    "03_attention": ("kv_cache_mask", lambda T, S: np.tril(np.ones((T, S), dtype=bool))),  # top-left aligned
-    "04_decoder_and_training_step": ("combine_micro_batches", _plain_average),
-    "05_checkpoints_and_generation": ("tokens_processed",  # off by one with the cache, P + n without
-                                      lambda P, n, cached: P + n if cached else n * (P + n)),
-    "06_lora_and_pissa": ("rslora_scaling", lambda alpha, r: alpha / r),  # plain LoRA's scaling
-    "07_sorsa": ("regularizer_coefficient",  # divides by the accumulation steps in both modes
-                 lambda gamma, lr_max, accum, mode: gamma / lr_max / accum),
-    "08_s2ft_selection_and_permutation": ("smallest_down_channels", _largest_row_norms),
-    "09_s2ft_partial_backprop": ("row_block_grad", lambda dy, x, a, b: dy.T @ x[:, a:b]),  # a column block
-    "10_s2ft_adapters_and_serving": ("switch_additions",  # counts only the new adapter
-                                     lambda old, new: sum(b.delta.size for b in new.blocks.values())),
-    "11_finetune_your_own_data": ("text_labels", lambda ids: [-100, *ids[1:]]),  # BOS masked like a prompt
-    "12_checking_your_implementation": ("pissa_init", _pissa_without_scaling),
-    "13_instruction_models_on_a_cpu": ("lora_form",  # the first S columns, not the selected ones
-                                       lambda delta, columns, n_in: (np.eye(len(columns), n_in), delta)),
+def _error_against_the_whole_matrix(w, r, niter):  # compares with W, not with its rank-r part
+    Uk, sk, Vtk = top_svd(w, r, niter=niter, rng=np.random.default_rng(1))
+    return np.linalg.norm((Uk * sk) @ Vtk - w)
+
+
+def _dropout_grads_without_the_mask_on_dx(G, x, W, A, B, s, mask, p):
+    x_d = x * mask / (1 - p)
+    dh = s * G @ B
+    return {"x": G @ W + dh @ A, "A": dh.T @ x_d, "B": s * G.T @ (x_d @ A.T)}
+
+
+def _ortho_grad_without_the_guard(X):  # 0/0 = nan at an exactly orthonormal X
+    M = X @ X.T - np.eye(X.shape[0])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return 2 * M @ X / np.linalg.norm(M)
+
+
+def _deviation_with_signed_cosines(w_old, w_new):  # forgets that singular vectors have no sign
+    U0, s0, Vt0 = np.linalg.svd(w_old, full_matrices=False)
+    U1, s1, Vt1 = np.linalg.svd(w_new, full_matrices=False)
+    return np.abs(s1 - s0).mean(), 1 - ((U0 * U1).sum(0).mean() + (Vt0 * Vt1).sum(1).mean()) / 2
+
+
+WRONG = {  # tutorial → [(answer, a plausible wrong answer), …], one per check cell
+    "01_backprop_by_hand": [("mse_grads", _mse_without_the_mean)],
+    "02_rmsnorm_and_rope": [("layernorm_grads", _layernorm_without_the_mean_path)],
+    "03_attention": [("kv_cache_mask",  # top-left aligned
+                      lambda T, S: np.tril(np.ones((T, S), dtype=bool)))],
+    "04_decoder_and_training_step": [("combine_micro_batches", _plain_average)],
+    "05_checkpoints_and_generation": [("tokens_processed",  # off by one with the cache, P + n without
+                                       lambda P, n, cached: P + n if cached else n * (P + n))],
+    "06_lora_and_pissa": [
+        ("rslora_scaling", lambda alpha, r: alpha / r),  # plain LoRA's scaling
+        ("randomized_error", _error_against_the_whole_matrix),
+        ("dropout_lowrank_grads", _dropout_grads_without_the_mask_on_dx),
+    ],
+    "07_sorsa": [
+        ("ortho_grad", _ortho_grad_without_the_guard),
+        ("regularizer_coefficient",  # divides by the accumulation steps in both modes
+         lambda gamma, lr_max, accum, mode: gamma / lr_max / accum),
+        ("deviation_by_hand", _deviation_with_signed_cosines),
+    ],
+    "08_s2ft_selection_and_permutation": [("smallest_down_channels", _largest_row_norms)],
+    "09_s2ft_partial_backprop": [("row_block_grad", lambda dy, x, a, b: dy.T @ x[:, a:b])],  # a column block
+    "10_s2ft_adapters_and_serving": [("switch_additions",  # counts only the new adapter
+                                      lambda old, new: sum(b.delta.size for b in new.blocks.values()))],
+    "11_finetune_your_own_data": [("text_labels", lambda ids: [-100, *ids[1:]])],  # BOS masked like a prompt
+    "12_checking_your_implementation": [
+        ("pissa_init", _pissa_without_scaling),
+        ("within_tolerance",  # normwise: a large entry covers a wrong small one
+         lambda a, e, rtol, atol: np.linalg.norm(a - e) <= atol + rtol * np.linalg.norm(e)),
+        ("block_grad_madds", lambda N, C, D, L, h, c: L * C * (h * D + c)),  # forgot the N tokens
+    ],
+    "13_instruction_models_on_a_cpu": [("lora_form",  # the first S columns, not the selected ones
+                                        lambda delta, columns, n_in: (np.eye(len(columns), n_in), delta))],
 }
 
 
@@ -157,6 +196,9 @@ WRONG = {
 def test_every_check_cell_passes_the_solution_and_rejects_a_plausible_wrong_answer(path, capsys):
     checks = _checks(_run(path))
     assert checks, f"{_id(path)} has no check cell"
+    wrong = dict(WRONG[path.stem])
+    assert set(wrong) == {name.removeprefix("check_") for name in checks}, (
+        f"{_id(path)}: every check cell needs a wrong answer in WRONG, and every wrong answer a check cell")
     solution = _run(TUTORIALS / "solutions" / path.name)
     for check_name, check in checks.items():
         answer_name = check_name.removeprefix("check_")
@@ -164,12 +206,11 @@ def test_every_check_cell_passes_the_solution_and_rejects_a_plausible_wrong_answ
         capsys.readouterr()
         check(solution[answer_name])
         assert "correct" in capsys.readouterr().out, f"{check_name} did not run on the solution"
-    answer_name, wrong = WRONG[path.stem]
-    with pytest.raises(AssertionError):
-        checks["check_" + answer_name](wrong)
+        with pytest.raises(AssertionError):
+            check(wrong[answer_name])
 
 
-def test_every_tutorial_has_a_wrong_answer_for_its_checks():
+def test_every_tutorial_has_wrong_answers_for_its_checks():
     assert set(WRONG) == {p.stem for p in LESSONS}
 
 

@@ -549,7 +549,7 @@ from minift.spec.cases import random_selection, random_tokens, random_weights
 plain_linear_back, madds = linear_back, [0]
 
 
-def linear_back(w, name, dy, x, want, grads):  # the same function, counting dW's multiply-adds
+def counting_linear_back(w, name, dy, x, want, grads):  # linear_back, counting dW's multiply-adds
     cols = want(name)
     if cols is not None:
         madds[0] += dy[..., 0].size * dy.shape[-1] * x[..., cols].shape[-1]
@@ -557,10 +557,16 @@ def linear_back(w, name, dy, x, want, grads):  # the same function, counting dW'
 
 
 def weight_grad_madds(impl, config, seed=0):
+    """The weight-gradient multiply-adds of impl.s2ft_block_grads on one input, one head and two
+    channels per layer (the counting version of linear_back stands in while it runs)."""
+    global linear_back
     weights, (tokens, targets) = random_weights(config, seed), random_tokens(config, seed)
     heads, channels = random_selection(config, seed, 1, 2)
-    madds[0] = 0
-    impl.s2ft_block_grads(config, weights, tokens, targets, heads, channels)
+    madds[0], linear_back = 0, counting_linear_back
+    try:
+        impl.s2ft_block_grads(config, weights, tokens, targets, heads, channels)
+    finally:
+        linear_back = plain_linear_back
     return madds[0]
 
 
@@ -568,7 +574,6 @@ partial_cost, sliced_cost = weight_grad_madds(port, GQA), weight_grad_madds(Slic
 print(f"weight-gradient multiply-adds, one head and two channels per layer: partial {partial_cost}, "
       f"sliced full gradient {sliced_cost} ({sliced_cost / partial_cost:.0f}×)")
 assert sliced_cost > 4 * partial_cost
-linear_back = plain_linear_back
 
 
 # %% [markdown]
