@@ -128,6 +128,12 @@ def _largest_row_norms(down, k):  # Down is (C, F): its rows are the residual st
     return tuple(sorted(np.argsort(np.linalg.norm(down, axis=1))[:k].tolist()))
 
 
+def _one_segment_per_partial_group(heads, n_heads, n_kv_heads):
+    G = n_heads // n_kv_heads
+    count = [sum(h // G == g for h in heads) for g in range(n_kv_heads)]
+    return max(int(bool(heads)), sum(0 < c < G for c in count))
+
+
 def _pissa_without_scaling(W, r, alpha):  # forgot to divide σ by s = alpha / r
     U, sigma, Vt = np.linalg.svd(W, full_matrices=False)
     A, B = np.sqrt(sigma[:r])[:, None] * Vt[:r], U[:, :r] * np.sqrt(sigma[:r])
@@ -176,8 +182,16 @@ WRONG = {  # tutorial → [(answer, a plausible wrong answer), …], one per che
          lambda gamma, lr_max, accum, mode: gamma / lr_max / accum),
         ("deviation_by_hand", _deviation_with_signed_cosines),
     ],
-    "08_s2ft_selection_and_permutation": [("smallest_down_channels", _largest_row_norms)],
-    "09_s2ft_partial_backprop": [("row_block_grad", lambda dy, x, a, b: dy.T @ x[:, a:b])],  # a column block
+    "08_s2ft_selection_and_permutation": [
+        ("n_head_segments", _one_segment_per_partial_group),
+        ("smallest_down_channels", _largest_row_norms),
+        ("vo_parameters", lambda heads, C, D, G: 2 * D * C * len(heads)),  # V rows counted per query head
+    ],
+    "09_s2ft_partial_backprop": [
+        ("kept_numbers", lambda kind, N, I, S: N * S),  # a row block keeps all of x, not N·S
+        ("backprop_blocks", lambda n_layers, trained: len(trained)),  # only the trained blocks
+        ("attention_flops", lambda B, T, H, D: (4 * B * H * T * T * D,) * 2),  # backward = forward
+    ],
     "10_s2ft_adapters_and_serving": [("switch_additions",  # counts only the new adapter
                                       lambda old, new: sum(b.delta.size for b in new.blocks.values()))],
     "11_finetune_your_own_data": [("text_labels", lambda ids: [-100, *ids[1:]])],  # BOS masked like a prompt

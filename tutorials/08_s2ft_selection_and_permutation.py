@@ -198,6 +198,32 @@ for new_pos, h0 in enumerate(layout.head_order):
     assert h0 // G == kv_new  # every query head still reads its own key/value head
 
 # %% [markdown]
+# The layout only says which unit goes where. Applying it is indexing, and you can write it: a
+# head is a block of D rows (of Q, and of K and V for a key/value head) or D columns (of O), a
+# channel one row (of Gate and Up) or one column (of Down). `rows_of(order, D)` lists, for each new
+# position, the original row it takes; every matrix of the layer is then one gather. The library's
+# `co_permute` must produce the same matrices, bit for bit:
+
+# %%
+def rows_of(order, width):
+    """Original row (or column) indices, new position by new position: unit u covers u·width …
+    (u+1)·width − 1."""
+    return np.array([u * width + d for u in order for d in range(width)], dtype=int)
+
+
+q_rows, kv_rows = rows_of(layout.head_order, D), rows_of(layout.kv_order, D)
+ch = np.array(layout.channel_order)
+b0 = base.blocks[0]
+by_hand = {"q": b0.q.weight[q_rows], "k": b0.k.weight[kv_rows], "v": b0.v.weight[kv_rows],
+           "o": b0.o.weight[:, q_rows],  # O reads the heads: its columns move with Q's rows
+           "gate": b0.gate.weight[ch], "up": b0.up.weight[ch],
+           "down": b0.down.weight[:, ch]}  # Down reads the channels: its columns move
+permuted = co_permute(copy.deepcopy(base), {0: layout})
+for name, w in by_hand.items():
+    assert np.array_equal(getattr(permuted.blocks[0], name).weight, w), name
+print("co_permute = seven gathers written by hand, bit for bit")
+
+# %% [markdown]
 # The same layout as a picture: one box per query head — a block of D rows of Q and the same D
 # columns of O — coloured by the key/value group it reads (K's and V's row blocks move with their
 # group), selected heads solid, the others faded. After co-permutation the selected heads are one
@@ -251,6 +277,27 @@ for model0 in (base, mha):
 print("24 random selections: same logits after co-permutation, identical weights after unpermute")
 
 # %% [markdown]
+# What co-permutation does to one weight, as a picture: O (C rows, H·D columns) of layer 0 with the
+# columns of the selected heads (1, 3, 4) highlighted, before and after. Before, they are scattered;
+# after, they form one contiguous block `W[:, a:b]`, which is what the training step of tutorial 09
+# updates in place.
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(8, 2.6))
+selected_cols = np.isin(np.arange(config.n_heads * D) // D, layout.heads)  # original column → selected?
+panels = [("O before: |W|, selected heads shaded", b0.o.weight, selected_cols),
+          ("O after co-permutation", b0.o.weight[:, q_rows], selected_cols[q_rows])]
+for ax, (title, w, cols) in zip(axes, panels, strict=True):
+    ax.imshow(np.abs(w), cmap="Greys", aspect="auto")
+    for j in np.flatnonzero(cols):
+        ax.axvspan(j - 0.5, j + 0.5, color="C1", alpha=0.35, lw=0)
+    ax.set_xlabel("input column (head h: columns h·D … h·D + D − 1)", fontsize=8)
+    ax.set_ylabel("output row", fontsize=8)
+    ax.set_title(title, fontsize=9)
+fig.tight_layout()
+show(fig, "08_selected_block")
+
+# %% [markdown]
 # ## 5. All of it in one call: `apply_s2ft`
 #
 # `apply_s2ft(model, config, calib_batches, rng=…)` freezes everything, selects, co-permutes,
@@ -302,22 +349,47 @@ print(matched.heads, "heads and", matched.channels, "channels per layer ≈ LoRA
 # 1. **Several segments.** With H = 6, K = 3 (G = 2), select one head from each group, e.g.
 #    (0, 2, 4): every group is partial. Show that `plan_layout` gives more than one head
 #    segment, that `apply_s2ft` with such heads names the O parameters `weight_0`, `weight_1`,
-#    and that the function is unchanged.
+#    and that the function is unchanged. Then give the number of head segments for any selection,
+#    as a formula in the number p of partially selected groups.
 # 2. **Your own strategy.** Pick the Down channels by the *smallest* column norm yourself (no
 #    `select_units`) and check that you get the same channels as `strategy="weight", variant="small"`.
 # 3. **V and O together.** Train heads on both sides (`head_targets=("v", "o")`). Which slot type
-#    does V get, and how many parameters does one head add with GQA? Compare with
+#    does V get, and how many parameters does a selection of query heads train in one layer with
+#    GQA? (A key/value head's V rows are shared by its G query heads and train whole.) Compare with
 #    `s2ft_parameter_count`.
 #
 # Solutions: `tutorials/solutions/08_s2ft_selection_and_permutation.py`.
 
 # %% [markdown]
-# ### Check cell
+# ### Check cells
 #
-# Write your answer in the function below, in place of `return None`, and run the cell: the
+# Write each answer in its function below, in place of `return None`, and run the cell: the
 # check prints "not answered yet" while a function returns None, "correct" when your answer is
 # right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
-# `tutorials/solutions/` defines the same function.)
+# `tutorials/solutions/` defines the same functions.)
+
+# %%
+def n_head_segments(heads, n_heads, n_kv_heads):
+    """Exercise 1: how many contiguous segments the selected query heads `heads` form after
+    `plan_layout` (0 when none is selected)."""
+    return None  # your code here
+
+
+def check_n_head_segments(n_head_segments):
+    if n_head_segments((0,), 6, 3) is None:
+        print("exercise 1: not answered yet")
+        return
+    for H, K in ((6, 3), (8, 4), (8, 2), (6, 6), (4, 1)):
+        for seed in range(20):
+            r = np.random.default_rng(seed)
+            heads = tuple(sorted(r.choice(H, size=r.integers(0, H + 1), replace=False).tolist()))
+            expected = len(plan_layout(heads, (), H, K, 4).head_segments)
+            got = n_head_segments(heads, H, K)
+            assert got == expected, f"H={H}, K={K}, heads {heads}: {got}, plan_layout gives {expected}"
+    print("exercise 1: correct")
+
+
+check_n_head_segments(n_head_segments)
 
 # %%
 def smallest_down_channels(down, k):
@@ -339,3 +411,25 @@ def check_smallest_down_channels(smallest_down_channels):
 
 
 check_smallest_down_channels(smallest_down_channels)
+
+
+# %%
+def vo_parameters(heads, C, D, G):
+    """Exercise 3: the parameters S2FT trains in one layer when the query heads `heads` are selected
+    with head_targets=("v", "o"), width C, head width D, G query heads per key/value head."""
+    return None  # your code here
+
+
+def check_vo_parameters(vo_parameters):
+    if vo_parameters((0,), 24, 4, 3) is None:
+        print("exercise 3: not answered yet")
+        return
+    vo = S2FTConfig(heads=1, head_targets=("v", "o"))
+    for heads in ((0,), (0, 1), (0, 3), (1, 2, 4), (0, 1, 2, 3, 4, 5)):
+        expected = s2ft_parameter_count(config, vo, selection={0: (heads, ())})
+        got = vo_parameters(heads, config.hidden_size, D, G)
+        assert got == expected, f"heads {heads}: {got}, s2ft_parameter_count gives {expected}"
+    print("exercise 3: correct")
+
+
+check_vo_parameters(vo_parameters)

@@ -38,7 +38,7 @@ import numpy as np
 from minift import ModelConfig, init_model, loss_and_grads, set_trainable, trainable_parameters
 from minift.data import Batch
 from minift.methods.lora import LoRAConfig, apply_lora
-from minift.methods.s2ft import ColumnBlock, S2FTConfig, apply_s2ft, match_lora_budget
+from minift.methods.s2ft import ColumnBlock, RowBlock, S2FTConfig, apply_s2ft, match_lora_budget
 from minift.optim import AdamW
 from minift.slots import Dense
 from minift.testing import assert_close
@@ -86,6 +86,38 @@ dx, grads = slot.backward(dy, kept)
 assert_close(grads["weight"], (dy.T @ x)[:, :3], rtol=1e-13, what="block of dW")
 assert_close(dx, dy @ W, rtol=1e-13, what="dx")
 assert np.shares_memory(slot.parameters()["weight"], slot.weight)  # the parameter is a view
+
+# %% [markdown]
+# Both block rules, written by hand from `dW = dyᵀ x` (an (O, N) by (N, I) product):
+#
+# * **column block** (O and Down train input columns a:b): column j of dW is `dyᵀ x[:, j]`, so the
+#   block is `dyᵀ x[:, a:b]` — it needs only those S columns of x, which is all the slot keeps;
+# * **row block** (V and Up train output rows a:b): row j of dW is `dy[:, j]ᵀ x`, so the block is
+#   `dy[:, a:b]ᵀ x` — it needs only S columns of dy, but *every* column of x: a `RowBlock` keeps
+#   the whole input.
+#
+# Each is checked against the library's slot, which computes the same block and keeps what the
+# rule needs:
+
+# %%
+def column_block_grad(dy, x_cols):
+    """dW[:, a:b] from the kept columns x[:, a:b] (N, S)."""
+    return dy.T @ x_cols
+
+
+def row_block_grad(dy, x, a, b):
+    """dW[a:b, :] from the whole x (N, I): rows a:b of dW see only columns a:b of dy."""
+    return dy[:, a:b].T @ x
+
+
+(x_cols,) = kept
+assert_close(column_block_grad(dy, x_cols), grads["weight"], rtol=1e-13, what="column block by hand")
+rows_slot = RowBlock(W.copy(), segments=((1, 4),), reference=W[1:4].copy())
+_, kept_x = rows_slot.forward(x, keep=True)
+_, row_grads = rows_slot.backward(dy, kept_x)
+assert_close(row_block_grad(dy, x, 1, 4), row_grads["weight"], rtol=1e-13, what="row block by hand")
+print("column block keeps", x_cols.shape, "; row block keeps", kept_x.shape,
+      "; both blocks by hand = the library's")
 
 # %% [markdown]
 # ## 2. Exactness on a whole model
@@ -261,42 +293,97 @@ for key, g in plain.items():
 #
 # ## Exercises
 #
-# 1. **Row blocks.** Train V and Up output rows instead (`head_targets=("v",)`,
-#    `channel_targets=("up",)`). What does a `RowBlock` keep, and how does the step memory
-#    compare with the column-block default? Why is the column side the memory-friendly one?
-# 2. **Partial in depth.** Apply S2FT to the top two layers only (`layers=(2, 3)`) and show with
-#    `step_flops` that the lower blocks cost no backward at all.
+# 1. **Row blocks in a model.** Train V and Up output rows instead (`head_targets=("v",)`,
+#    `channel_targets=("up",)`). How many numbers does each kind of block keep for its backward,
+#    and how does the step memory compare with the column-block default? Why is the column side
+#    the memory-friendly one?
+# 2. **Partial in depth.** Apply S2FT to some layers only (`layers=(2, 3)`) and show with
+#    `step_flops` that the blocks below the lowest trained layer cost no backward at all. Through
+#    how many blocks does the backward run, for a given set of trained layers?
 # 3. **Where the FLOPs go.** Print `step_flops(...).by_kind` for the three methods and explain
-#    the `attention` entry: why is it the same for all three?
+#    the `attention` entry: why is it the same for all three? Give its forward and backward FLOPs
+#    per block (2 FLOPs per multiply-add) for B sequences of T tokens, H heads of width D.
 #
 # Solutions: `tutorials/solutions/09_s2ft_partial_backprop.py`.
 
 # %% [markdown]
-# ### Check cell
+# ### Check cells
 #
-# Write your answer in the function below, in place of `return None`, and run the cell: the
+# Write each answer in its function below, in place of `return None`, and run the cell: the
 # check prints "not answered yet" while a function returns None, "correct" when your answer is
 # right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
-# `tutorials/solutions/` defines the same function.)
+# `tutorials/solutions/` defines the same functions.)
 
 # %%
-def row_block_grad(dy, x, a, b):
-    """Exercise 1: the gradient of rows a:b of W for y = x Wᵀ (a row block, as V and Up train),
-    computed without forming the full (O, I) gradient. x (N, I), dy (N, O)."""
+def kept_numbers(kind, N, I, S):
+    """Exercise 1: how many numbers a block slot keeps for its backward on N tokens, for an input
+    width I and S trained columns (kind "column") or rows (kind "row")."""
     return None  # your code here
 
 
-def check_row_block_grad(row_block_grad):
-    r = np.random.default_rng(9)
-    x, dy = r.standard_normal((6, 5)), r.standard_normal((6, 8))
-    if row_block_grad(dy, x, 2, 5) is None:
+def check_kept_numbers(kept_numbers):
+    if kept_numbers("column", 1, 1, 1) is None:
         print("exercise 1: not answered yet")
         return
-    for a, b in [(2, 5), (0, 1), (0, 8)]:
-        got, full = np.asarray(row_block_grad(dy, x, a, b)), dy.T @ x
-        assert got.shape == (b - a, 5), f"rows {a}:{b}: shape {got.shape}, expected {(b - a, 5)}"
-        assert_close(got, full[a:b], rtol=1e-12, atol=1e-14, what=f"rows {a}:{b}")
+    r = np.random.default_rng(2)
+    for N, O, I, (a, b) in ((6, 5, 10, (0, 3)), (4, 8, 3, (1, 2))):
+        Wt, xt = r.standard_normal((O, I)), r.standard_normal((N, I))
+        for kind, slot_ in (("column", ColumnBlock(Wt, ((a, b),), Wt[:, a:b].copy())),
+                            ("row", RowBlock(Wt, ((a, b),), Wt[a:b].copy()))):
+            kept_ = slot_.forward(xt, keep=True)[1]
+            expected = sum(np.size(k) for k in (kept_ if isinstance(kept_, tuple) else (kept_,)))
+            got = kept_numbers(kind, N, I, b - a)
+            assert got == expected, f"{kind} block, N={N}, I={I}, S={b - a}: {got}, the slot keeps {expected}"
     print("exercise 1: correct")
 
 
-check_row_block_grad(row_block_grad)
+check_kept_numbers(kept_numbers)
+
+
+# %%
+def backprop_blocks(n_layers, trained_layers):
+    """Exercise 2: through how many of the n_layers blocks the backward runs when S2FT trains only
+    the blocks `trained_layers`."""
+    return None  # your code here
+
+
+def check_backprop_blocks(backprop_blocks):
+    if backprop_blocks(4, (3,)) is None:
+        print("exercise 2: not answered yet")
+        return
+    tiny = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=8, n_layers=4, n_heads=2, n_kv_heads=1)
+    m0 = init_model(tiny, np.random.default_rng(0))
+    per_block = step_flops(set_trainable(copy.deepcopy(m0)), 1, 4).by_kind["attention"][1] / 4
+    for layers in ((3,), (2, 3), (1, 3), (0,), (0, 2)):
+        m = apply_s2ft(copy.deepcopy(m0), S2FTConfig(heads=1, channels=1, layers=layers),
+                       rng=np.random.default_rng(0))
+        expected = step_flops(m, 1, 4).by_kind["attention"][1] / per_block  # attention backward, in blocks
+        got = backprop_blocks(4, layers)
+        assert got == expected, f"trained layers {layers}: {got}, step_flops counts {expected:g} blocks"
+    print("exercise 2: correct")
+
+
+check_backprop_blocks(backprop_blocks)
+
+
+# %%
+def attention_flops(B, T, H, D):
+    """Exercise 3: (forward, backward) FLOPs of one block's attention products (scores q kᵀ and
+    output p v, and their gradients), as step_flops counts them."""
+    return None  # your code here
+
+
+def check_attention_flops(attention_flops):
+    if attention_flops(1, 1, 1, 1) is None:
+        print("exercise 3: not answered yet")
+        return
+    for cfg, (B, T) in ((big, (4, 32)), (config, (2, 8))):
+        m = set_trainable(init_model(cfg, np.random.default_rng(0)))
+        fwd, bwd = step_flops(m, B, T).by_kind["attention"]
+        got = tuple(attention_flops(B, T, cfg.n_heads, cfg.head_dim))
+        expected = (fwd // cfg.n_layers, bwd // cfg.n_layers)
+        assert got == expected, f"B={B}, T={T}: {got}, step_flops per block {expected}"
+    print("exercise 3: correct")
+
+
+check_attention_flops(attention_flops)

@@ -99,9 +99,21 @@ assert n >= s2ft_parameter_count(config, s2)
 
 
 # %% [markdown]
-# ## The answer for the tutorial's check cell
+# ## The answers for the tutorial's check cells
 
 # %%
 def smallest_down_channels(down, k):
     # channel j of the FFN is column j of Down (C, F): norms over axis 0
     return tuple(sorted(np.argsort(np.linalg.norm(down, axis=0), kind="stable")[:k].tolist()))
+
+
+def n_head_segments(heads, n_heads, n_kv_heads):
+    G = n_heads // n_kv_heads
+    count = [sum(h // G == g for h in heads) for g in range(n_kv_heads)]
+    p = sum(0 < c < G for c in count)  # partially selected groups
+    return 0 if not heads else max(1, (p + 1) // 2)  # ⌈p/2⌉, and one when only whole groups
+
+
+def vo_parameters(heads, C, D, G):
+    # O: D columns per selected query head; V: D rows per key/value head that a selected head reads
+    return D * C * (len(heads) + len({h // G for h in heads}))

@@ -84,9 +84,17 @@ assert len(set(attention.values())) == 1
 
 
 # %% [markdown]
-# ## The answer for the tutorial's check cell
+# ## The answers for the tutorial's check cells
 
 # %%
-def row_block_grad(dy, x, a, b):
-    # a row block needs the block's output columns of dy and the whole input x
-    return dy[:, a:b].T @ x
+def kept_numbers(kind, N, I, S):
+    return N * S if kind == "column" else N * I  # x[:, a:b] for a column block, all of x for rows
+
+
+def backprop_blocks(n_layers, trained_layers):
+    return n_layers - min(trained_layers)  # every block from the lowest trained one up
+
+
+def attention_flops(B, T, H, D):
+    att = 2 * B * H * T * T * D  # one (T, D) by (D, T) product per head and sequence, 2 FLOPs each
+    return 2 * att, 4 * att  # forward: scores and p v; backward: dp, dv, dq, dk
