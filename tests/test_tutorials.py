@@ -134,6 +134,19 @@ def _one_segment_per_partial_group(heads, n_heads, n_kv_heads):
     return max(int(bool(heads)), sum(0 < c < G for c in count))
 
 
+def _fuse_by_concatenation(blocks, weights):  # a shared column appears twice instead of summed
+    indices = np.concatenate([i for i, _ in blocks])
+    deltas = np.concatenate([lam * d for (_, d), lam in zip(blocks, weights, strict=True)], axis=1)
+    order = np.argsort(indices, kind="stable")
+    return indices[order], deltas[:, order]
+
+
+def _merge_into_the_first_columns(W, indices, delta):  # permuted coordinates, where training put them
+    merged = W.copy()
+    merged[:, : len(indices)] += delta
+    return merged
+
+
 def _pissa_without_scaling(W, r, alpha):  # forgot to divide σ by s = alpha / r
     U, sigma, Vt = np.linalg.svd(W, full_matrices=False)
     A, B = np.sqrt(sigma[:r])[:, None] * Vt[:r], U[:, :r] * np.sqrt(sigma[:r])
@@ -192,8 +205,12 @@ WRONG = {  # tutorial → [(answer, a plausible wrong answer), …], one per che
         ("backprop_blocks", lambda n_layers, trained: len(trained)),  # only the trained blocks
         ("attention_flops", lambda B, T, H, D: (4 * B * H * T * T * D,) * 2),  # backward = forward
     ],
-    "10_s2ft_adapters_and_serving": [("switch_additions",  # counts only the new adapter
-                                      lambda old, new: sum(b.delta.size for b in new.blocks.values()))],
+    "10_s2ft_adapters_and_serving": [
+        ("switch_additions",  # counts only the new adapter
+         lambda old, new: sum(b.delta.size for b in new.blocks.values())),
+        ("fuse_columns", _fuse_by_concatenation),
+        ("merge_columns", _merge_into_the_first_columns),
+    ],
     "11_finetune_your_own_data": [("text_labels", lambda ids: [-100, *ids[1:]])],  # BOS masked like a prompt
     "12_checking_your_implementation": [
         ("pissa_init", _pissa_without_scaling),

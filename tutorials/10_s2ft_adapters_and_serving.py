@@ -42,6 +42,8 @@ from minift.errors import CheckpointError
 from minift.layers.cross_entropy import cross_entropy_forward
 from minift.methods.lora import LoRAConfig, apply_lora, low_rank_slots
 from minift.methods.s2ft import (
+    AdapterBlock,
+    S2FTAdapter,
     S2FTConfig,
     apply_s2ft,
     extract_adapter,
@@ -259,20 +261,22 @@ assert all(np.array_equal(s0.weight, s1.weight) for b0, b1 in zip(base.blocks, s
 #    S2FT adapters above, and the multiply-adds a LoRA switch (`W ± s B A` for every adapted
 #    matrix) would need.
 # 2. **Weighted fusion.** Fuse A and B with weights (0.5, 0.5) and with (1, 0); check that the
-#    second equals A alone.
-# 3. **Overlapping indices.** Train a second adapter for task A with the *same* seed as the first
-#    (so the same columns) and fuse the two: show that the fused block is the sum of the two blocks
-#    on the shared columns.
+#    second equals A alone. Then write the fusion of column blocks yourself: given blocks
+#    (indices, Δ) and weights λ, the fused block on the union of the indices, with λ_A Δ_A + λ_B Δ_B
+#    where indices are shared. (Train a second adapter for task A with the *same* seed as the
+#    first, so the same columns, to see the shared case on a model.)
+# 3. **Merging by hand.** Write `merge_adapter`'s work on one weight: W plus an S2FT column block
+#    (indices in original coordinates, Δ of shape (O, S)).
 #
 # Solutions: `tutorials/solutions/10_s2ft_adapters_and_serving.py`.
 
 # %% [markdown]
-# ### Check cell
+# ### Check cells
 #
-# Write your answer in the function below, in place of `return None`, and run the cell: the
+# Write each answer in its function below, in place of `return None`, and run the cell: the
 # check prints "not answered yet" while a function returns None, "correct" when your answer is
 # right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
-# `tutorials/solutions/` defines the same function.)
+# `tutorials/solutions/` defines the same functions.)
 
 # %%
 def switch_additions(old, new):
@@ -302,3 +306,55 @@ def _weights(model):
 
 
 check_switch_additions(switch_additions)
+
+
+# %%
+def fuse_columns(blocks, weights):
+    """Exercise 2: fuse column blocks [(indices (S_k,), delta (O, S_k)), …] with weights λ_k into one
+    (indices, delta): the union of the indices, ascending, and Σ_k λ_k Δ_k on it."""
+    return None  # your code here
+
+
+def check_fuse_columns(fuse_columns):
+    if fuse_columns([(np.array([0]), np.ones((2, 1)))], [1.0]) is None:
+        print("exercise 2: not answered yet")
+        return
+    r = np.random.default_rng(3)
+    cases = (([1, 4], [0, 6], (1.0, 1.0)), ([2, 5, 7], [5, 7], (0.5, 2.0)), ([3], [3], (1.0, -1.0)))
+    for ia, ib, lam in cases:
+        da, db = r.standard_normal((4, len(ia))), r.standard_normal((4, len(ib)))
+        adapters_ = [S2FTAdapter({"blocks.0.o": AdapterBlock("columns", np.array(i), d, (4, 8))})
+                     for i, d in ((ia, da), (ib, db))]
+        expected = fuse_adapters(adapters_, list(lam)).blocks["blocks.0.o"]
+        idx, delta = fuse_columns([(np.array(ia), da), (np.array(ib), db)], list(lam))
+        assert list(np.asarray(idx)) == expected.indices.tolist(), f"indices {list(idx)} for {ia} and {ib}"
+        assert_close(np.asarray(delta), expected.delta, rtol=1e-12, atol=1e-14, what=f"Δ for {ia} and {ib}")
+    print("exercise 2: correct")
+
+
+check_fuse_columns(fuse_columns)
+
+
+# %%
+def merge_columns(W, indices, delta):
+    """Exercise 3: a new array, W (O, I) with the S2FT column block (indices (S,), delta (O, S))
+    added; W itself unchanged."""
+    return None  # your code here
+
+
+def check_merge_columns(merge_columns):
+    if merge_columns(np.zeros((1, 2)), np.array([1]), np.ones((1, 1))) is None:
+        print("exercise 3: not answered yet")
+        return
+    key = "blocks.1.down"
+    blk = adapters["B"].blocks[key]
+    W0 = base.blocks[1].down.weight.copy()
+    got = np.asarray(merge_columns(W0, blk.indices, blk.delta))
+    assert np.array_equal(W0, base.blocks[1].down.weight), "W must not be modified"
+    expected = copy.deepcopy(base)
+    merge_adapter(expected, S2FTAdapter({key: blk}, adapters["B"].signature))
+    assert_close(got, expected.blocks[1].down.weight, rtol=1e-12, atol=1e-14, what=key)
+    print("exercise 3: correct")
+
+
+check_merge_columns(merge_columns)

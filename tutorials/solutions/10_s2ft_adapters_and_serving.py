@@ -87,9 +87,24 @@ print("same columns: the fused delta is the sum of the two deltas")
 
 
 # %% [markdown]
-# ## The answer for the tutorial's check cell
+# ## The answers for the tutorial's check cells
 
 # %%
 def switch_additions(old, new):
     # subtract every entry of the old blocks, add every entry of the new ones
     return sum(b.delta.size for b in old.blocks.values()) + sum(b.delta.size for b in new.blocks.values())
+
+
+def fuse_columns(blocks, weights):
+    union = sorted({int(i) for indices, _ in blocks for i in indices})
+    where = {u: n for n, u in enumerate(union)}
+    fused = np.zeros((blocks[0][1].shape[0], len(union)))
+    for (indices, delta), lam in zip(blocks, weights, strict=True):
+        fused[:, [where[int(i)] for i in indices]] += lam * delta  # shared columns add up
+    return np.array(union), fused
+
+
+def merge_columns(W, indices, delta):
+    merged = W.copy()
+    merged[:, indices] += delta  # original coordinates: the columns the adapter names, not the first S
+    return merged
