@@ -24,6 +24,9 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from minift import loss_and_grads
+from minift.data import collate, encode_example
+from minift.data.tasks import pretrain_heldout, task_tokenizer
 from minift.methods.pissa import top_svd
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,6 +150,13 @@ def _merge_into_the_first_columns(W, indices, delta):  # permuted coordinates, w
     return merged
 
 
+def _retention_loss_on_the_whole_text(model):  # the loss counts the prompt's tokens too
+    tokenizer = task_tokenizer()
+    records = [{"text": ex.prompt + ex.answer} for ex in pretrain_heldout(0, 4)]
+    held = collate([encode_example(tokenizer, r) for r in records], tokenizer.pad_id)
+    return loss_and_grads(model, held.tokens, held.targets, attention_mask=held.attention_mask)[0]
+
+
 def _pissa_without_scaling(W, r, alpha):  # forgot to divide σ by s = alpha / r
     U, sigma, Vt = np.linalg.svd(W, full_matrices=False)
     A, B = np.sqrt(sigma[:r])[:, None] * Vt[:r], U[:, :r] * np.sqrt(sigma[:r])
@@ -211,7 +221,12 @@ WRONG = {  # tutorial → [(answer, a plausible wrong answer), …], one per che
         ("fuse_columns", _fuse_by_concatenation),
         ("merge_columns", _merge_into_the_first_columns),
     ],
-    "11_finetune_your_own_data": [("text_labels", lambda ids: [-100, *ids[1:]])],  # BOS masked like a prompt
+    "11_finetune_your_own_data": [
+        ("text_labels", lambda ids: [-100, *ids[1:]]),  # BOS masked like a prompt
+        ("retention_loss", _retention_loss_on_the_whole_text),
+        ("calibration_batches",  # the inputs twice: targets not shifted
+         lambda stream, n: [(stream.batch(i).tokens, stream.batch(i).tokens) for i in range(n)]),
+    ],
     "12_checking_your_implementation": [
         ("pissa_init", _pissa_without_scaling),
         ("within_tolerance",  # normwise: a large entry covers a wrong small one

@@ -42,6 +42,7 @@ from minift.data.tasks import (
     TaskExample,
     exact_match,
     generate_answers,
+    pretrain_heldout,
     task_tokenizer,
 )
 from minift.io.hub import save_pretrained
@@ -177,6 +178,7 @@ for name in ("full", "LoRA", "PiSSA", "SORSA", "S2FT"):
                                          progress=False), grad_hooks=hooks)
     test_loss, accuracy = held_out(model)
     results[name] = dict(params=n_params, loss=(run.losses[0], float(np.mean(run.losses[-10:]))),
+                         curve=np.array(run.losses),
                          seconds=run.wall_s, memory=memory, test_loss=test_loss, accuracy=accuracy,
                          model=model)
 
@@ -213,14 +215,28 @@ assert max(peft.values()) < 1.2 * min(peft.values())  # matched budgets
 assert results["S2FT"]["memory"] < results["full"]["memory"]
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+# One step's loss is that of one batch of 8 and jumps from batch to batch, so the curves show a
+# trailing mean: at step t, the mean of the losses of steps t−9 … t (fewer at the start).
+def trailing_mean(x, window=10):
+    c = np.cumsum(np.insert(x, 0, 0.0))
+    lo = np.maximum(np.arange(1, len(x) + 1) - window, 0)
+    return (c[1:] - c[lo]) / (np.arange(1, len(x) + 1) - lo)
+
+
+fig, axes = plt.subplots(1, 3, figsize=(12, 3))
 names = list(results)
-axes[0].bar(names, [results[n]["memory"] / 2**20 for n in names])
-axes[0].set_ylabel("training step peak (MiB)")
-axes[1].bar(names, [results[n]["accuracy"] for n in names])
-axes[1].axhline(before[1], color="k", linestyle="--", label="base")
-axes[1].set_ylabel("held-out exact match")
-axes[1].legend()
+for n in names:
+    axes[0].plot(trailing_mean(results[n]["curve"]), label=n)
+axes[0].set_yscale("log")
+axes[0].set_xlabel("step")
+axes[0].set_ylabel("train loss (trailing mean of 10 steps)")
+axes[0].legend(fontsize=8)
+axes[1].bar(names, [results[n]["memory"] / 2**20 for n in names])
+axes[1].set_ylabel("training step peak (MiB)")
+axes[2].bar(names, [results[n]["accuracy"] for n in names])
+axes[2].axhline(before[1], color="k", linestyle="--", label="base")
+axes[2].set_ylabel("held-out exact match")
+axes[2].legend()
 fig.tight_layout()
 show(fig, "11_methods")
 
@@ -249,20 +265,22 @@ print("wrote", sorted(p.name for p in folder.iterdir()))
 #
 # 1. **Plain text.** Write a `{"text": …}` JSONL file of a few sentences and fine-tune with LoRA;
 #    which tokens does the loss count now? (Look at `encode_example`'s labels.)
-# 2. **Where did it forget?** Evaluate the fine-tuned full-FT and S2FT models on a few held-out
-#    pretraining prompts (`minift.data.tasks.pretrain_heldout`) and compare with the base.
+# 2. **Where did it forget?** Write `retention_loss(model)`: the mean loss on the answers of the
+#    held-out pretraining prompts `minift.data.tasks.pretrain_heldout(0, 4)` given their prompts.
+#    Evaluate the fine-tuned full-FT and S2FT models with it and compare with the base.
 # 3. **S2FT strategies.** Rerun S2FT with `strategy="activation", variant="small"` (the paper's best)
-#    using a few training batches as calibration data.
+#    using the first few training batches as calibration data: `apply_s2ft(model, config, calib)`
+#    takes them as a list of (tokens, targets) pairs.
 #
 # Solutions: `tutorials/solutions/11_finetune_your_own_data.py`.
 
 # %% [markdown]
-# ### Check cell
+# ### Check cells
 #
-# Write your answer in the function below, in place of `return None`, and run the cell: the
+# Write each answer in its function below, in place of `return None`, and run the cell: the
 # check prints "not answered yet" while a function returns None, "correct" when your answer is
 # right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
-# `tutorials/solutions/` defines the same function.)
+# `tutorials/solutions/` defines the same functions.)
 
 # %%
 def text_labels(ids):
@@ -283,3 +301,46 @@ def check_text_labels(text_labels):
 
 
 check_text_labels(text_labels)
+
+
+# %%
+def retention_loss(model):
+    """Exercise 2: the mean loss on the answers of pretrain_heldout(0, 4), given their prompts."""
+    return None  # your code here
+
+
+def check_retention_loss(retention_loss):
+    if retention_loss(base) is None:
+        print("exercise 2: not answered yet")
+        return
+    held = collate([encode_example(tokenizer, ex.record) for ex in pretrain_heldout(0, 4)], tokenizer.pad_id)
+    for name, m in (("the base", base), ("the S2FT model", results["S2FT"]["model"])):
+        expected = loss_and_grads(m, held.tokens, held.targets, attention_mask=held.attention_mask)[0]
+        got = float(retention_loss(m))
+        assert abs(got - expected) <= 1e-4 * abs(expected), f"{name}: {got:.5f}, expected {expected:.5f}"
+    print("exercise 2: correct")
+
+
+check_retention_loss(retention_loss)
+
+
+# %%
+def calibration_batches(stream, n):
+    """Exercise 3: the first n batches of a BatchStream as the (tokens, targets) pairs apply_s2ft
+    takes for its activation-scored selection."""
+    return None  # your code here
+
+
+def check_calibration_batches(calibration_batches):
+    if calibration_batches(data, 1) is None:
+        print("exercise 3: not answered yet")
+        return
+    got = list(calibration_batches(data, 2))
+    assert len(got) == 2, f"{len(got)} batches, expected 2"
+    for i, (tokens, targets) in enumerate(got):
+        assert np.array_equal(tokens, data.batch(i).tokens), f"batch {i}: tokens"
+        assert np.array_equal(targets, data.batch(i).targets), f"batch {i}: targets (shifted, −100 masked)"
+    print("exercise 3: correct")
+
+
+check_calibration_batches(calibration_batches)
