@@ -233,8 +233,14 @@ WRONG = {  # tutorial → [(answer, a plausible wrong answer), …], one per che
          lambda a, e, rtol, atol: np.linalg.norm(a - e) <= atol + rtol * np.linalg.norm(e)),
         ("block_grad_madds", lambda N, C, D, L, h, c: L * C * (h * D + c)),  # forgot the N tokens
     ],
-    "13_instruction_models_on_a_cpu": [("lora_form",  # the first S columns, not the selected ones
-                                        lambda delta, columns, n_in: (np.eye(len(columns), n_in), delta))],
+    "13_instruction_models_on_a_cpu": [
+        ("every_target_parameters",  # K and V counted per query head, not per key/value head
+         lambda heads, n_channels, C, D, G: 4 * D * C * len(heads) + 3 * C * n_channels),
+        ("extended_lr",  # still on the old 60-step plan: zero from step 60 on
+         lambda step, lr_max, old, new: lr_max * max(0.0, (old - step) / old)),
+        ("lora_form",  # the first S columns, not the selected ones
+         lambda delta, columns, n_in: (np.eye(len(columns), n_in), delta)),
+    ],
 }
 
 

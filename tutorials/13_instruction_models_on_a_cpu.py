@@ -45,6 +45,8 @@ from minift.io.peft import CONFIG_NAME, WEIGHTS_NAME
 from minift.io.provenance import recorded_base
 from minift.io.safetensors_io import read_safetensors
 from minift.layers.cross_entropy import IGNORE_INDEX
+from minift.methods.s2ft import S2FTConfig, s2ft_parameter_count
+from minift.optim import Schedule
 from minift.tools.cli import main
 from minift.tools.finetune import load_with_adapter, merged_model
 from minift.tools.pretrain import EMBEDDED
@@ -193,20 +195,71 @@ print("W + B A equals the fine-tuned weights exactly, in every layer")
 # ## Exercises
 #
 # 1. Train on `--s2ft-head-targets q,k,v,o --s2ft-channel-targets gate,up,down` and compare the
-#    trainable count with the default (O and Down only).
+#    trainable count with the default (O and Down only). Give the count for one layer as a formula
+#    in the selected heads and channels (a key/value head's K and V rows are shared by its G query
+#    heads and train whole).
 # 2. Run the fine-tune again with `--steps 120 --extend`: it continues from step 60, with the learning
-#    rate schedule re-planned to 120 steps. Does the test perplexity improve?
+#    rate schedule re-planned to 120 steps. Does the test perplexity improve? Which learning rate
+#    does step s (counted from 0) use after the extension, with `finetune`'s default schedule
+#    (`linear`, no warm-up: lr_max · (T − s) / T for a run of T steps)?
 # 3. Write the exact LoRA factors of an S2FT column update by hand (the check cell below): what
 #    `minift export --peft` writes for O and Down.
 #
 # Solutions: `tutorials/solutions/13_instruction_models_on_a_cpu.py`.
 
 # %% [markdown]
-# ### Check cell
+# ### Check cells
 #
-# Write your answer in the function below, in place of `return None`, and run the cell: the
-# check prints "not answered yet" while the function returns None, "correct" when your answer is
-# right, and otherwise stops with an `AssertionError` that says what is wrong.
+# Write each answer in its function below, in place of `return None`, and run the cell: the
+# check prints "not answered yet" while a function returns None, "correct" when your answer is
+# right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
+# `tutorials/solutions/` defines the same functions.)
+
+# %%
+def every_target_parameters(heads, n_channels, C, D, G):
+    """Exercise 1: the parameters S2FT trains in one layer with heads on q, k, v, o and channels on
+    gate, up, down, for the selected query heads `heads` and n_channels channels; width C, head
+    width D, G query heads per key/value head."""
+    return None  # your code here
+
+
+def check_every_target_parameters(every_target_parameters):
+    if every_target_parameters((0,), 1, 8, 4, 2) is None:
+        print("exercise 1: not answered yet")
+        return
+    cfg = load_pretrained(model_dir).config
+    G = cfg.n_heads // cfg.n_kv_heads
+    every = S2FTConfig(heads=1, channels=1, head_targets=("q", "k", "v", "o"),
+                       channel_targets=("gate", "up", "down"))
+    for heads, channels in (((0,), (3,)), ((0, 1), (1, 2)), ((0, G), ()), (tuple(range(cfg.n_heads)), (5,))):
+        expected = s2ft_parameter_count(cfg, every, selection={0: (heads, channels)})
+        got = every_target_parameters(heads, len(channels), cfg.hidden_size, cfg.head_dim, G)
+        assert got == expected, f"heads {heads}, {len(channels)} channels: {got}, expected {expected}"
+    print("exercise 1: correct")
+
+
+check_every_target_parameters(every_target_parameters)
+
+
+# %%
+def extended_lr(step, lr_max, old_steps, new_steps):
+    """Exercise 2: the learning rate of step `step` (from 0) of a run of old_steps steps extended to
+    new_steps with --extend, under finetune's default schedule (linear, no warm-up)."""
+    return None  # your code here
+
+
+def check_extended_lr(extended_lr):
+    if extended_lr(0, 1.0, 1, 2) is None:
+        print("exercise 2: not answered yet")
+        return
+    for step in (0, 30, 59, 60, 90, 119):
+        expected = Schedule(1e-2, 120)(step)
+        got = extended_lr(step, 1e-2, 60, 120)
+        assert abs(got - expected) <= 1e-15, f"step {step}: {got}, the re-planned schedule gives {expected}"
+    print("exercise 2: correct")
+
+
+check_extended_lr(extended_lr)
 
 # %%
 def lora_form(delta, columns, n_in):

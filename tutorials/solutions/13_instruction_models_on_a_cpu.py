@@ -102,3 +102,20 @@ def lora_form(delta, columns, n_in):
 
 A, B = lora_form(np.arange(6.0).reshape(3, 2), [2, 0], 4)
 print(B @ A)
+
+
+# %% [markdown]
+# ## The answers for the other check cells
+#
+# Per selected query head, D rows of Q and D columns of O; per key/value head that a selected head
+# reads, D rows of K and of V (whole: its G query heads share them); per channel, a row of Gate and
+# of Up and a column of Down. After `--extend` the schedule is the one a fresh 120-step run would
+# use, at every step: the old plan's total no longer matters.
+
+# %%
+def every_target_parameters(heads, n_channels, C, D, G):
+    return 2 * D * C * len(heads) + 2 * D * C * len({h // G for h in heads}) + 3 * C * n_channels
+
+
+def extended_lr(step, lr_max, old_steps, new_steps):
+    return lr_max * (new_steps - step) / new_steps
