@@ -10,13 +10,14 @@
 # %% [markdown]
 # # 06 · LoRA and PiSSA: low-rank updates, SVD initialisation, exact merging
 #
-# **What you will build.** LoRA (Hu et al. 2021, arXiv 2106.09685, eq. 3) freezes a weight W and
-# trains a low-rank update `ΔW = s · B A` instead: A is (R, I), B is (O, R), and R is small, so the
-# update costs R·(I + O) parameters instead of I·O. PiSSA (Meng et al. 2024, arXiv 2404.02948, §3)
-# keeps LoRA's form but initialises B and A from the top-R singular triplets of W and freezes the
-# rest as a residual. You will derive the adapter's backward, check it, see why LoRA starts
-# exactly at the base model, why its A receives no gradient at the first step while PiSSA's does,
-# and merge a trained adapter into the weight exactly.
+# **What you will build.** LoRA (Hu et al. 2021, arXiv 2106.09685, eq. 3) freezes a weight W of
+# shape (O, I) — O outputs, I inputs, the `[out, in]` layout of checkpoints — and trains a low-rank
+# update `ΔW = s · B A` instead: A is (R, I), B is (O, R), the rank R is small and s is a fixed
+# scaling, so the update costs R·(I + O) parameters instead of I·O. PiSSA (Meng et al. 2024,
+# arXiv 2404.02948, §3) keeps LoRA's form but initialises B and A from the top-R singular triplets
+# of W and freezes the rest as a residual. You will derive the adapter's backward, check it, see
+# why LoRA starts exactly at the base model, why its A receives no gradient at the first step while
+# PiSSA's does, and merge a trained adapter into the weight exactly.
 #
 # **Prerequisites.** Tutorials 01 (linear backward) and 04 (slots, AdamW).
 #

@@ -67,7 +67,8 @@ def show(fig, name: str) -> None:
 
 
 rng = np.random.default_rng(0)
-# 6 query heads sharing 2 key/value heads (G = 3 per group), head width D = 4, FFN width F = 16
+# width C = 24; H = 6 query heads sharing K = 2 key/value heads (G = H / K = 3 per group), head
+# width D = C / H = 4; FFN width F = 16
 config = ModelConfig(vocab_size=40, hidden_size=24, intermediate_size=16, n_layers=2, n_heads=6,
                      n_kv_heads=2)
 base = init_model(config, rng, dtype=np.float64, std=0.3)

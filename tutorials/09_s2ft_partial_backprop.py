@@ -63,10 +63,11 @@ rng = np.random.default_rng(0)
 # %% [markdown]
 # ## 1. The column-block slot
 #
-# For `y = x Wᵀ` the weight gradient is `dW = dyᵀ x`, so its columns a:b are `dyᵀ x[:, a:b]`
-# (tutorial 01). A `ColumnBlock` therefore keeps a contiguous copy of `x[:, a:b]` — N·S numbers
-# instead of N·I — and returns that block's gradient. It still returns the full `dx = dy W`,
-# because the layers below need it. A frozen dense slot keeps nothing at all.
+# For `y = x Wᵀ`, with x (N, I) — N tokens, I inputs — and W (O, I), the weight gradient is
+# `dW = dyᵀ x`, so its columns a:b, S = b − a of them, are `dyᵀ x[:, a:b]` (tutorial 01). A
+# `ColumnBlock` therefore keeps a contiguous copy of `x[:, a:b]` — N·S numbers instead of N·I — and
+# returns that block's gradient. It still returns the full `dx = dy W`, because the layers below
+# need it. A frozen dense slot keeps nothing at all.
 #
 # Two arguments below need a word. `ColumnBlock(W, segments, reference)`: `segments` are the
 # (start, end) column ranges that train (here columns 0:3), and `reference` is a copy of those

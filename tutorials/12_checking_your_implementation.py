@@ -10,17 +10,20 @@
 # %% [markdown]
 # # 12 · Checking your own implementation against the minift spec
 #
-# **What you will build.** A second, independent implementation of the low-rank methods (LoRA,
-# PiSSA, SORSA) and of S2FT's co-permutation, written from NumPy alone straight from the formulas
-# — the kind you would write in another framework — and the check that it is right: the minift
-# *spec*, a set of Hypothesis properties that state the methods' mathematics ("merging does not
-# change the output", "the regularizer is zero exactly for orthonormal factors", "block gradients
-# equal the full gradient restricted to the block") over a small documented interface. You will
-# run them against your implementation, watch them catch two plausible mistakes (a squared
-# regularizer, a co-permutation that forgets O) with a shrunk counterexample, and use the exported
-# test vectors, which need no Python at all.
+# **What you will build.** A second, independent implementation of the methods — LoRA, PiSSA,
+# SORSA, and S2FT with its co-permutation, its decoder and its partial backward — written from
+# NumPy alone straight from the formulas, the kind you would write in another framework, and the
+# check that it is right: the minift *spec*, a set of Hypothesis properties that state the
+# methods' mathematics ("merging does not change the output", "the regularizer is zero exactly for
+# orthonormal factors", "block gradients equal the full gradient restricted to the block") over a
+# small documented interface. You will run them against your port, watch them catch two plausible
+# mistakes (a squared regularizer, a co-permutation that forgets O) with a shrunk counterexample,
+# meet a shortcut no check of outputs can see (a partial backward that computes the full gradient
+# and slices it) and catch it by counting work, and check the port against the exported test
+# vectors, which need no Python at all.
 #
-# **Prerequisites.** Tutorials 06–07 (LoRA, PiSSA, SORSA); 08–09 for the S2FT properties.
+# **Prerequisites.** Tutorials 01–04 (the decoder's backward), 06–07 (LoRA, PiSSA, SORSA) and
+# 08–09 (S2FT's selection, co-permutation and partial backward).
 #
 # **Library functions explained here.** `minift.spec.interface.Implementation`,
 # `minift.spec.properties.PROPERTIES`, `minift.spec.reference` (the oracle), `minift.spec.export.outputs_of`,
@@ -271,7 +274,7 @@ class MyS2FT(MyLowRank):
 # Down (heads in selection order, each head's D columns; channels in selection order), in original
 # coordinates. Computing it needs the decoder's forward and backward, so the port carries its own:
 # a Llama-family decoder (RMSNorm, RoPE, grouped-query causal attention, SwiGLU, a tied or untied
-# head) in about sixty lines, each backward being the rule tutorials 01–04 derive. The spec's
+# head) in about 120 lines, each backward being the rule tutorials 01–04 derive. The spec's
 # reference decoder (`minift.spec.reference`, forward only) is the oracle it is checked against,
 # not a part of it.
 #
