@@ -174,6 +174,24 @@ small_act = S2FTConfig(heads=2, channels=3, strategy="activation", variant="smal
 print("activation, small:", select_units(base, small_act, calib))
 
 # %% [markdown]
+# A scored strategy is a few lines. For `weight`, a head's score is the Frobenius norm of its D
+# columns of O — reshape O (C, H·D) to (C, H, D) and take the norm over the first and last axes —
+# and the `large` variant keeps the n best, reported sorted. Written by hand, it picks what
+# `select_units` picks in every layer:
+
+# %%
+def heads_by_weight(o_weight, n, D):
+    """The n query heads whose O column blocks have the largest Frobenius norm, sorted."""
+    scores = np.linalg.norm(o_weight.reshape(o_weight.shape[0], -1, D), axis=(0, 2))  # (H,)
+    return tuple(sorted(np.argsort(-scores, kind="stable")[:n].tolist()))
+
+
+by_weight = select_units(base, S2FTConfig(heads=2, channels=3, strategy="weight"))
+for i, block in enumerate(base.blocks):
+    assert heads_by_weight(block.o.weight, 2, D) == by_weight[i][0], f"layer {i}"
+print("by hand, heads with the largest O columns:", [heads_by_weight(b.o.weight, 2, D) for b in base.blocks])
+
+# %% [markdown]
 # ## 3. Co-permutation: making the selection contiguous
 #
 # Training scattered columns would need masks or index arithmetic in every step. Instead S2FT
