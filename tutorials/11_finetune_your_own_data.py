@@ -214,9 +214,12 @@ assert max(peft.values()) < 0.2 * results["full"]["params"]
 assert max(peft.values()) < 1.2 * min(peft.values())  # matched budgets
 assert results["S2FT"]["memory"] < results["full"]["memory"]
 
-# %%
-# One step's loss is that of one batch of 8 and jumps from batch to batch, so the curves show a
+# %% [markdown]
+# The same runs as pictures: the training loss, the step memory and the held-out exact match. One
+# step's loss is that of one batch of 8 and jumps from batch to batch, so the curves show a
 # trailing mean: at step t, the mean of the losses of steps t−9 … t (fewer at the start).
+
+# %%
 def trailing_mean(x, window=10):
     c = np.cumsum(np.insert(x, 0, 0.0))
     lo = np.maximum(np.arange(1, len(x) + 1) - window, 0)

@@ -188,8 +188,9 @@ print("the squared regularizer passes the zero-at-orthonormal property: invarian
 # **selection** is a dict `{layer index: [ids]}` — one for the query heads (0 … H−1) and one for
 # the FFN channels (0 … F−1), both numbered as in the unmodified checkpoint. Those numbers are the
 # **original coordinates**: `copermute` reorders the rows and columns of a layer's matrices so
-# that the selected heads and channels sit at the front, and `unpermute` puts every number back
-# where the checkpoint had it.
+# that the selected channels sit at the front and the selected heads in as few contiguous runs as
+# grouped-query attention allows (one, unless more than two groups are partly selected), and
+# `unpermute` puts every number back where the checkpoint had it.
 #
 # What must move together (tutorial 08): query head h is rows h·D … (h+1)·D−1 of Q and the same
 # *columns* of O; key/value head g is the same rows of K and V, and serves the G = H/K query heads
