@@ -72,10 +72,10 @@ print("fused with (1, 0) equals A alone; (0.5, 0.5) covers", len(half.blocks["bl
       "down columns")
 
 # %% [markdown]
-# ## 3. Overlapping indices
+# ### The shared case
 #
 # The same seed selects the same columns; a longer run gives a different update on them. The
-# fused block on shared columns is the sum.
+# fused block on shared columns is the sum — what `fuse_columns` below computes by hand.
 
 # %%
 A_long = train_adapter(1, steps=40)
@@ -87,6 +87,12 @@ print("same columns: the fused delta is the sum of the two deltas")
 
 
 # %% [markdown]
+# ## 3. Merging by hand
+#
+# The adapter's indices are original coordinates, so the block is added to exactly those columns
+# of the base weight (`merge_columns` below); adding it to the first S columns, where the block sat
+# in the co-permuted model during training, would change the wrong columns.
+#
 # ## The answers for the tutorial's check cells
 
 # %%
