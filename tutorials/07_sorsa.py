@@ -151,11 +151,12 @@ assert g_plain > 1.0 > 10 * g_squared
 # unchanged at initialisation. `orthonormal_regularizer(model)` gives L_ortho and its gradient,
 # keyed like the model's gradients.
 #
-# The official training loop does not add L_ortho to the loss. It clips the task gradient first,
-# then adds `(γ / η_max) · ∇L_ortho` unclipped, and hands the sum to AdamW (γ the strength, η_max
-# the peak learning rate). That is a *gradient hook* the training step calls after clipping:
-# `hook(model, grads, lr_max=…, accum_steps=…)`. γ lives in one place, `SORSAConfig.gamma`;
-# `gradient_hook(config)` builds the hook (a `SORSARegularizer` holding that config) from it.
+# The official training loop does not add L_ortho (the paper calls it L_reg) to the loss. It clips
+# the task gradient first, then adds `(γ / η_max) · ∇L_ortho` unclipped, and hands the sum to AdamW
+# (γ the strength, η_max the peak learning rate). That is a *gradient hook* the training step
+# calls after clipping: `hook(model, grads, lr_max=…, accum_steps=…)`. γ lives in one place,
+# `SORSAConfig.gamma`; `gradient_hook(config)` builds the hook (a `SORSARegularizer` holding that
+# config) from it.
 # The factor the hook puts on ∇L_ortho, with n the number of micro-batches accumulated per step:
 #
 #     mode="faithful" (default):  c = γ / (η_max · n)   — what the official run did: its training
