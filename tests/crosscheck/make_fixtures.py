@@ -63,10 +63,10 @@ SPECS: dict[str, tuple[str, str, dict]] = {
 FIXTURE_SPECS = {"llama_gqa_llama3": torch.bfloat16, "gpt2": torch.float32}
 
 
-def build_hf_model(name: str, seed: int = 0) -> torch.nn.Module:
+def build_hf_model(name: str, seed: int = 0, *, vocab: int = VOCAB) -> torch.nn.Module:
     """A tiny transformers model of the named spec, every parameter random, eager attention, float32."""
     config_cls, model_cls, kwargs = SPECS[name]
-    config = getattr(transformers, config_cls)(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2,
+    config = getattr(transformers, config_cls)(vocab_size=vocab, bos_token_id=1, eos_token_id=2,
                                                attn_implementation="eager", **kwargs)
     model = getattr(transformers, model_cls)(config).eval()
     gen = torch.Generator().manual_seed(seed)
