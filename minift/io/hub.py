@@ -226,7 +226,7 @@ def config_from_hf(cfg: Mapping[str, Any], *, source: str = "config.json") -> Mo
 def _gemma3_from_hf(cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
     """The ModelConfig fields of a ``gemma3_text`` config (defaults already filled in)."""
     for key, ok in GEMMA3_REFUSED.items():
-        if cfg.get(key, ok) != ok:
+        if cfg.get(key) not in (None, ok):  # null is transformers' default for each of them
             raise ConfigError(f"{source}: {key}={cfg[key]!r} is not supported (minift computes Gemma 3 with "
                               f"{key}={json.dumps(ok)})")
     act = cfg["hidden_activation"]
