@@ -86,6 +86,17 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return w * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
 
 
+def gemma_rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """Gemma's RMSNorm: the weight is stored as an offset from 1, so it scales by (1 + w)."""
+    return rmsnorm(x, 1.0 + w, eps)
+
+
+def embedding_scale(config: dict[str, Any]) -> float:
+    """The factor of the token embedding: √C for Gemma 3 (transformers rounds it to float32 first: a
+    relative 1e-8, below every tolerance), 1 otherwise."""
+    return float(np.sqrt(config["hidden_size"])) if config["model_type"] == "gemma3_text" else 1.0
+
+
 def layernorm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
     mu = x.mean(-1, keepdims=True)
     var = ((x - mu) ** 2).mean(-1, keepdims=True)
@@ -205,8 +216,8 @@ def _gemma3_block(config: dict[str, Any], w: Weights, i: int, x: np.ndarray) -> 
     H, K = config["num_attention_heads"], config["num_key_value_heads"]
     bias = has_bias(config, "qkv_bias")
 
-    def norm(name: str, y: np.ndarray) -> np.ndarray:  # Gemma's RMSNorm scales by (1 + w)
-        return rmsnorm(y, 1.0 + w[f"{p}.{name}.weight"], eps)
+    def norm(name: str, y: np.ndarray) -> np.ndarray:
+        return gemma_rmsnorm(y, w[f"{p}.{name}.weight"], eps)
 
     h = norm("input_layernorm", x)
     q = norm("self_attn.q_norm", _heads(_linear(w, f"{p}.self_attn.q_proj", h, bias), H))
@@ -221,14 +232,11 @@ def _gemma3_block(config: dict[str, Any], w: Weights, i: int, x: np.ndarray) -> 
 
 
 def _llama_hidden(config: dict[str, Any], w: Weights, tokens: np.ndarray) -> np.ndarray:
-    x = w["model.embed_tokens.weight"][tokens]
+    x = w["model.embed_tokens.weight"][tokens] * embedding_scale(config)
     gemma = config["model_type"] == "gemma3_text"
-    if gemma:  # √C (transformers rounds it to float32 first: a relative 1e-8, below every tolerance)
-        x = x * np.sqrt(config["hidden_size"])
     for i in range(config["num_hidden_layers"]):
         x = (_gemma3_block if gemma else _llama_block)(config, w, i, x)
-    final = w["model.norm.weight"]
-    return rmsnorm(x, 1.0 + final if gemma else final, config["rms_norm_eps"])
+    return (gemma_rmsnorm if gemma else rmsnorm)(x, w["model.norm.weight"], config["rms_norm_eps"])
 
 
 def _conv1d(w: Weights, name: str, x: np.ndarray) -> np.ndarray:
