@@ -172,6 +172,11 @@ def test_the_transformers_4_and_5_spellings_read_as_the_same_config():
     assert config_from_hf(json.loads(json.dumps(config_to_hf(GEMMA)))) == GEMMA
 
 
+def test_a_multimodal_gemma3_config_reads_as_its_text_config():
+    assert config_from_hf({"model_type": "gemma3", "text_config": V5, "tie_word_embeddings": False}) == (
+        config_from_hf(V5 | {"tie_word_embeddings": False}))
+
+
 def test_missing_keys_take_the_defaults_of_transformers_gemma3_text_config():
     kept = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
     config = config_from_hf({k: V5[k] for k in kept} | {"num_attention_heads": 8})
@@ -190,7 +195,7 @@ def test_missing_keys_take_the_defaults_of_transformers_gemma3_text_config():
     ({"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 4.0}}}, "rope_type"),
     ({"rope_parameters": {"sliding_attention": {"rope_type": "linear", "factor": 2.0}}}, "sliding_attention"),
     ({"rope_parameters": {"rope_type": "default"}}, "rope_parameters"),
-    ({"model_type": "gemma3", "text_config": {}}, "gemma3_text"),
+    ({"model_type": "gemma3", "text_config": None}, "text_config"),
     ({"sliding_window_pattern": "6", "layer_types": None}, "sliding_window_pattern"),
 ])
 def test_what_minift_does_not_compute_is_refused_naming_the_key(changes, key):

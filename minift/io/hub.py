@@ -28,7 +28,9 @@ Gemma 3 (``gemma3_text``) applies it to the layers ``layer_types`` marks, else (
 own base: ``rope_parameters["sliding_attention"]`` (5) or ``rope_local_base_freq`` (4), while
 ``rope_parameters["full_attention"]`` or ``rope_theta`` with ``rope_scaling`` (4) apply to the others.
 Keys a Gemma 3 config.json leaves out take ``Gemma3TextConfig``'s defaults. Softcapping
-(``attn_logit_softcapping``, ``final_logit_softcapping``) and bidirectional attention are refused.
+(``attn_logit_softcapping``, ``final_logit_softcapping``) and bidirectional attention are refused. A
+multimodal ``gemma3`` folder is read as its decoder: ``text_config``, and the tensors under
+``language_model.model.`` (or ``model.language_model.``); the vision tower and projector are skipped.
 
 Name and layout rules (as transformers' ``modeling_llama.py`` and ``modeling_gpt2.py`` save them):
 - Llama family: ``model.layers.{i}.self_attn.q_proj.weight`` etc., PyTorch's [out, in] layout as minift.
@@ -96,6 +98,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 _LLAMA_NAMES = LLAMA_MODULES
 _GPT2_NAMES = GPT2_MODULES  # q, k, v live together in attn.c_attn
 _CONV1D = ("o", "up", "down")  # GPT-2 slots stored by Conv1D as [in, out]
+# The multimodal Gemma 3 (Gemma3ForConditionalGeneration) keeps its decoder under another prefix
+# (transformers 5: model.language_model., 4: language_model.model.) beside a vision tower, which is skipped.
+_MULTIMODAL_PREFIXES = {"model.language_model.": "model.", "language_model.model.": "model.",
+                        "language_model.lm_head.": "lm_head."}
+_VISION = re.compile(r"(model\.)?(vision_tower|multi_modal_projector)\..*")
 _SKIPPED = {  # buffers that are not parameters, matched by their whole name
     "llama": re.compile(r"model\.layers\.[0-9]+\.self_attn\.rotary_emb\.inv_freq"),
     "gpt2": re.compile(r"transformer\.h\.[0-9]+\.attn\.(masked_)?bias"),
@@ -165,10 +172,13 @@ def config_from_hf(cfg: Mapping[str, Any], *, source: str = "config.json") -> Mo
     """Map a Hugging Face ``config.json`` dict onto ``ModelConfig``; unsupported settings are errors."""
     check_hf_config(cfg, source)  # types and ranges first: nothing below coerces or allocates
     model_type = cfg.get("model_type")
-    if model_type == "gemma3":
-        raise ConfigError(f"{source}: model_type 'gemma3' is the multimodal Gemma 3 (a vision tower beside "
-                          "text_config); minift reads the text-only Gemma3ForCausalLM, model_type "
-                          "'gemma3_text' (e.g. gemma-3-270m, gemma-3-1b)")
+    if model_type == "gemma3":  # the multimodal model: its decoder is text_config, the vision tower is left
+        text = cfg.get("text_config")
+        if not isinstance(text, dict):
+            raise ConfigError(f"{source}: a gemma3 (multimodal) config needs its decoder in 'text_config', "
+                              f"a JSON object; got {text!r}")
+        tie = {"tie_word_embeddings": cfg["tie_word_embeddings"]} if "tie_word_embeddings" in cfg else {}
+        return config_from_hf(text | tie | {"model_type": "gemma3_text"}, source=f"{source}: text_config")
     if model_type not in _ARCH_OF:
         raise ConfigError(f"{source}: unsupported architecture model_type={model_type!r}; minift supports "
                           f"{', '.join(_ARCH_OF)}")
@@ -619,9 +629,10 @@ def _canonical(config: ModelConfig, name: str) -> str:
     return name
 
 
-def _locate_tensors(config: ModelConfig, files: Mapping[Path, set[str] | None]
+def _locate_tensors(config: ModelConfig, files: Mapping[Path, set[str] | None], *, multimodal: bool = False
                     ) -> dict[str, tuple[Path, str, TensorInfo]]:
     """Check every file's tensors against the config; return HF name → (file, name in file, info).
+    ``multimodal``: a Gemma 3 folder with a vision tower; only its decoder's tensors are read.
 
     Raises CheckpointError for a corrupt header, a tensor the index puts elsewhere, a duplicate, an
     unexpected or missing tensor, a wrong shape or a non-float dtype, naming the file and the key.
@@ -638,6 +649,12 @@ def _locate_tensors(config: ModelConfig, files: Mapping[Path, set[str] | None]
                                   f"listed but absent {missing[:5]}, present but not listed {extra[:5]}")
         for name, info in infos.items():
             key = _canonical(config, name)
+            if multimodal:
+                if _VISION.fullmatch(key):
+                    continue
+                prefix = next((p for p in _MULTIMODAL_PREFIXES if key.startswith(p)), None)
+                if prefix is not None:
+                    key = _MULTIMODAL_PREFIXES[prefix] + key[len(prefix):]
             if skipped.fullmatch(key):
                 continue
             if key in found:
@@ -691,7 +708,7 @@ def load_pretrained(path: str | os.PathLike[str], *, dtype: Any = np.float32, xp
                  if e not in config.eos_token_id]
         config = config.replace(eos_token_id=(*config.eos_token_id, *extra))
 
-    found = _locate_tensors(config, _weight_files(folder))
+    found = _locate_tensors(config, _weight_files(folder), multimodal=hf_config.get("model_type") == "gemma3")
     arrays = {key: read_tensor(file, info, dtype) for key, (file, _, info) in found.items()}
     for key, (file, name, _) in found.items():
         check_finite(file, name, arrays[key])
