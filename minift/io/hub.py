@@ -319,8 +319,12 @@ def _windows_to_hf(config: ModelConfig) -> dict[str, Any]:
             raise ConfigError("a mistral config.json applies sliding_window to every layer or none: it "
                               f"cannot express layer_types={types}")
         return {"sliding_window": c.sliding_window}
-    if c.arch == "gemma3":
-        return {"sliding_window": c.sliding_window, "layer_types": types}
+    if c.arch == "gemma3":  # transformers 4.50-4.52 read only the pattern: every P-th layer global
+        patterns = [P for P in range(1, c.n_layers + 2)
+                    if types == ["full_attention" if (i + 1) % P == 0 else "sliding_attention"
+                                 for i in range(c.n_layers)]]
+        pattern = {"sliding_window_pattern": patterns[0]} if patterns else {}
+        return {"sliding_window": c.sliding_window, "layer_types": types} | pattern
     if c.arch in ("qwen2", "qwen3"):
         n_full = types.index("sliding_attention") if "sliding_attention" in types else c.n_layers
         return {"use_sliding_window": c.sliding_window is not None, "sliding_window": c.sliding_window,
