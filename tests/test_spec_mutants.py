@@ -53,9 +53,9 @@ class PatchedDecoder(MiniftImplementation):
             return reference.loss(self.edit(dict(config)), weights, tokens, targets), grads
 
 
-def _interleaved_rope(x, config):  # pairs (2i, 2i + 1) instead of (i, i + D/2)
+def _interleaved_rope(x, config, layer=0):  # pairs (2i, 2i + 1) instead of (i, i + D/2)
     T = x.shape[2]
-    angle = np.arange(T)[:, None] * reference.inv_freq(config)[None]
+    angle = np.arange(T)[:, None] * reference.inv_freq(config, layer)[None]
     cos, sin = np.cos(angle), np.sin(angle)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     out = np.empty_like(x)
@@ -145,15 +145,15 @@ def _loss_per_sequence_mean(config, weights, tokens, targets):
     return float(np.mean(-(picked * keep).sum(1) / keep.sum(1)))  # mean of each sequence's mean
 
 
-def _llama3_scales_every_band(config):
+def _llama3_scales_every_band(config, layer=0):
     scaling = config.get("rope_scaling") or {}
     if scaling.get("rope_type") != "llama3":
-        return _true_inv_freq(config)
-    return _true_inv_freq(config | {"rope_scaling": None}) / scaling["factor"]
+        return _true_inv_freq(config, layer)
+    return _true_inv_freq(config | {"rope_scaling": None}, layer) / scaling["factor"]
 
 
-def _linear_scaling_multiplies(config):
-    inv = _true_inv_freq(config)
+def _linear_scaling_multiplies(config, layer=0):  # Gemma 3 keeps its scaling in rope_parameters
+    inv = _true_inv_freq(config, layer)
     scaling = config.get("rope_scaling") or {}
     return inv * scaling["factor"] ** 2 if scaling.get("rope_type") == "linear" else inv
 
