@@ -1,4 +1,4 @@
-"""Model configuration for the Llama family (Llama, Mistral, Qwen2, Qwen3) and GPT-2.
+"""Model configuration for the Llama family (Llama, Mistral, Qwen2, Qwen3), Gemma 3 (text) and GPT-2.
 
 Field names follow the shape alphabet of ``minift/__init__.py``. Reading and writing Hugging Face
 ``config.json`` files lives in ``minift.io.hub``; this module only states and checks the architecture.
@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from minift.errors import ConfigError
 
-Arch = Literal["llama", "mistral", "qwen2", "qwen3", "gpt2"]
-ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
+Arch = Literal["llama", "mistral", "qwen2", "qwen3", "gemma3", "gpt2"]
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "gpt2")
 LAYER_TYPES = ("full_attention", "sliding_attention")  # Hugging Face's names, kept as they are
 RopeKind = Literal["default", "linear", "llama3"]
 
@@ -102,6 +102,11 @@ class ModelConfig:
 
     ``n_kv_heads`` and ``head_dim`` may be left as None and are then resolved to H and C // H.
     GPT-2 (``arch="gpt2"``) uses LayerNorm, learned positions, tanh-GELU and biases everywhere.
+    Gemma 3 (``arch="gemma3"``, Hugging Face's ``gemma3_text``) differs from Llama in fixed ways that
+    the properties below name: RMSNorms scale by (1 + w), the embedding is scaled by √C, the MLP is
+    GeGLU with the tanh GELU, a second norm follows attention and the MLP before each residual add,
+    and every layer has q/k norms; its settings are the attention scale ``query_pre_attn_scalar`` and
+    the RoPE base of its sliding-window layers ``rope_local_theta``.
     """
 
     vocab_size: int  # V
@@ -127,6 +132,9 @@ class ModelConfig:
     sliding_window: int | None = None  # W: a query sees only the W most recent keys, itself included
     layer_types: tuple[str, ...] = ()  # per layer "full_attention"/"sliding_attention"; () = every
     # layer sliding when ``sliding_window`` is set (Mistral), else every layer full
+    query_pre_attn_scalar: float | None = None  # attention scale 1/√s (Gemma 3); None: 1/√D
+    rope_local_theta: float | None = None  # RoPE base θ of sliding-window layers, unscaled (Gemma 3);
+    # None: those layers rotate as the others (rope_theta, rope_scaling)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -183,6 +191,7 @@ class ModelConfig:
             if not (self.qkv_bias and self.o_bias and self.mlp_bias):
                 raise ConfigError("GPT-2 has biases on every projection: set qkv_bias, o_bias, mlp_bias")
         self._validate_windows()
+        self._validate_gemma()
         if self.norm_eps < 0:
             raise ConfigError(f"norm_eps must be >= 0, got {self.norm_eps}")
         if self.rope_theta <= 0:
@@ -212,11 +221,40 @@ class ModelConfig:
         if self.arch == "gpt2" and (W is not None or self.qk_norm):
             raise ConfigError("GPT-2 has neither a sliding window nor q/k norms")
 
+    def _validate_gemma(self) -> None:
+        s, local = self.query_pre_attn_scalar, self.rope_local_theta
+        if s is not None and not (is_finite(s) and F32_TINY <= s <= F32_MAX):
+            raise ConfigError(f"query_pre_attn_scalar must be a positive number float32 holds, got {s!r}")
+        if local is not None and not (is_finite(local) and F32_TINY <= local <= F32_MAX):
+            raise ConfigError(f"rope_local_theta must be a positive number float32 holds, got {local!r}")
+        if self.arch == "gemma3" and not self.qk_norm:
+            raise ConfigError("Gemma 3 has q/k norms in every layer: qk_norm must be true")
+        if self.arch == "gpt2" and (s is not None or local is not None):
+            raise ConfigError("GPT-2 has neither query_pre_attn_scalar nor rope_local_theta")
+
     def window(self, layer: int) -> int | None:
         """The sliding-window width of one layer, or None where it attends to every past position."""
         if self.layer_types:
             return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
         return self.sliding_window
+
+    def rope(self, layer: int) -> tuple[float, RopeScaling]:
+        """The RoPE base θ and scaling of one layer: sliding-window layers of a config with
+        ``rope_local_theta`` rotate by that base, unscaled; every other layer by rope_theta, rope_scaling."""
+        if self.rope_local_theta is not None and self.window(layer) is not None:
+            return self.rope_local_theta, RopeScaling()
+        return self.rope_theta, self.rope_scaling
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor of q·k before the softmax: 1/√query_pre_attn_scalar (Gemma 3), else 1/√D."""
+        assert self.head_dim is not None
+        return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def gemma(self) -> bool:
+        """Gemma 3's block: (1 + w) norms, √C-scaled embeddings, GeGLU, norms after attention and MLP."""
+        return self.arch == "gemma3"
 
     @property
     def uses_rope(self) -> bool:

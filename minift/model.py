@@ -6,6 +6,12 @@ Llama family (Llama, Mistral, Qwen2, Qwen3), per block:
     x = x + o(attention(q, k, v))        (Qwen3: q, k = rope(q_norm(q)), rope(k_norm(k)) per head)
     h = norm(x);  x = x + down(silu(gate(h)) ⊙ up(h))          (GPT-2: down(gelu(up(h))))
 
+Gemma 3 starts from x = E[ids]·√C, scales every norm by (1 + w), has q/k norms, and normalises each
+branch's output again before the residual add (``post_attn_norm``, ``post_mlp_norm``):
+
+    x = x + post_attn_norm(o(attention(rope(q_norm(q)), rope(k_norm(k)), v)))
+    x = x + post_mlp_norm(down(gelu(gate(h)) ⊙ up(h))),   h = mlp_norm(x)
+
 then logits = lm_head(norm(x)), or x Eᵀ with tied embeddings. Every projection is a linear slot
 (``minift.slots``), so fine-tuning methods change what the slots keep and return, never this file.
 
@@ -31,6 +37,7 @@ from minift.config import ModelConfig
 from minift.errors import DataError, ShapeError
 from minift.layers.attention import AttentionCache, attention_backward, attention_forward, causal_mask
 from minift.layers.cross_entropy import IGNORE_INDEX, cross_entropy_backward, cross_entropy_forward
+from minift.layers.geglu import GeGLUCache, geglu_backward, geglu_forward
 from minift.layers.gelu import gelu_backward, gelu_forward
 from minift.layers.linear import linear_backward_input, linear_backward_weight, linear_forward
 from minift.layers.rope import rope_backward, rope_forward, rope_tables
@@ -87,12 +94,15 @@ class Block:
     gate: LinearSlot | None  # (F, C); None for GPT-2's GELU MLP
     up: LinearSlot  # (F, C)
     down: LinearSlot  # (C, F)
-    q_norm: Norm | None = None  # (D,) Qwen3: RMSNorm of each query head, shared by all heads
+    q_norm: Norm | None = None  # (D,) Qwen3, Gemma 3: RMSNorm of each query head, shared by all heads
     k_norm: Norm | None = None  # (D,) and of each key head
+    post_attn_norm: Norm | None = None  # (C,) Gemma 3: the attention branch's output, before the add
+    post_mlp_norm: Norm | None = None  # (C,) Gemma 3: the MLP branch's output, before the add
 
     def norms(self) -> Iterator[tuple[str, Norm]]:
-        """(name, norm) for each norm present: attn_norm, mlp_norm, then q_norm and k_norm if any."""
-        for name in ("attn_norm", "mlp_norm", "q_norm", "k_norm"):
+        """(name, norm) for each norm present: attn_norm, mlp_norm, then q_norm, k_norm, post_attn_norm
+        and post_mlp_norm if any."""
+        for name in ("attn_norm", "mlp_norm", "q_norm", "k_norm", "post_attn_norm", "post_mlp_norm"):
             norm = getattr(self, name)
             if norm is not None:
                 yield name, norm
@@ -136,10 +146,12 @@ class BlockCache:
     mlp_norm: Any
     gate: Any
     up: Any
-    act: SwiGLUCache | Array | None  # gate/up pre-activations (silu is recomputed), or GELU's input
+    act: SwiGLUCache | GeGLUCache | Array | None  # gate/up pre-activations, or GELU's input
     down: Any
-    q_norm: Any = None  # the q/k norms' caches (Qwen3)
+    q_norm: Any = None  # the q/k norms' caches (Qwen3, Gemma 3)
     k_norm: Any = None
+    post_attn_norm: Any = None  # the post-norms' caches (Gemma 3)
+    post_mlp_norm: Any = None
 
 
 @dataclass(eq=False)
@@ -154,7 +166,7 @@ class BlockCheckpoint:
 class ModelCache(NamedTuple):
     tokens: Array  # (B, T) integer
     positions: Array  # (B, T) integer
-    rope: tuple[Array, Array] | None  # cos, sin (B, 1, T, D); None for GPT-2
+    rope: dict[Any, tuple[Array, Array]] | None  # cos, sin (B, 1, T, D) by (θ, scaling); None for GPT-2
     blocks: list[BlockCache | BlockCheckpoint | None]  # None below the lowest trainable block
     final_norm: Any
     x_final: Array  # (N, C) normalised final hidden state, kept for the LM head's weight gradient
@@ -201,9 +213,10 @@ def init_model(
     def zeros_if(flag: bool, n: int) -> Array | None:
         return xp.zeros(n, dtype=dtype) if flag else None
 
-    def norm() -> Norm:
+    def norm(n: int = C, *, per_head: bool = False) -> Norm:  # unit scale: w = 1, or w = 0 under 1 + w
         bias = xp.zeros(C, dtype=dtype) if c.arch == "gpt2" else None
-        return Norm(xp.ones(C, dtype=dtype), bias, c.norm_eps)
+        weight = (xp.zeros if c.gemma else xp.ones)(n, dtype=dtype)
+        return Norm(weight, bias, c.norm_eps, per_head=per_head, unit_offset=c.gemma)
 
     blocks = [
         Block(
@@ -211,8 +224,10 @@ def init_model(
             mlp_norm=norm(),
             **{name: None for name in SLOT_NAMES}
             | {name: Dense(normal(o, i), zeros_if(bias, o)) for name, (o, i, bias) in slots.items()},
-            q_norm=Norm(xp.ones(c.head_dim, dtype=dtype), None, c.norm_eps) if c.qk_norm else None,
-            k_norm=Norm(xp.ones(c.head_dim, dtype=dtype), None, c.norm_eps) if c.qk_norm else None,
+            q_norm=norm(c.head_dim, per_head=True) if c.qk_norm else None,
+            k_norm=norm(c.head_dim, per_head=True) if c.qk_norm else None,
+            post_attn_norm=norm() if c.gemma else None,
+            post_mlp_norm=norm() if c.gemma else None,
         )
         for _ in range(c.n_layers)
     ]
@@ -327,8 +342,8 @@ def block_forward(
     v, c_v = block.v.forward(h, keep=keep, rng=rng)
     c_qn = c_kn = None
     if block.q_norm is not None and block.k_norm is not None:  # over each head's D values
-        q, c_qn = block.q_norm.forward(q.reshape(B * T * H, D), keep=keep)
-        k, c_kn = block.k_norm.forward(k.reshape(B * T * K, D), keep=keep)
+        q, c_qn = block.q_norm.forward(q, keep=keep)
+        k, c_kn = block.k_norm.forward(k, keep=keep)
     q = q.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
     k = k.reshape(B, T, K, D).transpose(0, 2, 1, 3)  # (B, K, T, D)
     v = v.reshape(B, T, K, D).transpose(0, 2, 1, 3)
@@ -337,23 +352,47 @@ def block_forward(
     if past is not None:
         k = xp.concatenate([past[0], k], axis=2)  # (B, K, S, D)
         v = xp.concatenate([past[1], v], axis=2)
-    a, c_att = attention_forward(q, k, v, allowed)  # (B, H, T, D)
+    a, c_att = attention_forward(q, k, v, allowed, scale=config.attention_scale)  # (B, H, T, D)
     a = a.transpose(0, 2, 1, 3).reshape(B * T, H * D)  # (N, H·D)
     y, c_o = block.o.forward(a, keep=keep, rng=rng)
+    c_pa = None
+    if block.post_attn_norm is not None:
+        y, c_pa = block.post_attn_norm.forward(y, keep=keep)
     x = x + y
 
     h, c_n2 = block.mlp_norm.forward(x, keep=keep)
     u, c_u = block.up.forward(h, keep=keep, rng=rng)  # (N, F)
     if block.gate is not None:
         g, c_g = block.gate.forward(h, keep=keep, rng=rng)
-        m, c_act = swiglu_forward(g, u)
+        m, c_act = _glu(config)[0](g, u)
     else:
         c_g, m, c_act = None, gelu_forward(u), u
     y, c_d = block.down.forward(m, keep=keep, rng=rng)  # (N, C)
+    c_pm = None
+    if block.post_mlp_norm is not None:
+        y, c_pm = block.post_mlp_norm.forward(y, keep=keep)
     x = x + y
     if not keep:
         return x, None, (k, v)
-    return x, BlockCache(c_n1, c_q, c_k, c_v, c_att, c_o, c_n2, c_g, c_u, c_act, c_d, c_qn, c_kn), (k, v)
+    cache = BlockCache(c_n1, c_q, c_k, c_v, c_att, c_o, c_n2, c_g, c_u, c_act, c_d, c_qn, c_kn, c_pa, c_pm)
+    return x, cache, (k, v)
+
+
+def _glu(config: ModelConfig) -> tuple[Any, Any]:
+    """The gated MLP's non-linearity, as a forward/backward pair: GeGLU (Gemma 3) or SwiGLU (Llama)."""
+    return (geglu_forward, geglu_backward) if config.gemma else (swiglu_forward, swiglu_backward)
+
+
+def embed_scale(config: ModelConfig, dtype: Any) -> Array | None:
+    """Gemma 3's embedding multiplier √C, or None. transformers keeps it as a float32 scalar and casts
+    it to the weights' dtype, so it is rounded to float32 first here too (bf16 would round it again).
+
+    Shapes:
+        returns: () of ``dtype``
+    """
+    if not config.gemma:
+        return None
+    return np.float32(config.hidden_size**0.5).astype(dtype)
 
 
 def model_forward(
@@ -397,10 +436,15 @@ def model_forward(
     lowest = lowest_trainable_block(model) if train else len(model.blocks)
 
     x = model.embed.forward(tokens)  # (B, T, C)
-    rope = None
-    if c.uses_rope:
-        rope = rope_tables(positions, c.head_dim, c.rope_theta, c.rope_scaling)
-        rope = (rope[0].astype(x.dtype), rope[1].astype(x.dtype))
+    scale = embed_scale(c, x.dtype)
+    if scale is not None:
+        x = x * scale
+    ropes = None
+    if c.uses_rope:  # one table per distinct (θ, scaling): Gemma 3's sliding layers have their own
+        ropes = {}
+        for theta, scaling in {c.rope(i) for i in range(c.n_layers)}:
+            cos, sin = rope_tables(positions, c.head_dim, theta, scaling)
+            ropes[theta, scaling] = (cos.astype(x.dtype), sin.astype(x.dtype))
     else:
         assert model.pos_embed is not None
         n_pos = model.pos_embed.weight.shape[0]
@@ -420,6 +464,7 @@ def model_forward(
         saved = BlockCheckpoint(x, _rng_state(rng)) if keep and checkpoint else None
         # A checkpointed block still runs in training mode (keep=True: e.g. dropout is drawn), and its
         # cache is dropped at once: only one block's cache exists at a time.
+        rope = None if ropes is None else ropes[c.rope(i)]
         x, cache, (k, v) = block_forward(block, x, (B, T), rope, allowed, c, keep=keep, rng=rng, past=kv)
         caches.append(cache if saved is None else saved)
         del cache
@@ -434,7 +479,7 @@ def model_forward(
     logits = logits.reshape(B, T, -1)  # (B, T, V)
     if not train:
         return logits, None
-    return logits, ModelCache(tokens, positions, rope, caches, c_fn, x, c_head, lowest, masks)
+    return logits, ModelCache(tokens, positions, ropes, caches, c_fn, x, c_head, lowest, masks)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -473,11 +518,15 @@ def block_backward(
     B, T = shape
     H, K, D = config.n_heads, config.n_kv_heads, config.head_dim
 
-    # MLP: x = x + down(act(gate(h), up(h))),  h = mlp_norm(x)
-    dm, g = block.down.backward(dx, _take(cache, "down"))
+    # MLP: x = x + post_mlp_norm(down(act(gate(h), up(h)))),  h = mlp_norm(x); no post-norm but Gemma's
+    dy = dx
+    if block.post_mlp_norm is not None:
+        dy, g = block.post_mlp_norm.backward(dx, _take(cache, "post_mlp_norm"))
+        _collect(grads, f"{prefix}.post_mlp_norm", g)
+    dm, g = block.down.backward(dy, _take(cache, "down"))
     _collect(grads, f"{prefix}.down", g)
     if block.gate is not None:
-        dg, du = swiglu_backward(dm, _take(cache, "act"))
+        dg, du = _glu(config)[1](dm, _take(cache, "act"))
         dh, g = block.gate.backward(dg, _take(cache, "gate"))
         _collect(grads, f"{prefix}.gate", g)
     else:
@@ -489,8 +538,12 @@ def block_backward(
     _collect(grads, f"{prefix}.mlp_norm", g)
     dx = dx + dn  # the residual carries dx past the MLP
 
-    # attention: x = x + o(attention(rope(q(h)), rope(k(h)), v(h))),  h = attn_norm(x)
-    da, g = block.o.backward(dx, _take(cache, "o"))
+    # attention: x = x + post_attn_norm(o(attention(rope(q(h)), rope(k(h)), v(h)))),  h = attn_norm(x)
+    dy = dx
+    if block.post_attn_norm is not None:
+        dy, g = block.post_attn_norm.backward(dx, _take(cache, "post_attn_norm"))
+        _collect(grads, f"{prefix}.post_attn_norm", g)
+    da, g = block.o.backward(dy, _take(cache, "o"))
     _collect(grads, f"{prefix}.o", g)
     da = da.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
     dq, dk, dv = attention_backward(da, _take(cache, "attn"))
@@ -501,11 +554,10 @@ def block_backward(
     dq = dq.transpose(0, 2, 1, 3).reshape(B * T, H * D)  # (N, H·D)
     dk = dk.transpose(0, 2, 1, 3).reshape(B * T, K * D)  # (N, K·D)
     if block.q_norm is not None and block.k_norm is not None:
-        dq, g = block.q_norm.backward(dq.reshape(B * T * H, D), cache.q_norm)
+        dq, g = block.q_norm.backward(dq, _take(cache, "q_norm"))
         _collect(grads, f"{prefix}.q_norm", g)
-        dk, g = block.k_norm.backward(dk.reshape(B * T * K, D), cache.k_norm)
+        dk, g = block.k_norm.backward(dk, _take(cache, "k_norm"))
         _collect(grads, f"{prefix}.k_norm", g)
-        dq, dk = dq.reshape(B * T, H * D), dk.reshape(B * T, K * D)
     dv = dv.transpose(0, 2, 1, 3).reshape(B * T, K * D)
     need_dh = need_dx or block.attn_norm.requires_grad
     dh = None
@@ -600,7 +652,7 @@ def blocks_backward(
         elif isinstance(entry, BlockCache):
             entry = copy.copy(entry)  # the backward empties the copy, the cache keeps its entries
         need_dx = i > cache.lowest or need_embed
-        args = ((B, T), cache.rope)
+        args = ((B, T), None if cache.rope is None else cache.rope[c.rope(i)])
         if isinstance(entry, BlockCheckpoint):
             assert cache.masks is not None
             dx = checkpointed_block_backward(model.blocks[i], dx, entry, *args, cache.masks[c.window(i)], c,
@@ -612,7 +664,8 @@ def blocks_backward(
         return grads
     assert dx is not None
     dx = dx.reshape(B, T, -1)
-    for name, g in model.embed.backward(dx, cache.tokens).items():
+    scale = embed_scale(c, dx.dtype)  # x = E[ids]·√C
+    for name, g in model.embed.backward(dx if scale is None else dx * scale, cache.tokens).items():
         key = f"embed.{name}"
         grads[key] = grads[key] + g if key in grads else g
     if model.pos_embed is not None:

@@ -22,6 +22,7 @@ import numpy as np
 
 from minift.backend import Array
 from minift.layers.embedding import embedding_backward, embedding_forward
+from minift.layers.headnorm import head_rmsnorm_backward, head_rmsnorm_forward
 from minift.layers.layernorm import layernorm_backward, layernorm_forward
 from minift.layers.linear import (
     linear_backward_bias,
@@ -118,18 +119,31 @@ class Dense(WeightShape):
 
 @dataclass(eq=False)
 class Norm:
-    """RMSNorm weight (Llama family); ``bias`` is set only for LayerNorm (GPT-2)."""
+    """RMSNorm weight (Llama family); ``bias`` is set only for LayerNorm (GPT-2).
 
-    weight: Array  # (C,)
+    ``per_head``: the weight (D,) normalises each head of an (N, H·D) input on its own (q/k norms).
+    ``unit_offset``: the norm scales by (1 + w) instead of w (Gemma; its checkpoints store w, and a
+    zero w is the identity scale). Since d(1 + w)/dw = 1, the gradient of w is that of the scale.
+    """
+
+    weight: Array  # (C,), or (D,) per head
     bias: Array | None = None  # (C,) LayerNorm only
     eps: float = 1e-6
     requires_grad: bool = False
+    per_head: bool = False
+    unit_offset: bool = False
+
+    def scale(self) -> Array:
+        """The effective scale: w, or 1 + w with ``unit_offset``."""
+        return self.weight + 1.0 if self.unit_offset else self.weight
 
     def forward(self, x: Array, *, keep: bool) -> tuple[Array, Any]:
         if self.bias is not None:
             y, cache = layernorm_forward(x, self.weight, self.bias, self.eps)
+        elif self.per_head:
+            y, cache = head_rmsnorm_forward(x, self.scale(), self.eps)
         else:
-            y, cache = rmsnorm_forward(x, self.weight, self.eps)
+            y, cache = rmsnorm_forward(x, self.scale(), self.eps)
         return y, (cache if keep else None)
 
     def backward(self, dy: Array, cache: Any) -> tuple[Array, Grads]:
@@ -137,7 +151,8 @@ class Norm:
             dx, dw, db = layernorm_backward(dy, cache, self.weight)
             grads = {"weight": dw, "bias": db}
         else:
-            dx, dw = rmsnorm_backward(dy, cache, self.weight)
+            backward = head_rmsnorm_backward if self.per_head else rmsnorm_backward
+            dx, dw = backward(dy, cache, self.scale())
             grads = {"weight": dw}
         return dx, (grads if self.requires_grad else {})
 

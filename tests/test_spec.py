@@ -66,7 +66,8 @@ def test_the_spec_runs_from_the_command_line_against_any_module(tmp_path):
 def test_exported_vectors_are_self_contained_and_cover_every_family(tmp_path):
     folders = export_vectors(tmp_path)
     names = {f.name for f in folders}
-    assert names >= {"decoder_mha", "decoder_gqa", "decoder_gpt2", "decoder_causality", "s2ft_copermute_mha",
+    assert names >= {"decoder_mha", "decoder_gqa", "decoder_gpt2", "decoder_qwen3_window", "decoder_gemma3",
+                     "decoder_causality", "s2ft_copermute_mha",
                      "s2ft_copermute_gqa", "s2ft_block_grads_gqa", "lora", "pissa_init", "sorsa_split",
                      "sorsa_forward_merge", "sorsa_regularizer"}
     readme = (tmp_path / "README.md").read_text()
@@ -113,7 +114,7 @@ def test_minift_spec_export_writes_the_vectors_from_the_command_line(tmp_path, c
     from minift.tools.cli import main
 
     assert main(["spec", "export", str(tmp_path / "vectors")]) == 0
-    assert "wrote 13 cases" in capsys.readouterr().out
+    assert "wrote 15 cases" in capsys.readouterr().out
     assert (tmp_path / "vectors" / "sorsa_regularizer" / "case.json").is_file()
     assert (tmp_path / "vectors" / "check.py").is_file()
 

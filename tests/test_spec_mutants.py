@@ -53,9 +53,9 @@ class PatchedDecoder(MiniftImplementation):
             return reference.loss(self.edit(dict(config)), weights, tokens, targets), grads
 
 
-def _interleaved_rope(x, config):  # pairs (2i, 2i + 1) instead of (i, i + D/2)
+def _interleaved_rope(x, config, layer=0):  # pairs (2i, 2i + 1) instead of (i, i + D/2)
     T = x.shape[2]
-    angle = np.arange(T)[:, None] * reference.inv_freq(config)[None]
+    angle = np.arange(T)[:, None] * reference.inv_freq(config, layer)[None]
     cos, sin = np.cos(angle), np.sin(angle)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     out = np.empty_like(x)
@@ -94,8 +94,37 @@ def _wrong_scale(q, k, v, scale, mask):  # 1/√(C/H) for C = 8, H = 4 or 2 inst
     return _true_attention(q, k, v, 1.0 / np.sqrt(8 / q.shape[1]), mask)
 
 
-def _peeking_mask(T):
+def _peeking_mask(T, W=None):
     return np.tril(np.ones((T, T), dtype=bool), k=1)
+
+
+def _window_one_wider(config, layer):  # i − W ≤ j ≤ i: W + 1 keys
+    W = _true_window(config, layer)
+    return None if W is None else W + 1
+
+
+_true_window = reference.window
+
+
+def _gemma_scale_by_w(x, w, eps):  # Gemma's norm ported as Llama's
+    return reference.rmsnorm(x, w, eps)
+
+
+def _same_rope_everywhere(config):  # Gemma 3's sliding layers rotated by the global layers' RoPE
+    params = config.get("rope_parameters") or {}
+    if "full_attention" not in params:
+        return config
+    return config | {"rope_parameters": {t: params["full_attention"] for t in params}}
+
+
+def _scale_from_head_dim(config):  # Gemma 3's scale read as 1/√head_dim
+    gemma = "query_pre_attn_scalar" in config
+    return config | {"query_pre_attn_scalar": config["head_dim"]} if gemma else config
+
+
+def _window_everywhere(config):  # the window applied to every layer, layer_types ignored
+    types = config.get("layer_types")
+    return config if types is None else config | {"layer_types": ["sliding_attention"] * len(types)}
 
 
 def _loss_over_all_positions(config, weights, tokens, targets):
@@ -116,15 +145,15 @@ def _loss_per_sequence_mean(config, weights, tokens, targets):
     return float(np.mean(-(picked * keep).sum(1) / keep.sum(1)))  # mean of each sequence's mean
 
 
-def _llama3_scales_every_band(config):
+def _llama3_scales_every_band(config, layer=0):
     scaling = config.get("rope_scaling") or {}
     if scaling.get("rope_type") != "llama3":
-        return _true_inv_freq(config)
-    return _true_inv_freq(config | {"rope_scaling": None}) / scaling["factor"]
+        return _true_inv_freq(config, layer)
+    return _true_inv_freq(config | {"rope_scaling": None}, layer) / scaling["factor"]
 
 
-def _linear_scaling_multiplies(config):
-    inv = _true_inv_freq(config)
+def _linear_scaling_multiplies(config, layer=0):  # Gemma 3 keeps its scaling in rope_parameters
+    inv = _true_inv_freq(config, layer)
     scaling = config.get("rope_scaling") or {}
     return inv * scaling["factor"] ** 2 if scaling.get("rope_type") == "linear" else inv
 
@@ -290,6 +319,13 @@ MUTANTS = [
     ("attention-scale-c-over-h", PatchedDecoder({"attention": _wrong_scale}), DECODER),
     ("gqa-tiled-kv-heads", PatchedDecoder({"attention": _tiled_kv}), DECODER),
     ("mask-peeks-one-ahead", PatchedDecoder({"_mask": _peeking_mask}), DECODER),
+    ("window-one-key-wider", PatchedDecoder({"window": _window_one_wider}), DECODER),
+    ("window-ignored", PatchedDecoder(edit=_config_edit(sliding_window=None)), DECODER),
+    ("window-on-every-layer", PatchedDecoder(edit=_window_everywhere), DECODER),
+    ("gemma3-norm-scales-by-w", PatchedDecoder({"gemma_rmsnorm": _gemma_scale_by_w}), DECODER),
+    ("gemma3-embedding-unscaled", PatchedDecoder({"embedding_scale": lambda config: 1.0}), DECODER),
+    ("gemma3-attention-scale-from-head-dim", PatchedDecoder(edit=_scale_from_head_dim), DECODER),
+    ("gemma3-one-rope-for-every-layer", PatchedDecoder(edit=_same_rope_everywhere), DECODER),
     ("missing-qkv-bias", PatchedDecoder({"has_bias": _no_bias("qkv_bias")}), DECODER),
     ("missing-o-bias", PatchedDecoder({"has_bias": _no_bias("o_bias")}), DECODER),
     ("head-always-tied", PatchedDecoder(edit=_config_edit(tie_word_embeddings=True)), DECODER),

@@ -1,7 +1,8 @@
 """The one table of Hugging Face module names: where each part of a minift block lives inside a
-transformers decoder layer (``model.layers.{i}.<path>`` for the Llama family, ``transformer.h.{i}.<path>``
-for GPT-2). ``minift.io.hub`` maps checkpoints with it, ``minift.io.peft`` and ``minift.methods.targets``
-name PEFT's ``target_modules`` with it, and the bench builds its PyTorch reference with it.
+transformers decoder layer (``model.layers.{i}.<path>`` for the Llama family and Gemma 3,
+``transformer.h.{i}.<path>`` for GPT-2). ``minift.io.hub`` maps checkpoints with it, ``minift.io.peft``
+and ``minift.methods.targets`` name PEFT's ``target_modules`` with it, and the bench builds its PyTorch
+reference with it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ LLAMA_MODULES = {
     "k_norm": "self_attn.k_norm",
 }
 """Every part of a Llama-family block → its module path."""
+
+GEMMA3_MODULES = {
+    **LLAMA_MODULES,
+    "post_attn_norm": "post_attention_layernorm",  # Gemma's name for the norm of the attention output
+    "mlp_norm": "pre_feedforward_layernorm",
+    "post_mlp_norm": "post_feedforward_layernorm",
+}
+"""Every part of a Gemma 3 block → its module path: four norms around attention and MLP."""
 
 GPT2_MODULES = {
     "attn_norm": "ln_1", "o": "attn.c_proj", "mlp_norm": "ln_2", "up": "mlp.c_fc", "down": "mlp.c_proj"

@@ -27,10 +27,13 @@ _LIMIT_OF = {  # HF key → the ModelConfig field whose limit applies
     "sliding_window": "max_position_embeddings", "n_ctx": "max_position_embeddings",
 }
 _NONNEG_FLOATS = ("rms_norm_eps", "layer_norm_epsilon")
-_POSITIVE_FLOATS = ("rope_theta",)
+_POSITIVE_FLOATS = ("rope_theta", "rope_local_base_freq", "query_pre_attn_scalar", "attn_logit_softcapping",
+                    "final_logit_softcapping")
 _BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "scale_attn_weights",
-          "scale_attn_by_inverse_layer_idx", "add_cross_attention", "reorder_and_upcast_attn")
-_STRS = ("model_type", "hidden_act", "activation_function")
+          "scale_attn_by_inverse_layer_idx", "add_cross_attention", "reorder_and_upcast_attn",
+          "use_bidirectional_attention")
+_STRS = ("model_type", "hidden_act", "hidden_activation", "activation_function")
+_LAYER_TYPES = ("full_attention", "sliding_attention")  # Gemma 3's rope_parameters: one dict per type
 _ROPE_FLOATS = ("factor", "low_freq_factor", "high_freq_factor", "rope_theta")
 
 
@@ -47,15 +50,26 @@ def check_hf_config(cfg: Mapping[str, Any], source: str) -> None:
         f.bool(key, None)
     for key in _STRS:
         f.str(key, None)
+    for key in ("sliding_window_pattern", "_sliding_window_pattern", "max_window_layers"):
+        f.int(key, None, lo=0, hi=LIMITS["n_layers"])
     for key in ("rope_scaling", "rope_parameters"):
         params = f.obj_(key, None)
-        if params:
-            p = Fields(params, f"{source}: {key}", ConfigError)
-            p.str(("rope_type", "type"), None)
-            for name in _ROPE_FLOATS:
-                p.float(name, None, positive=True)
-            p.int("original_max_position_embeddings", None, lo=1, hi=LIMITS["max_position_embeddings"])
+        if params and set(params) & set(_LAYER_TYPES):
+            for layer_type in _LAYER_TYPES:
+                sub = Fields(params, f"{source}: {key}", ConfigError).obj_(layer_type, None)
+                if sub:
+                    _check_rope(sub, f"{source}: {key}.{layer_type}")
+        elif params:
+            _check_rope(params, f"{source}: {key}")
     check_token_ids(cfg, source, cfg.get("vocab_size"))
+
+
+def _check_rope(params: Mapping[str, Any], source: str) -> None:
+    p = Fields(params, source, ConfigError)
+    p.str(("rope_type", "type"), None)
+    for name in _ROPE_FLOATS:
+        p.float(name, None, positive=True)
+    p.int("original_max_position_embeddings", None, lo=1, hi=LIMITS["max_position_embeddings"])
 
 
 def check_token_ids(cfg: Mapping[str, Any], source: str, vocab_size: Any) -> tuple[int, ...]:

@@ -1,4 +1,4 @@
-"""Hugging Face model folders in and out: Llama, Mistral, Qwen2, Qwen3 and GPT-2.
+"""Hugging Face model folders in and out: Llama, Mistral, Qwen2, Qwen3, Gemma 3 (text) and GPT-2.
 
 ``load_pretrained(folder)`` reads ``config.json`` (the transformers 4 format with top-level
 ``rope_theta``/``rope_scaling`` and the transformers 5 ``rope_parameters`` format), ``model.safetensors``
@@ -23,6 +23,14 @@ What ``load_pretrained`` leaves in ``model.meta``:
 Sliding windows become ``ModelConfig.sliding_window`` and ``layer_types``: Mistral's ``sliding_window``
 applies to every layer; Qwen2/Qwen3 apply it only with ``use_sliding_window``, to the layers that
 ``layer_types`` marks ``sliding_attention`` (transformers 5), else to layers i >= ``max_window_layers``.
+Gemma 3 (``gemma3_text``) applies it to the layers ``layer_types`` marks, else (transformers 4's
+``sliding_window_pattern`` P, default 6) to every layer but each P-th; its sliding layers rotate by their
+own base: ``rope_parameters["sliding_attention"]`` (5) or ``rope_local_base_freq`` (4), while
+``rope_parameters["full_attention"]`` or ``rope_theta`` with ``rope_scaling`` (4) apply to the others.
+Keys a Gemma 3 config.json leaves out take ``Gemma3TextConfig``'s defaults. Softcapping
+(``attn_logit_softcapping``, ``final_logit_softcapping``) and bidirectional attention are refused. A
+multimodal ``gemma3`` folder is read as its decoder: ``text_config``, and the tensors under
+``language_model.model.`` (or ``model.language_model.``); the vision tower and projector are skipped.
 
 Name and layout rules (as transformers' ``modeling_llama.py`` and ``modeling_gpt2.py`` save them):
 - Llama family: ``model.layers.{i}.self_attn.q_proj.weight`` etc., PyTorch's [out, in] layout as minift.
@@ -52,7 +60,7 @@ from minift.backend import Array, to_numpy, to_xp
 from minift.config import ModelConfig, RopeScaling
 from minift.errors import CheckpointError, ConfigError
 from minift.io.atomic import replace_folder, write_file_atomic
-from minift.io.hf_names import GPT2_MODULES, LLAMA_MODULES
+from minift.io.hf_names import GEMMA3_MODULES, GPT2_MODULES, LLAMA_MODULES
 from minift.io.hfconfig import check_hf_config, check_token_ids
 from minift.io.jsonio import read_json_object
 from minift.io.safetensors_io import (
@@ -67,7 +75,21 @@ from minift.model import Block, Model, named_modules, slot_shapes
 from minift.slots import Dense, Embedding, Norm
 
 ARCH_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM",
+                "gpt2": "GPT2LMHeadModel"}
+MODEL_TYPES = {arch: arch for arch in ARCH_CLASSES} | {"gemma3": "gemma3_text"}  # minift arch → model_type
+_ARCH_OF = {model_type: arch for arch, model_type in MODEL_TYPES.items()}
+# Gemma3TextConfig's defaults for the keys minift reads: a config.json may leave any of them out.
+GEMMA3_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "hidden_activation":
+    "gelu_pytorch_tanh", "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6, "pad_token_id": 0,
+    "eos_token_id": 1, "bos_token_id": 2, "tie_word_embeddings": True, "attention_bias": False,
+    "query_pre_attn_scalar": 256, "sliding_window": 4096, "rope_theta": 1_000_000.0,
+    "rope_local_base_freq": 10_000.0,
+}
+GEMMA3_REFUSED = {"attn_logit_softcapping": None, "final_logit_softcapping": None,
+                  "use_bidirectional_attention": False}  # key → the only value minift computes
 ROPE_TYPES = ("default", "linear", "llama3")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja")
@@ -76,6 +98,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 _LLAMA_NAMES = LLAMA_MODULES
 _GPT2_NAMES = GPT2_MODULES  # q, k, v live together in attn.c_attn
 _CONV1D = ("o", "up", "down")  # GPT-2 slots stored by Conv1D as [in, out]
+# The multimodal Gemma 3 (Gemma3ForConditionalGeneration) keeps its decoder under another prefix
+# (transformers 5: model.language_model., 4: language_model.model.) beside a vision tower, which is skipped.
+_MULTIMODAL_PREFIXES = {"model.language_model.": "model.", "language_model.model.": "model.",
+                        "language_model.lm_head.": "lm_head."}
+_VISION = re.compile(r"(model\.)?(vision_tower|multi_modal_projector)\..*")
 _SKIPPED = {  # buffers that are not parameters, matched by their whole name
     "llama": re.compile(r"model\.layers\.[0-9]+\.self_attn\.rotary_emb\.inv_freq"),
     "gpt2": re.compile(r"transformer\.h\.[0-9]+\.attn\.(masked_)?bias"),
@@ -144,10 +171,20 @@ def _eos_ids(value: Any, source: str) -> tuple[int, ...]:
 def config_from_hf(cfg: Mapping[str, Any], *, source: str = "config.json") -> ModelConfig:
     """Map a Hugging Face ``config.json`` dict onto ``ModelConfig``; unsupported settings are errors."""
     check_hf_config(cfg, source)  # types and ranges first: nothing below coerces or allocates
-    arch = cfg.get("model_type")
-    if arch not in ARCH_CLASSES:
-        raise ConfigError(f"{source}: unsupported architecture model_type={arch!r}; minift supports "
-                          f"{', '.join(ARCH_CLASSES)}")
+    model_type = cfg.get("model_type")
+    if model_type == "gemma3":  # the multimodal model: its decoder is text_config, the vision tower is left
+        text = cfg.get("text_config")
+        if not isinstance(text, dict):
+            raise ConfigError(f"{source}: a gemma3 (multimodal) config needs its decoder in 'text_config', "
+                              f"a JSON object; got {text!r}")
+        tie = {"tie_word_embeddings": cfg["tie_word_embeddings"]} if "tie_word_embeddings" in cfg else {}
+        return config_from_hf(text | tie | {"model_type": "gemma3_text"}, source=f"{source}: text_config")
+    if model_type not in _ARCH_OF:
+        raise ConfigError(f"{source}: unsupported architecture model_type={model_type!r}; minift supports "
+                          f"{', '.join(_ARCH_OF)}")
+    arch = _ARCH_OF[model_type]
+    if arch == "gemma3":
+        cfg = GEMMA3_DEFAULTS | dict(cfg)
     common: dict[str, Any] = {
         "arch": arch, "vocab_size": _require(cfg, source, "vocab_size"),
         "bos_token_id": cfg.get("bos_token_id"), "eos_token_id": _eos_ids(cfg.get("eos_token_id"), source),
@@ -170,6 +207,8 @@ def config_from_hf(cfg: Mapping[str, Any], *, source: str = "config.json") -> Mo
                   "max_position_embeddings": _require(cfg, source, "n_positions", "max_position_embeddings"),
                   "tie_word_embeddings": cfg.get("tie_word_embeddings", True),
                   "qkv_bias": True, "o_bias": True, "mlp_bias": True}
+    elif arch == "gemma3":
+        fields = _gemma3_from_hf(cfg, source)
     else:
         act = cfg.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
@@ -192,6 +231,62 @@ def config_from_hf(cfg: Mapping[str, Any], *, source: str = "config.json") -> Mo
         return ModelConfig(**common, **fields)
     except (TypeError, ValueError) as e:  # ConfigError included; TypeError/ValueError: e.g. "2" as an id
         raise ConfigError(f"{source}: {e}") from None
+
+
+def _gemma3_from_hf(cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """The ModelConfig fields of a ``gemma3_text`` config (defaults already filled in)."""
+    for key, ok in GEMMA3_REFUSED.items():
+        if cfg.get(key) not in (None, ok):  # null is transformers' default for each of them
+            raise ConfigError(f"{source}: {key}={cfg[key]!r} is not supported (minift computes Gemma 3 with "
+                              f"{key}={json.dumps(ok)})")
+    act = cfg["hidden_activation"]
+    if act not in ("gelu_pytorch_tanh", "gelu_new"):
+        raise ConfigError(f"{source}: unsupported hidden_activation {act!r}; minift's Gemma 3 uses the tanh "
+                          "GELU (gelu_pytorch_tanh)")
+    n_layers, types = cfg["num_hidden_layers"], cfg.get("layer_types")
+    if types is None:  # transformers 4: every P-th layer is global, the others slide
+        pattern = cfg.get("sliding_window_pattern", cfg.get("_sliding_window_pattern", 6))
+        if type(pattern) is not int or pattern < 1 or type(n_layers) is not int:
+            raise ConfigError(f"{source}: sliding_window_pattern must be a positive integer, got {pattern!r}")
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
+    if not isinstance(types, list):
+        raise ConfigError(f"{source}: layer_types must be a list, got {types!r}")
+    full, local = _gemma3_rope_parameters(cfg, source)
+    theta, scaling = _rope_from_hf({"rope_parameters": full,
+                                    "max_position_embeddings": cfg["max_position_embeddings"]},
+                                   f"{source}: rope_parameters.full_attention")
+    local_theta, local_scaling = _rope_from_hf({"rope_parameters": local},
+                                               f"{source}: rope_parameters.sliding_attention")
+    if local_scaling.kind != "default":
+        raise ConfigError(f"{source}: rope_parameters.sliding_attention has rope_type "
+                          f"{local_scaling.kind!r}; minift rotates Gemma 3's sliding layers unscaled")
+    bias = bool(cfg["attention_bias"])
+    return {"hidden_size": cfg["hidden_size"], "intermediate_size": cfg["intermediate_size"],
+            "n_layers": n_layers, "n_heads": cfg["num_attention_heads"],
+            "n_kv_heads": cfg["num_key_value_heads"], "head_dim": cfg["head_dim"],
+            "norm_eps": cfg["rms_norm_eps"], "rope_theta": theta, "rope_scaling": scaling,
+            "rope_local_theta": local_theta, "max_position_embeddings": cfg["max_position_embeddings"],
+            "tie_word_embeddings": bool(cfg["tie_word_embeddings"]), "qkv_bias": bias, "o_bias": bias,
+            "qk_norm": True, "query_pre_attn_scalar": cfg["query_pre_attn_scalar"],
+            "sliding_window": cfg["sliding_window"], "layer_types": tuple(types)}
+
+
+def _gemma3_rope_parameters(cfg: Mapping[str, Any], source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(full_attention, sliding_attention) RoPE parameters, as transformers' Gemma3TextConfig builds them:
+    ``rope_parameters`` keyed by layer type (5), then 4's ``rope_scaling`` merged into the global layers',
+    ``rope_theta`` and ``rope_local_base_freq`` as their bases where the parameters name none."""
+    params = cfg.get("rope_parameters") or {}
+    if not isinstance(params, dict) or not set(params) <= {"full_attention", "sliding_attention"}:
+        raise ConfigError(f"{source}: rope_parameters of a gemma3_text config must map 'full_attention' and "
+                          f"'sliding_attention' to their RoPE parameters, got {params!r}")
+    full = dict(params.get("full_attention") or {"rope_type": "default"})
+    local = dict(params.get("sliding_attention") or {"rope_type": "default"})
+    scaling = cfg.get("rope_scaling")
+    if isinstance(scaling, dict):
+        full.update(scaling)
+    full.setdefault("rope_theta", cfg["rope_theta"])
+    local.setdefault("rope_theta", cfg["rope_local_base_freq"])
+    return full, local
 
 
 def _windows_from_hf(cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -224,6 +319,12 @@ def _windows_to_hf(config: ModelConfig) -> dict[str, Any]:
             raise ConfigError("a mistral config.json applies sliding_window to every layer or none: it "
                               f"cannot express layer_types={types}")
         return {"sliding_window": c.sliding_window}
+    if c.arch == "gemma3":  # transformers 4.50-4.52 read only the pattern: every P-th layer global
+        patterns = [P for P in range(1, c.n_layers + 2)
+                    if types == ["full_attention" if (i + 1) % P == 0 else "sliding_attention"
+                                 for i in range(c.n_layers)]]
+        pattern = {"sliding_window_pattern": patterns[0]} if patterns else {}
+        return {"sliding_window": c.sliding_window, "layer_types": types} | pattern
     if c.arch in ("qwen2", "qwen3"):
         n_full = types.index("sliding_attention") if "sliding_attention" in types else c.n_layers
         return {"use_sliding_window": c.sliding_window is not None, "sliding_window": c.sliding_window,
@@ -231,6 +332,17 @@ def _windows_to_hf(config: ModelConfig) -> dict[str, Any]:
     if c.sliding_window is not None:
         raise ConfigError(f"a {c.arch} config.json cannot express a sliding window")
     return {}
+
+
+def rope_to_hf(theta: float, scaling: RopeScaling) -> dict[str, Any]:
+    """The ``rope_parameters`` dict of θ and a scaling (transformers 5; ``rope_scaling`` in 4 without θ)."""
+    rope: dict[str, Any] = {"rope_type": scaling.kind}
+    if scaling.kind != "default":
+        rope["factor"] = scaling.factor
+    if scaling.kind == "llama3":
+        rope |= {"low_freq_factor": scaling.low_freq_factor, "high_freq_factor": scaling.high_freq_factor,
+                 "original_max_position_embeddings": scaling.original_max_position_embeddings}
+    return rope | {"rope_theta": theta}
 
 
 def config_to_hf(config: ModelConfig, *, dtype: Any = np.float32) -> dict[str, Any]:
@@ -241,7 +353,7 @@ def config_to_hf(config: ModelConfig, *, dtype: Any = np.float32) -> dict[str, A
     """
     c = config
     eos = c.eos_token_id[0] if len(c.eos_token_id) == 1 else (list(c.eos_token_id) or None)
-    out: dict[str, Any] = {"architectures": [ARCH_CLASSES[c.arch]], "model_type": c.arch,
+    out: dict[str, Any] = {"architectures": [ARCH_CLASSES[c.arch]], "model_type": MODEL_TYPES[c.arch],
                            "vocab_size": c.vocab_size, "bos_token_id": c.bos_token_id,
                            "eos_token_id": eos, "pad_token_id": c.pad_token_id,
                            "tie_word_embeddings": c.tie_word_embeddings, "dtype": np.dtype(dtype).name}
@@ -255,18 +367,17 @@ def config_to_hf(config: ModelConfig, *, dtype: Any = np.float32) -> dict[str, A
     # has q, k, v biases and nothing else; Mistral has no biases at all.
     can = {"llama": c.qkv_bias == c.o_bias,
            "qwen3": c.qkv_bias == c.o_bias and not c.mlp_bias,
+           "gemma3": c.qkv_bias == c.o_bias and not c.mlp_bias,
            "qwen2": c.qkv_bias and not c.o_bias and not c.mlp_bias,
            "mistral": not (c.qkv_bias or c.o_bias or c.mlp_bias)}[c.arch]
-    if not can or c.qk_norm != (c.arch == "qwen3"):
+    gemma_keys = c.query_pre_attn_scalar is not None or c.rope_local_theta is not None
+    if not can or c.qk_norm != (c.arch in ("qwen3", "gemma3")) or (gemma_keys and not c.gemma):
         raise ConfigError(f"a {c.arch} config.json cannot express qkv_bias={c.qkv_bias}, o_bias={c.o_bias}, "
-                          f"mlp_bias={c.mlp_bias}, qk_norm={c.qk_norm}")
+                          f"mlp_bias={c.mlp_bias}, qk_norm={c.qk_norm}, query_pre_attn_scalar="
+                          f"{c.query_pre_attn_scalar}, rope_local_theta={c.rope_local_theta}")
     rs = c.rope_scaling
-    rope: dict[str, Any] = {"rope_type": rs.kind}
-    if rs.kind != "default":
-        rope["factor"] = rs.factor
-    if rs.kind == "llama3":
-        rope |= {"low_freq_factor": rs.low_freq_factor, "high_freq_factor": rs.high_freq_factor,
-                 "original_max_position_embeddings": rs.original_max_position_embeddings}
+    rope = rope_to_hf(c.rope_theta, rs)
+    del rope["rope_theta"]
     out |= {"hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
             "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
             "num_key_value_heads": c.n_kv_heads, "head_dim": c.head_dim, "hidden_act": "silu",
@@ -275,8 +386,19 @@ def config_to_hf(config: ModelConfig, *, dtype: Any = np.float32) -> dict[str, A
             "rope_parameters": rope | {"rope_theta": c.rope_theta}}
     if c.arch == "llama":
         out |= {"attention_bias": c.qkv_bias, "mlp_bias": c.mlp_bias}
-    if c.arch == "qwen3":
+    if c.arch in ("qwen3", "gemma3"):
         out["attention_bias"] = c.qkv_bias
+    if c.gemma:  # rope_parameters by layer type (5); rope_theta, rope_scaling, rope_local_base_freq (4)
+        del out["hidden_act"]
+        theta = c.rope_theta if c.rope_local_theta is None else c.rope_local_theta
+        if c.rope_local_theta is None and rs.kind != "default" and c.sliding_window is not None:
+            raise ConfigError("a gemma3_text config.json rotates sliding layers unscaled: set "
+                              "rope_local_theta to give them their own base")
+        local = rope_to_hf(theta, RopeScaling())
+        out |= {"hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": c.query_pre_attn_scalar
+                or c.head_dim, "rope_local_base_freq": theta, "attn_logit_softcapping": None,
+                "final_logit_softcapping": None, "use_bidirectional_attention": False,
+                "rope_parameters": {"full_attention": out["rope_parameters"], "sliding_attention": local}}
     return out | _windows_to_hf(c)
 
 
@@ -305,6 +427,9 @@ def parameter_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         if c.qk_norm:
             shapes[f"{p}.q_norm.weight"] = (c.head_dim,)
             shapes[f"{p}.k_norm.weight"] = (c.head_dim,)
+        if c.gemma:
+            norm(f"{p}.post_attn_norm")
+            norm(f"{p}.post_mlp_norm")
         for name, (n_out, n_in, bias) in slot_shapes(c).items():
             shapes[f"{p}.{name}.weight"] = (n_out, n_in)
             if bias:
@@ -333,7 +458,8 @@ def _hf_key(config: ModelConfig, key: str) -> tuple[str, bool]:
     if head in top:
         return f"{top[head]}.{leaf}", False
     _, i, holder = head.split(".")
-    return f"model.layers.{i}.{_LLAMA_NAMES[holder]}.{leaf}", False
+    names = GEMMA3_MODULES if config.gemma else _LLAMA_NAMES
+    return f"model.layers.{i}.{names[holder]}.{leaf}", False
 
 
 def _in_c_attn(config: ModelConfig, key: str) -> bool:
@@ -426,8 +552,9 @@ def model_from_state(config: ModelConfig, state: Mapping[str, Array], *, xp: Mod
     def get(key: str) -> Array | None:
         return to_xp(state[key], xp) if key in state else None
 
-    def norm(path: str) -> Norm:
-        return Norm(get(f"{path}.weight"), get(f"{path}.bias"), config.norm_eps)
+    def norm(path: str, *, per_head: bool = False) -> Norm:
+        return Norm(get(f"{path}.weight"), get(f"{path}.bias"), config.norm_eps, per_head=per_head,
+                    unit_offset=config.gemma)
 
     def dense(path: str) -> Dense:
         return Dense(get(f"{path}.weight"), get(f"{path}.bias"))
@@ -437,8 +564,10 @@ def model_from_state(config: ModelConfig, state: Mapping[str, Array], *, xp: Mod
               v=dense(f"blocks.{i}.v"), o=dense(f"blocks.{i}.o"), mlp_norm=norm(f"blocks.{i}.mlp_norm"),
               gate=dense(f"blocks.{i}.gate") if config.arch != "gpt2" else None,
               up=dense(f"blocks.{i}.up"), down=dense(f"blocks.{i}.down"),
-              q_norm=norm(f"blocks.{i}.q_norm") if config.qk_norm else None,
-              k_norm=norm(f"blocks.{i}.k_norm") if config.qk_norm else None)
+              q_norm=norm(f"blocks.{i}.q_norm", per_head=True) if config.qk_norm else None,
+              k_norm=norm(f"blocks.{i}.k_norm", per_head=True) if config.qk_norm else None,
+              post_attn_norm=norm(f"blocks.{i}.post_attn_norm") if config.gemma else None,
+              post_mlp_norm=norm(f"blocks.{i}.post_mlp_norm") if config.gemma else None)
         for i in range(config.n_layers)
     ]
     return Model(
@@ -504,9 +633,10 @@ def _canonical(config: ModelConfig, name: str) -> str:
     return name
 
 
-def _locate_tensors(config: ModelConfig, files: Mapping[Path, set[str] | None]
+def _locate_tensors(config: ModelConfig, files: Mapping[Path, set[str] | None], *, multimodal: bool = False
                     ) -> dict[str, tuple[Path, str, TensorInfo]]:
     """Check every file's tensors against the config; return HF name → (file, name in file, info).
+    ``multimodal``: a Gemma 3 folder with a vision tower; only its decoder's tensors are read.
 
     Raises CheckpointError for a corrupt header, a tensor the index puts elsewhere, a duplicate, an
     unexpected or missing tensor, a wrong shape or a non-float dtype, naming the file and the key.
@@ -523,6 +653,12 @@ def _locate_tensors(config: ModelConfig, files: Mapping[Path, set[str] | None]
                                   f"listed but absent {missing[:5]}, present but not listed {extra[:5]}")
         for name, info in infos.items():
             key = _canonical(config, name)
+            if multimodal:
+                if _VISION.fullmatch(key):
+                    continue
+                prefix = next((p for p in _MULTIMODAL_PREFIXES if key.startswith(p)), None)
+                if prefix is not None:
+                    key = _MULTIMODAL_PREFIXES[prefix] + key[len(prefix):]
             if skipped.fullmatch(key):
                 continue
             if key in found:
@@ -553,7 +689,7 @@ def _locate_tensors(config: ModelConfig, files: Mapping[Path, set[str] | None]
 
 
 def load_pretrained(path: str | os.PathLike[str], *, dtype: Any = np.float32, xp: ModuleType = np) -> Model:
-    """Load a Hugging Face model folder (Llama, Mistral, Qwen2, Qwen3, GPT-2) as a frozen minift ``Model``.
+    """Load a Hugging Face model folder (Llama, Mistral, Qwen2, Qwen3, Gemma 3, GPT-2) as a frozen ``Model``.
 
     Float tensors of any stored precision (F32, F16, BF16, F64) are converted to ``dtype`` on the host,
     bf16 exactly, then moved once to ``xp`` (numpy or cupy). ``model.meta`` is described in the module
@@ -576,7 +712,7 @@ def load_pretrained(path: str | os.PathLike[str], *, dtype: Any = np.float32, xp
                  if e not in config.eos_token_id]
         config = config.replace(eos_token_id=(*config.eos_token_id, *extra))
 
-    found = _locate_tensors(config, _weight_files(folder))
+    found = _locate_tensors(config, _weight_files(folder), multimodal=hf_config.get("model_type") == "gemma3")
     arrays = {key: read_tensor(file, info, dtype) for key, (file, _, info) in found.items()}
     for key, (file, name, _) in found.items():
         check_finite(file, name, arrays[key])

@@ -49,7 +49,7 @@ from minift.model import SLOT_NAMES, Model
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+PEFT_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 _MODULE_PATTERN = re.compile(r"[A-Za-z0-9_.\\]{1,200}")
 MAX_ALPHA = 2.0**24  # real alphas are 8 to a few thousand
 _KEY = re.compile(r"base_model\.model\.(model\.layers\.([0-9]{1,9})\.(\w+\.\w+))\.lora_(A|B)\.weight")

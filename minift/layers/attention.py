@@ -66,8 +66,12 @@ def _masked_scores(q5: Array, k: Array, allowed: Array, b: int, scale: float) ->
     return scores
 
 
-def attention_forward(q: Array, k: Array, v: Array, allowed: Array) -> tuple[Array, AttentionCache]:
-    """out = softmax(q kᵀ / sqrt(D) masked) v, per head, query head h reading kv head h // G.
+def attention_forward(
+    q: Array, k: Array, v: Array, allowed: Array, *, scale: float | None = None
+) -> tuple[Array, AttentionCache]:
+    """out = softmax(q kᵀ · scale masked) v, per head, query head h reading kv head h // G.
+
+    ``scale`` defaults to 1/sqrt(D); Gemma 3 sets its own (1/sqrt(query_pre_attn_scalar)).
 
     The probabilities are built one sequence at a time and not kept: the cache holds q, k, v and each
     row's log-sum-exp ℓ = log Σ_j exp(s_j), from which the backward rebuilds p = exp(s − ℓ) with one
@@ -86,7 +90,7 @@ def attention_forward(q: Array, k: Array, v: Array, allowed: Array) -> tuple[Arr
     B, H, T, D = q.shape
     K = k.shape[1]
     G = H // K
-    scale = D**-0.5
+    scale = D**-0.5 if scale is None else scale
     q5 = q.reshape(B, K, G, T, D)
     out = xp.empty((B, K, G * T, D), dtype=xp.result_type(q, v))
     lse = xp.empty((B, K, G * T, 1), dtype=out.dtype)

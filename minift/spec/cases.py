@@ -17,7 +17,8 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
 """Llama 3 RoPE scaling whose three bands (kept, interpolated, divided by the factor) all occur for a tiny
 head: wavelengths below 32/4 = 8 are kept, above 32/1 divided by 8."""
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 
 
 def llama_config(
@@ -35,9 +36,13 @@ def llama_config(
     rope_scaling: dict[str, Any] | None = None,
     bias: bool = False,
     tie: bool = False,
+    window: int | None = None,
+    sliding: tuple[bool, ...] | None = None,
 ) -> dict[str, Any]:
     """A Hugging Face ``config.json`` dict of a tiny Llama-family model (GQA when K < H). ``bias`` sets
-    Llama's ``attention_bias`` and ``mlp_bias`` (Qwen2 has q, k, v biases whatever it says)."""
+    Llama's ``attention_bias`` and ``mlp_bias`` (Qwen2 has q, k, v biases whatever it says; Qwen3's
+    covers q, k, v, o). A sliding ``window``: Mistral's on every layer; Qwen2's and Qwen3's on the layers
+    ``sliding`` marks (default: all)."""
     config = {
         "architectures": [ARCHITECTURES[model_type]],
         "model_type": model_type,
@@ -57,9 +62,68 @@ def llama_config(
     }
     if model_type == "llama":
         config |= {"attention_bias": bias, "mlp_bias": bias}
+    if model_type == "qwen3":
+        config["attention_bias"] = bias
     if rope_scaling is not None:
         config["rope_scaling"] = rope_scaling
+    if window is not None:
+        assert model_type != "llama", "Llama has no sliding window"
+        config["sliding_window"] = window
+    if window is not None and model_type in ("qwen2", "qwen3"):
+        config |= {"use_sliding_window": True, "layer_types": _layer_types(sliding or (True,) * L)}
     return config
+
+
+def _layer_types(sliding: tuple[bool, ...]) -> list[str]:
+    return ["sliding_attention" if s else "full_attention" for s in sliding]
+
+
+def gemma3_config(
+    *,
+    C: int = 16,
+    H: int = 4,
+    K: int = 2,
+    D: int = 6,
+    F: int = 24,
+    V: int = 19,
+    eps: float = 1e-6,
+    theta: float = 10000.0,
+    local_theta: float = 100.0,
+    scalar: float = 10.0,
+    window: int = 2,
+    sliding: tuple[bool, ...] = (True, False),
+    rope_scaling: dict[str, Any] | None = None,
+    bias: bool = False,
+    tie: bool = True,
+) -> dict[str, Any]:
+    """A ``config.json`` dict of a tiny Gemma 3 text model (transformers 5 spelling): one layer per entry
+    of ``sliding`` (True: a sliding-window layer with RoPE base ``local_theta``; False: a global layer
+    with base ``theta`` and ``rope_scaling``), attention scale ``scalar``^(−1/2)."""
+    full = {"rope_type": "default", **(rope_scaling or {}), "rope_theta": theta}
+    return {
+        "architectures": [ARCHITECTURES["gemma3_text"]],
+        "model_type": "gemma3_text",
+        "vocab_size": V,
+        "hidden_size": C,
+        "intermediate_size": F,
+        "num_hidden_layers": len(sliding),
+        "num_attention_heads": H,
+        "num_key_value_heads": K,
+        "head_dim": D,
+        "rms_norm_eps": eps,
+        "rope_parameters": {"full_attention": full,
+                            "sliding_attention": {"rope_type": "default", "rope_theta": local_theta}},
+        "query_pre_attn_scalar": scalar,
+        "sliding_window": window,
+        "layer_types": _layer_types(sliding),
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": tie,
+        "attention_bias": bias,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None,
+        "torch_dtype": "float64",
+    }
 
 
 def gpt2_config(*, C: int = 8, H: int = 2, L: int = 2, V: int = 13, eps: float = 1e-5) -> dict[str, Any]:
@@ -120,7 +184,12 @@ def shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
             out[f"{p}.{name}.weight"] = (n_out, n_in)
             if has_bias(config, bias):
                 out[f"{p}.{name}.bias"] = (n_out,)
+        if config["model_type"] in ("qwen3", "gemma3_text"):  # one (D,) weight shared by all heads
+            out |= {f"{p}.self_attn.q_norm.weight": (D,), f"{p}.self_attn.k_norm.weight": (D,)}
         out[f"{p}.post_attention_layernorm.weight"] = (C,)
+        if config["model_type"] == "gemma3_text":
+            out |= {f"{p}.{name}.weight": (C,) for name in ("pre_feedforward_layernorm",
+                                                             "post_feedforward_layernorm")}
     out["model.norm.weight"] = (C,)
     if not config["tie_word_embeddings"]:
         out["lm_head.weight"] = (V, C)

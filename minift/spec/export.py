@@ -35,7 +35,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from minift.spec import reference
-from minift.spec.cases import LLAMA3, gpt2_config, llama_config, random_tokens, random_weights
+from minift.spec.cases import LLAMA3, gemma3_config, gpt2_config, llama_config, random_tokens, random_weights
 from minift.spec.interface import Guarded, Implementation, Selection
 
 # Constants far from their usual values, so that an implementation hard-coding them fails.
@@ -44,6 +44,12 @@ MHA = llama_config(C=8, H=2, K=2, D=6, F=6, L=2, V=13, eps=0.05, theta=50.0, bia
 GQA = llama_config(C=8, H=4, K=2, D=6, F=10, L=2, V=13, model_type="qwen2", eps=0.3, theta=500.0,
                    rope_scaling=LLAMA3, tie=True)
 GPT2 = gpt2_config(C=8, H=2, L=2, V=13, eps=0.1)
+# q/k norms and a window of 2 (under the 6 tokens) on the second layer only; Gemma 3 with its window on
+# the first layer, the other one global with a scaled RoPE of its own base.
+QWEN3 = llama_config(C=8, H=4, K=2, D=6, F=10, L=2, V=13, model_type="qwen3", eps=0.05, theta=500.0,
+                     bias=True, window=2, sliding=(False, True))
+GEMMA3 = gemma3_config(C=8, H=4, K=2, D=6, F=10, V=13, eps=0.05, theta=500.0, local_theta=20.0, scalar=3.0,
+                       window=2, sliding=(True, False), rope_scaling={"rope_type": "linear", "factor": 3.0})
 # GQA selections (G = 2): layer 0 splits both kv groups with heads 0 and 3, which only a layout that
 # gathers heads inside their group makes one segment; layer 1 takes kv group 1 whole. Either selection
 # has exactly one layout in the documented minimal form, so its pattern of selected heads is a vector.
@@ -263,6 +269,8 @@ def cases(impl: Implementation) -> list[dict[str, Any]]:
         _decoder_case(impl, "mha", MHA, 0),
         _decoder_case(impl, "gqa", GQA, 1),
         _decoder_case(impl, "gpt2", GPT2, 2),
+        _decoder_case(impl, "qwen3_window", QWEN3, 6),
+        _decoder_case(impl, "gemma3", GEMMA3, 7),
         _causal_case(GQA, 3, 2),
         *_s2ft_cases(impl, "mha", MHA, 4),
         *_s2ft_cases(impl, "gqa", GQA, 5),

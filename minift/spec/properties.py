@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from minift.spec import reference
 from minift.spec.cases import (
     LLAMA3,
+    gemma3_config,
     gpt2_config,
     llama_config,
     random_selection,
@@ -35,23 +36,46 @@ rope_scalings = st.sampled_from([None, {"rope_type": "linear", "factor": 3.0}, L
 
 @st.composite
 def llama_configs(draw: st.DrawFn) -> dict[str, Any]:
-    """Tiny Llama/Mistral/Qwen2 configs: MHA and GQA (1, 2 or 4 heads per group), head_dim equal to
-    or different from C / H, and the constants an implementation might hard-code drawn far from their
-    usual values (rms_norm_eps up to 0.3, rope_theta from 50), with or without RoPE scaling, biases
-    and a tied head."""
+    """Tiny Llama/Mistral/Qwen2/Qwen3 configs: MHA and GQA (1, 2 or 4 heads per group), head_dim equal
+    to or different from C / H, and the constants an implementation might hard-code drawn far from
+    their usual values (rms_norm_eps up to 0.3, rope_theta from 50), with or without RoPE scaling,
+    biases, a tied head and (Mistral, Qwen) a sliding window shorter than the 6 tokens, on some
+    layers."""
     H = draw(st.sampled_from([2, 4]))
     K = draw(st.sampled_from([k for k in (1, 2, 4) if H % k == 0]))
+    model_type = draw(st.sampled_from(["llama", "mistral", "qwen2", "qwen3"]))
+    window = None if model_type == "llama" else draw(st.sampled_from([None, 2, 3]))
     return llama_config(
         C=draw(st.sampled_from([8, 12])), H=H, K=K, D=draw(st.sampled_from([4, 6])),
-        F=draw(st.sampled_from([6, 10])), L=2, V=13,
-        model_type=draw(st.sampled_from(["llama", "mistral", "qwen2"])),
+        F=draw(st.sampled_from([6, 10])), L=2, V=13, model_type=model_type,
         eps=draw(st.sampled_from([1e-6, 1e-2, 0.3])), theta=draw(st.sampled_from([50.0, 10000.0, 1e6])),
         rope_scaling=draw(rope_scalings), bias=draw(st.booleans()), tie=draw(st.booleans()),
+        window=window, sliding=draw(st.tuples(st.booleans(), st.booleans())),
     )
 
 
+@st.composite
+def gemma3_configs(draw: st.DrawFn) -> dict[str, Any]:
+    """Tiny Gemma 3 configs: sliding and global layers in either order, each kind with its own RoPE base
+    (the global one possibly scaled), a window of 2 or 3 under 6 tokens, query_pre_attn_scalar ≠ D,
+    head_dim ≠ C / H, MHA and GQA, biases and tying drawn."""
+    H = draw(st.sampled_from([2, 4]))
+    return gemma3_config(
+        C=draw(st.sampled_from([8, 12])), H=H, K=draw(st.sampled_from([k for k in (1, 2) if H % k == 0])),
+        D=draw(st.sampled_from([4, 6])), F=draw(st.sampled_from([6, 10])), V=13,
+        eps=draw(st.sampled_from([1e-6, 0.3])), theta=draw(st.sampled_from([50.0, 1e6])),
+        local_theta=draw(st.sampled_from([20.0, 10000.0])), scalar=draw(st.sampled_from([3.0, 10.0])),
+        window=draw(st.sampled_from([2, 3])), sliding=draw(st.sampled_from([(True, False), (False, True)])),
+        rope_scaling=draw(st.sampled_from([None, {"rope_type": "linear", "factor": 3.0}])),
+        bias=draw(st.booleans()), tie=draw(st.booleans()),
+    )
+
+
+transformer_configs = st.one_of(llama_configs(), gemma3_configs())
+"""Every rotary family: what S2FT's properties are drawn from (q/k norms and Gemma's post-norms too)."""
+
 decoder_configs = st.one_of(
-    llama_configs(), st.builds(lambda eps: gpt2_config(eps=eps), st.sampled_from([1e-5, 0.1]))
+    transformer_configs, st.builds(lambda eps: gpt2_config(eps=eps), st.sampled_from([1e-5, 0.1]))
 )
 
 MHA = llama_config(C=8, H=2, K=2, D=6, F=6, L=2, V=13, eps=1e-2, theta=50.0,
@@ -60,6 +84,10 @@ GQA = llama_config(C=8, H=4, K=2, D=6, F=6, L=2, V=13, eps=1e-2, theta=50.0, bia
 GQA4 = llama_config(C=8, H=4, K=1, D=4, F=6, L=2, V=13, model_type="qwen2", eps=0.3, theta=50.0,
                     rope_scaling=LLAMA3, tie=True)
 GPT2 = gpt2_config(eps=0.1)
+QWEN3 = llama_config(C=8, H=4, K=2, D=6, F=6, L=2, V=13, model_type="qwen3", eps=1e-2, theta=50.0,
+                     bias=True, window=2, sliding=(False, True))
+GEMMA3 = gemma3_config(C=8, H=4, K=2, D=6, F=6, V=13, eps=1e-2, theta=50.0, local_theta=20.0, scalar=3.0,
+                       rope_scaling={"rope_type": "linear", "factor": 3.0}, tie=True)
 
 
 def _matrix(seed: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -96,12 +124,15 @@ REFERENCE_RTOL = 1e-6
 @example(config=GQA, seed=0)
 @example(config=GQA4, seed=0)
 @example(config=GPT2, seed=0)
+@example(config=QWEN3, seed=0)
+@example(config=GEMMA3, seed=0)
 def decoder_logits_and_loss_equal_the_reference(
     impl: Implementation, config: dict[str, Any], seed: int
 ) -> None:
     """Logits and the mean cross-entropy (−100 targets ignored) are those of ``minift.spec.reference``,
     normwise within 1e-6, over families, GQA ratios, head_dim ≠ C/H, rms_norm_eps, rope_theta, RoPE
-    scaling, biases and tying."""
+    scaling, biases, tying, q/k norms, sliding windows shorter than the sequence, and Gemma 3's
+    (1 + w) norms, post-norms, √C embedding, GeGLU, attention scale and per-layer-type RoPE."""
     weights = random_weights(config, seed)
     tokens, targets = random_tokens(config, seed)
     _normwise(impl.decoder_logits(config, weights, tokens), reference.logits(config, weights, tokens),
@@ -142,6 +173,7 @@ GRAD_RTOL = 1e-6
 @given(config=decoder_configs, seed=seeds)
 @example(config=GQA, seed=0)
 @example(config=GPT2, seed=0)
+@example(config=GEMMA3, seed=0)
 def decoder_gradient_matches_finite_differences(
     impl: Implementation, config: dict[str, Any], seed: int
 ) -> None:
@@ -173,13 +205,16 @@ def decoder_gradient_matches_finite_differences(
 # --- S2FT -------------------------------------------------------------------------------------------
 
 
-@given(config=llama_configs(), seed=seeds, n_heads=st.integers(1, 2), n_channels=st.integers(1, 3))
+@given(config=transformer_configs, seed=seeds, n_heads=st.integers(1, 2), n_channels=st.integers(1, 3))
 @example(config=GQA, seed=0, n_heads=1, n_channels=2)
 @example(config=GQA, seed=3, n_heads=2, n_channels=2)
+@example(config=QWEN3, seed=0, n_heads=2, n_channels=2)
+@example(config=GEMMA3, seed=0, n_heads=2, n_channels=2)
 def copermuting_heads_and_channels_leaves_the_logits_unchanged(
     impl: Implementation, config: dict[str, Any], seed: int, n_heads: int, n_channels: int
 ) -> None:
-    """S2FT's co-permutation is a change of coordinates: the model computes the same function."""
+    """S2FT's co-permutation is a change of coordinates: the model computes the same function (q/k norms
+    are shared by all heads and Gemma's post-norms act on the model width, so neither moves)."""
     weights = random_weights(config, seed)
     tokens, _ = random_tokens(config, seed)
     heads, channels = random_selection(config, seed, n_heads, n_channels)
@@ -193,7 +228,7 @@ def copermuting_heads_and_channels_leaves_the_logits_unchanged(
     )
 
 
-@given(config=llama_configs(), seed=seeds, n_heads=st.integers(1, 2), n_channels=st.integers(1, 3))
+@given(config=transformer_configs, seed=seeds, n_heads=st.integers(1, 2), n_channels=st.integers(1, 3))
 @example(config=GQA, seed=0, n_heads=1, n_channels=2)
 def unpermute_inverts_copermute_exactly(
     impl: Implementation, config: dict[str, Any], seed: int, n_heads: int, n_channels: int
@@ -281,8 +316,9 @@ def copermute_lays_the_selection_out_in_the_documented_minimal_segments(
             assert {tuple(r) for r in m_p[:n]} == {tuple(m[c]) for c in channels[i]}, f"layer {i}: {name}"
 
 
-@given(config=llama_configs(), seed=seeds, n_heads=st.integers(1, 2), n_channels=st.integers(1, 3))
+@given(config=transformer_configs, seed=seeds, n_heads=st.integers(1, 2), n_channels=st.integers(1, 3))
 @example(config=GQA, seed=0, n_heads=1, n_channels=2)
+@example(config=GEMMA3, seed=0, n_heads=1, n_channels=2)
 def s2ft_block_gradients_equal_the_full_gradient_restricted_to_the_block(
     impl: Implementation, config: dict[str, Any], seed: int, n_heads: int, n_channels: int
 ) -> None:

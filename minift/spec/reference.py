@@ -7,16 +7,30 @@ states the mathematics rather than minift's code). Every table is float64: the R
 
 Families, by ``model_type`` of the Hugging Face ``config.json`` (weights by their HF names):
 
-- ``llama``, ``mistral``, ``qwen2``: pre-norm blocks ``x += o(attn(rmsnorm(x)))``,
+- ``llama``, ``mistral``, ``qwen2``, ``qwen3``: pre-norm blocks ``x += o(attn(rmsnorm(x)))``,
   ``x += down(silu(gate(h)) ⊙ up(h))`` with ``h = rmsnorm(x)``; RMSNorm
   ``w ⊙ x / √(mean(x²) + eps)`` with eps = ``rms_norm_eps``; RoPE pairs dimension i with i + D/2 inside
   each head (``rotate_half``); attention scale 1/√D with D = ``head_dim``; grouped-query attention:
   query head h reads key/value head h // (H/K). Biases: Llama's ``attention_bias`` (q, k, v, o) and
-  ``mlp_bias`` (gate, up, down); Qwen2 always has q, k, v biases and no others; Mistral none.
+  ``mlp_bias`` (gate, up, down); Qwen2 always has q, k, v biases and no others; Qwen3's
+  ``attention_bias`` (q, k, v, o); Mistral none. Qwen3 normalises every query and key head over its D
+  values before RoPE: ``q = rmsnorm(q, self_attn.q_norm.weight)``, ``k`` alike, one (D,) weight shared
+  by all heads.
+- ``gemma3_text`` (Gemma 3): the embedding is scaled, ``x = E[ids] · √C``; every RMSNorm scales by
+  ``(1 + w)``; per block ``x += post_attention_layernorm(o(attn(input_layernorm(x))))`` and
+  ``x += post_feedforward_layernorm(down(gelu_tanh(gate(h)) ⊙ up(h)))`` with
+  ``h = pre_feedforward_layernorm(x)``; q/k norms as Qwen3 (with 1 + w); attention scale
+  ``query_pre_attn_scalar^(−1/2)``; each layer's RoPE from ``rope_parameters[layer_types[i]]``
+  (θ = ``rope_theta`` there, and its scaling). Biases: ``attention_bias`` (q, k, v, o).
 - ``gpt2``: learned positions added to the token embedding, LayerNorm ``(x − μ)/√(σ² + eps) ⊙ w + b``
   (``layer_norm_epsilon``), tanh-GELU, biases everywhere, fused ``attn.c_attn`` = [q | k | v] and
   Conv1D weights stored ``[in, out]``; scale 1/√(C/H).
 - The head: ``lm_head.weight``, or the token embedding when ``tie_word_embeddings``.
+
+Sliding windows: in a layer with window W, query t sees keys s with t − W < s ≤ t (the W most recent
+positions, itself included). Which layers: Mistral's ``sliding_window`` applies to every layer; Qwen2's
+and Qwen3's only with ``use_sliding_window``, on the layers ``layer_types`` marks ``sliding_attention``;
+Gemma 3's on the layers ``layer_types`` marks ``sliding_attention``.
 
 RoPE scaling (``rope_scaling``): ``linear`` divides every frequency by ``factor``; ``llama3`` divides
 the low frequencies (wavelength 2π/inv_freq > original_max_position_embeddings / low_freq_factor) by
@@ -25,9 +39,8 @@ the low frequencies (wavelength 2π/inv_freq > original_max_position_embeddings 
 
 The loss is the mean cross-entropy over the positions whose target is not −100.
 
-A new family is one entry of ``FAMILIES`` (which biases, how the config names its epsilon) plus,
-where its block differs, a branch in ``_llama_block`` (e.g. a q/k RMSNorm read from
-``self_attn.q_norm.weight``, or a sliding-window mask from ``_mask``).
+A new family is one entry of ``FAMILIES`` (which biases) plus, where its block differs, a branch in
+``_llama_block`` (as Qwen3's q/k norms) or a block of its own (as ``_gemma3_block``).
 """
 
 from __future__ import annotations
@@ -53,6 +66,8 @@ FAMILIES: dict[str, Family] = {
     "llama": Family(qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias="mlp_bias"),
     "mistral": Family(qkv_bias=False, o_bias=False, mlp_bias=False),
     "qwen2": Family(qkv_bias=True, o_bias=False, mlp_bias=False),
+    "qwen3": Family(qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias=False),
+    "gemma3_text": Family(qkv_bias="attention_bias", o_bias="attention_bias", mlp_bias=False),
 }
 
 
@@ -71,6 +86,17 @@ def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     return w * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
 
 
+def gemma_rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """Gemma's RMSNorm: the weight is stored as an offset from 1, so it scales by (1 + w)."""
+    return rmsnorm(x, 1.0 + w, eps)
+
+
+def embedding_scale(config: dict[str, Any]) -> float:
+    """The factor of the token embedding: √C for Gemma 3 (transformers rounds it to float32 first: a
+    relative 1e-8, below every tolerance), 1 otherwise."""
+    return float(np.sqrt(config["hidden_size"])) if config["model_type"] == "gemma3_text" else 1.0
+
+
 def layernorm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
     mu = x.mean(-1, keepdims=True)
     var = ((x - mu) ** 2).mean(-1, keepdims=True)
@@ -85,11 +111,15 @@ def gelu_tanh(x: np.ndarray) -> np.ndarray:
     return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x**3)))
 
 
-def inv_freq(config: dict[str, Any]) -> np.ndarray:
-    """(D/2,) float64 RoPE frequencies, rescaled per ``rope_scaling``."""
+def inv_freq(config: dict[str, Any], layer: int = 0) -> np.ndarray:
+    """(D/2,) float64 RoPE frequencies of a layer, rescaled per ``rope_scaling`` (Gemma 3: per
+    ``rope_parameters`` of the layer's type)."""
     D = config["head_dim"]
-    inv = 1.0 / config["rope_theta"] ** (np.arange(0, D, 2, dtype=np.float64) / D)
-    scaling = config.get("rope_scaling") or {}
+    theta, scaling = config.get("rope_theta"), config.get("rope_scaling") or {}
+    if config["model_type"] == "gemma3_text":
+        scaling = config["rope_parameters"][config["layer_types"][layer]]
+        theta = scaling["rope_theta"]
+    inv = 1.0 / theta ** (np.arange(0, D, 2, dtype=np.float64) / D)
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "linear":
         return inv / scaling["factor"]
@@ -106,18 +136,31 @@ def inv_freq(config: dict[str, Any]) -> np.ndarray:
     return inv
 
 
-def rope(x: np.ndarray, config: dict[str, Any]) -> np.ndarray:
+def rope(x: np.ndarray, config: dict[str, Any], layer: int = 0) -> np.ndarray:
     """Rotate (B, heads, T, D) by position: pairs (i, i + D/2) turn by angle t · inv_freq[i]."""
     T, half = x.shape[2], x.shape[3] // 2
-    angle = np.arange(T, dtype=np.float64)[:, None] * inv_freq(config)[None]  # (T, D/2)
+    angle = np.arange(T, dtype=np.float64)[:, None] * inv_freq(config, layer)[None]  # (T, D/2)
     cos, sin = np.cos(angle), np.sin(angle)
     x1, x2 = x[..., :half], x[..., half:]
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def _mask(T: int) -> np.ndarray:
-    """(T, T) True where query t may attend to key s: causal, s ≤ t."""
-    return np.tril(np.ones((T, T), dtype=bool))
+def window(config: dict[str, Any], layer: int) -> int | None:
+    """The sliding window W of a layer, or None where it sees every earlier position."""
+    kind, W = config["model_type"], config.get("sliding_window")
+    if kind == "mistral":
+        return W
+    types = config.get("layer_types")
+    sliding = types is not None and types[layer] == "sliding_attention"
+    if kind in ("qwen2", "qwen3") and config.get("use_sliding_window"):
+        return W if sliding else None
+    return W if kind == "gemma3_text" and sliding else None
+
+
+def _mask(T: int, W: int | None = None) -> np.ndarray:
+    """(T, T) True where query t may attend to key s: causal, s ≤ t; with a window W also s > t − W."""
+    t, s = np.arange(T)[:, None], np.arange(T)[None, :]
+    return (s <= t) & (s > t - W) if W is not None else s <= t
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, mask: np.ndarray) -> np.ndarray:
@@ -156,7 +199,11 @@ def _llama_block(config: dict[str, Any], w: Weights, i: int, x: np.ndarray) -> n
     q = _heads(_linear(w, f"{p}.self_attn.q_proj", h, qkv_bias), H)
     k = _heads(_linear(w, f"{p}.self_attn.k_proj", h, qkv_bias), K)
     v = _heads(_linear(w, f"{p}.self_attn.v_proj", h, qkv_bias), K)
-    a = attention(rope(q, config), rope(k, config), v, 1.0 / np.sqrt(D), _mask(x.shape[1]))
+    if config["model_type"] == "qwen3":  # over each head's D values (the last axis of (B, n, T, D))
+        q = rmsnorm(q, w[f"{p}.self_attn.q_norm.weight"], eps)
+        k = rmsnorm(k, w[f"{p}.self_attn.k_norm.weight"], eps)
+    mask = _mask(x.shape[1], window(config, i))
+    a = attention(rope(q, config), rope(k, config), v, 1.0 / np.sqrt(D), mask)
     x = x + _linear(w, f"{p}.self_attn.o_proj", _merge_heads(a), has_bias(config, "o_bias"))
     h = rmsnorm(x, w[f"{p}.post_attention_layernorm.weight"], eps)
     mlp_bias = has_bias(config, "mlp_bias")
@@ -164,11 +211,32 @@ def _llama_block(config: dict[str, Any], w: Weights, i: int, x: np.ndarray) -> n
     return x + _linear(w, f"{p}.mlp.down_proj", gated, mlp_bias)
 
 
+def _gemma3_block(config: dict[str, Any], w: Weights, i: int, x: np.ndarray) -> np.ndarray:
+    p, eps = f"model.layers.{i}", config["rms_norm_eps"]
+    H, K = config["num_attention_heads"], config["num_key_value_heads"]
+    bias = has_bias(config, "qkv_bias")
+
+    def norm(name: str, y: np.ndarray) -> np.ndarray:
+        return gemma_rmsnorm(y, w[f"{p}.{name}.weight"], eps)
+
+    h = norm("input_layernorm", x)
+    q = norm("self_attn.q_norm", _heads(_linear(w, f"{p}.self_attn.q_proj", h, bias), H))
+    k = norm("self_attn.k_norm", _heads(_linear(w, f"{p}.self_attn.k_proj", h, bias), K))
+    v = _heads(_linear(w, f"{p}.self_attn.v_proj", h, bias), K)
+    scale, mask = config["query_pre_attn_scalar"] ** -0.5, _mask(x.shape[1], window(config, i))
+    a = attention(rope(q, config, i), rope(k, config, i), v, scale, mask)
+    x = x + norm("post_attention_layernorm", _linear(w, f"{p}.self_attn.o_proj", _merge_heads(a), bias))
+    h = norm("pre_feedforward_layernorm", x)
+    gated = gelu_tanh(_linear(w, f"{p}.mlp.gate_proj", h, False)) * _linear(w, f"{p}.mlp.up_proj", h, False)
+    return x + norm("post_feedforward_layernorm", _linear(w, f"{p}.mlp.down_proj", gated, False))
+
+
 def _llama_hidden(config: dict[str, Any], w: Weights, tokens: np.ndarray) -> np.ndarray:
-    x = w["model.embed_tokens.weight"][tokens]
+    x = w["model.embed_tokens.weight"][tokens] * embedding_scale(config)
+    gemma = config["model_type"] == "gemma3_text"
     for i in range(config["num_hidden_layers"]):
-        x = _llama_block(config, w, i, x)
-    return rmsnorm(x, w["model.norm.weight"], config["rms_norm_eps"])
+        x = (_gemma3_block if gemma else _llama_block)(config, w, i, x)
+    return (gemma_rmsnorm if gemma else rmsnorm)(x, w["model.norm.weight"], config["rms_norm_eps"])
 
 
 def _conv1d(w: Weights, name: str, x: np.ndarray) -> np.ndarray:

@@ -202,6 +202,7 @@ def time_step(
 # What each entry of a block's cache is, for the breakdown (the kind of op that keeps it).
 CACHE_KINDS = {
     "attn_norm": "norms", "mlp_norm": "norms", "final_norm": "norms", "q_norm": "norms", "k_norm": "norms",
+    "post_attn_norm": "norms", "post_mlp_norm": "norms",
     "attn": "attention", "act": "mlp",
     "q": "slots", "k": "slots", "v": "slots", "o": "slots", "gate": "slots", "up": "slots", "down": "slots",
     "head": "slots", "x_final": "slots",  # the LM head's input, kept for its (tied) weight gradient

@@ -47,6 +47,14 @@ SPECS: dict[str, tuple[str, str, dict]] = {
     "qwen3_window": ("Qwen3Config", "Qwen3ForCausalLM", dict(
         hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    # Gemma 3: sliding (window 4) and global layers mixed, each kind with its own RoPE (the global one
+    # linearly scaled), head_dim 12 ≠ C/H = 8, query_pre_attn_scalar 10 ≠ head_dim, tied embeddings.
+    "gemma3_window": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=12, query_pre_attn_scalar=10, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}})),
     "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(
         n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=40)),
 }
@@ -55,10 +63,10 @@ SPECS: dict[str, tuple[str, str, dict]] = {
 FIXTURE_SPECS = {"llama_gqa_llama3": torch.bfloat16, "gpt2": torch.float32}
 
 
-def build_hf_model(name: str, seed: int = 0) -> torch.nn.Module:
+def build_hf_model(name: str, seed: int = 0, *, vocab: int = VOCAB) -> torch.nn.Module:
     """A tiny transformers model of the named spec, every parameter random, eager attention, float32."""
     config_cls, model_cls, kwargs = SPECS[name]
-    config = getattr(transformers, config_cls)(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2,
+    config = getattr(transformers, config_cls)(vocab_size=vocab, bos_token_id=1, eos_token_id=2,
                                                attn_implementation="eager", **kwargs)
     model = getattr(transformers, model_cls)(config).eval()
     gen = torch.Generator().manual_seed(seed)

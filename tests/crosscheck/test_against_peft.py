@@ -43,6 +43,11 @@ CASES = {
                           lambda m, rng: apply_lora(m, LoRAConfig(r=2, alpha=4.0, targets=ALL), rng)),
     "pissa-mistral-window": ("mistral_window",
                              lambda m, rng: apply_pissa(m, PiSSAConfig(r=2, alpha=4.0, targets=ALL), rng)),
+    "lora-gemma3-window": ("gemma3_window",
+                           lambda m, rng: apply_lora(m, LoRAConfig(r=2, alpha=4.0, targets=ALL), rng)),
+    "sorsa-gemma3-window": ("gemma3_window", lambda m, rng: apply_sorsa(m, SORSAConfig(r=2), rng)),
+    "pissa-qwen3-window": ("qwen3_window",
+                           lambda m, rng: apply_pissa(m, PiSSAConfig(r=2, alpha=4.0, targets=ALL), rng)),
 }
 
 

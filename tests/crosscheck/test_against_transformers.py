@@ -8,7 +8,9 @@ transformers' ``save_pretrained`` and read by ``minift.io.hub.load_pretrained``:
 - the loss and the gradient of every parameter agree with torch autograd to relative error 1e-4;
 - greedy generation of 32 tokens is identical;
 - the model saved back by minift loads in transformers with the same logits;
-- a sharded checkpoint and a bf16 checkpoint written by transformers load as transformers reads them.
+- a sharded checkpoint and a bf16 checkpoint written by transformers load as transformers reads them;
+- a multimodal Gemma 3 folder (Gemma3ForConditionalGeneration) loads as its text decoder, with the
+  logits transformers computes on text.
 """
 
 from __future__ import annotations
@@ -127,3 +129,26 @@ def test_the_committed_fixtures_are_what_transformers_computes_today(tmp_path):
         assert fresh.keys() == committed.keys()
         for key in fresh:
             assert_close(fresh[key], committed[key], rtol=1e-4, atol=1e-5, what=f"{name} {key}")
+
+
+def test_a_multimodal_gemma3_folder_loads_its_decoder_with_transformers_text_logits(tmp_path):
+    text = SPECS["gemma3_window"][2] | dict(vocab_size=64, bos_token_id=1, eos_token_id=2)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=63, boi_token_index=61, eoi_token_index=62,
+                                       attn_implementation="eager")
+    gen = torch.Generator().manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    hf.save_pretrained(tmp_path)
+    model = load_pretrained(tmp_path)
+    data = batch()
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(data["tokens"]),
+                    attention_mask=torch.tensor(data["attention_mask"])).logits.numpy()
+    ours, _ = model_forward(model, data["tokens"], attention_mask=data["attention_mask"], train=False)
+    real = data["attention_mask"] == 1
+    assert_close(ours[real], theirs[real], rtol=0, atol=1e-4, what="text logits of the multimodal model")

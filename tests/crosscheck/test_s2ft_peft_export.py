@@ -28,10 +28,11 @@ CASES = {  # GQA (K/V rows of 2 kv heads), every target; and the paper's default
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_peft_reproduces_minifts_merged_s2ft_model(case, tmp_path):
+@pytest.mark.parametrize(("case", "spec"), [(case, "llama_gqa_llama3") for case in sorted(CASES)]
+                         + [("all-targets", "gemma3_window"), ("all-targets", "qwen3_window")])
+def test_peft_reproduces_minifts_merged_s2ft_model(case, spec, tmp_path):
     base = tmp_path / "base"
-    build_hf_model("llama_gqa_llama3", seed=4).save_pretrained(base)
+    build_hf_model(spec, seed=4).save_pretrained(base)
     model = apply_s2ft(load_pretrained(base), S2FTConfig(**CASES[case]), rng=np.random.default_rng(0))
     perturb(model, seed=1, scale=0.05)
     folder = export_s2ft_as_peft(extract_adapter(model), tmp_path / "peft", base_model_name_or_path=str(base))

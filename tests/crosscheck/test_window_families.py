@@ -1,11 +1,16 @@
-"""A LoRA and an S2FT training step on transformers-built Qwen3 and Mistral models with sliding windows.
+"""A LoRA and an S2FT training step on transformers-built Qwen3, Mistral and Gemma 3 models with sliding
+windows, from Python and through ``minift finetune``.
 
 The batch (9 tokens) is longer than the windows (4). One plain gradient step with a small learning
 rate must lower the loss on the same batch (first order: by lr·‖g‖²), and S2FT's co-permutation of
-every head target (q, k, v, o) must keep the logits of the loaded model, q/k norms included.
+every head target (q, k, v, o) must keep the logits of the loaded model, q/k norms and Gemma's
+post-norms included. The command line fine-tunes each folder (with the embedded tasks' tokenizer) and
+writes an adapter.
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -30,7 +35,10 @@ METHODS = {
 }
 
 
-@pytest.mark.parametrize("spec", ["qwen3_window", "mistral_window"])
+SPECS = ["qwen3_window", "mistral_window", "gemma3_window"]
+
+
+@pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("method", list(METHODS))
 def test_one_training_step_lowers_the_loss_and_the_method_keeps_the_logits(spec, method, tmp_path):
     build_hf_model(spec, seed=5).save_pretrained(tmp_path)
@@ -52,3 +60,22 @@ def test_one_training_step_lowers_the_loss_and_the_method_keeps_the_logits(spec,
         p -= 1e-3 * grads[key]
     new_loss, _ = loss_and_grads(model, tokens, targets, attention_mask=mask)
     assert new_loss < loss
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_minift_finetune_runs_lora_and_s2ft_on_the_transformers_folder(spec, tmp_path):
+    from minift.data.tasks import save_tokenizer, task_splits
+    from minift.tools.cli import main
+
+    folder = tmp_path / spec
+    build_hf_model(spec, seed=6, vocab=100).save_pretrained(folder)  # the tasks' 100-id vocabulary
+    save_tokenizer(folder)
+    data = tmp_path / "train.jsonl"
+    records = task_splits("shift", 0, n_train=8, n_eval=2, n_retention=1).train
+    data.write_text("".join(json.dumps(ex.record) + "\n" for ex in records))
+    for method in METHODS:
+        code = main([str(a) for a in ["finetune", "--model", folder, "--data", data, "--method", method,
+                                      "--out", tmp_path / method, "--steps", 2, "--batch-size", 2,
+                                      "--rank", 2, "--no-progress"]])
+        assert code == 0
+        assert (tmp_path / method / "adapter").is_dir()

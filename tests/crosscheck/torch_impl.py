@@ -35,11 +35,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-def _inv_freq(config: dict[str, Any]) -> torch.Tensor:
-    """RoPE frequencies in float64, rescaled as transformers' ``_compute_*_parameters`` do."""
+def _inv_freq(config: dict[str, Any], layer_type: str | None = None) -> torch.Tensor:
+    """RoPE frequencies in float64, rescaled as transformers' ``_compute_*_parameters`` do; Gemma 3's
+    from ``rope_parameters[layer_type]``."""
     D = config["head_dim"]
-    inv = 1.0 / config["rope_theta"] ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
-    scaling = config.get("rope_scaling") or {}
+    theta, scaling = config.get("rope_theta"), config.get("rope_scaling") or {}
+    if layer_type is not None:
+        scaling = config["rope_parameters"][layer_type]
+        theta = scaling["rope_theta"]
+    inv = 1.0 / theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
         inv = inv / scaling["factor"]
@@ -59,9 +63,20 @@ def _inv_freq(config: dict[str, Any]) -> torch.Tensor:
 
 def _bias(config: dict[str, Any], kind: str) -> bool:
     t = config["model_type"]
+    attention = t in ("llama", "qwen3", "gemma3_text") and config.get("attention_bias", False)
     if kind == "qkv":
-        return t == "qwen2" or (t == "llama" and config.get("attention_bias", False))
-    return t == "llama" and config.get("attention_bias" if kind == "o" else "mlp_bias", False)
+        return t == "qwen2" or attention
+    return attention if kind == "o" else t == "llama" and config.get("mlp_bias", False)
+
+
+def _sliding(config: dict[str, Any], layer: int) -> bool:
+    """Whether a layer attends through the sliding window (Mistral: all; Qwen, Gemma: per layer_types)."""
+    if config.get("sliding_window") is None:
+        return False
+    t = config["model_type"]
+    if t in ("qwen2", "qwen3") and not config.get("use_sliding_window"):
+        return False
+    return t == "mistral" or config["layer_types"][layer] == "sliding_attention"
 
 
 def _lin(w: dict[str, torch.Tensor], name: str, x: torch.Tensor, bias: bool) -> torch.Tensor:
@@ -69,7 +84,7 @@ def _lin(w: dict[str, torch.Tensor], name: str, x: torch.Tensor, bias: bool) -> 
 
 
 def llama_forward(config: dict[str, Any], w: dict[str, torch.Tensor], tokens: np.ndarray) -> torch.Tensor:
-    """The Llama/Mistral/Qwen2 decoder in float64 throughout, RoPE tables included (transformers
+    """The Llama/Mistral/Qwen2/Qwen3/Gemma 3 decoder in float64 throughout, RoPE tables included (transformers
     computes RMSNorm and RoPE in float32, which would make float64 finite differences meaningless)."""
     if config["model_type"] == "gpt2":
         return gpt2_forward(config, w, tokens)
@@ -77,27 +92,45 @@ def llama_forward(config: dict[str, Any], w: dict[str, torch.Tensor], tokens: np
     eps = config["rms_norm_eps"]
     ids = torch.tensor(tokens)
     B, T = ids.shape
-    ang = torch.arange(T, dtype=torch.float64)[:, None] * _inv_freq(config)[None]
-    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()  # (T, D)
+    gemma = config["model_type"] == "gemma3_text"
     causal = torch.ones(T, T, dtype=torch.bool).tril()
+    W = config.get("sliding_window") or T
+    in_window = causal & ~torch.ones(T, T, dtype=torch.bool).tril(-W)  # i − W < j ≤ i
+    scale = config["query_pre_attn_scalar"] ** -0.5 if gemma else D**-0.5
+
+    def norm(y: torch.Tensor, name: str) -> torch.Tensor:  # Gemma 3 scales by (1 + w)
+        return _rmsnorm(y, w[name] + 1.0 if gemma else w[name], eps)
+
     x = w["model.embed_tokens.weight"][ids]
+    if gemma:
+        x = x * math.sqrt(config["hidden_size"])
     qkv_b, o_b, mlp_b = _bias(config, "qkv"), _bias(config, "o"), _bias(config, "mlp")
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}"
-        h = _rmsnorm(x, w[f"{p}.input_layernorm.weight"], eps)
+        ang = torch.arange(T, dtype=torch.float64)[:, None] * _inv_freq(
+            config, config["layer_types"][i] if gemma else None)[None]
+        cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()  # (T, D)
+        h = norm(x, f"{p}.input_layernorm.weight")
         q = _lin(w, f"{p}.self_attn.q_proj", h, qkv_b).view(B, T, H, D).transpose(1, 2)
         k = _lin(w, f"{p}.self_attn.k_proj", h, qkv_b).view(B, T, K, D).transpose(1, 2)
         v = _lin(w, f"{p}.self_attn.v_proj", h, qkv_b).view(B, T, K, D).transpose(1, 2)
+        if f"{p}.self_attn.q_norm.weight" in w:  # Qwen3, Gemma 3: per head, over D
+            q, k = norm(q, f"{p}.self_attn.q_norm.weight"), norm(k, f"{p}.self_attn.k_norm.weight")
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
-        scores = (q @ k.transpose(-1, -2) / D**0.5).masked_fill(~causal, float("-inf"))
+        mask = in_window if _sliding(config, i) else causal
+        scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
         a = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * D)
-        x = x + _lin(w, f"{p}.self_attn.o_proj", a, o_b)
-        h = _rmsnorm(x, w[f"{p}.post_attention_layernorm.weight"], eps)
+        a = _lin(w, f"{p}.self_attn.o_proj", a, o_b)
+        x = x + (norm(a, f"{p}.post_attention_layernorm.weight") if gemma else a)
+        mlp_norm = "pre_feedforward_layernorm" if gemma else "post_attention_layernorm"
+        h = norm(x, f"{p}.{mlp_norm}.weight")
         gate, up = _lin(w, f"{p}.mlp.gate_proj", h, mlp_b), _lin(w, f"{p}.mlp.up_proj", h, mlp_b)
-        x = x + _lin(w, f"{p}.mlp.down_proj", torch.nn.functional.silu(gate) * up, mlp_b)
+        act = torch.nn.functional.gelu(gate, approximate="tanh") if gemma else torch.nn.functional.silu(gate)
+        m = _lin(w, f"{p}.mlp.down_proj", act * up, mlp_b)
+        x = x + (norm(m, f"{p}.post_feedforward_layernorm.weight") if gemma else m)
     head = w["model.embed_tokens.weight"] if config.get("tie_word_embeddings") else w["lm_head.weight"]
-    return _rmsnorm(x, w["model.norm.weight"], eps) @ head.T
+    return norm(x, "model.norm.weight") @ head.T
 
 
 def gpt2_forward(config: dict[str, Any], w: dict[str, torch.Tensor], tokens: np.ndarray) -> torch.Tensor:

@@ -74,8 +74,7 @@ def _gradient_probe(model: Model) -> Model:
     blocks = [
         dataclasses.replace(
             b,
-            attn_norm=_frozen(b.attn_norm),
-            mlp_norm=_frozen(b.mlp_norm),
+            **{name: _frozen(norm) for name, norm in b.norms()},
             **{
                 n: Dense(s.dense_weight(), getattr(s, "bias", None), n in ("o", "down")) for n, s in b.slots()
             },
