@@ -173,6 +173,52 @@ def test_every_tutorial_has_a_wrong_answer_for_its_checks():
     assert set(WRONG) == {p.stem for p in LESSONS}
 
 
+# A wrong answer for each further check cell of a tutorial: those of its other exercises and the
+# "your turn" cells in its main text, where the reader writes the lesson's core.
+def _dlogits_over_all_rows(logits, targets):  # divides by N where only the M counted targets count
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    counted = targets >= 0
+    d = np.zeros_like(p)
+    d[counted] = (p[counted] - np.eye(logits.shape[1])[targets[counted]]) / len(targets)
+    return d
+
+
+def _one_sided_difference(loss, x, eps):  # (f(x + ε) − f(x)) / ε: an O(ε) error, not O(ε²)
+    grad = np.zeros(x.shape)
+    base = loss()
+    for idx in np.ndindex(*x.shape):
+        old = x[idx].item()
+        x[idx] = old + eps
+        grad[idx] = (loss() - base) / eps
+        x[idx] = old
+    return grad
+
+
+MORE_WRONG = {
+    "01_backprop_by_hand": [
+        ("ignored_dlogits", _dlogits_over_all_rows),
+        ("central_difference", _one_sided_difference),
+    ],
+}
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=_id)
+def test_every_check_cell_has_a_wrong_answer(path):
+    named = {"check_" + name for name, _ in [WRONG[path.stem], *MORE_WRONG.get(path.stem, [])]}
+    assert named <= set(_checks(_run(path))), f"{_id(path)}: a wrong answer names no check cell"
+    assert set(_checks(_run(path))) <= named, f"{_id(path)}: check cells without a wrong answer"
+
+
+@pytest.mark.parametrize(("stem", "answer_name", "wrong"),
+                         [pytest.param(stem, name, wrong, id=f"{stem}:{name}")
+                          for stem, answers in MORE_WRONG.items() for name, wrong in answers])
+def test_each_further_check_cell_rejects_its_wrong_answer(stem, answer_name, wrong):
+    checks = _checks(_run(TUTORIALS / f"{stem}.py"))
+    with pytest.raises(AssertionError):
+        checks["check_" + answer_name](wrong)
+
+
 PLOTTING = {p for p in LESSONS if "plt.subplots" in p.read_text(encoding="utf-8")}
 
 
