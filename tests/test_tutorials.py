@@ -24,6 +24,9 @@ from types import ModuleType
 import numpy as np
 import pytest
 
+from minift.config import RopeScaling
+from minift.layers.rope import rope_forward, rope_inv_freq
+
 ROOT = Path(__file__).resolve().parent.parent
 TUTORIALS = ROOT / "tutorials"
 LESSONS = sorted(TUTORIALS.glob("[0-9][0-9]_*.py"))
@@ -199,6 +202,12 @@ MORE_WRONG = {
     "01_backprop_by_hand": [
         ("ignored_dlogits", _dlogits_over_all_rows),
         ("central_difference", _one_sided_difference),
+    ],
+    "02_rmsnorm_and_rope": [
+        ("rope_backward_by_hand", lambda dy, cos, sin: rope_forward(dy, cos, sin)),  # rotates by +φ again
+        ("linear_scaled_inv_freq", lambda D, theta, factor: theta ** (-np.arange(0, D, 2) / D) * factor),
+        ("exact_angles",  # float64 positions times the library's float32 frequencies
+         lambda m, D, theta: m[:, None] * rope_inv_freq(D, theta, RopeScaling()).astype(float)),
     ],
 }
 

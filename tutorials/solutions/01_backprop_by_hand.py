@@ -118,8 +118,12 @@ for dtype in (np.float32, np.float64):
 for key, err in errors.items():
     print(f"{key[0]:>8}  eps={key[1]:g}  relative error {err:.1e}")
 assert errors[("float64", 1e-6)] < 1e-8 < errors[("float32", 1e-6)]
-assert_close(central_difference(lambda: float((linear_forward(x, W) * G).sum()), W, 1e-6),
-             numerical_grad(lambda: float((linear_forward(x, W) * G).sum()), W), rtol=1e-12, what="vs numerical_grad")
+def loss_of_W():
+    return float((linear_forward(x, W) * G).sum())
+
+
+assert_close(central_difference(loss_of_W, W, 1e-6), numerical_grad(loss_of_W, W), rtol=1e-12,
+             what="vs numerical_grad")
 
 
 # %% [markdown]
