@@ -198,6 +198,20 @@ def _one_sided_difference(loss, x, eps):  # (f(x + ε) − f(x)) / ε: an O(ε) 
     return grad
 
 
+def _softmax_backward_without_the_row_sum(dout, q, k, v, p):  # ds = p ⊙ dp: the Jacobian's diagonal only
+    B, D = q.shape[0], q.shape[-1]
+    qg = q.reshape(B, k.shape[1], -1, D)
+    doutg = dout.reshape(qg.shape)
+    ds = p * (doutg @ v.swapaxes(-1, -2))
+    return ((ds @ k / np.sqrt(D)).reshape(q.shape), ds.swapaxes(-1, -2) @ qg / np.sqrt(D),
+            p.swapaxes(-1, -2) @ doutg)
+
+
+def _entropy_with_log_of_zero(p):  # 0 · log 0 = 0 · (−∞) = nan on every masked key
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(-(p * np.log(p)).sum(axis=-1).mean())
+
+
 MORE_WRONG = {
     "01_backprop_by_hand": [
         ("ignored_dlogits", _dlogits_over_all_rows),
@@ -208,6 +222,12 @@ MORE_WRONG = {
         ("linear_scaled_inv_freq", lambda D, theta, factor: theta ** (-np.arange(0, D, 2) / D) * factor),
         ("exact_angles",  # float64 positions times the library's float32 frequencies
          lambda m, D, theta: m[:, None] * rope_inv_freq(D, theta, RopeScaling()).astype(float)),
+    ],
+    "03_attention": [
+        ("attention_backward_grouped", _softmax_backward_without_the_row_sum),
+        ("fold_repeated_kv_grad",  # splits H as (G, K): head h read as a copy of h % K
+         lambda d, K: d.reshape(d.shape[0], -1, K, *d.shape[2:]).sum(axis=1)),
+        ("mean_row_entropy", _entropy_with_log_of_zero),
     ],
 }
 
