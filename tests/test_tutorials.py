@@ -212,6 +212,30 @@ def _entropy_with_log_of_zero(p):  # 0 · log 0 = 0 · (−∞) = nan on every m
         return float(-(p * np.log(p)).sum(axis=-1).mean())
 
 
+def _fancy_index_add(dx, tokens, V):  # dE[tokens] += dx: a repeated token keeps one write, not the sum
+    dE = np.zeros((V, dx.shape[-1]))
+    dE[tokens] += dx
+    return dE
+
+
+def _largest_without_the_blocks(cache):  # walks tuples and lists, not the blocks' dataclasses
+    found, stack = {}, [("cache", cache)]
+    while stack:
+        where, obj = stack.pop()
+        if isinstance(obj, np.ndarray):
+            found[id(obj)] = (where, obj)
+        elif isinstance(obj, tuple | list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(obj))
+    return sorted(found.values(), key=lambda wa: -wa[1].nbytes)[:5]
+
+
+def _drop_from_the_dict_only(folder, name):  # never writes the file back
+    from minift.io.safetensors_io import read_safetensors
+
+    read_safetensors(folder / "model.safetensors")[0].pop(name)
+    return folder
+
+
 MORE_WRONG = {
     "01_backprop_by_hand": [
         ("ignored_dlogits", _dlogits_over_all_rows),
@@ -228,6 +252,16 @@ MORE_WRONG = {
         ("fold_repeated_kv_grad",  # splits H as (G, K): head h read as a copy of h % K
          lambda d, K: d.reshape(d.shape[0], -1, K, *d.shape[2:]).sum(axis=1)),
         ("mean_row_entropy", _entropy_with_log_of_zero),
+    ],
+    "04_decoder_and_training_step": [
+        ("embedding_backward_by_hand", _fancy_index_add),
+        ("five_largest", _largest_without_the_blocks),
+        ("fit_growth", lambda Ts, peaks: np.polyfit(Ts, peaks, 2)),  # polyfit gives (c, b, a)
+    ],
+    "05_checkpoints_and_generation": [
+        ("drop_tensor", _drop_from_the_dict_only),
+        ("round_to_bf16",  # truncates: rounds towards zero
+         lambda x: (np.asarray(x, np.float32).view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)),
     ],
 }
 

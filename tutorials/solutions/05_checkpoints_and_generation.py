@@ -23,7 +23,7 @@ from minift import ModelConfig, init_model, model_forward
 from minift.errors import CheckpointError
 from minift.generate import generate
 from minift.io.hub import load_pretrained, save_pretrained
-from minift.io.safetensors_io import read_safetensors, write_safetensors
+from minift.io.safetensors_io import bf16_to_float32, float32_to_bf16, read_safetensors, write_safetensors
 from minift.model import KVCache
 
 # Every file this tutorial writes goes into a scratch folder that is deleted when Python exits:
@@ -68,10 +68,14 @@ print(f"32 tokens after a 64-token prompt: {t1 - t0:.3f} s without cache, {t2 - 
 # ## 2. A missing tensor
 
 # %%
-folder = save_pretrained(model, work / "m")
-tensors, metadata = read_safetensors(folder / "model.safetensors")
-del tensors["model.layers.1.mlp.up_proj.weight"]
-write_safetensors(folder / "model.safetensors", tensors, metadata=metadata)
+def drop_tensor(folder, name):
+    tensors, metadata = read_safetensors(folder / "model.safetensors")
+    del tensors[name]
+    write_safetensors(folder / "model.safetensors", tensors, metadata=metadata)  # the dict is not the file
+    return folder
+
+
+folder = drop_tensor(save_pretrained(model, work / "m"), "model.layers.1.mlp.up_proj.weight")
 try:
     load_pretrained(folder)
     message = ""
@@ -86,8 +90,23 @@ assert "up_proj" in message, "a checkpoint with a missing tensor must not load"
 # bfloat16 keeps float32's exponent range but only 8 bits of mantissa (~3 significant digits):
 # weights move by up to ~0.4 %, logits by a little more. Greedy choices usually survive unless two
 # tokens are nearly tied.
+#
+# Rounding to nearest, ties to even, with integers: add 0x7FFF plus the lowest kept bit to the
+# float32's bits, then clear the low 16. A carry out of the mantissa correctly bumps the exponent.
+# (Truncating, `bits & 0xFFFF0000`, always rounds towards zero: a bias of half a bf16 step.)
 
 # %%
+def round_to_bf16(x):
+    bits = np.asarray(x, dtype=np.float32).view(np.uint32)
+    kept_lsb = (bits >> 16) & 1
+    rounded = (bits + np.uint32(0x7FFF) + kept_lsb) & np.uint32(0xFFFF0000)
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+w = model.blocks[0].q.weight
+assert np.array_equal(round_to_bf16(w), bf16_to_float32(float32_to_bf16(w)))
+print(f"largest relative change of a weight in bf16: {np.abs(round_to_bf16(w) / w - 1).max():.2%}")
+
 folder = save_pretrained(model, work / "m16")
 tensors, metadata = read_safetensors(folder / "model.safetensors")
 write_safetensors(folder / "model.safetensors", tensors, metadata=metadata, bf16=True)
@@ -104,7 +123,7 @@ assert cache.length == 16
 
 
 # %% [markdown]
-# ## The answer for the tutorial's check cell
+# ## The answers for the tutorial's check cells
 
 # %%
 def tokens_processed(P, n, cached):
