@@ -52,7 +52,7 @@ targets = rng.integers(0, V, size=N)  # the token that should come next, one per
 # %% [markdown]
 # ## 1. The forward pass as named intermediates
 #
-# The linear layer is one line, `logits = x Wᵀ + b`; we come back to it in section 4. The
+# The linear layer is one line, `logits = x Wᵀ + b`; we come back to it in section 5. The
 # cross-entropy is where the interesting steps are. Every line computes one thing and gives it a
 # name, so that the backward pass can give each name a gradient `d<name>` = ∂loss/∂name. The row
 # maximum is subtracted before `exp` so that large logits cannot overflow; it changes nothing
@@ -130,8 +130,8 @@ print("largest |drow_max|:", float(np.abs(steps["drow_max"]).max()))
 #
 # `minift.testing.check_grad(forward, backward, args)` evaluates `forward(**args)`, draws a random
 # upstream gradient `G` of the output's shape, and compares `backward(G, **args)` with central
-# differences of `Σ forward(**args) ⊙ G` (each entry of each argument nudged by ±ε in turn), in
-# float64. It reports one relative error per argument array, ‖g − g_fd‖ / max(‖g‖, ‖g_fd‖) (g the
+# differences of `Σ forward(**args) ⊙ G` (each entry of each argument nudged by ±ε, ε = 1e-6, in
+# turn), in float64. It reports one relative error per argument array, ‖g − g_fd‖ / max(‖g‖, ‖g_fd‖) (g the
 # backward's gradient, g_fd the finite-difference one, ‖·‖ the Euclidean norm over all the array's
 # entries), and fails when any array's error exceeds 1e-6. Here the output is the scalar loss, so
 # `G` is one random number.
@@ -144,7 +144,7 @@ def loss_of_logits(logits):
 
 def dlogits_by_steps(G, logits):
     _, tt = forward_steps(logits, targets)
-    return {"logits": G * backward_steps(tt, targets)["dlogits"]}
+    return {"logits": G * backward_steps(tt, targets)["dlogits"]}  # the steps start from dloss = 1
 
 
 report = check_grad(loss_of_logits, dlogits_by_steps, {"logits": logits.copy()})

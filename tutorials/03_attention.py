@@ -50,7 +50,12 @@ v = rng.standard_normal((B, K, T, D))
 # q holds H query heads and k, v hold K key/value heads, each head a (T, D) array of T tokens of
 # width D: q is (B, H, T, D), k and v are (B, K, T, D). The query heads come in K groups of
 # G = H / K consecutive heads, and every head of group `kv` reads key/value head `kv`; so query
-# head h reads key/value head `h // G`. For one query head h:
+# head h reads key/value head `h // G`. Here, with H = 4 and K = 2:
+#
+#     query head h:         0  1  2  3
+#     key/value head h//G:  0  0  1  1        (G = 2 query heads per group)
+#
+# For one query head h:
 #
 # `scores = q_h k_{h//G}ᵀ / √D` (T × T), entries above the diagonal set to −∞ (token i may not
 # read key j > i), `p = softmax(scores)` row by row, `out_h = p v_{h//G}`.
@@ -92,7 +97,7 @@ k_rep = np.repeat(k, G, axis=1)  # (B, H, T, D): what repeat_kv builds
 v_rep = np.repeat(v, G, axis=1)
 out_mha, _ = attention_forward(q, k_rep, v_rep, allowed)  # plain MHA, K = H
 assert_close(out, out_mha, rtol=1e-12, atol=1e-14, what="GQA vs repeated-KV MHA")
-print("cached for the backward:", cache._fields, "q is stored as", cache.q.shape)
+print("cached for the backward:", cache._fields, "q is stored as", cache.q.shape)  # lse: section 4
 
 # %% [markdown]
 # ## 2. The causal mask, and why −∞
@@ -210,7 +215,7 @@ def attn(q, k, v):
     return attention_forward(q, k, v, allowed)[0]
 
 
-def attn_grads(Gup, q, k, v):
+def attn_grads(Gup, q, k, v):  # Gup: check_grad's upstream gradient (G counts heads here)
     dq, dk, dv = attention_backward(Gup, attention_forward(q, k, v, allowed)[1])
     return {"q": dq, "k": dk, "v": dv}
 

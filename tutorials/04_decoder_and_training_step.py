@@ -97,8 +97,10 @@ for name, slot in block.slots():
 #     x = x + o(attention(rope(q(h)), rope(k(h)), v(h)))     h = attn_norm(x)
 #     x = x + down(silu(gate(h)) ⊙ up(h))                    h = mlp_norm(x)
 #
-# and the logits are `lm_head(final_norm(x))`. Here it is, written with nothing but the layer
-# functions of tutorials 01–03, compared with `model_forward`:
+# and the logits are `lm_head(final_norm(x))`. The batch is B sequences of T tokens; the
+# position-wise layers see them flattened to N = B·T rows, and attention sees them as heads,
+# (B, H, T, D). Here it is, written with nothing but the layer functions of tutorials 01–03,
+# compared with `model_forward`:
 
 # %%
 B, T = 2, 6
@@ -161,12 +163,25 @@ for key in grads:
 # ### The backward, written by hand
 #
 # `model_backward` is nothing but the layer backwards of tutorials 01–03, run in reverse order.
-# Three pieces are new here; derive them first.
+# The attention half of a block, forward left to right; the backward runs right to left, and where
+# an arrow forks in the forward, the gradients arriving along its branches add:
+#
+#     x ──┬─────────────────────────────────────────────────────────────────────────(+)──► x
+#         │                                                                          ▲
+#         └─► attn_norm ─► h ─┬─► q ─► heads ─► rope ─┐                              │
+#                             ├─► k ─► heads ─► rope ─┼─► attention ─► unheads ─► o ─┘
+#                             └─► v ─► heads ─────────┘
+#
+#     backward:  dh = (dq from q) + (dk from k) + (dv from v)     dx = dx + d(branch)
+#
+# The MLP half has the same shape, with gate and up in place of q, k, v and SwiGLU in place of
+# attention. Three pieces are new here; derive them first.
 #
 # **SwiGLU.** The MLP computes `m = silu(g) ⊙ u` with g = gate(h), u = up(h), and
-# `silu(z) = z · σ(z)`, σ the logistic sigmoid `1 / (1 + e^−z)`. Since σ' = σ (1 − σ),
-# `silu'(z) = σ(z) + z σ(z)(1 − σ(z)) = σ(z) (1 + z (1 − σ(z)))`, and the product rule gives
-# `dg = dm ⊙ u ⊙ silu'(g)` and `du = dm ⊙ silu(g)`.
+# `silu(z) = z · σ(z)`, σ the logistic sigmoid `σ(z) = 1 / (1 + e^−z)`. Its derivative is
+# `σ'(z) = e^−z / (1 + e^−z)² = σ(z) (1 − σ(z))`, so by the product rule
+# `silu'(z) = σ(z) + z σ(z)(1 − σ(z)) = σ(z) (1 + z (1 − σ(z)))`, and the product `m = silu(g) ⊙ u`
+# gives `dg = dm ⊙ u ⊙ silu'(g)` and `du = dm ⊙ silu(g)`.
 #
 # **Head reshapes.** A projection's output (N, H·D) becomes heads by a reshape and a transpose,
 # (N, H·D) → (B, T, H, D) → (B, H, T, D). Both only move entries, so the backward moves the
@@ -177,9 +192,9 @@ for key in grads:
 # the sum of `dx[n]` over those positions — a *scatter-add* — and zero when t does not occur.
 # A token that occurs twice is a value used twice.
 #
-# **A value used twice gets both gradients.** h feeds q, k and v (and gate and up): its gradient is
-# the sum of what each projection sends back. The residual stream x feeds the branch and skips past
-# it: `dx = dx + d(branch)`.
+# And tutorial 01's rule, everywhere: **a value used twice gets both gradients.** h feeds q, k and
+# v (and gate and up): its gradient is the sum of what each projection sends back. The residual
+# stream x feeds the branch and skips past it: `dx = dx + d(branch)`.
 
 # %%
 def silu(z):
