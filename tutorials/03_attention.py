@@ -151,8 +151,8 @@ leak_b = attention_with_finite_mask(big_q, k2, v2, fill=-1e4)
 leak = np.abs(leak_a[:, :, : t + 1] - leak_b[:, :, : t + 1]).max()
 exact_a, _ = attention_forward(big_q, k, v, allowed)
 exact_b, _ = attention_forward(big_q, k2, v2, allowed)
-print(f"fill = −1e4: the past moves by {leak:.3f} when the future changes; with −∞ by "
-      f"{np.abs(exact_a - exact_b)[:, :, : t + 1].max()}")
+print(f"largest change of an output at positions ≤ {t} when the future changes: {leak:.3f} with "
+      f"fill = −1e4, {np.abs(exact_a - exact_b)[:, :, : t + 1].max()} with −∞")
 assert leak > 1e-3
 assert np.array_equal(exact_a[:, :, : t + 1], exact_b[:, :, : t + 1])
 

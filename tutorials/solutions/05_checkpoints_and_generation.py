@@ -115,7 +115,7 @@ tokens = prompt[:, :16]
 full_logits, _ = model_forward(model, tokens, train=False)
 half_logits, _ = model_forward(half, tokens, train=False)
 rel = np.abs(half_logits - full_logits).max() / np.abs(full_logits).max()
-print(f"relative change of the logits with bf16 weights: {rel:.2e}")
+print(f"largest change of a logit with bf16 weights, relative to the largest logit: {rel:.2e}")
 assert 0 < rel < 5e-2
 cache = KVCache.empty(config.n_layers)  # the loaded bf16 model generates like any other
 model_forward(half, tokens, kv_cache=cache, train=False)
