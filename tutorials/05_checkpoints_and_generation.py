@@ -255,7 +255,7 @@ print("sampled:", repr(tok.decode(a[0])))
 #    bfloat16 (ties to the even one) with integer operations on `x.view(np.uint32)`. Then rewrite
 #    `model.safetensors` with bfloat16 weights (`write_safetensors(..., bf16=True)`, which rounds
 #    the same way), reload, and measure how far the logits move. Does greedy generation still
-#    produce the sentence?
+#    produce the same tokens?
 #
 # Solutions: `tutorials/solutions/05_checkpoints_and_generation.py`.
 
