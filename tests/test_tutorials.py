@@ -24,9 +24,6 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from minift.config import RopeScaling
-from minift.layers.rope import rope_forward, rope_inv_freq
-
 ROOT = Path(__file__).resolve().parent.parent
 TUTORIALS = ROOT / "tutorials"
 LESSONS = sorted(TUTORIALS.glob("[0-9][0-9]_*.py"))
@@ -198,6 +195,19 @@ def _one_sided_difference(loss, x, eps):  # (f(x + ε) − f(x)) / ε: an O(ε) 
     return grad
 
 
+def _rope_forward_again(dy, cos, sin):  # rotates by +φ once more instead of rotating back
+    from minift.layers.rope import rope_forward
+
+    return rope_forward(dy, cos, sin)
+
+
+def _angles_with_float32_frequencies(positions, D, theta):  # the library's float32 inv_freq, upcast
+    from minift.config import RopeScaling
+    from minift.layers.rope import rope_inv_freq
+
+    return positions[:, None] * rope_inv_freq(D, theta, RopeScaling()).astype(np.float64)
+
+
 def _softmax_backward_without_the_row_sum(dout, q, k, v, p):  # ds = p ⊙ dp: the Jacobian's diagonal only
     B, D = q.shape[0], q.shape[-1]
     qg = q.reshape(B, k.shape[1], -1, D)
@@ -242,10 +252,10 @@ MORE_WRONG = {
         ("central_difference", _one_sided_difference),
     ],
     "02_rmsnorm_and_rope": [
-        ("rope_backward_by_hand", lambda dy, cos, sin: rope_forward(dy, cos, sin)),  # rotates by +φ again
-        ("linear_scaled_inv_freq", lambda D, theta, factor: theta ** (-np.arange(0, D, 2) / D) * factor),
-        ("exact_angles",  # float64 positions times the library's float32 frequencies
-         lambda m, D, theta: m[:, None] * rope_inv_freq(D, theta, RopeScaling()).astype(float)),
+        ("rope_backward_by_hand", _rope_forward_again),
+        ("linear_scaled_inv_freq",  # multiplies by the factor instead of dividing
+         lambda D, theta, factor: theta ** (-np.arange(0, D, 2) / D) * factor),
+        ("exact_angles", _angles_with_float32_frequencies),
     ],
     "03_attention": [
         ("attention_backward_grouped", _softmax_backward_without_the_row_sum),
