@@ -246,14 +246,14 @@ def softmax_rows(s):
 
 def attention_grouped(q, k, v, allowed):
     """Returns out (B, H, T, D) and p (B, K, G·T, S), the probabilities the backward needs."""
-    B_, H_, T_, D_ = q.shape
-    K_, S_ = k.shape[1], k.shape[2]
-    G_ = H_ // K_
-    qg = q.reshape(B_, K_, G_ * T_, D_)  # head h = kv·G + g → row g·T + t of group kv
-    s = qg @ k.swapaxes(-1, -2) / np.sqrt(D_)  # (B, K, G·T, S)
-    mask = np.broadcast_to(allowed, (B_, K_, G_, T_, S_)).reshape(B_, K_, G_ * T_, S_)
+    B, H, T, D = q.shape  # the sizes of these arrays, not the tutorial's global ones
+    K, S = k.shape[1], k.shape[2]
+    G = H // K
+    qg = q.reshape(B, K, G * T, D)  # head h = kv·G + g → row g·T + t of group kv
+    s = qg @ k.swapaxes(-1, -2) / np.sqrt(D)  # (B, K, G·T, S)
+    mask = np.broadcast_to(allowed, (B, K, G, T, S)).reshape(B, K, G * T, S)
     p = softmax_rows(np.where(mask, s, -np.inf))
-    return (p @ v).reshape(B_, H_, T_, D_), p
+    return (p @ v).reshape(B, H, T, D), p
 
 
 Tn, S = 3, 5
@@ -266,11 +266,11 @@ print("where p > 0 for query head 0 (rows: its 3 queries, columns: the 5 keys):\
       (p3[0, 0, :Tn] > 0).astype(int))
 
 # %% [markdown]
-# **Your turn.** Write the backward in the same layout, in the cell below: reshape `dout` like
-# `q`, then the four lines of the list above (`dv`, `dp`, `ds` with the softmax backward of
-# tutorial 01, `dq` and `dk` with the scale 1/√D), and reshape `dq` back to (B, H, T, D). No
-# loop, no `+=`, no special case for the masked entries (their `p` is 0). The check compares each
-# of the three arrays with the library's `attention_backward`.
+# **Your turn.** Write the backward in the same layout, in the cell below: reshape `q` and `dout`
+# to (B, K, G·T, D), then the formulas at the start of this section (`dv` and `dp`, `ds` with the
+# softmax backward of tutorial 01, `dq` and `dk` with the scale 1/√D), and reshape `dq` back to
+# (B, H, T, D). No loop, no `+=`, no special case for the masked entries (their `p` is 0). The
+# check compares each of the three arrays with the library's `attention_backward`.
 
 # %%
 def attention_backward_grouped(dout, q, k, v, p):

@@ -55,8 +55,8 @@ print("one new query against 5 cached keys equals the last row of the full compu
 
 # %%
 def fold_repeated_kv_grad(d_repeated, K):
-    B_, H_, S_, D_ = d_repeated.shape
-    return d_repeated.reshape(B_, K, H_ // K, S_, D_).sum(axis=2)
+    B, H, S, D = d_repeated.shape
+    return d_repeated.reshape(B, K, H // K, S, D).sum(axis=2)  # head h = kv·G + g: sum over g
 
 
 allowed = causal_mask(T, T)
@@ -103,15 +103,15 @@ assert entropies[1024][1] < 0.5 < entropies[1024][0]
 
 # %%
 def attention_backward_grouped(dout, q, k, v, p):
-    B_, H_, T_, D_ = q.shape
-    K_ = k.shape[1]
-    qg = q.reshape(B_, K_, H_ // K_ * T_, D_)
+    B, H, T, D = q.shape
+    K = k.shape[1]
+    qg = q.reshape(B, K, H // K * T, D)  # the G heads of a group stacked as G·T rows
     doutg = dout.reshape(qg.shape)
-    dv = p.swapaxes(-1, -2) @ doutg
+    dv = p.swapaxes(-1, -2) @ doutg  # the matmul over G·T rows sums over the group
     dp = doutg @ v.swapaxes(-1, -2)
-    ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
-    dq = (ds @ k / np.sqrt(D_)).reshape(q.shape)
-    dk = ds.swapaxes(-1, -2) @ qg / np.sqrt(D_)
+    ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))  # masked entries: p = 0, so ds = 0
+    dq = (ds @ k / np.sqrt(D)).reshape(q.shape)
+    dk = ds.swapaxes(-1, -2) @ qg / np.sqrt(D)
     return dq, dk, dv
 
 
