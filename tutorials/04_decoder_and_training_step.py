@@ -174,8 +174,9 @@ for key in grads:
 #
 #     backward:  dh = (dq from q) + (dk from k) + (dv from v)     dx = dx + d(branch)
 #
-# The MLP half has the same shape, with gate and up in place of q, k, v and SwiGLU in place of
-# attention. Three pieces are new here; derive them first.
+# (`heads` and `unheads` are the reshapes between (N, H·D) and (B, H, T, D), below.) The MLP half
+# has the same shape, with gate and up in place of q, k, v and SwiGLU in place of attention.
+# Three pieces are new here; derive them first.
 #
 # **SwiGLU.** The MLP computes `m = silu(g) ⊙ u` with g = gate(h), u = up(h), and
 # `silu(z) = z · σ(z)`, σ the logistic sigmoid `σ(z) = 1 / (1 + e^−z)`. Its derivative is
@@ -288,7 +289,7 @@ print(f"all {len(grads)} gradients written by hand match model_backward's")
 # `dx` (N, C) arriving at the looked-up rows (`d_embedded`, returned by `backward_by_hand`), the
 # token ids (N,) and the vocabulary size V, return `dE` (V, C). The check runs it on six
 # positions where tokens repeat and compares it with the library's `embedding_backward`; the cell
-# after it runs the same comparison on this tutorial's batch.
+# after it shows, on this tutorial's batch, what a tempting one-liner gets wrong.
 
 # %%
 def embedding_backward_by_hand(dx, tokens, V):
