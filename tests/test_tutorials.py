@@ -266,6 +266,125 @@ def test_every_tutorial_has_wrong_answers_for_its_checks():
     assert set(WRONG) == {p.stem for p in LESSONS}
 
 
+# A wrong answer for each further check cell of a tutorial: those of its other exercises and the
+# "your turn" cells in its main text, where the reader writes the lesson's core.
+def _dlogits_over_all_rows(logits, targets):  # divides by N where only the M counted targets count
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    counted = targets >= 0
+    d = np.zeros_like(p)
+    d[counted] = (p[counted] - np.eye(logits.shape[1])[targets[counted]]) / len(targets)
+    return d
+
+
+def _one_sided_difference(loss, x, eps):  # (f(x + ε) − f(x)) / ε: an O(ε) error, not O(ε²)
+    grad = np.zeros(x.shape)
+    base = loss()
+    for idx in np.ndindex(*x.shape):
+        old = x[idx].item()
+        x[idx] = old + eps
+        grad[idx] = (loss() - base) / eps
+        x[idx] = old
+    return grad
+
+
+def _rope_forward_again(dy, cos, sin):  # rotates by +φ once more instead of rotating back
+    from minift.layers.rope import rope_forward
+
+    return rope_forward(dy, cos, sin)
+
+
+def _angles_with_float32_frequencies(positions, D, theta):  # the library's float32 inv_freq, upcast
+    from minift.config import RopeScaling
+    from minift.layers.rope import rope_inv_freq
+
+    return positions[:, None] * rope_inv_freq(D, theta, RopeScaling()).astype(np.float64)
+
+
+def _softmax_backward_without_the_row_sum(dout, q, k, v, p):  # ds = p ⊙ dp: the Jacobian's diagonal only
+    B, D = q.shape[0], q.shape[-1]
+    qg = q.reshape(B, k.shape[1], -1, D)
+    doutg = dout.reshape(qg.shape)
+    ds = p * (doutg @ v.swapaxes(-1, -2))
+    return ((ds @ k / np.sqrt(D)).reshape(q.shape), ds.swapaxes(-1, -2) @ qg / np.sqrt(D),
+            p.swapaxes(-1, -2) @ doutg)
+
+
+def _entropy_with_log_of_zero(p):  # 0 · log 0 = 0 · (−∞) = nan on every masked key
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return float(-(p * np.log(p)).sum(axis=-1).mean())
+
+
+def _fancy_index_add(dx, tokens, V):  # dE[tokens] += dx: a repeated token keeps one write, not the sum
+    dE = np.zeros((V, dx.shape[-1]))
+    dE[tokens] += dx
+    return dE
+
+
+def _largest_without_the_blocks(cache):  # walks tuples and lists, not the blocks' dataclasses
+    found, stack = {}, [("cache", cache)]
+    while stack:
+        where, obj = stack.pop()
+        if isinstance(obj, np.ndarray):
+            found[id(obj)] = (where, obj)
+        elif isinstance(obj, tuple | list):
+            stack.extend((f"{where}[{i}]", item) for i, item in enumerate(obj))
+    return sorted(found.values(), key=lambda wa: -wa[1].nbytes)[:5]
+
+
+def _drop_from_the_dict_only(folder, name):  # never writes the file back
+    from minift.io.safetensors_io import read_safetensors
+
+    read_safetensors(folder / "model.safetensors")[0].pop(name)
+    return folder
+
+
+MORE_WRONG = {
+    "01_backprop_by_hand": [
+        ("ignored_dlogits", _dlogits_over_all_rows),
+        ("central_difference", _one_sided_difference),
+    ],
+    "02_rmsnorm_and_rope": [
+        ("rope_backward_by_hand", _rope_forward_again),
+        ("linear_scaled_inv_freq",  # multiplies by the factor instead of dividing
+         lambda D, theta, factor: theta ** (-np.arange(0, D, 2) / D) * factor),
+        ("exact_angles", _angles_with_float32_frequencies),
+    ],
+    "03_attention": [
+        ("attention_backward_grouped", _softmax_backward_without_the_row_sum),
+        ("fold_repeated_kv_grad",  # splits H as (G, K): head h read as a copy of h % K
+         lambda d, K: d.reshape(d.shape[0], -1, K, *d.shape[2:]).sum(axis=1)),
+        ("mean_row_entropy", _entropy_with_log_of_zero),
+    ],
+    "04_decoder_and_training_step": [
+        ("embedding_backward_by_hand", _fancy_index_add),
+        ("five_largest", _largest_without_the_blocks),
+        ("fit_growth", lambda Ts, peaks: np.polyfit(Ts, peaks, 2)),  # polyfit gives (c, b, a)
+    ],
+    "05_checkpoints_and_generation": [
+        ("drop_tensor", _drop_from_the_dict_only),
+        ("round_to_bf16",  # truncates: rounds towards zero
+         lambda x: (np.asarray(x, np.float32).view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)),
+    ],
+}
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=_id)
+def test_every_check_cell_has_a_wrong_answer(path):
+    named = {"check_" + name for name, _ in [WRONG[path.stem], *MORE_WRONG.get(path.stem, [])]}
+    assert named <= set(_checks(_run(path))), f"{_id(path)}: a wrong answer names no check cell"
+    assert set(_checks(_run(path))) <= named, f"{_id(path)}: check cells without a wrong answer"
+
+
+@pytest.mark.parametrize(("stem", "answer_name", "wrong"),
+                         [pytest.param(stem, name, wrong, id=f"{stem}:{name}")
+                          for stem, answers in MORE_WRONG.items() for name, wrong in answers])
+def test_each_further_check_cell_rejects_its_wrong_answer(stem, answer_name, wrong):
+    checks = _checks(_run(TUTORIALS / f"{stem}.py"))
+    with pytest.raises(AssertionError):
+        checks["check_" + answer_name](wrong)
+
+
 PLOTTING = {p for p in LESSONS if "plt.subplots" in p.read_text(encoding="utf-8")}
 
 

@@ -13,8 +13,10 @@
 # **What you will build.** The gradient of the smallest language-model head there is: a linear
 # layer `logits = x Wᵀ + b` followed by softmax cross-entropy. You will write the forward pass as a
 # chain of named intermediates, walk it backwards one intermediate at a time, check every step
-# against finite differences, and then collapse the chain into the two closed forms the library
-# uses: `dlogits = (softmax − onehot) / N` and `dx = dy W`, `dW = dyᵀ x`, `db = Σ dy`.
+# against finite differences, and then collapse the chain into the closed forms the library
+# uses: `dlogits = (softmax − onehot) / N` and `dx = dy W`, `dW = dyᵀ x`, `db = Σ dy`. On the way
+# you derive the backward of the softmax on its own, `dz = p ⊙ (dp − Σ_j dp_j p_j)`, which
+# attention (tutorial 03) needs.
 #
 # **Prerequisites.** Python, NumPy, the chain rule and matrix products. Nothing else.
 #
@@ -50,7 +52,7 @@ targets = rng.integers(0, V, size=N)  # the token that should come next, one per
 # %% [markdown]
 # ## 1. The forward pass as named intermediates
 #
-# The linear layer is one line, `logits = x Wᵀ + b`; we come back to it in section 4. The
+# The linear layer is one line, `logits = x Wᵀ + b`; we come back to it in section 5. The
 # cross-entropy is where the interesting steps are. Every line computes one thing and gives it a
 # name, so that the backward pass can give each name a gradient `d<name>` = ∂loss/∂name. The row
 # maximum is subtracted before `exp` so that large logits cannot overflow; it changes nothing
@@ -128,9 +130,11 @@ print("largest |drow_max|:", float(np.abs(steps["drow_max"]).max()))
 #
 # `minift.testing.check_grad(forward, backward, args)` evaluates `forward(**args)`, draws a random
 # upstream gradient `G` of the output's shape, and compares `backward(G, **args)` with central
-# differences of `Σ forward(**args) ⊙ G` (each entry of each argument nudged by ±ε in turn), in
-# float64. It reports one relative error per argument array, ‖g − g_fd‖ / max(‖g‖, ‖g_fd‖), and
-# fails when any exceeds 1e-6. Here the output is the scalar loss, so `G` is one random number.
+# differences of `Σ forward(**args) ⊙ G` (each entry of each argument nudged by ±ε, ε = 1e-6, in
+# turn), in float64. It reports one relative error per argument array, ‖g − g_fd‖ / max(‖g‖, ‖g_fd‖) (g the
+# backward's gradient, g_fd the finite-difference one, ‖·‖ the Euclidean norm over all the array's
+# entries), and fails when any array's error exceeds 1e-6. Here the output is the scalar loss, so
+# `G` is one random number.
 
 
 # %%
@@ -140,16 +144,18 @@ def loss_of_logits(logits):
 
 def dlogits_by_steps(G, logits):
     _, tt = forward_steps(logits, targets)
-    return {"logits": G * backward_steps(tt, targets)["dlogits"]}
+    return {"logits": G * backward_steps(tt, targets)["dlogits"]}  # the steps start from dloss = 1
 
 
 report = check_grad(loss_of_logits, dlogits_by_steps, {"logits": logits.copy()})
 print(report)
 
 # %% [markdown]
-# `rel error` is ‖analytic − numeric‖ / max(‖analytic‖, ‖numeric‖): around 1e-9 means "equal up
-# to the finite-difference truncation error". `check_grad` raises if any entry exceeds its
-# tolerance, so this cell *is* the proof that the eight backward rules above are right.
+# One row per array: `rel error` is the relative error above (around 1e-9 means "equal up to the
+# finite-difference truncation error"), `max |Δ|` the largest entrywise difference |g − g_fd|, and
+# `‖grad‖` the norm ‖g_fd‖, which tells a gradient that vanishes apart from one that matches.
+# `check_grad` raises if any array's relative error exceeds its tolerance, so
+# this cell *is* the proof that the eight backward rules above are right.
 #
 # ## 3. Collapse the chain: `dlogits = (softmax − onehot) / N`
 #
@@ -173,11 +179,26 @@ print("cached for the backward:", type(ce_cache).__name__, ce_cache._fields)
 # three things the closed form reads. It does not keep the logits or the exponentials — the
 # closed form never looks at them.
 #
-# **Why a random upstream gradient?** `check_grad` draws `G` at random on purpose: a backward
-# that is wrong only in directions a fixed `G` cannot see passes a check made with that `G`.
-# Softmax is the classic case. Its outputs always sum to one, so with `G = 1` the true gradient is
-# exactly zero — and so is the gradient of a plausible-looking wrong rule that subtracts the plain
-# mean of `dp` instead of its `p`-weighted mean:
+# ## 4. The softmax on its own: `dz = p ⊙ (dp − Σ_j dp_j p_j)`
+#
+# Cross-entropy hid the softmax inside a fused rule. Attention (tutorial 03) applies a softmax
+# whose output `p` is multiplied by the values, not fed to a cross-entropy, so it needs the
+# backward of the softmax alone: given `dp` = ∂loss/∂p, find `dz` = ∂loss/∂z. Same method, shorter
+# chain (the max shift is left out: it changes nothing, section 2 showed its gradient is zero):
+#
+# | forward line | backward line |
+# |---|---|
+# | `e = exp(z)` | `dz = de ⊙ e` |
+# | `sum_e = Σ_v e` | `de += dsum_e`, broadcast back over v |
+# | `p = e / sum_e` | `de = dp / sum_e`;  `dsum_e = −Σ_v dp ⊙ e / sum_e²` |
+#
+# (read the right column from the bottom up: `e` is used twice, in `sum_e` and in `p`, so `de` has
+# two parts). Substituting, with `p = e / sum_e`:
+#
+# `dz = e ⊙ (dp / sum_e − Σ_j dp_j e_j / sum_e²) = p ⊙ (dp − Σ_j dp_j p_j)`
+#
+# — the upstream gradient minus its `p`-weighted mean, times `p`. (Written as a Jacobian:
+# ∂p_i/∂z_j = p_i (δ_ij − p_j), and `dz = Jᵀ dp` gives the same line.)
 
 # %%
 def softmax(z):
@@ -185,15 +206,42 @@ def softmax(z):
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def softmax_backward_correct(dp, p):
+def softmax_backward_steps(dp, z):
+    e = np.exp(z)
+    sum_e = e.sum(axis=-1, keepdims=True)
+    de = dp / sum_e  # from p = e / sum_e, holding sum_e fixed
+    dsum_e = -(dp * e).sum(axis=-1, keepdims=True) / sum_e**2  # … and holding e fixed
+    de = de + dsum_e  # from sum_e = Σ e: a sum's backward is a broadcast
+    return de * e  # from e = exp(z)
+
+
+def softmax_backward(dp, p):
     return p * (dp - (dp * p).sum(axis=-1, keepdims=True))
 
 
+z = rng.standard_normal((3, V))
+check_grad(softmax, lambda G, z: {"z": softmax_backward_steps(G, z)}, {"z": z.copy()})
+dp = rng.standard_normal(z.shape)
+assert_close(softmax_backward(dp, softmax(z)), softmax_backward_steps(dp, z), rtol=1e-12, atol=1e-15,
+             what="one line vs steps")
+assert np.abs(softmax_backward(dp, softmax(z)).sum(axis=-1)).max() < 1e-14  # see below
+print("softmax backward: the steps pass check_grad, and the one-line form equals them")
+
+# %% [markdown]
+# Each row of `dz` sums to zero: adding a constant to a row of `z` does not change `p`, so the
+# gradient has no component along the all-ones direction.
+#
+# **Why a random upstream gradient?** `check_grad` draws `G` at random on purpose: a backward
+# that is wrong only in directions a fixed `G` cannot see passes a check made with that `G`.
+# The softmax is the classic case. Its outputs always sum to one, so with `G = 1` the true gradient
+# is exactly zero — and so is the gradient of a plausible-looking wrong rule that subtracts the
+# plain mean of `dp` instead of its `p`-weighted mean:
+
+# %%
 def softmax_backward_wrong(dp, p):  # plain mean where the p-weighted mean belongs
     return p * (dp - dp.mean(axis=-1, keepdims=True))
 
 
-z = rng.standard_normal((3, V))
 ones = np.ones_like(z)
 numeric_with_ones = numerical_grad(lambda: float(softmax(z).sum()), z)
 wrong_with_ones = softmax_backward_wrong(ones, softmax(z))
@@ -203,13 +251,13 @@ print("G = 1: the wrong rule agrees with finite differences (both are zero)")
 
 wrong = check_grad(softmax, lambda G, z: {"z": softmax_backward_wrong(G, softmax(z))}, {"z": z},
                    raise_on_failure=False)
-right = check_grad(softmax, lambda G, z: {"z": softmax_backward_correct(G, softmax(z))}, {"z": z})
+right = check_grad(softmax, lambda G, z: {"z": softmax_backward(G, softmax(z))}, {"z": z})
 print("random G, wrong rule:\n", wrong)
 assert not wrong.ok
 assert right.ok
 
 # %% [markdown]
-# ## 4. The linear layer: `dx = dy W`, `dW = dyᵀ x`, `db = Σ_n dy`
+# ## 5. The linear layer: `dx = dy W`, `dW = dyᵀ x`, `db = Σ_n dy`
 #
 # Write `y[n, o] = Σ_i x[n, i] W[o, i] + b[o]`. Then
 #
@@ -251,7 +299,7 @@ assert_close(linear_backward_weight(dy, x[:, cols]), linear_backward_weight(dy, 
              rtol=1e-14, what="column block of dW")
 
 # %% [markdown]
-# ## 5. Put them together: one gradient step on the head
+# ## 6. Put them together: one gradient step on the head
 #
 # The full chain is `loss ← cross_entropy ← linear`. Its backward runs the two backward functions
 # in the reverse order of the forward, feeding each one's output gradient into the next — the
@@ -286,30 +334,58 @@ assert losses[-1] < 0.5 * head_loss(x, W, b)
 #
 # * Write the forward as named intermediates, and give each a gradient in reverse order.
 # * Broadcast ⇄ sum; a value used twice gets the sum of its gradients.
-# * Check with a *random* upstream gradient in float64 (`minift.testing.check_grad`).
-# * Collapse the chain: softmax-cross-entropy becomes `(p − onehot)/N`; the linear layer becomes
-#   three one-line products, and minift keeps them separate so each method pays only for what it trains.
+# * Check with a *random* upstream gradient in float64 (`minift.testing.check_grad`): one relative
+#   error per array.
+# * Collapse the chain: softmax-cross-entropy becomes `(p − onehot)/N`; the softmax alone becomes
+#   `p ⊙ (dp − Σ dp ⊙ p)`; the linear layer becomes three one-line products, and minift keeps them
+#   separate so each method pays only for what it trains.
 #
 # ## Exercises
 #
 # 1. **Ignored targets.** Set some targets to `IGNORE_INDEX` (−100, the Hugging Face convention for
-#    "do not train on this token", e.g. prompt tokens). Derive `dlogits` by hand — what happens to
-#    those rows and to the denominator N? — and compare with `cross_entropy_backward`.
+#    "do not train on this token", e.g. prompt tokens); the loss is then the mean over the *counted*
+#    targets only. Derive `dlogits` by hand — what happens to those rows and to the denominator N?
+#    — and compare with `cross_entropy_backward`.
 # 2. **Mean-squared error.** For `loss = mean((x Wᵀ + b − y)²)` over all N·V entries, write the
 #    backward by hand and check it with `check_grad`; reuse the library's linear backward for the last step.
-# 3. **Why float64?** Run the linear-layer `check_grad` of section 4 on float32 copies using
-#    `minift.testing.numerical_grad` directly (check_grad refuses float32) and see how large the
-#    disagreement becomes with `eps = 1e-6` and with `eps = 1e-3`.
+# 3. **Why central differences, and why float64?** Write your own `central_difference(loss, x, eps)`
+#    (what `minift.testing.numerical_grad` does: nudge each entry of `x` in place by ±eps, take
+#    `(loss() − loss()) / 2eps`, put the entry back). Then run it on float32 copies of the linear
+#    layer of section 5 and see how large the disagreement with `dW = Gᵀ x` becomes with
+#    `eps = 1e-6` and with `eps = 1e-3`.
 #
 # Solutions: `tutorials/solutions/01_backprop_by_hand.py`.
 
 # %% [markdown]
-# ### Check cell
+# ### Check cells
 #
-# Write your answer in the function below, in place of `return None`, and run the cell: the
-# check prints "not answered yet" while a function returns None, "correct" when your answer is
-# right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
-# `tutorials/solutions/` defines the same function.)
+# Write each answer in its function below, in place of `return None`, and run the cell: a check
+# prints "not answered yet" while its function returns None, "correct" when your answer is right,
+# and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
+# `tutorials/solutions/` defines the same functions.)
+
+# %%
+def ignored_dlogits(logits, targets):
+    """Exercise 1: dloss/dlogits (N, V) for loss = the mean cross-entropy over the targets that
+    are not IGNORE_INDEX (−100)."""
+    return None  # your code here
+
+
+def check_ignored_dlogits(ignored_dlogits):
+    r = np.random.default_rng(3)
+    logits, targets = r.standard_normal((6, 5)), r.integers(0, 5, size=6)
+    targets[[0, 3, 4]] = -100
+    if ignored_dlogits(logits, targets) is None:
+        print("exercise 1: not answered yet")
+        return
+    _, cache = cross_entropy_forward(logits, targets)
+    assert_close(ignored_dlogits(logits, targets), cross_entropy_backward(cache), rtol=1e-10, atol=1e-14,
+                 what="dlogits with 3 of 6 targets ignored")
+    print("exercise 1: correct")
+
+
+check_ignored_dlogits(ignored_dlogits)
+
 
 # %%
 def mse_grads(x, W, b, y):
@@ -332,3 +408,29 @@ def check_mse_grads(mse_grads):
 
 
 check_mse_grads(mse_grads)
+
+
+# %%
+def central_difference(loss, x, eps):
+    """Exercise 3: the gradient of loss() with respect to the array x that loss reads, by central
+    differences: each entry of x nudged in place by +eps and by −eps, then restored."""
+    return None  # your code here
+
+
+def check_central_difference(central_difference):
+    r = np.random.default_rng(4)
+    x, G = r.standard_normal((4, 3)), r.standard_normal((4, 3))
+    before = x.copy()
+    found = central_difference(lambda: float((np.sin(x) * G).sum()), x, 1e-4)
+    if found is None:
+        print("exercise 3: not answered yet")
+        return
+    assert np.array_equal(x, before), "x must hold its original values afterwards"
+    exact = np.cos(x) * G
+    error = np.linalg.norm(found - exact) / np.linalg.norm(exact)
+    # a central difference errs by O(eps²) ≈ 1e-9 here; a one-sided one by O(eps) ≈ 1e-5
+    assert error < 1e-7, f"relative error {error:.1e}: is the difference central, (f(x+ε) − f(x−ε)) / 2ε?"
+    print("exercise 3: correct")
+
+
+check_central_difference(central_difference)

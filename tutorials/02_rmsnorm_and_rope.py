@@ -136,7 +136,7 @@ yb, cb = rmsnorm_forward(xb, w0, eps)
 assert np.array_equal(ya, yb)
 dxa, _ = rmsnorm_backward(dy, ca, w0)
 dxb, _ = rmsnorm_backward(dy, cb, w0)
-print("same y, |dx_a − dx_b| =", np.abs(dxa - dxb).max().round(4))
+print("same y, max |dx_a − dx_b| =", np.abs(dxa - dxb).max().round(4))
 assert np.abs(dxa - dxb).max() > 1e-3
 
 # %% [markdown]
@@ -149,15 +149,18 @@ assert np.abs(dxa - dxb).max() > 1e-3
 #
 # ## 4. RoPE: rotate pairs of coordinates by a position-dependent angle
 #
-# Rotary embeddings encode the position `m` of a query or key vector by rotating coordinate pairs.
-# minift uses the `rotate_half` pairing of Hugging Face checkpoints: coordinate `i` pairs with `i + D/2`
-# and the pair is rotated by the angle `φ_i(m) = m · θ^(−2i/D)`:
+# Rotary embeddings encode the position `m` of a query or key vector (one head's, of width D) by
+# rotating coordinate pairs. minift uses the `rotate_half` pairing of Hugging Face checkpoints:
+# coordinate `i` pairs with `i + D/2` (i = 0 … D/2 − 1) and the pair is rotated by the angle
+# `φ_i(m) = m · θ^(−2i/D)`, where the base θ (`rope_theta` in a config, 10000 for Llama 2) sets
+# how slowly the lower pairs turn:
 #
 # `x' = x ⊙ cos φ + rotate_half(x) ⊙ sin φ`,  with `rotate_half(x) = (−x[D/2:], x[:D/2])`.
 #
-# `rope_tables(positions, D, θ, scaling)` builds the cos and sin tables once per batch (shape
-# (B, 1, T, D), broadcast over heads). `RopeScaling` rescales the frequencies for long contexts
-# (linear, or Llama 3's banded scheme); the default is no scaling.
+# `rope_tables(positions, D, θ, scaling)` builds the cos and sin tables once per batch, shape
+# (B, 1, T, D), broadcast over the heads of q and k, which are (B, H, T, D): batch, heads, tokens,
+# head width. `RopeScaling` rescales the frequencies for long contexts (linear, or Llama 3's
+# banded scheme); the default is no scaling.
 
 # %%
 B, H, T, D, theta = 1, 2, 5, 8, 10000.0
@@ -206,9 +209,46 @@ assert abs(s31 - s42) < 1e-5
 # %% [markdown]
 # ## 5. RoPE backward: the transpose of a rotation is the rotation by −φ
 #
-# RoPE is linear in `x`: `x' = R(φ) x` for a block-diagonal rotation `R`. The gradient of a linear
-# map is its transpose, `dx = R(φ)ᵀ dy = R(−φ) dy` — the same rotation with `sin` negated. In
-# `rotate_half` form: `dx = dy ⊙ cos − rotate_half(dy ⊙ sin)`.
+# RoPE is linear in `x`: `x' = R(φ) x` for a block-diagonal rotation `R`, one 2×2 block per pair.
+# The gradient of a linear map `y = M x` is `dx = Mᵀ dy` (tutorial 01's `dx = dy W`, written for
+# one column vector), and the transpose of a rotation is the rotation back: `R(φ)ᵀ = R(−φ)`. Pair by
+# pair, with `c = cos φ_i`, `s = sin φ_i`:
+#
+#     forward:  y0 = c·a0 − s·a1        backward:  da0 =  c·dy0 + s·dy1
+#               y1 = s·a0 + c·a1                   da1 = −s·dy0 + c·dy1
+#
+# (each `da` collects the coefficient of `a` in every `y` it appears in, times that `y`'s gradient).
+# That is the forward with `s` replaced by `−s`. In the `rotate_half` form of section 4, where
+# coordinate i holds `a0` and i + D/2 holds `a1`, the backward reads
+# `dx = dy ⊙ cos − rotate_half(dy ⊙ sin)`: the first half gets `c·dy0 + s·dy1`, the second
+# `c·dy1 − s·dy0`.
+#
+# **Your turn.** Write that backward in the cell below, then run the check: it compares your
+# function with finite differences (`check_grad`) and with the library's `rope_backward`.
+
+# %%
+def rope_backward_by_hand(dy, cos, sin):
+    """dx for x' = x ⊙ cos + rotate_half(x) ⊙ sin, given dy (B, H, T, D) and the tables."""
+    return None  # your code here: one line with rotate_half
+
+
+def check_rope_backward_by_hand(rope_backward_by_hand):
+    dy = np.random.default_rng(8).standard_normal(q.shape)
+    if rope_backward_by_hand(dy, cos, sin) is None:
+        print("your turn (RoPE backward): not answered yet")
+        return
+    check_grad(lambda x: rope_forward(x, cos, sin), lambda G, x: {"x": rope_backward_by_hand(G, cos, sin)},
+               {"x": q.copy()})
+    assert_close(rope_backward_by_hand(dy, cos, sin), rope_backward(dy, cos, sin), rtol=1e-12, atol=1e-15,
+                 what="dx vs rope_backward")
+    print("your turn (RoPE backward): correct")
+
+
+check_rope_backward_by_hand(rope_backward_by_hand)
+
+# %% [markdown]
+# The library's `rope_backward` is that line; the rest of minift uses it. It passes the same check,
+# and it is the rotation by −φ:
 
 # %%
 print(check_grad(lambda x: rope_forward(x, cos, sin), lambda G, x: {"x": rope_backward(G, cos, sin)},
@@ -244,24 +284,27 @@ assert not bad.ok
 #
 # ## Exercises
 #
-# 1. **LayerNorm.** GPT-2 uses LayerNorm, `y = w ⊙ (x − μ)/σ + b`. Derive `dx` the same way (one
-#    more path: the mean) and compare with `minift.layers.layernorm.layernorm_backward`; check
-#    with `check_grad` that `dx` sums to zero along each row.
-# 2. **Scaling frequencies.** Build `rope_inv_freq` with `RopeScaling(kind="linear", factor=4.0)`
-#    and show that position `4m` with scaling gets the angles of position `m` without it.
-# 3. **Long positions in float32.** RoPE angles grow with the position. Compare the table built by
-#    `rope_tables` (float32) with one computed in float64 at positions 10, 1000 and 100000, and
-#    explain why the gap grows.
+# 1. **LayerNorm.** GPT-2 uses LayerNorm, `y = w ⊙ (x − μ)/σ + b` with μ the mean of each row of
+#    x and σ = √(var + ε) its standard deviation. Derive `dx` the same way (one more path: the
+#    mean), check it with `check_grad`, compare it with
+#    `minift.layers.layernorm.layernorm_backward`, and show that each row of `dx` sums to zero.
+# 2. **Scaling frequencies.** Linear RoPE scaling divides every inverse frequency `θ^(−2i/D)` by a
+#    factor. Write those frequencies yourself, compare them with `rope_inv_freq` under
+#    `RopeScaling(kind="linear", factor=4.0)`, and show that position `4m` with scaling gets the
+#    angles of position `m` without it.
+# 3. **Long positions in float32.** RoPE angles grow with the position. Compute the exact angles
+#    `φ_i(m) = m · θ^(−2i/D)` in float64, compare the cos table `rope_tables` builds (float32)
+#    with theirs at positions 10, 1234 and 123457, and explain why the gap grows.
 #
 # Solutions: `tutorials/solutions/02_rmsnorm_and_rope.py`.
 
 # %% [markdown]
-# ### Check cell
+# ### Check cells
 #
-# Write your answer in the function below, in place of `return None`, and run the cell: the
-# check prints "not answered yet" while a function returns None, "correct" when your answer is
-# right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
-# `tutorials/solutions/` defines the same function.)
+# Write each answer in its function below, in place of `return None`, and run the cell: a check
+# prints "not answered yet" while its function returns None, "correct" when your answer is right,
+# and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
+# `tutorials/solutions/` defines the same functions.)
 
 # %%
 def layernorm_grads(dy, x, w, b, eps):
@@ -284,3 +327,49 @@ def check_layernorm_grads(layernorm_grads):
 
 
 check_layernorm_grads(layernorm_grads)
+
+
+# %%
+def linear_scaled_inv_freq(D, theta, factor):
+    """Exercise 2: the D/2 inverse frequencies θ^(−2i/D), i = 0 … D/2 − 1, under linear scaling by
+    `factor`, in float64."""
+    return None  # your code here
+
+
+def check_linear_scaled_inv_freq(linear_scaled_inv_freq):
+    if linear_scaled_inv_freq(8, 10000.0, 4.0) is None:
+        print("exercise 2: not answered yet")
+        return
+    for D_, theta_, factor in [(8, 10000.0, 4.0), (16, 500000.0, 8.0)]:
+        mine = np.asarray(linear_scaled_inv_freq(D_, theta_, factor))
+        lib = rope_inv_freq(D_, theta_, RopeScaling(kind="linear", factor=factor))
+        assert mine.shape == lib.shape, f"D={D_}: shape {mine.shape}, expected {lib.shape}"
+        assert_close(mine, lib, rtol=1e-6, what=f"inverse frequencies, D={D_}, factor={factor}")
+    print("exercise 2: correct")
+
+
+check_linear_scaled_inv_freq(linear_scaled_inv_freq)
+
+
+# %%
+def exact_angles(positions, D, theta):
+    """Exercise 3: φ_i(m) = m · θ^(−2i/D) for each position m of the 1-D integer array `positions`
+    and i = 0 … D/2 − 1, computed in float64: shape (len(positions), D/2)."""
+    return None  # your code here
+
+
+def check_exact_angles(exact_angles):
+    positions = np.array([0, 10, 1234, 123457])
+    if exact_angles(positions, 8, 10000.0) is None:
+        print("exercise 3: not answered yet")
+        return
+    for D_, theta_ in [(8, 10000.0), (16, 1e6)]:
+        mine = np.asarray(exact_angles(positions, D_, theta_))
+        expected = positions[:, None] * np.power(float(theta_), -np.arange(0, D_, 2) / D_)
+        assert mine.shape == expected.shape, f"D={D_}: shape {mine.shape}, expected {expected.shape}"
+        # float64 is exact to ~1e-16 relative; float32 inverse frequencies are off by up to ~6e-8
+        assert_close(mine, expected, rtol=1e-12, what=f"angles, D={D_} (all in float64?)")
+    print("exercise 3: correct")
+
+
+check_exact_angles(exact_angles)

@@ -22,8 +22,8 @@
 # **Library functions explained here.** `minift.ModelConfig`, `minift.init_model`,
 # `minift.model_forward`, `minift.model_backward`, `minift.loss_and_grads`, `minift.set_trainable`,
 # `minift.trainable_parameters`, `minift.model.Block`, `minift.model.ModelCache`,
-# `minift.slots.Dense`, `minift.optim.AdamW`, `minift.optim.Schedule`,
-# `minift.optim.clip_grad_norm`, `minift.tools.measure.step_memory`.
+# `minift.slots.Dense`, `minift.layers.embedding.embedding_backward`, `minift.optim.AdamW`,
+# `minift.optim.Schedule`, `minift.optim.clip_grad_norm`, `minift.tools.measure.step_memory`.
 
 # %%
 import dataclasses
@@ -46,6 +46,7 @@ from minift import (
 from minift.data import Batch
 from minift.layers.attention import attention_backward, attention_forward, causal_mask
 from minift.layers.cross_entropy import cross_entropy_backward, cross_entropy_forward
+from minift.layers.embedding import embedding_backward
 from minift.layers.linear import linear_backward_weight, linear_forward
 from minift.layers.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from minift.layers.rope import rope_backward, rope_forward, rope_tables
@@ -96,8 +97,10 @@ for name, slot in block.slots():
 #     x = x + o(attention(rope(q(h)), rope(k(h)), v(h)))     h = attn_norm(x)
 #     x = x + down(silu(gate(h)) ⊙ up(h))                    h = mlp_norm(x)
 #
-# and the logits are `lm_head(final_norm(x))`. Here it is, written with nothing but the layer
-# functions of tutorials 01–03, compared with `model_forward`:
+# and the logits are `lm_head(final_norm(x))`. The batch is B sequences of T tokens; the
+# position-wise layers see them flattened to N = B·T rows, and attention sees them as heads,
+# (B, H, T, D). Here it is, written with nothing but the layer functions of tutorials 01–03,
+# compared with `model_forward`:
 
 # %%
 B, T = 2, 6
@@ -160,24 +163,39 @@ for key in grads:
 # ### The backward, written by hand
 #
 # `model_backward` is nothing but the layer backwards of tutorials 01–03, run in reverse order.
+# The attention half of a block, forward left to right; the backward runs right to left, and where
+# an arrow forks in the forward, the gradients arriving along its branches add:
+#
+#     x ──┬─────────────────────────────────────────────────────────────────────────(+)──► x
+#         │                                                                          ▲
+#         └─► attn_norm ─► h ─┬─► q ─► heads ─► rope ─┐                              │
+#                             ├─► k ─► heads ─► rope ─┼─► attention ─► unheads ─► o ─┘
+#                             └─► v ─► heads ─────────┘
+#
+#     backward:  dh = (dq from q) + (dk from k) + (dv from v)     dx = dx + d(branch)
+#
+# (`heads` and `unheads` are the reshapes between (N, H·D) and (B, H, T, D), below.) The MLP half
+# has the same shape, with gate and up in place of q, k, v and SwiGLU in place of attention.
 # Three pieces are new here; derive them first.
 #
 # **SwiGLU.** The MLP computes `m = silu(g) ⊙ u` with g = gate(h), u = up(h), and
-# `silu(z) = z · σ(z)`, σ the logistic sigmoid `1 / (1 + e^−z)`. Since σ' = σ (1 − σ),
-# `silu'(z) = σ(z) + z σ(z)(1 − σ(z)) = σ(z) (1 + z (1 − σ(z)))`, and the product rule gives
-# `dg = dm ⊙ u ⊙ silu'(g)` and `du = dm ⊙ silu(g)`.
+# `silu(z) = z · σ(z)`, σ the logistic sigmoid `σ(z) = 1 / (1 + e^−z)`. Its derivative is
+# `σ'(z) = e^−z / (1 + e^−z)² = σ(z) (1 − σ(z))`, so by the product rule
+# `silu'(z) = σ(z) + z σ(z)(1 − σ(z)) = σ(z) (1 + z (1 − σ(z)))`, and the product `m = silu(g) ⊙ u`
+# gives `dg = dm ⊙ u ⊙ silu'(g)` and `du = dm ⊙ silu(g)`.
 #
 # **Head reshapes.** A projection's output (N, H·D) becomes heads by a reshape and a transpose,
 # (N, H·D) → (B, T, H, D) → (B, H, T, D). Both only move entries, so the backward moves the
 # gradient back the same way: the inverse transpose, then the inverse reshape.
 #
-# **Embedding.** x[n] = E[token_n] copies a row, so E's row t receives the sum of dx over every
-# position n that holds token t — a *scatter-add*. `np.add.at` adds once per occurrence;
-# `dE[tokens] += dx` would not (with a repeated token only one of the writes would survive).
+# **Embedding.** The lookup `x[n] = E[token_n]` copies row token_n of E (V, C) into position n.
+# So row t of E reaches every position n that holds token t, and nothing else: E's row t receives
+# the sum of `dx[n]` over those positions — a *scatter-add* — and zero when t does not occur.
+# A token that occurs twice is a value used twice.
 #
-# **A value used twice gets both gradients.** h feeds q, k and v (and gate and up): its gradient is
-# the sum of what each projection sends back. The residual stream x feeds the branch and skips past
-# it: `dx = dx + d(branch)`.
+# And tutorial 01's rule, everywhere: **a value used twice gets both gradients.** h feeds q, k and
+# v (and gate and up): its gradient is the sum of what each projection sends back. The residual
+# stream x feeds the branch and skips past it: `dx = dx + d(branch)`.
 
 # %%
 def silu(z):
@@ -215,8 +233,9 @@ print("silu' by finite differences, and the SwiGLU backward against the library'
 
 # %%
 def backward_by_hand(model, tokens, dlogits):
-    """Every parameter's gradient: the forward of `decoder_by_hand` keeping what each backward needs,
-    then the backward, block by block from the top."""
+    """Every parameter's gradient, and the gradient dx (N, C) that arrives at the looked-up embedding
+    rows: the forward of `decoder_by_hand` keeping what each backward needs, then the backward, block
+    by block from the top."""
     c = model.config
     cos, sin = rope_tables(np.broadcast_to(np.arange(T), (B, T)), D, c.rope_theta, c.rope_scaling)
     x = model.embed.weight[tokens].reshape(B * T, -1)
@@ -253,18 +272,62 @@ def backward_by_hand(model, tokens, dlogits):
         dh1 = dq @ blk.q.weight + dk @ blk.k.weight + dv @ blk.v.weight  # h1 feeds q, k and v
         d_branch, grads[p + "attn_norm.weight"] = rmsnorm_backward(dh1, n1, blk.attn_norm.weight)
         dx = dx + d_branch
-    dE = np.zeros_like(model.embed.weight)
-    np.add.at(dE, tokens.reshape(-1), dx)  # the scatter-add: once per occurrence of each token
-    grads["embed.weight"] = dE
-    return grads
+    # the library's scatter-add; you write it yourself below
+    grads["embed.weight"] = embedding_backward(dx, tokens.reshape(-1), c.vocab_size)
+    return grads, dx
 
 
-mine = backward_by_hand(model, inputs, cross_entropy_backward(ce_cache).reshape(logits.shape))
+mine, d_embedded = backward_by_hand(model, inputs, cross_entropy_backward(ce_cache).reshape(logits.shape))
 assert mine.keys() == grads.keys()
 for key in grads:
     assert_close(mine[key], grads[key], rtol=1e-10, atol=1e-13, what=key)
 print(f"all {len(grads)} gradients written by hand match model_backward's")
-print("a repeated input token:", np.bincount(inputs.reshape(-1)).max(), "occurrences of the most common one")
+
+# %% [markdown]
+# **Your turn: the embedding's backward.** `backward_by_hand` called the library's
+# `embedding_backward` for the last step. Write it yourself in the cell below: given the gradient
+# `dx` (N, C) arriving at the looked-up rows (`d_embedded`, returned by `backward_by_hand`), the
+# token ids (N,) and the vocabulary size V, return `dE` (V, C). The check runs it on six
+# positions where tokens repeat and compares it with the library's `embedding_backward`; the cell
+# after it shows, on this tutorial's batch, what a tempting one-liner gets wrong.
+
+# %%
+def embedding_backward_by_hand(dx, tokens, V):
+    """dE (V, C) for x = E[tokens]: row t is the sum of dx[n] over the positions n with tokens[n] == t."""
+    return None  # your code here
+
+
+def check_embedding_backward_by_hand(embedding_backward_by_hand):
+    ids = np.array([3, 1, 3, 0, 3, 1])  # token 3 three times, 1 twice, 2 and 4 never
+    dx_ = np.random.default_rng(11).standard_normal((6, 4))
+    dE = embedding_backward_by_hand(dx_, ids, 5)
+    if dE is None:
+        print("your turn (embedding backward): not answered yet")
+        return
+    assert_close(dE, embedding_backward(dx_, ids, 5), rtol=1e-12, atol=1e-15, what="dE vs embedding_backward")
+    print("your turn (embedding backward): correct")
+
+
+check_embedding_backward_by_hand(embedding_backward_by_hand)
+
+# %% [markdown]
+# The tempting one-liner `dE[tokens] += dx` is wrong exactly when a token repeats: NumPy evaluates
+# the fancy-indexed `+=` as `dE[tokens] = dE[tokens] + dx`, a gather, an add and a scatter, so
+# for a token that occurs twice the second write replaces the first instead of adding to it.
+# `np.add.at(dE, tokens, dx)` adds once per occurrence (so does `dE = onehot(tokens)ᵀ dx`, at the
+# cost of an (N, V) matrix).
+
+# %%
+flat = inputs.reshape(-1)
+repeated = int(np.bincount(flat).argmax())
+overwritten = np.zeros_like(model.embed.weight)
+overwritten[flat] += d_embedded
+scattered = np.zeros_like(model.embed.weight)
+np.add.at(scattered, flat, d_embedded)
+print(f"token {repeated} occurs {np.bincount(flat)[repeated]} times; row {repeated} of dE: "
+      f"max |add.at − fancy +=| = {np.abs(scattered[repeated] - overwritten[repeated]).max():.3f}")
+assert_close(scattered, grads["embed.weight"], rtol=1e-10, atol=1e-14, what="np.add.at")
+assert not np.allclose(overwritten, grads["embed.weight"])
 
 
 # %% [markdown]
@@ -273,14 +336,14 @@ print("a repeated input token:", np.bincount(inputs.reshape(-1)).max(), "occurre
 # `check_grad` perturbs each entry of the arrays it is given *in place*, by ±ε, and compares the
 # resulting central differences of the loss with the gradient the backward returned: one relative
 # error ‖g − g_fd‖ / max(‖g‖, ‖g_fd‖) per array (the `rel error` column; `max |Δ|` is the largest
-# entrywise difference), which must stay below 1e-6. Passing the
-# model's own arrays (not copies) therefore perturbs the model, and the forward can ignore its
-# arguments.
+# entrywise difference, `‖grad‖` the norm of the finite-difference gradient), which must stay
+# below 1e-6. Passing the model's own arrays (not copies) therefore perturbs the model, and the
+# forward can ignore its arguments.
 #
 # Which arrays to check? A gradient rule that is wrong in one place only shows up in the arrays
 # whose gradient flows *through* that place — a doubled gradient of the gate weight, say, leaves
 # every other array's gradient untouched. So we check all 21 arrays (4,944 numbers, two forwards
-# each: a few seconds in float64).
+# each: about ten seconds in float64).
 
 # %%
 checked = params  # every trainable array of the model
@@ -307,7 +370,8 @@ assert len(report.checks) == len(params) == 21
 
 # %% [markdown]
 # And the slip the check is for: a backward whose gate-weight gradient in block 0 came out doubled
-# (say, `silu'` applied twice). Only that row fails; a check of a few other arrays would have passed.
+# (say, its `dgᵀ h` added into a buffer twice). Checked on four other arrays it would pass; only
+# the gate weight's own row fails:
 
 # %%
 def doubled_gate_grads(G, **_):
@@ -315,10 +379,13 @@ def doubled_gate_grads(G, **_):
     return {**g, "blocks.0.gate.weight": 2 * g["blocks.0.gate.weight"]}
 
 
-bad = check_grad(whole_model_loss, doubled_gate_grads, checked, raise_on_failure=False)
-assert not bad.ok
-print([c.name for c in bad.checks if c.rel_error > bad.tol], "fails; the other 20 arrays pass")
+few = ["blocks.0.attn_norm.weight", "blocks.1.v.weight", "blocks.1.mlp_norm.weight", "final_norm.weight"]
+bad = check_grad(whole_model_loss, doubled_gate_grads, {k: params[k] for k in [*few, "blocks.0.gate.weight"]},
+                 raise_on_failure=False)
+print(bad)
+assert [c.name for c in bad.checks if c.rel_error > bad.tol] == ["blocks.0.gate.weight"]
 
+# %% [markdown]
 # ### Why backward functions return gradients instead of accumulating them
 #
 # Many hand-written backprop codes add (`+=`) into gradient buffers owned by the parameters, which
@@ -475,21 +542,23 @@ show(fig, "04_memory")
 #
 # 1. **Gradient accumulation.** Split a batch of 4 sequences into two micro-batches of 2 and show
 #    that `minift.train.accumulate_gradients` gives the gradient of the whole batch. Then pad one
-#    micro-batch's targets with −100 and explain why a plain average of the two gradients is wrong.
+#    micro-batch's targets with −100 and explain why a plain average of the two gradients is wrong;
+#    write the right combination.
 # 2. **What the cache holds.** For the `big` config above, list the five largest arrays in a full
-#    fine-tuning cache, with their shapes and which layer keeps them.
-# 3. **Memory against sequence length.** Measure the full-FT step peak for T = 16, 32, 64, 128 and
-#    fit how it grows. Which term is quadratic in T?
+#    fine-tuning cache, with their shapes and which layer keeps them. (Walk the whole tree —
+#    NamedTuples, dataclasses, lists — and count an array kept in two places once.)
+# 3. **Memory against sequence length.** Measure the full-FT step peak for T = 16, 32, 64, 128,
+#    fit `peak ≈ a + b·T + c·T²` by least squares, and say which part of a step is quadratic in T.
 #
 # Solutions: `tutorials/solutions/04_decoder_and_training_step.py`.
 
 # %% [markdown]
-# ### Check cell
+# ### Check cells
 #
-# Write your answer in the function below, in place of `return None`, and run the cell: the
-# check prints "not answered yet" while a function returns None, "correct" when your answer is
-# right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
-# `tutorials/solutions/` defines the same function.)
+# Write each answer in its function below, in place of `return None`, and run the cell: a check
+# prints "not answered yet" while its function returns None, "correct" when your answer is right,
+# and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
+# `tutorials/solutions/` defines the same functions.)
 
 # %%
 def combine_micro_batches(grads, counted):
@@ -516,3 +585,51 @@ def check_combine_micro_batches(combine_micro_batches):
 
 
 check_combine_micro_batches(combine_micro_batches)
+
+
+# %%
+def five_largest(cache):
+    """Exercise 2: the five largest distinct arrays (by bytes) in a model cache, largest first, as a
+    list of (where, array) pairs; `where` is any label that says where the array sits."""
+    return None  # your code here
+
+
+def check_five_largest(five_largest):
+    m = set_trainable(init_model(big, np.random.default_rng(3)))
+    _, cache = model_forward(m, xb)
+    found = five_largest(cache)
+    if found is None:
+        print("exercise 2: not answered yet")
+        return
+    found = [a for _, a in found]
+    inside = {id(a) for a in arrays_in(cache).values()}
+    assert len(found) == 5, f"{len(found)} arrays, expected five"
+    assert len({id(a) for a in found}) == 5, "the same array twice: count each array once"
+    assert all(id(a) in inside for a in found), "every array must be one the cache holds"
+    expected = sorted((a.nbytes for a in arrays_in(cache).values()), reverse=True)[:5]
+    assert [a.nbytes for a in found] == expected, (
+        f"sizes {[a.nbytes for a in found]}, expected {expected}: did the walk reach the blocks' caches?")
+    print("exercise 2: correct")
+
+
+check_five_largest(five_largest)
+
+
+# %%
+def fit_growth(Ts, peaks):
+    """Exercise 3: the least-squares coefficients (a, b, c) of peak ≈ a + b·T + c·T²."""
+    return None  # your code here
+
+
+def check_fit_growth(fit_growth):
+    Ts = np.array([16.0, 32.0, 64.0, 128.0])
+    if fit_growth(Ts, 1.0 + Ts) is None:
+        print("exercise 3: not answered yet")
+        return
+    for a, b, c in [(5e5, 3e3, 20.0), (1e6, 0.0, 0.0), (0.0, 1.0, 1.0)]:
+        found = np.asarray(fit_growth(Ts, a + b * Ts + c * Ts**2), dtype=float)
+        assert np.allclose(found, [a, b, c], rtol=1e-6, atol=1e-6), f"got {found}, expected {(a, b, c)}"
+    print("exercise 3: correct")
+
+
+check_fit_growth(fit_growth)

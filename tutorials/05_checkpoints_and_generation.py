@@ -173,7 +173,8 @@ for path in (broken, pickled):
 # per new token *just for the projections*, and attention over all pairs again. But causal
 # attention means the keys and values of earlier positions never change once computed (tutorial
 # 03: nothing later can influence them). So keep them: a `KVCache` holds each layer's rotated keys
-# and values, and each step feeds only the one new token (T = 1) against S cached positions.
+# and values, and each step feeds only the one new token (T = 1) against S = P + 1 keys: the P
+# cached positions and its own (tutorial 03's mask, aligned at the bottom-right corner).
 #
 # First, the claim itself: logits with a cache equal logits of a full recomputation.
 
@@ -243,25 +244,28 @@ print("sampled:", repr(tok.decode(a[0])))
 #
 # ## Exercises
 #
-# 1. **How much work does the cache save?** Count the tokens the model processes to generate 30
-#    tokens from a 10-token prompt with and without a cache. Then time both with
+# 1. **How much work does the cache save?** Count the tokens the model processes to generate n
+#    tokens from a P-token prompt with and without a cache (30 after 10, say). Then time both with
 #    `time.perf_counter` on a model with a longer context.
 # 2. **A missing tensor.** Save the model, remove one tensor from `model.safetensors` with
 #    `minift.io.safetensors_io.read_safetensors` / `minift.io.safetensors_io.write_safetensors`, and
 #    read the error `load_pretrained` gives.
-# 3. **Half precision.** Rewrite `model.safetensors` with bfloat16 weights
-#    (`write_safetensors(..., bf16=True)`), reload, and measure how far the logits move. Does
-#    greedy generation still produce the sentence?
+# 3. **Half precision.** bfloat16 is the top 16 bits of a float32: the same sign and 8-bit
+#    exponent, 7 of the 23 mantissa bits. Write the rounding of float32 values to the nearest
+#    bfloat16 (ties to the even one) with integer operations on `x.view(np.uint32)`. Then rewrite
+#    `model.safetensors` with bfloat16 weights (`write_safetensors(..., bf16=True)`, which rounds
+#    the same way), reload, and measure how far the logits move. Does greedy generation still
+#    produce the same tokens?
 #
 # Solutions: `tutorials/solutions/05_checkpoints_and_generation.py`.
 
 # %% [markdown]
-# ### Check cell
+# ### Check cells
 #
-# Write your answer in the function below, in place of `return None`, and run the cell: the
-# check prints "not answered yet" while a function returns None, "correct" when your answer is
-# right, and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
-# `tutorials/solutions/` defines the same function.)
+# Write each answer in its function below, in place of `return None`, and run the cell: a check
+# prints "not answered yet" while its function returns None, "correct" when your answer is right,
+# and otherwise stops with an `AssertionError` that says what is wrong. (Each solution in
+# `tutorials/solutions/` defines the same functions.)
 
 # %%
 def tokens_processed(P, n, cached):
@@ -285,3 +289,54 @@ def check_tokens_processed(tokens_processed):
 
 
 check_tokens_processed(tokens_processed)
+
+
+# %%
+def drop_tensor(folder, name):
+    """Exercise 2: rewrite `folder`/model.safetensors without the tensor `name`, keeping the rest;
+    return `folder`."""
+    return None  # your code here
+
+
+def check_drop_tensor(drop_tensor):
+    copy = save_pretrained(loaded, Path(tempfile.mkdtemp(dir=work)) / "copy")
+    name = "model.layers.1.mlp.up_proj.weight"
+    if drop_tensor(copy, name) is None:
+        print("exercise 2: not answered yet")
+        return
+    left = read_header(copy / "model.safetensors")[0]
+    assert name not in left, f"{name} is still in model.safetensors"
+    assert len(left) == len(header) - 1, f"{len(left)} tensors left, expected {len(header) - 1}"
+    message = load_error(copy)
+    assert message, "the checkpoint without the tensor loaded"
+    assert "up_proj" in message, f"the error does not name the tensor: {message}"
+    print("exercise 2: correct")
+
+
+check_drop_tensor(drop_tensor)
+
+
+# %%
+def round_to_bf16(x):
+    """Exercise 3: float32 array x rounded to the nearest bfloat16 value (ties to even), returned as
+    float32."""
+    return None  # your code here
+
+
+def check_round_to_bf16(round_to_bf16):
+    from minift.io.safetensors_io import bf16_to_float32, float32_to_bf16
+
+    x = np.random.default_rng(12).standard_normal(1000).astype(np.float32)
+    x[:3] = [1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8)]  # exact ties: to the even neighbour
+    if round_to_bf16(x) is None:
+        print("exercise 3: not answered yet")
+        return
+    expected = bf16_to_float32(float32_to_bf16(x))
+    found = np.asarray(round_to_bf16(x), dtype=np.float32)
+    wrong = np.flatnonzero(found != expected)
+    assert wrong.size == 0, (f"{wrong.size} of {x.size} values differ, e.g. {x[wrong[0]]!r} → "
+                             f"{found[wrong[0]]!r}, expected {expected[wrong[0]]!r} (rounded? ties to even?)")
+    print("exercise 3: correct")
+
+
+check_round_to_bf16(round_to_bf16)

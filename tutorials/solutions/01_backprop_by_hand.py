@@ -84,13 +84,28 @@ def mse_grads(G, x, W, b):
 print(check_grad(mse, mse_grads, {"x": x.copy(), "W": W.copy(), "b": b.copy()}))
 
 # %% [markdown]
-# ## 3. Why float64
+# ## 3. Why central differences, and why float64
 #
-# In float32 a forward value carries ~7 significant digits. A central difference with ε = 1e-6
-# divides a rounding error of ~1e-7·|L| by 2ε, so the "numerical gradient" is mostly noise;
-# a larger ε reduces that noise but adds truncation error O(ε²). float64 leaves ~9 clean digits.
+# A central difference `(f(x+ε) − f(x−ε)) / 2ε` errs by O(ε²) (the even terms of the Taylor series
+# cancel); a one-sided one `(f(x+ε) − f(x)) / ε` by O(ε). In float32 a forward value carries ~7
+# significant digits: with ε = 1e-6 a rounding error of ~1e-7·|L| is divided by 2ε, so the
+# "numerical gradient" is mostly noise; a larger ε reduces that noise but adds truncation error.
+# float64 leaves ~9 clean digits at ε = 1e-6.
 
 # %%
+def central_difference(loss, x, eps):
+    grad = np.zeros(x.shape, dtype=np.float64)
+    for idx in np.ndindex(*x.shape):
+        old = x[idx].item()
+        x[idx] = old + eps
+        plus = loss()
+        x[idx] = old - eps
+        minus = loss()
+        x[idx] = old  # put it back: the next entry's differences must see the original x
+        grad[idx] = (plus - minus) / (2 * eps)
+    return grad
+
+
 G = rng.standard_normal((N, V))
 analytic = linear_backward_weight(G, x)
 errors = {}
@@ -98,17 +113,32 @@ for dtype in (np.float32, np.float64):
     for eps in (1e-6, 1e-3):
         W_ = W.astype(dtype)
         x_ = x.astype(dtype)
-        num = numerical_grad(lambda W_=W_, x_=x_: float((linear_forward(x_, W_) * G).sum()), W_, eps)
+        num = central_difference(lambda W_=W_, x_=x_: float((linear_forward(x_, W_) * G).sum()), W_, eps)
         errors[(np.dtype(dtype).name, eps)] = np.linalg.norm(num - analytic) / np.linalg.norm(analytic)
 for key, err in errors.items():
     print(f"{key[0]:>8}  eps={key[1]:g}  relative error {err:.1e}")
 assert errors[("float64", 1e-6)] < 1e-8 < errors[("float32", 1e-6)]
+def loss_of_W():
+    return float((linear_forward(x, W) * G).sum())
+
+
+assert_close(central_difference(loss_of_W, W, 1e-6), numerical_grad(loss_of_W, W), rtol=1e-12,
+             what="vs numerical_grad")
 
 
 # %% [markdown]
-# ## The answer for the tutorial's check cell
+# ## The answers for the tutorial's check cells
 
 # %%
+def ignored_dlogits(logits, targets):
+    counted = targets != IGNORE_INDEX
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    d = np.zeros_like(p)
+    d[counted] = (p[counted] - np.eye(logits.shape[1])[targets[counted]]) / counted.sum()  # ÷ M, not N
+    return d
+
+
 def mse_grads(x, W, b, y):
     dyhat = 2.0 * (linear_forward(x, W, b) - y) / y.size  # the mean divides by all N·V entries
     return {"x": linear_backward_input(dyhat, W), "W": linear_backward_weight(dyhat, x),

@@ -15,7 +15,7 @@ import numpy as np
 
 from minift.config import RopeScaling
 from minift.layers.layernorm import layernorm_backward, layernorm_forward
-from minift.layers.rope import rope_inv_freq, rope_tables
+from minift.layers.rope import rope_inv_freq, rope_tables, rotate_half
 from minift.testing import assert_close, check_grad
 
 rng = np.random.default_rng(2)
@@ -63,35 +63,53 @@ print("LayerNorm dx rows sum to", dx_lib.sum(axis=1))
 # equals the unscaled angle at m: the model "sees" positions compressed by 4.
 
 # %%
+def linear_scaled_inv_freq(D, theta, factor):
+    return theta ** (-np.arange(0, D, 2) / D) / factor  # float64 throughout
+
+
 D, theta = 8, 10000.0
 inv = rope_inv_freq(D, theta, RopeScaling()).astype(np.float64)
-inv4 = rope_inv_freq(D, theta, RopeScaling(kind="linear", factor=4.0)).astype(np.float64)
+inv4 = linear_scaled_inv_freq(D, theta, 4.0)
+assert_close(inv4, rope_inv_freq(D, theta, RopeScaling(kind="linear", factor=4.0)), rtol=1e-6,
+             what="inv_freq")
 m = np.arange(6)
 assert_close(np.outer(4 * m, inv4), np.outer(m, inv), rtol=1e-6, what="angles")
+
 
 # %% [markdown]
 # ## 3. Long positions in float32
 #
-# The angle φ = m·inv_freq is rounded to float32, whose spacing near φ is about φ·2⁻²³: at
-# position ~1e5 that is ~1e-2 of a radian in the worst case, so cos and sin drift by up to ~1e-3
-# for the highest frequencies. Hugging Face builds its tables the same way, which is why minift
-# matches it (what the checkpoints were trained with) rather than the exact value.
+# The angle φ = m·inv_freq is rounded to float32, whose spacing near φ is about φ·2⁻²³, and
+# inv_freq itself carries a float32 rounding error that the position multiplies. Both grow in
+# proportion to m, and so does the gap between the tables: ~3e-8 at position 10, ~1e-6 at 1234,
+# ~1e-4 at 123457 (printed below). Hugging Face builds its tables the same way, which is why
+# minift matches it (what the checkpoints were trained with) rather than the exact value.
 
 # %%
+def exact_angles(positions, D, theta):
+    return np.asarray(positions, dtype=np.float64)[:, None] * theta ** (-np.arange(0, D, 2) / D)
+
+
 gaps = {}
 for pos in (10, 1234, 123457):
-    positions = np.array([[pos]])
-    cos32, _ = rope_tables(positions, D, theta, RopeScaling())
-    exact = np.cos(pos * (1.0 / theta ** (np.arange(0, D, 2) / D)))
+    cos32, _ = rope_tables(np.array([[pos]]), D, theta, RopeScaling())
+    exact = np.cos(exact_angles(np.array([pos]), D, theta))[0]
     gaps[pos] = np.abs(cos32[0, 0, 0, : D // 2] - exact).max()
     print(f"position {pos:>6}: max |cos32 − cos64| = {gaps[pos]:.1e}")
 assert gaps[10] < 1e-6 < gaps[123457]
 
 
 # %% [markdown]
-# ## The answer for the tutorial's check cell
+# ## The answers for the tutorial's check cells
+#
+# The main text's "your turn": RoPE's backward is the rotation by −φ, i.e. the forward with sin
+# negated; in `rotate_half` form `dx = dy ⊙ cos − rotate_half(dy ⊙ sin)`.
 
 # %%
+def rope_backward_by_hand(dy, cos, sin):
+    return dy * cos - rotate_half(dy * sin)
+
+
 def layernorm_grads(dy, x, w, b, eps):
     xc = x - x.mean(axis=1, keepdims=True)
     rstd = ((xc**2).mean(axis=1, keepdims=True) + eps) ** -0.5

@@ -27,32 +27,47 @@ B, H, T, D = 1, 4, 5, 4
 # %% [markdown]
 # ## 1. KV cache
 #
-# The last query with S = 5 keys: `causal_mask(1, 5)` lets query 0 (absolute position S − T + 0 = 4)
-# read keys 0..4, exactly the last row of the full causal mask.
+# Query t of the T new ones sits at absolute position (S − T) + t and reads every key up to it:
+# the mask is aligned at the bottom-right corner. With T = 1 and S = 5 the one query (position 4)
+# reads keys 0..4, exactly the last row of the full causal mask.
 
 # %%
+def kv_cache_mask(T, S):
+    return np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T)
+
+
+assert np.array_equal(kv_cache_mask(1, T), causal_mask(T, T)[0, 0, 0, -1:])
 K = 2
 q = rng.standard_normal((B, H, T, D))
 k = rng.standard_normal((B, K, T, D))
 v = rng.standard_normal((B, K, T, D))
 full, _ = attention_forward(q, k, v, causal_mask(T, T))
-last, _ = attention_forward(q[:, :, -1:], k, v, causal_mask(1, T))
+last, _ = attention_forward(q[:, :, -1:], k, v, kv_cache_mask(1, T))
 assert_close(last, full[:, :, -1:], rtol=1e-12, atol=1e-14, what="cached last step")
 print("one new query against 5 cached keys equals the last row of the full computation")
 
 # %% [markdown]
-# ## 2. Multi-query attention (K = 1)
+# ## 2. Multi-query attention and `repeat_kv`
+#
+# Head h of the repeated keys is a copy of head h // G: a value used G times, so the original
+# head's gradient is the sum of its G copies' gradients. The copies of head kv are the G
+# consecutive heads kv·G … kv·G + G − 1, so reshape H to (K, G) and sum over G.
 
 # %%
-k1 = rng.standard_normal((B, 1, T, D))
-v1 = rng.standard_normal((B, 1, T, D))
+def fold_repeated_kv_grad(d_repeated, K):
+    B, H, S, D = d_repeated.shape
+    return d_repeated.reshape(B, K, H // K, S, D).sum(axis=2)  # head h = kv·G + g: sum over g
+
+
 allowed = causal_mask(T, T)
 dout = rng.standard_normal((B, H, T, D))
-_, dk_mqa, _ = attention_backward(dout, attention_forward(q, k1, v1, allowed)[1])
-_, dk_mha, _ = attention_backward(dout, attention_forward(q, np.repeat(k1, H, 1), np.repeat(v1, H, 1),
-                                                          allowed)[1])
-assert_close(dk_mqa, dk_mha.sum(axis=1, keepdims=True), rtol=1e-12, atol=1e-14, what="dk, K = 1")
-print("the shared key head's gradient is the sum of the per-head gradients")
+for K_ in (1, 2):
+    k_, v_ = rng.standard_normal((B, K_, T, D)), rng.standard_normal((B, K_, T, D))
+    _, dk, _ = attention_backward(dout, attention_forward(q, k_, v_, allowed)[1])
+    _, dk_rep, _ = attention_backward(dout, attention_forward(q, np.repeat(k_, H // K_, 1),
+                                                              np.repeat(v_, H // K_, 1), allowed)[1])
+    assert_close(fold_repeated_kv_grad(dk_rep, K_), dk, rtol=1e-12, atol=1e-14, what=f"dk, K = {K_}")
+print("a shared key head's gradient is the sum of the gradients of its copies")
 
 # %% [markdown]
 # ## 3. Softmax temperature
@@ -61,12 +76,16 @@ print("the shared key head's gradient is the sum of the per-head gradients")
 # (entropy → 0) as D grows, and their gradients vanish. With the scaling the entropy stays put.
 
 # %%
+def mean_row_entropy(p):
+    logp = np.log(np.where(p > 0, p, 1.0))  # 0 · log 0 = 0: masked keys contribute nothing
+    return float(-(p * logp).sum(axis=-1).mean())
+
+
 def mean_entropy(scale, D):
     qq = rng.standard_normal((1, 1, 64, D)) * scale
     kk = rng.standard_normal((1, 1, 64, D))
     _, c = attention_forward(qq, kk, kk, np.ones((1, 1, 1, 64, 64), dtype=bool))
-    p = attention_probabilities(c, 0)  # rebuilt from q, k and the row log-sum-exp
-    return float(-(p * np.log(np.where(p > 0, p, 1.0))).sum(-1).mean())
+    return mean_row_entropy(attention_probabilities(c, 0))  # p rebuilt from q, k and the row log-sum-exp
 
 
 entropies = {D_: (mean_entropy(1.0, D_), mean_entropy(np.sqrt(D_), D_)) for D_ in (4, 64, 1024)}
@@ -76,9 +95,28 @@ assert entropies[1024][1] < 0.5 < entropies[1024][0]
 
 
 # %% [markdown]
-# ## The answer for the tutorial's check cell
+# ## The answer to the main text's "your turn"
+#
+# In the grouped layout: reshape dout like q, then `dv = pᵀ dout`, `dp = dout vᵀ`,
+# `ds = p ⊙ (dp − Σ_j dp ⊙ p)`, `dq = ds k / √D`, `dk = dsᵀ q / √D`; the matmuls over the G·T rows
+# sum over the G heads of each group.
 
 # %%
-def kv_cache_mask(T, S):
-    # query t sits at absolute position (S − T) + t and reads every key up to it
-    return np.arange(S)[None, :] <= np.arange(T)[:, None] + (S - T)
+def attention_backward_grouped(dout, q, k, v, p):
+    B, H, T, D = q.shape
+    K = k.shape[1]
+    qg = q.reshape(B, K, H // K * T, D)  # the G heads of a group stacked as G·T rows
+    doutg = dout.reshape(qg.shape)
+    dv = p.swapaxes(-1, -2) @ doutg  # the matmul over G·T rows sums over the group
+    dp = doutg @ v.swapaxes(-1, -2)
+    ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))  # masked entries: p = 0, so ds = 0
+    dq = (ds @ k / np.sqrt(D)).reshape(q.shape)
+    dk = ds.swapaxes(-1, -2) @ qg / np.sqrt(D)
+    return dq, dk, dv
+
+
+out, cache = attention_forward(q, k, v, allowed)
+p = attention_probabilities(cache, 0)[None]  # (1, K, G·T, T): B = 1 here
+for name, mine, lib in zip(("dq", "dk", "dv"), attention_backward_grouped(dout, q, k, v, p),
+                           attention_backward(dout, cache), strict=True):
+    assert_close(mine, lib, rtol=1e-12, atol=1e-14, what=name)

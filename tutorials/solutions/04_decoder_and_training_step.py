@@ -46,13 +46,16 @@ _, g1 = loss_and_grads(model, tokens[:2], targets[:2])
 _, g2 = loss_and_grads(model, tokens[2:], targets[2:])
 plain = {k: (g1[k] + g2[k]) / 2 for k in g1}
 gap = max(np.abs(plain[k] - whole[k]).max() for k in whole)
-print(f"{counted} counted tokens; token-weighted accumulation is exact, a plain average is off by {gap:.2e}")
+print(f"{counted} counted tokens; token-weighted accumulation is exact, a plain average is off by up to "
+      f"{gap:.2e} in an entry")
 assert gap > 1e-4
 
 # %% [markdown]
 # ## 2. What the cache holds
 #
-# Walk the cache tree keeping the path of each array.
+# Walk the cache tree keeping the path of each array, each array once (by identity: q, k and v
+# keep the same normalised input). The blocks' caches are dataclasses, so a walk over tuples and
+# lists alone would miss them.
 
 # %%
 big = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=160, n_layers=4, n_heads=4,
@@ -77,33 +80,56 @@ def walk(obj, path, found):
     return found
 
 
-largest = sorted(walk(cache, "cache", {}).values(), key=lambda pa: -pa[1].nbytes)[:5]
-for path, a in largest:
+def five_largest(cache):
+    return sorted(walk(cache, "cache", {}).values(), key=lambda pa: -pa[1].nbytes)[:5]
+
+
+for path, a in five_largest(cache):
     print(f"{a.nbytes / 1024:8.0f} KiB  {a.shape!s:<22} {path}")
-assert any(".act." in path for path, _ in largest)  # SwiGLU's F-wide gate/up inputs are among them
+assert all(path.startswith("cache.blocks[") for path, _ in five_largest(cache))  # all inside blocks
 
 # %% [markdown]
 # ## 3. Memory against sequence length
 #
-# The linear terms (activations of width C or F per token) grow like T; the attention
-# probabilities of one sequence (H·T·T, built in the forward and rebuilt in the backward, never
-# kept) grow like T². At these tiny widths T² takes over early.
+# The linear terms (activations of width C or F per token) grow like T; the attention scores and
+# probabilities, one sequence's (K, G·T, T) at a time, built in the forward and rebuilt in the
+# backward but never kept, grow like T². The fit gives both parts; at these tiny widths T²
+# takes over early.
 
 # %%
+def fit_growth(Ts, peaks):
+    Ts = np.asarray(Ts, dtype=float)
+    design = np.stack([np.ones_like(Ts), Ts, Ts**2], axis=1)  # columns 1, T, T²: a, b, c in this order
+    return np.linalg.lstsq(design, np.asarray(peaks, dtype=float), rcond=None)[0]
+
+
 peaks = {}
 for T in (16, 32, 64, 128):
     x = np.random.default_rng(4).integers(0, 256, size=(2, T + 1))
     peaks[T] = step_memory(full, [Batch(x[:, :-1], x[:, 1:], np.ones_like(x[:, :-1]))]).step_peak_bytes
     print(f"T = {T:>3}: step peak {peaks[T] / 2**20:6.2f} MiB")
+a, b, c = fit_growth(list(peaks), list(peaks.values()))
+print(f"fit: peak ≈ {a / 2**20:.2f} MiB + {b / 2**10:.2f} KiB·T + {c:.1f} B·T²;"
+      f" at T = 128 the T² term is {c * 128**2 / peaks[128]:.0%} of the peak")
 growth = [peaks[2 * T] / peaks[T] for T in (16, 32, 64)]
 print("growth per doubling of T:", np.round(growth, 2), "(2 = linear, 4 = quadratic)")
 assert growth[-1] > growth[0]  # the quadratic term takes over as T grows
+assert c > 0
 
 
 # %% [markdown]
-# ## The answer for the tutorial's check cell
+# ## The answers for the tutorial's check cells
+#
+# The main text's "your turn", the embedding's backward: row t of dE sums dx over the positions
+# holding token t. `np.add.at` adds once per occurrence; `dE[tokens] += dx` would not.
 
 # %%
+def embedding_backward_by_hand(dx, tokens, V):
+    dE = np.zeros((V, dx.shape[-1]), dtype=dx.dtype)
+    np.add.at(dE, tokens, dx)
+    return dE
+
+
 def combine_micro_batches(grads, counted):
     total = sum(counted)  # each micro-batch enters with weight n_i / Σ n
     return {k: sum(n / total * g[k] for g, n in zip(grads, counted, strict=True)) for k in grads[0]}
