@@ -186,88 +186,6 @@ def _deviation_with_signed_cosines(w_old, w_new):  # forgets that singular vecto
     return np.abs(s1 - s0).mean(), 1 - ((U0 * U1).sum(0).mean() + (Vt0 * Vt1).sum(1).mean()) / 2
 
 
-WRONG = {  # tutorial → [(answer, a plausible wrong answer), …], one per check cell
-    "01_backprop_by_hand": [("mse_grads", _mse_without_the_mean)],
-    "02_rmsnorm_and_rope": [("layernorm_grads", _layernorm_without_the_mean_path)],
-    "03_attention": [("kv_cache_mask",  # top-left aligned
-                      lambda T, S: np.tril(np.ones((T, S), dtype=bool)))],
-    "04_decoder_and_training_step": [("combine_micro_batches", _plain_average)],
-    "05_checkpoints_and_generation": [("tokens_processed",  # off by one with the cache, P + n without
-                                       lambda P, n, cached: P + n if cached else n * (P + n))],
-    "06_lora_and_pissa": [
-        ("rslora_scaling", lambda alpha, r: alpha / r),  # plain LoRA's scaling
-        ("randomized_error", _error_against_the_whole_matrix),
-        ("dropout_lowrank_grads", _dropout_grads_without_the_mask_on_dx),
-    ],
-    "07_sorsa": [
-        ("ortho_grad", _ortho_grad_without_the_guard),
-        ("regularizer_coefficient",  # divides by the accumulation steps in both modes
-         lambda gamma, lr_max, accum, mode: gamma / lr_max / accum),
-        ("deviation_by_hand", _deviation_with_signed_cosines),
-    ],
-    "08_s2ft_selection_and_permutation": [
-        ("n_head_segments", _one_segment_per_partial_group),
-        ("smallest_down_channels", _largest_row_norms),
-        ("vo_parameters", lambda heads, C, D, G: 2 * D * C * len(heads)),  # V rows counted per query head
-    ],
-    "09_s2ft_partial_backprop": [
-        ("kept_numbers", lambda kind, N, I, S: N * S),  # a row block keeps all of x, not N·S
-        ("backprop_blocks", lambda n_layers, trained: len(trained)),  # only the trained blocks
-        ("attention_flops", lambda B, T, H, D: (4 * B * H * T * T * D,) * 2),  # backward = forward
-    ],
-    "10_s2ft_adapters_and_serving": [
-        ("switch_additions",  # counts only the new adapter
-         lambda old, new: sum(b.delta.size for b in new.blocks.values())),
-        ("fuse_columns", _fuse_by_concatenation),
-        ("merge_columns", _merge_into_the_first_columns),
-    ],
-    "11_finetune_your_own_data": [
-        ("text_labels", lambda ids: [-100, *ids[1:]]),  # BOS masked like a prompt
-        ("retention_loss", _retention_loss_on_the_whole_text),
-        ("calibration_batches",  # the inputs twice: targets not shifted
-         lambda stream, n: [(stream.batch(i).tokens, stream.batch(i).tokens) for i in range(n)]),
-    ],
-    "12_checking_your_implementation": [
-        ("pissa_init", _pissa_without_scaling),
-        ("within_tolerance",  # normwise: a large entry covers a wrong small one
-         lambda a, e, rtol, atol: np.linalg.norm(a - e) <= atol + rtol * np.linalg.norm(e)),
-        ("block_grad_madds", lambda N, C, D, L, h, c: L * C * (h * D + c)),  # forgot the N tokens
-    ],
-    "13_instruction_models_on_a_cpu": [
-        ("every_target_parameters",  # K and V counted per query head, not per key/value head
-         lambda heads, n_channels, C, D, G: 4 * D * C * len(heads) + 3 * C * n_channels),
-        ("extended_lr",  # still on the old 60-step plan: zero from step 60 on
-         lambda step, lr_max, old, new: lr_max * max(0.0, (old - step) / old)),
-        ("lora_form",  # the first S columns, not the selected ones
-         lambda delta, columns, n_in: (np.eye(len(columns), n_in), delta)),
-    ],
-}
-
-
-@pytest.mark.parametrize("path", LESSONS, ids=_id)
-def test_every_check_cell_passes_the_solution_and_rejects_a_plausible_wrong_answer(path, capsys):
-    checks = _checks(_run(path))
-    assert checks, f"{_id(path)} has no check cell"
-    wrong = dict(WRONG[path.stem])
-    assert set(wrong) == {name.removeprefix("check_") for name in checks}, (
-        f"{_id(path)}: every check cell needs a wrong answer in WRONG, and every wrong answer a check cell")
-    solution = _run(TUTORIALS / "solutions" / path.name)
-    for check_name, check in checks.items():
-        answer_name = check_name.removeprefix("check_")
-        assert answer_name in solution, f"solutions/{path.name} does not define {answer_name}"
-        capsys.readouterr()
-        check(solution[answer_name])
-        assert "correct" in capsys.readouterr().out, f"{check_name} did not run on the solution"
-        with pytest.raises(AssertionError):
-            check(wrong[answer_name])
-
-
-def test_every_tutorial_has_wrong_answers_for_its_checks():
-    assert set(WRONG) == {p.stem for p in LESSONS}
-
-
-# A wrong answer for each further check cell of a tutorial: those of its other exercises and the
-# "your turn" cells in its main text, where the reader writes the lesson's core.
 def _dlogits_over_all_rows(logits, targets):  # divides by N where only the M counted targets count
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
@@ -339,50 +257,110 @@ def _drop_from_the_dict_only(folder, name):  # never writes the file back
     return folder
 
 
-MORE_WRONG = {
+WRONG = {  # tutorial → [(answer, a plausible wrong answer), …], one per check cell
     "01_backprop_by_hand": [
+        ("mse_grads", _mse_without_the_mean),
         ("ignored_dlogits", _dlogits_over_all_rows),
         ("central_difference", _one_sided_difference),
     ],
     "02_rmsnorm_and_rope": [
+        ("layernorm_grads", _layernorm_without_the_mean_path),
         ("rope_backward_by_hand", _rope_forward_again),
         ("linear_scaled_inv_freq",  # multiplies by the factor instead of dividing
          lambda D, theta, factor: theta ** (-np.arange(0, D, 2) / D) * factor),
         ("exact_angles", _angles_with_float32_frequencies),
     ],
     "03_attention": [
+        ("kv_cache_mask",  # top-left aligned
+         lambda T, S: np.tril(np.ones((T, S), dtype=bool))),
         ("attention_backward_grouped", _softmax_backward_without_the_row_sum),
         ("fold_repeated_kv_grad",  # splits H as (G, K): head h read as a copy of h % K
          lambda d, K: d.reshape(d.shape[0], -1, K, *d.shape[2:]).sum(axis=1)),
         ("mean_row_entropy", _entropy_with_log_of_zero),
     ],
     "04_decoder_and_training_step": [
+        ("combine_micro_batches", _plain_average),
         ("embedding_backward_by_hand", _fancy_index_add),
         ("five_largest", _largest_without_the_blocks),
         ("fit_growth", lambda Ts, peaks: np.polyfit(Ts, peaks, 2)),  # polyfit gives (c, b, a)
     ],
     "05_checkpoints_and_generation": [
+        ("tokens_processed",  # off by one with the cache, P + n without
+         lambda P, n, cached: P + n if cached else n * (P + n)),
         ("drop_tensor", _drop_from_the_dict_only),
         ("round_to_bf16",  # truncates: rounds towards zero
          lambda x: (np.asarray(x, np.float32).view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)),
+    ],
+    "06_lora_and_pissa": [
+        ("rslora_scaling", lambda alpha, r: alpha / r),  # plain LoRA's scaling
+        ("randomized_error", _error_against_the_whole_matrix),
+        ("dropout_lowrank_grads", _dropout_grads_without_the_mask_on_dx),
+    ],
+    "07_sorsa": [
+        ("ortho_grad", _ortho_grad_without_the_guard),
+        ("regularizer_coefficient",  # divides by the accumulation steps in both modes
+         lambda gamma, lr_max, accum, mode: gamma / lr_max / accum),
+        ("deviation_by_hand", _deviation_with_signed_cosines),
+    ],
+    "08_s2ft_selection_and_permutation": [
+        ("n_head_segments", _one_segment_per_partial_group),
+        ("smallest_down_channels", _largest_row_norms),
+        ("vo_parameters", lambda heads, C, D, G: 2 * D * C * len(heads)),  # V rows counted per query head
+    ],
+    "09_s2ft_partial_backprop": [
+        ("kept_numbers", lambda kind, N, I, S: N * S),  # a row block keeps all of x, not N·S
+        ("backprop_blocks", lambda n_layers, trained: len(trained)),  # only the trained blocks
+        ("attention_flops", lambda B, T, H, D: (4 * B * H * T * T * D,) * 2),  # backward = forward
+    ],
+    "10_s2ft_adapters_and_serving": [
+        ("switch_additions",  # counts only the new adapter
+         lambda old, new: sum(b.delta.size for b in new.blocks.values())),
+        ("fuse_columns", _fuse_by_concatenation),
+        ("merge_columns", _merge_into_the_first_columns),
+    ],
+    "11_finetune_your_own_data": [
+        ("text_labels", lambda ids: [-100, *ids[1:]]),  # BOS masked like a prompt
+        ("retention_loss", _retention_loss_on_the_whole_text),
+        ("calibration_batches",  # the inputs twice: targets not shifted
+         lambda stream, n: [(stream.batch(i).tokens, stream.batch(i).tokens) for i in range(n)]),
+    ],
+    "12_checking_your_implementation": [
+        ("pissa_init", _pissa_without_scaling),
+        ("within_tolerance",  # normwise: a large entry covers a wrong small one
+         lambda a, e, rtol, atol: np.linalg.norm(a - e) <= atol + rtol * np.linalg.norm(e)),
+        ("block_grad_madds", lambda N, C, D, L, h, c: L * C * (h * D + c)),  # forgot the N tokens
+    ],
+    "13_instruction_models_on_a_cpu": [
+        ("every_target_parameters",  # K and V counted per query head, not per key/value head
+         lambda heads, n_channels, C, D, G: 4 * D * C * len(heads) + 3 * C * n_channels),
+        ("extended_lr",  # still on the old 60-step plan: zero from step 60 on
+         lambda step, lr_max, old, new: lr_max * max(0.0, (old - step) / old)),
+        ("lora_form",  # the first S columns, not the selected ones
+         lambda delta, columns, n_in: (np.eye(len(columns), n_in), delta)),
     ],
 }
 
 
 @pytest.mark.parametrize("path", LESSONS, ids=_id)
-def test_every_check_cell_has_a_wrong_answer(path):
-    named = {"check_" + name for name, _ in [WRONG[path.stem], *MORE_WRONG.get(path.stem, [])]}
-    assert named <= set(_checks(_run(path))), f"{_id(path)}: a wrong answer names no check cell"
-    assert set(_checks(_run(path))) <= named, f"{_id(path)}: check cells without a wrong answer"
+def test_every_check_cell_passes_the_solution_and_rejects_a_plausible_wrong_answer(path, capsys):
+    checks = _checks(_run(path))
+    assert checks, f"{_id(path)} has no check cell"
+    wrong = dict(WRONG[path.stem])
+    assert set(wrong) == {name.removeprefix("check_") for name in checks}, (
+        f"{_id(path)}: every check cell needs a wrong answer in WRONG, and every wrong answer a check cell")
+    solution = _run(TUTORIALS / "solutions" / path.name)
+    for check_name, check in checks.items():
+        answer_name = check_name.removeprefix("check_")
+        assert answer_name in solution, f"solutions/{path.name} does not define {answer_name}"
+        capsys.readouterr()
+        check(solution[answer_name])
+        assert "correct" in capsys.readouterr().out, f"{check_name} did not run on the solution"
+        with pytest.raises(AssertionError):
+            check(wrong[answer_name])
 
 
-@pytest.mark.parametrize(("stem", "answer_name", "wrong"),
-                         [pytest.param(stem, name, wrong, id=f"{stem}:{name}")
-                          for stem, answers in MORE_WRONG.items() for name, wrong in answers])
-def test_each_further_check_cell_rejects_its_wrong_answer(stem, answer_name, wrong):
-    checks = _checks(_run(TUTORIALS / f"{stem}.py"))
-    with pytest.raises(AssertionError):
-        checks["check_" + answer_name](wrong)
+def test_every_tutorial_has_wrong_answers_for_its_checks():
+    assert set(WRONG) == {p.stem for p in LESSONS}
 
 
 PLOTTING = {p for p in LESSONS if "plt.subplots" in p.read_text(encoding="utf-8")}

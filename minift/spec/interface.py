@@ -5,7 +5,8 @@ model weights use Hugging Face key names and layouts (``model.layers.0.self_attn
 PyTorch's ``[out, in]``; GPT-2's ``transformer.h.0.attn.c_attn.weight`` in Conv1D's ``[in, out]``), so
 the spec speaks the lingua franca of checkpoints rather than minift's own structures. A weight dict
 holds biases where the family has them and no ``lm_head.weight`` when the head is tied
-(``minift.spec.cases.shapes`` lists them). The S2FT operations take Llama-family configs.
+(``minift.spec.cases.shapes`` lists them). The S2FT operations take the rotary families' configs
+(every family but GPT-2).
 
 A *selection* maps a layer index to a list of distinct indices (heads, or FFN channels).
 
@@ -50,9 +51,13 @@ class Implementation(Protocol):
 
     name: str
 
+    # Optional: ``supports(config) -> bool``, the decoder configs the implementation computes. A port of
+    # one family declares it, and the decoder and S2FT properties then draw only configs it accepts
+    # (``minift.spec.properties.computes``); without it every family the spec defines is drawn.
+
     def decoder_logits(self, config: dict[str, Any], weights: Weights, tokens: np.ndarray) -> np.ndarray:
-        """Logits (B, T, V) of the decoder ``config`` (a HF ``config.json`` dict: Llama, Mistral, Qwen2 or
-        GPT-2) for tokens (B, T), as ``minift.spec.reference.logits`` defines them."""
+        """Logits (B, T, V) of the decoder ``config`` (a HF ``config.json`` dict: Llama, Mistral, Qwen2,
+        Qwen3, Gemma 3 or GPT-2) for tokens (B, T), as ``minift.spec.reference.logits`` defines them."""
         ...
 
     def decoder_loss_and_grads(
