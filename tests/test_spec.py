@@ -138,3 +138,36 @@ class WritesIntoItsInputs(MiniftImplementation):
                                   "s2ft_block_gradients_equal_the_full_gradient_restricted_to_the_block"])
 def test_an_implementation_may_write_into_its_inputs(name):
     PROPERTIES[name](WritesIntoItsInputs())
+
+
+class LlamaOnly(MiniftImplementation):
+    """A port of one family: it declares Llama, and refuses every other config outright."""
+
+    name = "llama-only"
+
+    def supports(self, config):
+        return config["model_type"] == "llama"
+
+    def decoder_logits(self, config, weights, tokens):
+        assert self.supports(config), f"asked for a {config['model_type']} config it did not claim"
+        return super().decoder_logits(config, weights, tokens)
+
+
+@pytest.mark.parametrize("prop", ["decoder_logits_and_loss_equal_the_reference",
+                                  "copermuting_heads_and_channels_leaves_the_logits_unchanged"])
+def test_a_port_of_one_family_is_checked_on_the_configs_it_says_it_computes(prop):
+    PROPERTIES[prop](LlamaOnly())
+
+
+def test_a_port_that_claims_a_family_it_gets_wrong_still_fails():
+    class ClaimsGemma(LlamaOnly):
+        def supports(self, config):  # claims Gemma 3 but computes it as Llama
+            return config["model_type"] in ("llama", "gemma3_text")
+
+        def decoder_logits(self, config, weights, tokens):
+            if config["model_type"] == "gemma3_text":
+                raise AssertionError("computes Gemma 3 as Llama")
+            return super().decoder_logits(config, weights, tokens)
+
+    with pytest.raises(AssertionError):
+        PROPERTIES["decoder_logits_and_loss_equal_the_reference"](ClaimsGemma())
