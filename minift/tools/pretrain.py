@@ -7,8 +7,9 @@ Two models are shipped, both trained on the same pretraining mix of ``minift.dat
   width with 8 query heads of D=16 (one head is 1/8 of an attention output, so S2FT can split its budget
   between heads and channels as the paper does), trained longer (see ``STUDY_CONFIG``, ``RECIPES``).
 
-The tutorials' base is a small Llama with grouped-query attention (C=128, L=4, H=4 query heads sharing K=2 key/value heads,
-F=344, a 100-character vocabulary; 0.75 M parameters, 3 MB in float32) is trained from a seeded random
+The tutorials' base is a small Llama with grouped-query attention (C=128, L=4, H=4 query heads
+sharing K=2 key/value heads, F=344, a 100-character vocabulary; 0.75 M parameters, 3 MB in float32),
+trained from a seeded random
 initialisation on the pretraining mix of ``minift.data.tasks`` by minift's own loop (``minift.train``,
 AdamW, cosine schedule), then saved in Hugging Face format with ``minift.io.hub.save_pretrained``.
 
