@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import string
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -393,3 +394,301 @@ def evaluate(model: Model, tokenizer: Tokenizer, examples: list[TaskExample]) ->
         pairs = [(p, ex) for p, ex in zip(preds, examples, strict=True) if ex.skill == skill]
         result[skill] = exact_match([p for p, _ in pairs], [ex for _, ex in pairs])
     return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# the study's world: a task that reuses pretrained skills in a new format, far-OOD splits, retention
+#
+# The papers fine-tune on data whose *skills* the base model already has (arithmetic for Math10K,
+# world knowledge for the commonsense sets) in a *format* it has not seen, and ask what the fine-tuned
+# model keeps of everything else. ``instruct`` is that in miniature: four pretraining skills asked in
+# a field-style instruction the pretraining corpus never contains,
+#
+#     Q: task reverse / input abc\nA: cba        (pretraining: Q: reverse abc\nA: cba)
+#
+# with mixed answer types (a letter string, one letter, a number, a word from a closed vocabulary),
+# so no single answer format scores: a model that has learned "answer with a digit" gets at most the
+# number questions right. ``min`` (a new skill: new attention routing over a list) stays the second task.
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One question of ``instruct`` before rendering: its skill, instruction word, argument, answer."""
+
+    skill: str
+    verb: str
+    arg: str
+    answer: str
+
+
+# the pretraining skills ``instruct`` reuses, and the type of their answers
+INSTRUCT_SKILLS = ("reverse", "count", "add", "facts")
+ANSWER_TYPES: dict[str, str] = {
+    "reverse": "string",  # letters, as many as the input's
+    "last": "letter",
+    "after": "letter",
+    "count": "digit",
+    "max": "digit",
+    "min": "digit",
+    "add": "number",  # one or two digits
+    "facts": "word",  # a colour or a home, from a closed vocabulary
+    "shift": "string",
+}
+
+
+def _instruct_question(verb: str, arg: str) -> str:
+    return f"task {verb} / input {arg}"
+
+
+# The far-OOD surface forms: the same fields, words and argument as the fine-tuning format, written
+# another way. ``far_ood[i]`` is ``test[i]`` in form ``FAR_FORMS[i % 3]``, so the two accuracies compare
+# the same questions and differ only in how the instruction is written.
+FAR_FORMS = ("delimiter", "order", "casing")
+_INSTRUCT_FAR: dict[str, Callable[[str, str], str]] = {
+    "delimiter": lambda verb, arg: f"task={verb}, input={arg}",
+    "order": lambda verb, arg: f"input {arg} / task {verb}",
+    "casing": lambda verb, arg: f"Task {verb} / Input {arg}",
+}
+_MIN_FAR: dict[str, Callable[[str], str]] = {  # of the list "3 1 4" in "min 3 1 4"
+    "delimiter": lambda arg: "min " + arg.replace(" ", ","),
+    "order": lambda arg: f"{arg} min",
+    "casing": lambda arg: f"Min {arg}",
+}
+
+
+def _instruct_algorithmic(skill: str, lo: int, hi: int) -> Callable[[np.random.Generator], _Item]:
+    def gen(rng: np.random.Generator) -> _Item:
+        w = _word(rng, lo, hi)
+        return _Item(skill, skill, w, w[::-1] if skill == "reverse" else str(len(w)))
+
+    return gen
+
+
+def _instruct_tables() -> dict[str, list[_Item]]:
+    """The knowledge skills' whole tables, in the ``instruct`` format."""
+    add = [_Item("add", "add", f"{a} {b}", str(a + b)) for a in range(10) for b in range(10)]
+    facts = [_Item("facts", k, n, v) for n, attrs in _FACTS.items() for k, v in attrs.items()]
+    return {"add": add, "facts": facts}
+
+
+# lengths: fine-tuning sees short inputs; near-OOD asks longer ones, still within the lengths the
+# pretraining mix taught (``reverse`` 2–5 letters, ``count`` 1–7), so the skill exists in the base and
+# near-OOD tests whether the new format carries over to it rather than whether the skill extrapolates
+_INSTRUCT_IN_DOMAIN = {"reverse": (2, 4), "count": (1, 5)}
+_INSTRUCT_NEAR = {"reverse": (5, 5), "count": (6, 7)}
+
+
+def _quotas(n: int, caps: dict[str, int]) -> dict[str, int]:
+    """``n`` split evenly over ``INSTRUCT_SKILLS``; a knowledge skill takes at most its cap, and what it
+    cannot take goes to the algorithmic skills."""
+    quota = {
+        s: n // len(INSTRUCT_SKILLS) + (i < n % len(INSTRUCT_SKILLS)) for i, s in enumerate(INSTRUCT_SKILLS)
+    }
+    for skill, cap in caps.items():
+        quota[skill] = min(quota[skill], cap)
+    algorithmic = [s for s in INSTRUCT_SKILLS if s not in caps]
+    for i in range(n - sum(quota.values())):
+        quota[algorithmic[i % len(algorithmic)]] += 1
+    return quota
+
+
+def _draw_items(
+    rng: np.random.Generator,
+    quota: dict[str, int],
+    gens: dict[str, Callable[[np.random.Generator], _Item]],
+    seen: set[tuple[str, str]],
+) -> list[_Item]:
+    """``quota[skill]`` items of each skill in ``gens``, each with a (skill, argument) not in ``seen``
+    (which is extended with them)."""
+    out: list[_Item] = []
+    for skill, n in quota.items():
+        if skill not in gens:
+            continue
+        drawn = 0
+        for _ in range(200 * n + 1000):
+            if drawn == n:
+                break
+            item = gens[skill](rng)
+            if (item.skill, item.arg) not in seen:
+                seen.add((item.skill, item.arg))
+                out.append(item)
+                drawn += 1
+        else:
+            raise ValueError(f"instruct: could not draw {n} distinct {skill} questions")
+    return out
+
+
+def _instruct_examples(items: list[_Item], rng: np.random.Generator) -> list[TaskExample]:
+    """The items in a seeded random order (skills interleaved), rendered in the fine-tuning format."""
+    return [
+        TaskExample(
+            format_prompt(_instruct_question(items[j].verb, items[j].arg)), items[j].answer, items[j].skill
+        )
+        for j in rng.permutation(len(items))
+    ]
+
+
+@dataclass(frozen=True)
+class StudySplits(TaskSplits):
+    """A study task's splits: ``TaskSplits`` (train, validation, in-domain test, near-OOD, retention)
+    and ``far_ood``, the in-domain test questions in surface forms fine-tuning never showed."""
+
+    far_ood: list[TaskExample]  # far_ood[i]: test[i] written in form FAR_FORMS[i % len(FAR_FORMS)]
+
+
+def _instruct_splits(seed: int, n_train: int, n_eval: int, n_retention: int) -> StudySplits:
+    rng = np.random.default_rng([seed, 4, 0])
+    # knowledge tables: a quarter of each for test, a quarter for validation, the rest for training,
+    # so test asks facts the base knows but fine-tuning never showed in the new format
+    tables = {s: [t[j] for j in rng.permutation(len(t))] for s, t in _instruct_tables().items()}
+    q = {s: len(t) // 4 for s, t in tables.items()}
+    parts = {
+        "test": {s: t[: q[s]] for s, t in tables.items()},
+        "validation": {s: t[q[s] : 2 * q[s]] for s, t in tables.items()},
+        "train": {s: t[2 * q[s] :] for s, t in tables.items()},
+    }
+    # an algorithmic argument held out for retention is never a fine-tuning input of the same skill
+    seen = {(ex.skill, _question(ex).split(" ")[-1]) for ex in pretrain_heldout(seed, 50)}
+    gens = {s: _instruct_algorithmic(s, *_INSTRUCT_IN_DOMAIN[s]) for s in _INSTRUCT_IN_DOMAIN}
+    splits: dict[str, list[_Item]] = {}
+    for name, n in (("test", n_eval), ("validation", n_eval), ("train", n_train)):
+        # evaluation asks each knowledge question once (its share capped at its part of the table);
+        # training repeats its part up to an even share, so the four skills weigh the same in the loss
+        caps = {} if name == "train" else {s: len(p) for s, p in parts[name].items()}
+        quota = _quotas(n, caps)
+        knowledge = [p[j % len(p)] for s, p in parts[name].items() for j in range(quota[s])]
+        splits[name] = _draw_items(rng, quota, gens, seen) + knowledge
+    near_gens = {s: _instruct_algorithmic(s, *_INSTRUCT_NEAR[s]) for s in _INSTRUCT_NEAR}
+    near_quota = {s: n_eval // 2 + (i < n_eval % 2) for i, s in enumerate(_INSTRUCT_NEAR)}
+    near = _draw_items(rng, near_quota, near_gens, seen)
+    train, validation, test = (_instruct_examples(splits[s], rng) for s in ("train", "validation", "test"))
+    # far-OOD: test's questions, each re-rendered (parse the in-domain question back to verb and arg)
+    far = []
+    for i, ex in enumerate(test):
+        verb, arg = _question(ex)[len("task ") :].split(" / input ")
+        far.append(
+            TaskExample(format_prompt(_INSTRUCT_FAR[FAR_FORMS[i % 3]](verb, arg)), ex.answer, ex.skill)
+        )
+    return StudySplits(
+        "instruct",
+        train,
+        validation,
+        test,
+        _instruct_examples(near, rng),
+        pretrain_heldout(seed, n_retention),
+        far,
+    )
+
+
+def _question(ex: TaskExample) -> str:
+    """The question of a ``Q: <question>\\nA: `` prompt."""
+    return ex.prompt[len("Q: ") : -len("\nA: ")]
+
+
+def _min_splits(seed: int, n_train: int, n_eval: int, n_retention: int) -> StudySplits:
+    s = task_splits("min", seed, n_train=n_train, n_eval=n_eval, n_retention=n_retention)
+    far = [
+        TaskExample(
+            format_prompt(_MIN_FAR[FAR_FORMS[i % 3]](_question(ex)[len("min ") :])), ex.answer, ex.skill
+        )
+        for i, ex in enumerate(s.test)
+    ]
+    return StudySplits(s.name, s.train, s.validation, s.test, s.near_ood, s.retention, far)
+
+
+STUDY_TASKS: dict[str, Callable[[int, int, int, int], StudySplits]] = {
+    "instruct": _instruct_splits,
+    "min": _min_splits,
+}
+
+
+def study_splits(
+    name: str, seed: int = 0, *, n_train: int = 2000, n_eval: int = 100, n_retention: int = 20
+) -> StudySplits:
+    """The splits of study task ``name``, deterministic under ``seed``.
+
+    ``instruct``: the pretraining skills ``INSTRUCT_SKILLS`` (reverse, last, add, facts) asked as
+    ``task <skill> / input <arg>`` (facts: ``task color / input <name>``, add: ``input 3 4``). Each
+    split is an even mix of the four (the knowledge skills capped at their share of their table, the
+    rest filled by the algorithmic ones), shuffled; train, validation and test share no question, and
+    their ``add``/``facts`` questions are disjoint parts of the tables. ``near_ood``: reverse and last
+    of longer inputs than fine-tuning shows (within pretraining's lengths). ``far_ood``: the test
+    questions in other surface forms (``FAR_FORMS``: ``task=reverse, input=abc``; ``input abc / task
+    reverse``; ``Task reverse / Input abc``).
+
+    ``min``: ``task_splits("min", ...)`` unchanged, and its test written as ``min 3,1,4``, ``3 1 4 min``
+    and ``Min 3 1 4``.
+
+    ``n_eval`` examples each for validation, test, near- and far-OOD; ``retention`` holds
+    ``n_retention`` held-out pretraining prompts per skill, in the pretraining format (see
+    ``retention_scores``).
+    """
+    if name not in STUDY_TASKS:
+        raise KeyError(f"unknown study task {name!r}; expected one of {sorted(STUDY_TASKS)}")
+    return STUDY_TASKS[name](seed, n_train, n_eval, n_retention)
+
+
+# ----------------------------------------------------------------------------------------------------
+# retention, three ways: exact match, teacher-forced answer NLL, wrong-format rate
+
+
+def answer_format(example: TaskExample) -> re.Pattern[str]:
+    """The pattern every answer of ``example``'s skill matches, right or wrong: its *format*.
+
+    A fine-tuned model that answers a retention prompt in the fine-tuning task's format (a digit for
+    ``reverse``, a letter string for ``add``) has forgotten more than one that answers in the right
+    format with the wrong content; exact match alone cannot tell the two apart. ``facts`` answers are
+    a colour for colour questions and a home for home questions (the category of the reference).
+    """
+    kind = ANSWER_TYPES.get(example.skill)
+    if kind == "word":
+        words = {a["color"] for a in _FACTS.values()}
+        if example.answer not in words:
+            words = {a["home"] for a in _FACTS.values()}
+        return re.compile("|".join(sorted(words)))
+    patterns = {"string": "[a-z]+", "letter": "[a-z]", "digit": "[0-9]", "number": "[0-9]{1,2}"}
+    if kind not in patterns:
+        raise KeyError(f"no answer format for skill {example.skill!r}")
+    return re.compile(patterns[kind])
+
+
+def has_expected_format(prediction: str, example: TaskExample) -> bool:
+    """Whether the extracted ``prediction`` has the format of ``example``'s skill (``answer_format``)."""
+    return answer_format(example).fullmatch(extract_answer(prediction)) is not None
+
+
+def wrong_format_rate(predictions: list[str], examples: list[TaskExample]) -> float:
+    """The fraction of predictions not in their skill's answer format."""
+    if not examples:
+        return 0.0
+    pairs = zip(predictions, examples, strict=True)
+    return sum(not has_expected_format(p, ex) for p, ex in pairs) / len(examples)
+
+
+def answer_nll(model: Model, tokenizer: Tokenizer, examples: list[TaskExample]) -> dict[str, float]:
+    """Teacher-forced negative log-likelihood (nats per token) of the reference answers and their EOS
+    given the prompts, overall ("all") and per skill: the log of ``perplexity``.
+
+    Unlike exact match it moves before an answer flips, so it sees forgetting that exact match, at
+    its floor or ceiling, hides.
+    """
+    result = {"all": math.log(perplexity(model, tokenizer, [ex.record for ex in examples]))}
+    for skill in dict.fromkeys(ex.skill for ex in examples):
+        records = [ex.record for ex in examples if ex.skill == skill]
+        result[skill] = math.log(perplexity(model, tokenizer, records))
+    return result
+
+
+def retention_scores(
+    model: Model, tokenizer: Tokenizer, examples: list[TaskExample]
+) -> dict[str, dict[str, float]]:
+    """Retention on ``examples`` (held-out pretraining prompts) three ways, each overall ("all") and
+    per skill: ``exact_match``, ``answer_nll`` (``answer_nll``) and ``wrong_format`` (the rate of
+    answers not in their skill's format, ``wrong_format_rate``). One greedy generation pass."""
+    preds = generate_answers(model, tokenizer, examples)
+    em, wrong = {"all": exact_match(preds, examples)}, {"all": wrong_format_rate(preds, examples)}
+    for skill in dict.fromkeys(ex.skill for ex in examples):
+        pairs = [(p, ex) for p, ex in zip(preds, examples, strict=True) if ex.skill == skill]
+        em[skill] = exact_match([p for p, _ in pairs], [ex for _, ex in pairs])
+        wrong[skill] = wrong_format_rate([p for p, _ in pairs], [ex for _, ex in pairs])
+    return {"exact_match": em, "answer_nll": answer_nll(model, tokenizer, examples), "wrong_format": wrong}
