@@ -45,30 +45,32 @@ def _question(ex: TaskExample) -> str:
     return ex.prompt[3:-4]
 
 
-def _fields(question: str) -> tuple[str, str]:
-    """(instruction word, argument) of an in-domain ``instruct`` question."""
-    m = re.fullmatch(r"task (\w+) / input ([a-z0-9 ]+)", question)
-    assert m, question
-    return m.group(1), m.group(2)
+def _inner(ex: TaskExample) -> str:
+    """The pretraining question behind the frame of an in-domain ``instruct`` prompt."""
+    question = _question(ex)
+    assert question.startswith("solve this: "), question
+    return question[len("solve this: ") :]
 
 
-def _solve(verb: str, arg: str) -> str:
-    """The reused skills written again, as plainly as possible."""
-    if verb == "reverse":
-        return arg[::-1]
-    if verb == "count":
-        return str(len(arg))
-    if verb == "add":
-        a, b = arg.split(" ")
-        return str(int(a) + int(b))
-    if verb in ("color", "home"):
-        return fact_base()[arg][verb]
-    raise AssertionError(verb)
+def _solve(question: str) -> tuple[str, str]:
+    """(skill, answer) of a pretraining question of a reused skill, written again as plainly as possible."""
+    words = question.split(" ")
+    if words[0] == "reverse":
+        return "reverse", words[1][::-1]
+    if words[0] == "count":
+        return "count", str(len(words[1]))
+    if re.fullmatch(r"[0-9]\+[0-9]", question):
+        return "add", str(int(question[0]) + int(question[2]))
+    if words[0] in ("color", "home") and words[1] == "of":
+        return "facts", fact_base()[words[2]][words[0]]
+    raise AssertionError(question)
 
 
-def _words(prompt: str) -> Counter:
-    """The words of a prompt, whatever their case and the punctuation between them."""
-    return Counter(w.lower() for w in re.findall(r"[A-Za-z0-9]+", prompt))
+FAR_PATTERNS = {  # the far-OOD forms, in FAR_FORMS order: (instruct, min)
+    "delimiter": (r"solve this - (.+)", r"min ([0-9](?:,[0-9])+)"),
+    "phrasing": (r"please solve this: (.+)", r"min of ([0-9](?: [0-9])+)"),
+    "casing": (r"Solve this: (.+)", r"Min ([0-9](?: [0-9])+)"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +82,9 @@ def instruct() -> StudySplits:
 # definition
 
 
-def test_every_instruct_answer_is_the_pretrained_skill_applied_to_the_input(instruct):
+def test_every_instruct_question_is_a_pretraining_question_behind_a_new_frame(instruct):
     for ex in instruct.train + instruct.validation + instruct.test + instruct.near_ood:
-        verb, arg = _fields(_question(ex))
-        assert ex.answer == _solve(verb, arg), ex
-        assert ex.skill == ("facts" if verb in ("color", "home") else verb)
+        assert (ex.skill, ex.answer) == _solve(_inner(ex)), ex
     assert set(INSTRUCT_SKILLS) <= set(PRETRAIN_SKILLS)
 
 
@@ -92,7 +92,7 @@ def test_the_instruct_format_never_occurs_in_pretraining(instruct):
     corpus = {ex.prompt for ex in itertools.islice(pretrain_stream(0, 50), 20000)}
     for split in (instruct.train, instruct.validation, instruct.test, instruct.near_ood, instruct.far_ood):
         assert not {ex.prompt for ex in split} & corpus
-    assert not any(" / " in p or "=" in p or "task" in p for p in corpus)
+    assert not any("solve" in p.lower() for p in corpus)
 
 
 def test_instruct_mixes_answer_types_so_no_format_alone_scores(instruct):
@@ -128,24 +128,23 @@ def test_train_validation_and_test_share_no_question(instruct):
 
 def test_knowledge_questions_of_the_test_were_never_trained_in_the_new_format():
     s = study_splits("instruct", 0, n_train=2000, n_eval=100, n_retention=1)
-    trained = {_fields(_question(ex)) for ex in s.train if ex.skill in KNOWLEDGE}
-    tested = {_fields(_question(ex)) for ex in s.test + s.validation if ex.skill in KNOWLEDGE}
+    trained = {_inner(ex) for ex in s.train if ex.skill in KNOWLEDGE}
+    tested = {_inner(ex) for ex in s.test + s.validation if ex.skill in KNOWLEDGE}
     assert tested
     assert not trained & tested
     assert len(trained) == 50 + 16  # the training parts of the add and facts tables, all of them
 
 
-def test_arguments_held_out_for_retention_are_never_instruct_inputs(instruct):
-    heldout = {(ex.skill, _question(ex).split(" ")[-1]) for ex in pretrain_heldout(0, 50)}
+def test_questions_held_out_for_retention_are_never_instruct_questions(instruct):
+    heldout = {_question(ex) for ex in pretrain_heldout(0, 50) if ex.skill not in KNOWLEDGE}
     for ex in instruct.train + instruct.validation + instruct.test + instruct.near_ood:
-        if ex.skill not in KNOWLEDGE:
-            assert (ex.skill, _fields(_question(ex))[1]) not in heldout
+        assert _inner(ex) not in heldout
 
 
 def test_near_ood_inputs_are_longer_than_trained_but_within_pretraining_lengths(instruct):
     for skill, pretrained_max in (("reverse", 5), ("count", 7)):
-        trained = max(len(_fields(_question(ex))[1]) for ex in instruct.train if ex.skill == skill)
-        near = [len(_fields(_question(ex))[1]) for ex in instruct.near_ood if ex.skill == skill]
+        trained = max(len(_inner(ex).split(" ")[1]) for ex in instruct.train if ex.skill == skill)
+        near = [len(_inner(ex).split(" ")[1]) for ex in instruct.near_ood if ex.skill == skill]
         assert near
         assert trained < min(near)
         assert max(near) <= pretrained_max
@@ -154,23 +153,20 @@ def test_near_ood_inputs_are_longer_than_trained_but_within_pretraining_lengths(
 
 @pytest.mark.parametrize("name", sorted(STUDY_TASKS))
 def test_far_ood_is_the_test_in_another_surface_form_only(name):
-    """Same skill, answer, words and argument as the paired test question; only delimiters, order
-    or case differ, every form is used, and no far-OOD prompt was ever trained on."""
+    """Same skill, answer and question as the paired test example, the instruction written in each
+    of the far forms in turn (delimiter, phrasing, casing), and no far-OOD prompt ever trained on."""
     s = study_splits(name, 0, n_train=300, n_eval=30, n_retention=1)
     assert len(s.far_ood) == len(s.test)
-    for far, ex in zip(s.far_ood, s.test, strict=True):
+    assert tuple(FAR_PATTERNS) == FAR_FORMS
+    for i, (far, ex) in enumerate(zip(s.far_ood, s.test, strict=True)):
         assert (far.answer, far.skill) == (ex.answer, ex.skill)
-        assert far.prompt != ex.prompt
-        assert _words(far.prompt) == _words(ex.prompt)
-    delimiter, order, casing = (_question(ex) for ex in s.far_ood[: len(FAR_FORMS)])
-    if name == "instruct":
-        assert re.fullmatch(r"task=\w+, input=[a-z0-9 ]+", delimiter)
-        assert re.fullmatch(r"input [a-z0-9 ]+ / task \w+", order)
-        assert re.fullmatch(r"Task \w+ / Input [a-z0-9 ]+", casing)
-    else:
-        assert re.fullmatch(r"min [0-9](,[0-9])+", delimiter)
-        assert re.fullmatch(r"([0-9] )+min", order)
-        assert re.fullmatch(r"Min [0-9]( [0-9])+", casing)
+        pattern = FAR_PATTERNS[FAR_FORMS[i % len(FAR_FORMS)]][name == "min"]
+        m = re.fullmatch(pattern, _question(far))
+        assert m, (far, pattern)
+        if name == "instruct":
+            assert m.group(1) == _inner(ex)
+        else:
+            assert re.split("[ ,]", m.group(1)) == _question(ex).split(" ")[1:]
     assert not {ex.prompt for ex in s.far_ood} & {ex.prompt for ex in s.train}
 
 

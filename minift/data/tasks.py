@@ -400,31 +400,34 @@ def evaluate(model: Model, tokenizer: Tokenizer, examples: list[TaskExample]) ->
 # the study's world: a task that reuses pretrained skills in a new format, far-OOD splits, retention
 #
 # The papers fine-tune on data whose *skills* the base model already has (arithmetic for Math10K,
-# world knowledge for the commonsense sets) in a *format* it has not seen, and ask what the fine-tuned
-# model keeps of everything else. ``instruct`` is that in miniature: four pretraining skills asked in
-# a field-style instruction the pretraining corpus never contains,
+# world knowledge for the commonsense sets) in an instruction *format* it has not seen, and ask what
+# the fine-tuned model keeps of everything else. ``instruct`` is that in miniature: four pretraining
+# skills, their questions exactly as pretraining asks them, behind an instruction frame the
+# pretraining corpus never contains,
 #
-#     Q: task reverse / input abc\nA: cba        (pretraining: Q: reverse abc\nA: cba)
+#     Q: solve this: reverse abc\nA: cba        (pretraining: Q: reverse abc\nA: cba)
 #
-# with mixed answer types (a letter string, one letter, a number, a word from a closed vocabulary),
-# so no single answer format scores: a model that has learned "answer with a digit" gets at most the
-# number questions right. ``min`` (a new skill: new attention routing over a list) stays the second task.
+# so what fine-tuning has to learn is the format, and what it can reuse is the skill: a knowledge
+# question of the test (``solve this: color of kibt``) was never fine-tuned on, only pretrained.
+# Answers are of mixed types (a letter string, a digit, a number, a word from a closed vocabulary), so
+# no single answer format scores: a model that has learned "answer with a digit" gets at most the
+# number questions right. ``min`` (a new skill: new attention routing over a list) is the second task.
 
 
 @dataclass(frozen=True)
 class _Item:
-    """One question of ``instruct`` before rendering: its skill, instruction word, argument, answer."""
+    """One ``instruct`` question before it is framed: its skill, pretraining question and answer."""
 
     skill: str
-    verb: str
-    arg: str
+    question: str
     answer: str
 
 
-# the pretraining skills ``instruct`` reuses, and the type of their answers
+# the pretraining skills ``instruct`` reuses, and the type of every skill's answers
 INSTRUCT_SKILLS = ("reverse", "count", "add", "facts")
 ANSWER_TYPES: dict[str, str] = {
     "reverse": "string",  # letters, as many as the input's
+    "shift": "string",
     "last": "letter",
     "after": "letter",
     "count": "digit",
@@ -432,48 +435,36 @@ ANSWER_TYPES: dict[str, str] = {
     "min": "digit",
     "add": "number",  # one or two digits
     "facts": "word",  # a colour or a home, from a closed vocabulary
-    "shift": "string",
 }
 
-
-def _instruct_question(verb: str, arg: str) -> str:
-    return f"task {verb} / input {arg}"
-
-
-# The far-OOD surface forms: the same fields, words and argument as the fine-tuning format, written
-# another way. ``far_ood[i]`` is ``test[i]`` in form ``FAR_FORMS[i % 3]``, so the two accuracies compare
-# the same questions and differ only in how the instruction is written.
-FAR_FORMS = ("delimiter", "order", "casing")
-_INSTRUCT_FAR: dict[str, Callable[[str, str], str]] = {
-    "delimiter": lambda verb, arg: f"task={verb}, input={arg}",
-    "order": lambda verb, arg: f"input {arg} / task {verb}",
-    "casing": lambda verb, arg: f"Task {verb} / Input {arg}",
+# The instruction frame of ``instruct``, and the far-OOD surface forms: the same question behind the
+# frame written another way. ``far_ood[i]`` is ``test[i]`` in form ``FAR_FORMS[i % 3]``, so the two
+# accuracies compare the same questions and differ only in how the instruction is written.
+FAR_FORMS = ("delimiter", "phrasing", "casing")
+_FRAMES: dict[str, Callable[[str], str]] = {
+    "in-domain": lambda q: f"solve this: {q}",
+    "delimiter": lambda q: f"solve this - {q}",
+    "phrasing": lambda q: f"please solve this: {q}",
+    "casing": lambda q: f"Solve this: {q}",
 }
-_MIN_FAR: dict[str, Callable[[str], str]] = {  # of the list "3 1 4" in "min 3 1 4"
-    "delimiter": lambda arg: "min " + arg.replace(" ", ","),
-    "order": lambda arg: f"{arg} min",
-    "casing": lambda arg: f"Min {arg}",
+_MIN_FORMS: dict[str, Callable[[str], str]] = {  # of the list "3 1 4" in "min 3 1 4"
+    "delimiter": lambda digits: "min " + digits.replace(" ", ","),
+    "phrasing": lambda digits: f"min of {digits}",
+    "casing": lambda digits: f"Min {digits}",
 }
 
 
 def _instruct_algorithmic(skill: str, lo: int, hi: int) -> Callable[[np.random.Generator], _Item]:
     def gen(rng: np.random.Generator) -> _Item:
         w = _word(rng, lo, hi)
-        return _Item(skill, skill, w, w[::-1] if skill == "reverse" else str(len(w)))
+        return _Item(skill, f"{skill} {w}", w[::-1] if skill == "reverse" else str(len(w)))
 
     return gen
 
 
-def _instruct_tables() -> dict[str, list[_Item]]:
-    """The knowledge skills' whole tables, in the ``instruct`` format."""
-    add = [_Item("add", "add", f"{a} {b}", str(a + b)) for a in range(10) for b in range(10)]
-    facts = [_Item("facts", k, n, v) for n, attrs in _FACTS.items() for k, v in attrs.items()]
-    return {"add": add, "facts": facts}
-
-
 # lengths: fine-tuning sees short inputs; near-OOD asks longer ones, still within the lengths the
 # pretraining mix taught (``reverse`` 2–5 letters, ``count`` 1–7), so the skill exists in the base and
-# near-OOD tests whether the new format carries over to it rather than whether the skill extrapolates
+# near-OOD tests whether fine-tuning reused it or learned a narrower one of its own
 _INSTRUCT_IN_DOMAIN = {"reverse": (2, 4), "count": (1, 5)}
 _INSTRUCT_NEAR = {"reverse": (5, 5), "count": (6, 7)}
 
@@ -481,9 +472,8 @@ _INSTRUCT_NEAR = {"reverse": (5, 5), "count": (6, 7)}
 def _quotas(n: int, caps: dict[str, int]) -> dict[str, int]:
     """``n`` split evenly over ``INSTRUCT_SKILLS``; a knowledge skill takes at most its cap, and what it
     cannot take goes to the algorithmic skills."""
-    quota = {
-        s: n // len(INSTRUCT_SKILLS) + (i < n % len(INSTRUCT_SKILLS)) for i, s in enumerate(INSTRUCT_SKILLS)
-    }
+    k = len(INSTRUCT_SKILLS)
+    quota = {s: n // k + (i < n % k) for i, s in enumerate(INSTRUCT_SKILLS)}
     for skill, cap in caps.items():
         quota[skill] = min(quota[skill], cap)
     algorithmic = [s for s in INSTRUCT_SKILLS if s not in caps]
@@ -496,35 +486,31 @@ def _draw_items(
     rng: np.random.Generator,
     quota: dict[str, int],
     gens: dict[str, Callable[[np.random.Generator], _Item]],
-    seen: set[tuple[str, str]],
+    seen: set[str],
 ) -> list[_Item]:
-    """``quota[skill]`` items of each skill in ``gens``, each with a (skill, argument) not in ``seen``
-    (which is extended with them)."""
+    """``quota[skill]`` items of each skill in ``gens``, each with a question not in ``seen`` (which is
+    extended with them)."""
     out: list[_Item] = []
-    for skill, n in quota.items():
-        if skill not in gens:
-            continue
+    for skill, gen in gens.items():
         drawn = 0
-        for _ in range(200 * n + 1000):
-            if drawn == n:
+        for _ in range(200 * quota[skill] + 1000):
+            if drawn == quota[skill]:
                 break
-            item = gens[skill](rng)
-            if (item.skill, item.arg) not in seen:
-                seen.add((item.skill, item.arg))
+            item = gen(rng)
+            if item.question not in seen:
+                seen.add(item.question)
                 out.append(item)
                 drawn += 1
         else:
-            raise ValueError(f"instruct: could not draw {n} distinct {skill} questions")
+            raise ValueError(f"instruct: could not draw {quota[skill]} distinct {skill} questions")
     return out
 
 
-def _instruct_examples(items: list[_Item], rng: np.random.Generator) -> list[TaskExample]:
-    """The items in a seeded random order (skills interleaved), rendered in the fine-tuning format."""
+def _framed(items: list[_Item], rng: np.random.Generator) -> list[TaskExample]:
+    """The items in a seeded random order (skills interleaved), behind the in-domain frame."""
+    ordered = [items[j] for j in rng.permutation(len(items))]
     return [
-        TaskExample(
-            format_prompt(_instruct_question(items[j].verb, items[j].arg)), items[j].answer, items[j].skill
-        )
-        for j in rng.permutation(len(items))
+        TaskExample(format_prompt(_FRAMES["in-domain"](it.question)), it.answer, it.skill) for it in ordered
     ]
 
 
@@ -536,60 +522,54 @@ class StudySplits(TaskSplits):
     far_ood: list[TaskExample]  # far_ood[i]: test[i] written in form FAR_FORMS[i % len(FAR_FORMS)]
 
 
+def _question(ex: TaskExample) -> str:
+    """The question of a ``Q: <question>\\nA: `` prompt."""
+    return ex.prompt[len("Q: ") : -len("\nA: ")]
+
+
 def _instruct_splits(seed: int, n_train: int, n_eval: int, n_retention: int) -> StudySplits:
     rng = np.random.default_rng([seed, 4, 0])
     # knowledge tables: a quarter of each for test, a quarter for validation, the rest for training,
     # so test asks facts the base knows but fine-tuning never showed in the new format
-    tables = {s: [t[j] for j in rng.permutation(len(t))] for s, t in _instruct_tables().items()}
+    tables = {s: [_Item(s, q, a) for q, a in KNOWLEDGE[s]()] for s in INSTRUCT_SKILLS if s in KNOWLEDGE}
+    tables = {s: [t[j] for j in rng.permutation(len(t))] for s, t in tables.items()}
     q = {s: len(t) // 4 for s, t in tables.items()}
     parts = {
         "test": {s: t[: q[s]] for s, t in tables.items()},
         "validation": {s: t[q[s] : 2 * q[s]] for s, t in tables.items()},
         "train": {s: t[2 * q[s] :] for s, t in tables.items()},
     }
-    # an algorithmic argument held out for retention is never a fine-tuning input of the same skill
-    seen = {(ex.skill, _question(ex).split(" ")[-1]) for ex in pretrain_heldout(seed, 50)}
+    # a question held out for retention is never a fine-tuning question of an algorithmic skill
+    seen = {_question(ex) for ex in pretrain_heldout(seed, 50) if ex.skill not in KNOWLEDGE}
     gens = {s: _instruct_algorithmic(s, *_INSTRUCT_IN_DOMAIN[s]) for s in _INSTRUCT_IN_DOMAIN}
-    splits: dict[str, list[_Item]] = {}
+    items: dict[str, list[_Item]] = {}
     for name, n in (("test", n_eval), ("validation", n_eval), ("train", n_train)):
         # evaluation asks each knowledge question once (its share capped at its part of the table);
         # training repeats its part up to an even share, so the four skills weigh the same in the loss
         caps = {} if name == "train" else {s: len(p) for s, p in parts[name].items()}
         quota = _quotas(n, caps)
         knowledge = [p[j % len(p)] for s, p in parts[name].items() for j in range(quota[s])]
-        splits[name] = _draw_items(rng, quota, gens, seen) + knowledge
+        items[name] = _draw_items(rng, quota, gens, seen) + knowledge
     near_gens = {s: _instruct_algorithmic(s, *_INSTRUCT_NEAR[s]) for s in _INSTRUCT_NEAR}
     near_quota = {s: n_eval // 2 + (i < n_eval % 2) for i, s in enumerate(_INSTRUCT_NEAR)}
     near = _draw_items(rng, near_quota, near_gens, seen)
-    train, validation, test = (_instruct_examples(splits[s], rng) for s in ("train", "validation", "test"))
-    # far-OOD: test's questions, each re-rendered (parse the in-domain question back to verb and arg)
-    far = []
-    for i, ex in enumerate(test):
-        verb, arg = _question(ex)[len("task ") :].split(" / input ")
-        far.append(
-            TaskExample(format_prompt(_INSTRUCT_FAR[FAR_FORMS[i % 3]](verb, arg)), ex.answer, ex.skill)
+    train, validation, test = (_framed(items[s], rng) for s in ("train", "validation", "test"))
+    frame = _FRAMES["in-domain"]("")
+    far = [
+        TaskExample(
+            format_prompt(_FRAMES[FAR_FORMS[i % 3]](_question(ex)[len(frame) :])), ex.answer, ex.skill
         )
-    return StudySplits(
-        "instruct",
-        train,
-        validation,
-        test,
-        _instruct_examples(near, rng),
-        pretrain_heldout(seed, n_retention),
-        far,
-    )
-
-
-def _question(ex: TaskExample) -> str:
-    """The question of a ``Q: <question>\\nA: `` prompt."""
-    return ex.prompt[len("Q: ") : -len("\nA: ")]
+        for i, ex in enumerate(test)
+    ]
+    retention = pretrain_heldout(seed, n_retention)
+    return StudySplits("instruct", train, validation, test, _framed(near, rng), retention, far)
 
 
 def _min_splits(seed: int, n_train: int, n_eval: int, n_retention: int) -> StudySplits:
     s = task_splits("min", seed, n_train=n_train, n_eval=n_eval, n_retention=n_retention)
     far = [
         TaskExample(
-            format_prompt(_MIN_FAR[FAR_FORMS[i % 3]](_question(ex)[len("min ") :])), ex.answer, ex.skill
+            format_prompt(_MIN_FORMS[FAR_FORMS[i % 3]](_question(ex)[len("min ") :])), ex.answer, ex.skill
         )
         for i, ex in enumerate(s.test)
     ]
@@ -607,17 +587,17 @@ def study_splits(
 ) -> StudySplits:
     """The splits of study task ``name``, deterministic under ``seed``.
 
-    ``instruct``: the pretraining skills ``INSTRUCT_SKILLS`` (reverse, last, add, facts) asked as
-    ``task <skill> / input <arg>`` (facts: ``task color / input <name>``, add: ``input 3 4``). Each
-    split is an even mix of the four (the knowledge skills capped at their share of their table, the
-    rest filled by the algorithmic ones), shuffled; train, validation and test share no question, and
-    their ``add``/``facts`` questions are disjoint parts of the tables. ``near_ood``: reverse and last
+    ``instruct``: the questions of the pretraining skills ``INSTRUCT_SKILLS`` (reverse, count, add,
+    facts), each behind the frame ``solve this: `` (``Q: solve this: 3+4\\nA: 7``). Each split is an
+    even mix of the four, shuffled; validation and test ask each of their knowledge questions once
+    (at most a quarter of the table each), training repeats its part of the tables (the other half)
+    to an even share. Train, validation and test share no question. ``near_ood``: reverse and count
     of longer inputs than fine-tuning shows (within pretraining's lengths). ``far_ood``: the test
-    questions in other surface forms (``FAR_FORMS``: ``task=reverse, input=abc``; ``input abc / task
-    reverse``; ``Task reverse / Input abc``).
+    questions behind the frame written another way (``FAR_FORMS``: ``solve this - 3+4``, ``please
+    solve this: 3+4``, ``Solve this: 3+4``).
 
-    ``min``: ``task_splits("min", ...)`` unchanged, and its test written as ``min 3,1,4``, ``3 1 4 min``
-    and ``Min 3 1 4``.
+    ``min``: ``task_splits("min", ...)`` unchanged, and its test written as ``min 3,1,4``, ``min of
+    3 1 4`` and ``Min 3 1 4``.
 
     ``n_eval`` examples each for validation, test, near- and far-OOD; ``retention`` holds
     ``n_retention`` held-out pretraining prompts per skill, in the pretraining format (see
