@@ -16,6 +16,20 @@ The world mirrors the setting of the S2FT and SORSA papers in miniature:
   like the papers' out-of-distribution arithmetic sets) and a **far-OOD retention** split (held-out
   pretraining prompts, like commonsense accuracy after math fine-tuning).
 
+``minift study`` uses a second world on the same skills (``study_splits``), built so that its
+measurements mean something:
+
+- ``instruct``, the main task, reuses pretrained skills in a new instruction format, as the papers'
+  Math10K and commonsense data do: the questions of four pretraining skills, verbatim, behind a frame
+  pretraining never shows (``Q: solve this: reverse abc\nA: cba``). Its answers are of mixed types (a
+  letter string, a digit, a number, a word), so a fine-tuned model cannot score by answering in one
+  format; ``min`` is the second task;
+- splits: train, validation, in-domain test, near-OOD (longer inputs) and **far-OOD**: the test
+  questions with the instruction written another way (delimiter, phrasing, casing), surface form only;
+- retention three ways (``retention_scores``): exact match, teacher-forced answer NLL (it moves
+  before an answer flips) and the wrong-format rate (``answer_format``: answers a fine-tuned model
+  gives in the new task's format instead of the skill's).
+
 Evaluation is exact match after answer extraction (greedy generation up to EOS or a newline) and
 perplexity over the answer tokens. The tokenizer is character-level (``build_tokenizer``).
 """
