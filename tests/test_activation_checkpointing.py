@@ -123,7 +123,7 @@ def test_the_backward_that_frees_its_cache_gives_the_same_gradients_and_empties_
     _, ce = cross_entropy_forward(logits.reshape(tokens.size, V), targets.reshape(-1))
     dlogits = cross_entropy_backward(ce).reshape(logits.shape)
     intact = model_backward(model, dlogits, cache)
-    assert all(isinstance(b, BlockCache) and b.attn is not None for b in cache.blocks)  # left as it was
+    assert all(isinstance(b, BlockCache) and b.down is not None for b in cache.blocks)  # left as it was
     kept = list(cache.blocks)
     freed = model_backward(model, dlogits, cache, free_cache=True)
     assert cache.blocks == [None] * L
