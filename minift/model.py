@@ -671,7 +671,7 @@ def attention_sublayer_backward(
     _collect(grads, f"{prefix}.o", g)
     if c_att is None:
         return None
-    da = da.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
+    da = get_xp(da).ascontiguousarray(da.reshape(B, T, H, D).transpose(0, 2, 1, 3))  # (B, H, T, D)
     dq, dk, dv = attention_backward(da, c_att)
     del da, c_att
     if dk.shape[2] != T:
@@ -689,12 +689,16 @@ def attention_sublayer_backward(
     dv = dv.transpose(0, 2, 1, 3).reshape(B * T, K * D)
     need_dh = need_dx or block.attn_norm.requires_grad
     dh = None
-    for name, d in (("q", dq), ("k", dk), ("v", dv)):
-        d_in, g = getattr(block, name).backward(d, _take(cache, name), need_dx=need_dh)
-        _collect(grads, f"{prefix}.{name}", g)
-        if need_dh:
-            dh = d_in if dh is None else dh + d_in
+    ds = {"q": dq, "k": dk, "v": dv}
     del dq, dk, dv
+    for name in ("q", "k", "v"):
+        d_in, g = getattr(block, name).backward(ds.pop(name), _take(cache, name), need_dx=need_dh)
+        _collect(grads, f"{prefix}.{name}", g)
+        if need_dh and dh is None:
+            dh = d_in
+        elif need_dh:
+            dh += d_in  # in place: each slot's dx is a fresh array
+        del d_in
     c_norm = _take(cache, "attn_norm")
     if not need_dh:
         return None
@@ -752,9 +756,10 @@ def checkpointed_block_backward(
     x, cache, _ = attention_sublayer(block, saved.x, shape, rope, allowed, config, keep=True, rng=rng,
                                      keep_attention=attention_backward_needed(block, need_dx))
     assert cache is not None
-    _, c_norm = block.mlp_norm.forward(x, keep=True)
+    c_norm = block.mlp_norm.forward(x, keep=True)[1]  # its output h is rebuilt chunk by chunk
     del x
     dx = lean_mlp_backward(block, dx, c_norm, None, grads, prefix, rng=rng)
+    del c_norm
     return attention_sublayer_backward(block, dx, cache, shape, rope, config, grads, prefix, need_dx=need_dx)
 
 
