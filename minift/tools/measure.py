@@ -18,7 +18,6 @@ from minift.model import (
     Model,
     ModelCache,
     attention_backward_needed,
-    lean_mlp,
     loss_and_grads,
     lowest_trainable_block,
     model_forward,
@@ -128,9 +127,10 @@ class FlopReport:
 def step_flops(model: Model, batch_size: int, seq_len: int) -> FlopReport:
     """FLOPs of forward + backward for a (batch_size, seq_len) batch, following what the backward really
     computes: nothing below the lowest trainable block (partial backprop), no dx where nothing below
-    needs it (nor the attention's backward, see ``minift.model.attention_backward_needed``), the
-    products a ``lean_mlp`` reruns in its backward, and each slot's own count (``slot.flops``).
-    Activation checkpointing's rerun of the forward is not counted.
+    needs it (nor the attention's backward, see ``minift.model.attention_backward_needed``), and
+    each slot's own count (``slot.flops``). Products rerun to save memory (a ``minift.model.lean_mlp``
+    rebuilding g and u, activation checkpointing) are not counted: these are model FLOPs, as in
+    model-FLOPs utilisation (Chowdhery et al. 2022, "PaLM", App. B), not the hardware's.
     """
     c = model.config
     B, T, N = batch_size, seq_len, batch_size * seq_len
@@ -155,8 +155,6 @@ def step_flops(model: Model, batch_size: int, seq_len: int) -> FlopReport:
         for name, slot in block.slots():
             need_dx = need_dh if name in ("q", "k", "v") else (attention if name == "o" else True)
             fwd, bwd = slot.flops(N, need_dx=need_dx)
-            if backprop and name in ("gate", "up") and lean_mlp(block):
-                bwd += fwd  # the backward rebuilds g and u (``minift.model.lean_mlp``)
             add(type(slot).__name__, fwd, bwd if backprop else 0)
         # scores q kᵀ and output p v: 2 products of B·H·T·T·D MACs; the backward has 4 (dv, dp, dq, dk)
         att = 2 * B * H * T * T * D
