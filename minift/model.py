@@ -13,6 +13,13 @@ Partial backpropagation follows from two rules:
 1. blocks below the lowest one with a trainable array run in inference mode and keep no cache;
 2. the backward stops after that block, and frozen slots compute dx only.
 
+What a block keeps is the least its backward needs (``BlockCache``, one rule per op): the attention
+keeps q, k, v and one log-sum-exp per query row; an MLP whose gate and up are frozen keeps only its
+norm's input and down's cache (``lean_mlp``); the lowest trainable block keeps no attention cache
+when nothing below it needs dx (``attention_backward_needed``); ``loss_and_grads`` runs the LM head
+and the loss fused, by rows (``head_loss_and_backward``). With activation checkpointing a block keeps
+only its input (``BlockCheckpoint``).
+
 Gradients come back as a dict keyed by parameter path, the same keys as ``trainable_parameters``.
 Tutorial: tutorials/04_decoder_and_training_step.py.
 """
@@ -127,17 +134,19 @@ class BlockCache:
     """What one block's backward needs, op by op. Mutable so that the backward can drop each entry as
     soon as it is used (``_take``): a block's caches are freed while its backward runs, not after."""
 
-    attn_norm: Any  # input x and rstd (x̂ is recomputed)
+    attn_norm: Any  # input x and rstd (x̂ is recomputed); None when the attention's backward is skipped
     q: Any  # the slots' own caches: nothing for a frozen dense slot
     k: Any
     v: Any
-    attn: AttentionCache | None  # q, k, v after RoPE and the row log-sum-exp; p is recomputed
+    attn: AttentionCache | None  # q, k, v after RoPE and the row log-sum-exp (p is recomputed); None
+    # in a block whose backward stops at O (``attention_backward_needed``)
     o: Any
-    mlp_norm: Any
+    mlp_norm: Any  # a ``lean_mlp`` rebuilds h, g and u from this input
     gate: Any
     up: Any
-    act: SwiGLUCache | Array | None  # gate/up pre-activations (silu is recomputed), or GELU's input
-    down: Any
+    act: SwiGLUCache | Array | None  # gate/up pre-activations (silu is recomputed), or GELU's input;
+    # None for a ``lean_mlp``
+    down: Any  # a ``lean_mlp``: a list, down's cache of each row chunk
     q_norm: Any = None  # the q/k norms' caches (Qwen3)
     k_norm: Any = None
 
@@ -307,7 +316,7 @@ def default_positions(tokens: Array, attention_mask: Array | None, past: int) ->
     return xp.maximum(pos, 0)[:, past:]
 
 
-ROW_CHUNK = 256  # tokens per chunk where an MLP is reversed by rows (``mlp_backward``)
+ROW_CHUNK = 256  # tokens per chunk of a ``lean_mlp`` and of the fused LM head and loss
 
 
 def lean_mlp(block: Block) -> bool:
@@ -670,6 +679,7 @@ def attention_sublayer_backward(
     da, g = block.o.backward(dx, _take(cache, "o"), need_dx=c_att is not None)
     _collect(grads, f"{prefix}.o", g)
     if c_att is None:
+        assert not need_dx, "the forward kept no attention cache, so no dx can be passed below"
         return None
     da = get_xp(da).ascontiguousarray(da.reshape(B, T, H, D).transpose(0, 2, 1, 3))  # (B, H, T, D)
     dq, dk, dv = attention_backward(da, c_att)
