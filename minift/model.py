@@ -540,7 +540,7 @@ def model_forward(
         saved = BlockCheckpoint(x, _rng_state(rng)) if keep and checkpoint else None
         # A checkpointed block still runs in training mode (keep=True: e.g. dropout is drawn), and its
         # cache is dropped at once: only one block's cache exists at a time.
-        below = attention_backward_needed(block, i > lowest or need_embed)
+        below = keep and attention_backward_needed(block, i > lowest or need_embed)
         x, cache, (k, v) = block_forward(block, x, (B, T), rope, allowed, c, keep=keep, rng=rng, past=kv,
                                          keep_attention=below)
         caches.append(cache if saved is None else saved)
