@@ -19,6 +19,13 @@ Partial backpropagation follows from two rules:
 1. blocks below the lowest one with a trainable array run in inference mode and keep no cache;
 2. the backward stops after that block, and frozen slots compute dx only.
 
+What a block keeps is the least its backward needs (``BlockCache``, one rule per op): the attention
+keeps q, k, v and one log-sum-exp per query row; an MLP whose gate and up are frozen keeps only its
+norm's input and down's cache (``lean_mlp``); the lowest trainable block keeps no attention cache
+when nothing below it needs dx (``attention_backward_needed``); ``loss_and_grads`` runs the LM head
+and the loss fused, by rows (``head_loss_and_backward``). With activation checkpointing a block keeps
+only its input (``BlockCheckpoint``).
+
 Gradients come back as a dict keyed by parameter path, the same keys as ``trainable_parameters``.
 Tutorial: tutorials/04_decoder_and_training_step.py.
 """
@@ -137,17 +144,19 @@ class BlockCache:
     """What one block's backward needs, op by op. Mutable so that the backward can drop each entry as
     soon as it is used (``_take``): a block's caches are freed while its backward runs, not after."""
 
-    attn_norm: Any  # input x and rstd (x̂ is recomputed)
+    attn_norm: Any  # input x and rstd (x̂ is recomputed); None when the attention's backward is skipped
     q: Any  # the slots' own caches: nothing for a frozen dense slot
     k: Any
     v: Any
-    attn: AttentionCache | None  # q, k, v after RoPE and the row log-sum-exp; p is recomputed
+    attn: AttentionCache | None  # q, k, v after RoPE and the row log-sum-exp (p is recomputed); None
+    # in a block whose backward stops at O (``attention_backward_needed``)
     o: Any
-    mlp_norm: Any
+    mlp_norm: Any  # a ``lean_mlp`` rebuilds h, g and u from this input
     gate: Any
     up: Any
-    act: SwiGLUCache | GeGLUCache | Array | None  # gate/up pre-activations, or GELU's input
-    down: Any
+    act: SwiGLUCache | GeGLUCache | Array | None  # gate/up pre-activations (the activation is
+    # recomputed), or GELU's input; None for a ``lean_mlp``
+    down: Any  # a ``lean_mlp``: a list, down's cache of each row chunk
     q_norm: Any = None  # the q/k norms' caches (Qwen3, Gemma 3)
     k_norm: Any = None
     post_attn_norm: Any = None  # the post-norms' caches (Gemma 3)
@@ -273,9 +282,15 @@ def set_trainable(model: Model, requires_grad: bool = True) -> Model:
     return model
 
 
+def embeddings_trainable(model: Model) -> bool:
+    """Whether the token (or GPT-2's position) embedding is trained: then dx must reach block 0's input."""
+    pos = model.pos_embed
+    return bool(model.embed.parameters()) or (pos is not None and bool(pos.parameters()))
+
+
 def lowest_trainable_block(model: Model) -> int:
     """Index of the lowest block the backward must reach: 0 when an embedding is trainable, L if none."""
-    if model.embed.parameters() or (model.pos_embed is not None and model.pos_embed.parameters()):
+    if embeddings_trainable(model):
         return 0
     for i, block in enumerate(model.blocks):
         holders = [*(n for _, n in block.norms()), *(s for _, s in block.slots())]
@@ -316,7 +331,36 @@ def default_positions(tokens: Array, attention_mask: Array | None, past: int) ->
     return xp.maximum(pos, 0)[:, past:]
 
 
-def block_forward(
+ROW_CHUNK = 256  # tokens per chunk of a ``lean_mlp`` and of the fused LM head and loss
+
+
+def lean_mlp(block: Block) -> bool:
+    """Whether the block's MLP is a SwiGLU without a post-norm whose gate and up are frozen (S2FT on
+    Down, say).
+
+    Such an MLP runs ``ROW_CHUNK`` tokens at a time and keeps only its norm's cache and down's cache
+    of each chunk, not gate's and up's outputs g and u: its backward needs them only to pass dx
+    through SwiGLU, and rebuilds them chunk by chunk from the norm's kept input (two (n, C)·(C, F)
+    products per chunk, the forward's own). That trades two of the block's nine products for the
+    2·N·F values that otherwise dominate what the block keeps. A trainable gate or up keeps its input
+    h for its own dW anyway; there g and u are kept, for recomputing them would add the same products
+    to every step of methods whose memory is mostly gradients and optimizer state or adapter inputs.
+    """
+    frozen = block.gate is not None and not block.gate.parameters() and not block.up.parameters()
+    # an RMSNorm, whose cache holds its input x; Gemma 3's GeGLU and post-norm keep the plain path
+    return frozen and block.mlp_norm.bias is None and block.post_mlp_norm is None
+
+
+def attention_backward_needed(block: Block, need_dx: bool) -> bool:
+    """Whether the backward must go through the block's attention (beyond O's own weight gradient):
+    when dx is needed below, or when anything before O (norms, q, k, v) is trainable. The lowest
+    trainable block of an S2FT model on O and Down needs neither: it keeps no q, k, v, no
+    log-sum-exp and no norm input, and its backward stops at O."""
+    holders = [block.attn_norm, block.q, block.k, block.v, block.q_norm, block.k_norm]
+    return need_dx or any(h is not None and h.parameters() for h in holders)
+
+
+def attention_sublayer(
     block: Block,
     x: Array,
     shape: tuple[int, int],
@@ -327,8 +371,11 @@ def block_forward(
     keep: bool,
     rng: np.random.Generator | None = None,
     past: tuple[Array, Array] | None = None,
+    keep_attention: bool = True,
 ) -> tuple[Array, BlockCache | None, tuple[Array, Array]]:
-    """One block on the residual stream x; returns (x, cache or None, this block's (k, v)).
+    """x + o(attention(rope(q(h)), rope(k(h)), v(h))), h = attn_norm(x): (x, the attention half of
+    the block's cache or None, this block's (k, v)). ``keep_attention=False``: keep only O's cache
+    (see ``attention_backward_needed``).
 
     Shapes:
         x: (N, C) with N = B·T   allowed: (B|1, 1, 1, T, S)   returns x: (N, C), k, v: (B, K, S, D)
@@ -336,14 +383,15 @@ def block_forward(
     xp = get_xp(x)
     B, T = shape
     H, K, D = config.n_heads, config.n_kv_heads, config.head_dim
-    h, c_n1 = block.attn_norm.forward(x, keep=keep)
-    q, c_q = block.q.forward(h, keep=keep, rng=rng)  # (N, H·D)
-    k, c_k = block.k.forward(h, keep=keep, rng=rng)  # (N, K·D)
-    v, c_v = block.v.forward(h, keep=keep, rng=rng)
+    below = keep and keep_attention  # the ops below O keep their caches only if their backward runs
+    h, c_n1 = block.attn_norm.forward(x, keep=below)
+    q, c_q = block.q.forward(h, keep=below, rng=rng)  # (N, H·D)
+    k, c_k = block.k.forward(h, keep=below, rng=rng)  # (N, K·D)
+    v, c_v = block.v.forward(h, keep=below, rng=rng)
     c_qn = c_kn = None
     if block.q_norm is not None and block.k_norm is not None:  # over each head's D values
-        q, c_qn = block.q_norm.forward(q, keep=keep)
-        k, c_kn = block.k_norm.forward(k, keep=keep)
+        q, c_qn = block.q_norm.forward(q, keep=below)
+        k, c_kn = block.k_norm.forward(k, keep=below)
     q = q.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
     k = k.reshape(B, T, K, D).transpose(0, 2, 1, 3)  # (B, K, T, D)
     v = v.reshape(B, T, K, D).transpose(0, 2, 1, 3)
@@ -359,23 +407,75 @@ def block_forward(
     if block.post_attn_norm is not None:
         y, c_pa = block.post_attn_norm.forward(y, keep=keep)
     x = x + y
+    if not keep:
+        return x, None, (k, v)
+    cache = BlockCache(c_n1, c_q, c_k, c_v, c_att if below else None, c_o, None, None, None, None, None,
+                       c_qn, c_kn, c_pa)
+    return x, cache, (k, v)
 
+
+def mlp_sublayer(
+    block: Block,
+    x: Array,
+    cache: BlockCache | None,
+    config: ModelConfig,
+    *,
+    rng: np.random.Generator | None = None,
+) -> Array:
+    """x + down(silu(gate(h)) ⊙ up(h)), h = mlp_norm(x) (GPT-2: down(gelu(up(h))); Gemma 3:
+    post_mlp_norm(down(gelu(gate(h)) ⊙ up(h)))); fills the MLP
+    half of ``cache`` when one is given (training). A ``lean_mlp`` keeps only the norm's and down's
+    caches.
+
+    Shapes:
+        x: (N, C)   returns: (N, C)
+    """
+    keep = cache is not None
     h, c_n2 = block.mlp_norm.forward(x, keep=keep)
+    if keep and lean_mlp(block):
+        y, cache.down = _lean_mlp_forward(block, h, rng)
+        cache.mlp_norm = c_n2
+        return x + y
     u, c_u = block.up.forward(h, keep=keep, rng=rng)  # (N, F)
     if block.gate is not None:
         g, c_g = block.gate.forward(h, keep=keep, rng=rng)
         m, c_act = _glu(config)[0](g, u)
+        del g, u
     else:
         c_g, m, c_act = None, gelu_forward(u), u
     y, c_d = block.down.forward(m, keep=keep, rng=rng)  # (N, C)
     c_pm = None
     if block.post_mlp_norm is not None:
         y, c_pm = block.post_mlp_norm.forward(y, keep=keep)
-    x = x + y
-    if not keep:
-        return x, None, (k, v)
-    cache = BlockCache(c_n1, c_q, c_k, c_v, c_att, c_o, c_n2, c_g, c_u, c_act, c_d, c_qn, c_kn, c_pa, c_pm)
-    return x, cache, (k, v)
+    if cache is not None:
+        cache.mlp_norm, cache.gate, cache.up, cache.act, cache.down = c_n2, c_g, c_u, c_act, c_d
+        cache.post_mlp_norm = c_pm
+    return x + y
+
+
+def _row_chunks(n: int) -> Iterator[slice]:
+    """Consecutive row ranges of ``ROW_CHUNK`` tokens covering n rows."""
+    return (slice(a, a + ROW_CHUNK) for a in range(0, n, ROW_CHUNK))
+
+
+def _lean_mlp_forward(block: Block, h: Array, rng: np.random.Generator | None) -> tuple[Array, list[Any]]:
+    """down(silu(gate(h)) ⊙ up(h)) of a ``lean_mlp``, by row chunks: (y, down's cache of each chunk).
+    Only a chunk's g, u and m exist at a time.
+
+    Shapes:
+        h: (N, C)   returns y: (N, C)
+    """
+    assert block.gate is not None
+    y = get_xp(h).empty_like(h)  # down maps back to the model width C
+    downs = []
+    for rows in _row_chunks(h.shape[0]):
+        g, _ = block.gate.forward(h[rows], keep=False)  # frozen: nothing to keep, nothing drawn
+        u, _ = block.up.forward(h[rows], keep=False)
+        m, _ = swiglu_forward(g, u)
+        del g, u
+        y[rows], c_d = block.down.forward(m, keep=True, rng=rng)
+        downs.append(c_d)
+    return y, downs
 
 
 def _glu(config: ModelConfig) -> tuple[Any, Any]:
@@ -395,6 +495,30 @@ def embed_scale(config: ModelConfig, dtype: Any) -> Array | None:
     return np.float32(config.hidden_size**0.5).astype(dtype)
 
 
+def block_forward(
+    block: Block,
+    x: Array,
+    shape: tuple[int, int],
+    rope: tuple[Array, Array] | None,
+    allowed: Array,
+    config: ModelConfig,
+    *,
+    keep: bool,
+    rng: np.random.Generator | None = None,
+    past: tuple[Array, Array] | None = None,
+    keep_attention: bool = True,
+) -> tuple[Array, BlockCache | None, tuple[Array, Array]]:
+    """One block on the residual stream x, attention then MLP; returns (x, cache or None, this
+    block's (k, v)).
+
+    Shapes:
+        x: (N, C) with N = B·T   allowed: (B|1, 1, 1, T, S)   returns x: (N, C), k, v: (B, K, S, D)
+    """
+    x, cache, kv = attention_sublayer(block, x, shape, rope, allowed, config, keep=keep, rng=rng, past=past,
+                                      keep_attention=keep_attention)
+    return mlp_sublayer(block, x, cache, config, rng=rng), cache, kv
+
+
 def model_forward(
     model: Model,
     tokens: Array,
@@ -405,8 +529,11 @@ def model_forward(
     train: bool = True,
     rng: np.random.Generator | None = None,
     checkpoint: bool = False,
+    head: bool = True,
 ) -> tuple[Array, ModelCache | None]:
     """Logits for every position; with ``train=True`` also the cache the backward needs.
+    ``head=False`` stops before the LM head: the final norm's output (B, T, C) instead of the logits
+    (``loss_and_grads`` runs the head fused with the loss, by rows).
 
     ``checkpoint=True`` (activation checkpointing) keeps only each trained block's input; the backward
     reruns the block's forward from it. Blocks below the lowest trainable one keep nothing either way.
@@ -456,6 +583,7 @@ def model_forward(
     masks = {w: causal_mask(T, past + T, attention_mask, window=w, xp=xp)  # one per distinct window
              for w in {c.window(i) for i in range(c.n_layers)}}
 
+    need_embed = embeddings_trainable(model)
     caches: list[BlockCache | BlockCheckpoint | None] = []
     for i, block in enumerate(model.blocks):
         kv = (kv_cache.keys[i], kv_cache.values[i]) if kv_cache is not None and past else None
@@ -465,13 +593,18 @@ def model_forward(
         # A checkpointed block still runs in training mode (keep=True: e.g. dropout is drawn), and its
         # cache is dropped at once: only one block's cache exists at a time.
         rope = None if ropes is None else ropes[c.rope(i)]
-        x, cache, (k, v) = block_forward(block, x, (B, T), rope, allowed, c, keep=keep, rng=rng, past=kv)
+        below = keep and attention_backward_needed(block, i > lowest or need_embed)
+        x, cache, (k, v) = block_forward(block, x, (B, T), rope, allowed, c, keep=keep, rng=rng, past=kv,
+                                         keep_attention=below)
         caches.append(cache if saved is None else saved)
         del cache
         if kv_cache is not None:
             kv_cache.keys[i], kv_cache.values[i] = k, v
 
     x, c_fn = model.final_norm.forward(x, keep=train)
+    if not head:
+        cache = ModelCache(tokens, positions, ropes, caches, c_fn, x, None, lowest, masks) if train else None
+        return x.reshape(B, T, -1), cache
     if model.lm_head is None:
         logits, c_head = linear_forward(x, model.embed.weight), None  # tied: logits = x Eᵀ
     else:
@@ -498,7 +631,93 @@ def _take(cache: BlockCache, name: str) -> Any:
     return value
 
 
-def block_backward(
+def mlp_backward(
+    block: Block, dx: Array, cache: BlockCache, config: ModelConfig, grads: Grads, prefix: str
+) -> Array:
+    """The MLP half reversed: returns dx (N, C) below it, the residual included (a ``lean_mlp``:
+    ``lean_mlp_backward``)."""
+    if lean_mlp(block):
+        downs = list(_take(cache, "down"))  # a list of our own, emptied chunk by chunk
+        return lean_mlp_backward(block, dx, _take(cache, "mlp_norm"), downs, grads, prefix)
+    # x = x + post_mlp_norm(down(act(gate(h), up(h)))),  h = mlp_norm(x); no post-norm but Gemma's
+    dy = dx
+    if block.post_mlp_norm is not None:
+        dy, g = block.post_mlp_norm.backward(dx, _take(cache, "post_mlp_norm"))
+        _collect(grads, f"{prefix}.post_mlp_norm", g)
+    dm, g = block.down.backward(dy, _take(cache, "down"))
+    del dy
+    _collect(grads, f"{prefix}.down", g)
+    if block.gate is None:  # GPT-2: down(gelu(up(h)))
+        du = gelu_backward(dm, _take(cache, "act"))
+        dh = 0.0
+    else:
+        dg, du = _glu(config)[1](dm, _take(cache, "act"))
+        dh, g = block.gate.backward(dg, _take(cache, "gate"))
+        _collect(grads, f"{prefix}.gate", g)
+        del dg
+    del dm
+    dh_u, g = block.up.backward(du, _take(cache, "up"))
+    _collect(grads, f"{prefix}.up", g)
+    del du
+    dh = dh + dh_u
+    dn, g = block.mlp_norm.backward(dh, _take(cache, "mlp_norm"))
+    _collect(grads, f"{prefix}.mlp_norm", g)
+    return dx + dn  # the residual carries dx past the MLP
+
+
+def lean_mlp_backward(
+    block: Block,
+    dx: Array,
+    c_norm: Any,
+    downs: list[Any] | None,
+    grads: Grads,
+    prefix: str,
+    *,
+    rng: np.random.Generator | None = None,
+) -> Array:
+    """A ``lean_mlp`` reversed, ``ROW_CHUNK`` tokens at a time: each chunk rebuilds h = mlp_norm(x),
+    g and u from the norm's kept input (the forward's operations on the same rows), then runs down's,
+    the SwiGLU's and the frozen gate's and up's backward. Only dx's (N, C) and a chunk's arrays exist
+    at once; down's weight gradients are summed over the chunks.
+
+    ``downs`` is down's cache of each chunk, kept by the forward, or None under activation
+    checkpointing: then down's forward is rerun on the chunk for its cache (its output is not
+    needed), drawing any dropout chunk after chunk as the forward did.
+
+    Shapes:
+        dx: (N, C)   returns: (N, C)
+    """
+    assert block.gate is not None
+    x = c_norm.x  # (N, C) the norm's input
+    dh = get_xp(dx).empty(x.shape, dtype=dx.dtype)
+    local: Grads = {}
+    for i, rows in enumerate(_row_chunks(x.shape[0])):
+        h, _ = block.mlp_norm.forward(x[rows], keep=False)
+        g, _ = block.gate.forward(h, keep=False)
+        u, _ = block.up.forward(h, keep=False)
+        del h
+        if downs is None:
+            m, _ = swiglu_forward(g, u)
+            c_d = block.down.forward(m, keep=True, rng=rng)[1]
+            del m
+        else:
+            c_d, downs[i] = downs[i], None
+        dm, g_down = block.down.backward(dx[rows], c_d)
+        del c_d
+        for name, value in g_down.items():
+            local[name] = local[name] + value if name in local else value
+        dg, du = swiglu_backward(dm, SwiGLUCache(g, u))
+        del dm, g, u
+        dh[rows], _ = block.gate.backward(dg, None)
+        dh[rows] += block.up.backward(du, None)[0]
+        del dg, du
+    _collect(grads, f"{prefix}.down", local)
+    dn, g_norm = block.mlp_norm.backward(dh, c_norm)
+    _collect(grads, f"{prefix}.mlp_norm", g_norm)
+    return dx + dn  # the residual carries dx past the MLP
+
+
+def attention_sublayer_backward(
     block: Block,
     dx: Array,
     cache: BlockCache,
@@ -510,43 +729,26 @@ def block_backward(
     *,
     need_dx: bool = True,
 ) -> Array | None:
-    """The block's forward reversed. Adds its parameter gradients to ``grads``; returns dx (N, C), or
-    None when ``need_dx`` is False and no norm below needs it (the lowest trainable block).
-
-    Consumes ``cache``: each entry is dropped once used, so the MLP's caches are gone before the
-    attention's backward runs."""
+    """The attention half reversed: dx (N, C) below it, the residual included, or None when
+    ``need_dx`` is False and no norm below needs it. A cache without attention entries (see
+    ``attention_backward_needed``) stops at O's weight gradient."""
     B, T = shape
     H, K, D = config.n_heads, config.n_kv_heads, config.head_dim
-
-    # MLP: x = x + post_mlp_norm(down(act(gate(h), up(h)))),  h = mlp_norm(x); no post-norm but Gemma's
+    c_att = _take(cache, "attn")
+    # x = x + o(attention(rope(q(h)), rope(k(h)), v(h))),  h = attn_norm(x)
     dy = dx
-    if block.post_mlp_norm is not None:
-        dy, g = block.post_mlp_norm.backward(dx, _take(cache, "post_mlp_norm"))
-        _collect(grads, f"{prefix}.post_mlp_norm", g)
-    dm, g = block.down.backward(dy, _take(cache, "down"))
-    _collect(grads, f"{prefix}.down", g)
-    if block.gate is not None:
-        dg, du = _glu(config)[1](dm, _take(cache, "act"))
-        dh, g = block.gate.backward(dg, _take(cache, "gate"))
-        _collect(grads, f"{prefix}.gate", g)
-    else:
-        du, dh = gelu_backward(dm, _take(cache, "act")), 0.0
-    dh_u, g = block.up.backward(du, _take(cache, "up"))
-    _collect(grads, f"{prefix}.up", g)
-    dh = dh + dh_u
-    dn, g = block.mlp_norm.backward(dh, _take(cache, "mlp_norm"))
-    _collect(grads, f"{prefix}.mlp_norm", g)
-    dx = dx + dn  # the residual carries dx past the MLP
-
-    # attention: x = x + post_attn_norm(o(attention(rope(q(h)), rope(k(h)), v(h)))),  h = attn_norm(x)
-    dy = dx
-    if block.post_attn_norm is not None:
+    if block.post_attn_norm is not None:  # Gemma 3: x = x + post_attn_norm(o(…))
         dy, g = block.post_attn_norm.backward(dx, _take(cache, "post_attn_norm"))
         _collect(grads, f"{prefix}.post_attn_norm", g)
-    da, g = block.o.backward(dy, _take(cache, "o"))
+    da, g = block.o.backward(dy, _take(cache, "o"), need_dx=c_att is not None)
+    del dy
     _collect(grads, f"{prefix}.o", g)
-    da = da.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
-    dq, dk, dv = attention_backward(da, _take(cache, "attn"))
+    if c_att is None:
+        assert not need_dx, "the forward kept no attention cache, so no dx can be passed below"
+        return None
+    da = get_xp(da).ascontiguousarray(da.reshape(B, T, H, D).transpose(0, 2, 1, 3))  # (B, H, T, D)
+    dq, dk, dv = attention_backward(da, c_att)
+    del da, c_att
     if dk.shape[2] != T:
         raise ShapeError("the backward does not support a KV cache (training sees whole sequences)")
     if rope is not None:
@@ -561,17 +763,44 @@ def block_backward(
     dv = dv.transpose(0, 2, 1, 3).reshape(B * T, K * D)
     need_dh = need_dx or block.attn_norm.requires_grad
     dh = None
-    for name, d in (("q", dq), ("k", dk), ("v", dv)):
-        d_in, g = getattr(block, name).backward(d, _take(cache, name), need_dx=need_dh)
+    ds = {"q": dq, "k": dk, "v": dv}
+    del dq, dk, dv
+    for name in ("q", "k", "v"):
+        d_in, g = getattr(block, name).backward(ds.pop(name), _take(cache, name), need_dx=need_dh)
         _collect(grads, f"{prefix}.{name}", g)
-        if need_dh:
-            dh = d_in if dh is None else dh + d_in
+        if need_dh and dh is None:
+            dh = d_in
+        elif need_dh:
+            dh += d_in  # in place: each slot's dx is a fresh array
+        del d_in
     c_norm = _take(cache, "attn_norm")
     if not need_dh:
         return None
     dn, g = block.attn_norm.backward(dh, c_norm)
     _collect(grads, f"{prefix}.attn_norm", g)
     return dx + dn
+
+
+def block_backward(
+    block: Block,
+    dx: Array,
+    cache: BlockCache,
+    shape: tuple[int, int],
+    rope: tuple[Array, Array] | None,
+    config: ModelConfig,
+    grads: Grads,
+    prefix: str,
+    *,
+    need_dx: bool = True,
+) -> Array | None:
+    """The block's forward reversed: the MLP half, then the attention half. Adds its parameter
+    gradients to ``grads``; returns dx (N, C), or None when ``need_dx`` is False and no norm below
+    needs it (the lowest trainable block).
+
+    Consumes ``cache``: each entry is dropped once used, so the MLP's caches are gone before the
+    attention's backward runs."""
+    dx = mlp_backward(block, dx, cache, config, grads, prefix)
+    return attention_sublayer_backward(block, dx, cache, shape, rope, config, grads, prefix, need_dx=need_dx)
 
 
 def checkpointed_block_backward(
@@ -588,12 +817,24 @@ def checkpointed_block_backward(
     need_dx: bool = True,
 ) -> Array | None:
     """Activation checkpointing: rerun the block's forward from its kept input (same dropout draws),
-    then its backward. Gradients are those of ``block_backward`` on a kept cache, exactly; the cost is
-    one more forward of the block."""
+    then its backward. Gradients are those of ``block_backward`` on a kept cache (to rounding: a
+    ``lean_mlp`` sums down's gradient over row chunks); the cost is one more forward of the block,
+    less for a ``lean_mlp``: its MLP is rerun inside its backward, chunk by chunk, without down's
+    output, and its g and u serve both directions."""
     rng = _rng_from_state(saved.rng_state)
-    _, cache, _ = block_forward(block, saved.x, shape, rope, allowed, config, keep=True, rng=rng)
+    if not lean_mlp(block):
+        _, cache, _ = block_forward(block, saved.x, shape, rope, allowed, config, keep=True, rng=rng,
+                                    keep_attention=attention_backward_needed(block, need_dx))
+        assert cache is not None
+        return block_backward(block, dx, cache, shape, rope, config, grads, prefix, need_dx=need_dx)
+    x, cache, _ = attention_sublayer(block, saved.x, shape, rope, allowed, config, keep=True, rng=rng,
+                                     keep_attention=attention_backward_needed(block, need_dx))
     assert cache is not None
-    return block_backward(block, dx, cache, shape, rope, config, grads, prefix, need_dx=need_dx)
+    c_norm = block.mlp_norm.forward(x, keep=True)[1]  # its output h is rebuilt chunk by chunk
+    del x
+    dx = lean_mlp_backward(block, dx, c_norm, None, grads, prefix, rng=rng)
+    del c_norm
+    return attention_sublayer_backward(block, dx, cache, shape, rope, config, grads, prefix, need_dx=need_dx)
 
 
 def model_backward(model: Model, dlogits: Array, cache: ModelCache, *, free_cache: bool = False) -> Grads:
@@ -642,9 +883,7 @@ def blocks_backward(
     """
     c = model.config
     B, T = cache.tokens.shape
-    need_embed = bool(model.embed.parameters()) or (
-        model.pos_embed is not None and bool(model.pos_embed.parameters())
-    )
+    need_embed = embeddings_trainable(model)
     for i in range(len(model.blocks) - 1, cache.lowest - 1, -1):  # top down, stopping at the lowest
         entry = cache.blocks[i]
         if free_cache:
@@ -698,16 +937,69 @@ def loss_and_grads(
     if bool(bad.any()):  # the loss's lookup would fail, or wrap silently on CuPy
         raise DataError(f"targets must be token ids in [0, {model.config.vocab_size}) or {IGNORE_INDEX} "
                         f"(ignored), got {int(targets[bad][0])}")
-    logits, cache = model_forward(
-        model, tokens, attention_mask=attention_mask, rng=rng, checkpoint=checkpoint
+    x, cache = model_forward(
+        model, tokens, attention_mask=attention_mask, rng=rng, checkpoint=checkpoint, head=False
     )
-    B, T, V = logits.shape
-    loss, ce = cross_entropy_forward(logits.reshape(B * T, V), targets.reshape(-1))
-    del logits  # the backward needs only the probabilities in ce: free the (B, T, V) logits now
-    if cache is None or not trainable_parameters(model):
+    assert cache is not None
+    backward = bool(trainable_parameters(model))
+    loss, dx, grads = head_loss_and_backward(model, x.reshape(tokens.size, -1), targets.reshape(-1), cache,
+                                             loss_scale=loss_scale, backward=backward, rng=rng)
+    del x
+    if dx is None:
         return loss, {}
-    dlogits = cross_entropy_backward(ce, loss_scale).reshape(B, T, V)
-    del ce  # nor the probabilities, once dlogits exists
-    dx, grads = head_backward(model, dlogits, cache)
-    del dlogits  # nor dlogits, once the head's backward is done: (B, T, V) is more than a block keeps
+    cache = cache._replace(x_final=None, final_norm=None)  # the head's inputs are no longer needed
     return loss, blocks_backward(model, dx, cache, grads, free_cache=True)
+
+
+def head_loss_and_backward(
+    model: Model,
+    x: Array,
+    targets: Array,
+    cache: ModelCache,
+    *,
+    loss_scale: float = 1.0,
+    backward: bool = True,
+    rng: np.random.Generator | None = None,
+) -> tuple[float, Array | None, Grads]:
+    """The LM head, the cross-entropy and their backward, fused and ``ROW_CHUNK`` tokens at a time:
+    (mean loss, dx into the top block, the head's and final norm's gradients). No (N, V) array
+    exists, only a chunk's logits (turned into its probabilities in place) and its dlogits; the
+    chunks' head gradients are summed. The loss and gradients are ``cross_entropy_forward``'s and
+    ``head_backward``'s on all rows at once, to rounding.
+
+    Shapes:
+        x: (N, C) the final norm's output   targets: (N,) integer   returns dx: (N, C)
+    """
+    xp = get_xp(x)
+    count = int((targets != IGNORE_INDEX).sum())
+    total, grads = 0.0, {}
+    dx = xp.empty(x.shape, dtype=x.dtype) if backward else None
+    tied = model.lm_head is None
+    for a in range(0, x.shape[0], ROW_CHUNK):
+        rows = slice(a, a + ROW_CHUNK)
+        if tied:
+            logits, c_head = linear_forward(x[rows], model.embed.weight), None  # tied: logits = x Eᵀ
+        else:
+            logits, c_head = model.lm_head.forward(x[rows], keep=backward, rng=rng)
+        loss, ce = cross_entropy_forward(logits, targets[rows])
+        del logits  # ce holds the probabilities, in the logits' buffer
+        total += loss * ce.count
+        if dx is None:
+            continue
+        dlogits = cross_entropy_backward(ce, loss_scale * ce.count / max(count, 1))  # / count, not / ce.count
+        del ce
+        if tied:
+            dx[rows] = linear_backward_input(dlogits, model.embed.weight)
+            trained = model.embed.requires_grad
+            local = {"embed.weight": linear_backward_weight(dlogits, x[rows])} if trained else {}
+        else:
+            dx[rows], g = model.lm_head.backward(dlogits, c_head)
+            local = {f"lm_head.{name}": value for name, value in g.items()}
+        for key, value in local.items():  # tied: E's lookup part is added by ``blocks_backward``
+            grads[key] = grads[key] + value if key in grads else value
+    loss = total / max(count, 1)
+    if dx is None:
+        return loss, None, {}
+    dx, g = model.final_norm.backward(dx, cache.final_norm)
+    _collect(grads, "final_norm", g)
+    return loss, dx, grads

@@ -219,7 +219,8 @@ def test_blocks_below_the_lowest_selected_layer_keep_nothing_and_frozen_slots_ke
     assert kept.q is None
     assert kept.up is None
     assert [c.shape for c in kept.o] == [(10, 2 * GQA.head_dim)]
-    assert [c.shape for c in kept.down] == [(10, 3)]
+    assert [c.shape for chunk in kept.down for c in chunk] == [(10, 3)]  # per row chunk (one here)
+    assert kept.act is None  # frozen gate and up: g and u are rebuilt in the backward
 
 
 def test_applying_s2ft_twice_or_over_foreign_slots_is_a_config_error():

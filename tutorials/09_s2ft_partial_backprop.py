@@ -251,13 +251,17 @@ show(fig, "09_cost")
 # `minift.tools.measure.memory_breakdown` splits a step's memory into the weights, the gradients,
 # the AdamW state and the activations the forward keeps for the backward, by kind: `attention`
 # (q, k, v and one log-sum-exp per query row; the probabilities are rebuilt in the backward),
-# `mlp` (SwiGLU's gate and up inputs), `norms` (each norm's input), `slots` (what the linear slots
+# `mlp` (SwiGLU's gate and up outputs), `norms` (each norm's input), `slots` (what the linear slots
 # keep: inputs of trained weights, adapter activations, S2FT's column slices) and `other`.
-# S2FT removes almost all of the gradients, the optimizer state and `slots`; what is left is what
-# every layer needs to pass dx down. **Activation checkpointing**
-# (`TrainConfig(activation_checkpointing=True)`, `minift finetune --activation-checkpointing`)
-# removes that too: each block keeps only its input (`checkpoints`) and reruns its forward in the
-# backward, one block at a time, for the same gradients.
+# S2FT removes almost all of the gradients, the optimizer state and `slots`, and with gate and up
+# frozen also `mlp`: its MLP runs a few rows at a time, and the backward rebuilds g and u from the
+# norm's kept input (`minift.model.lean_mlp`: two more products per block for the largest arrays a
+# block would keep). Its lowest block keeps no attention cache either, since nothing below it needs
+# dx. What is left is what every layer needs to pass dx down: the norms' inputs and the attention's
+# q, k, v. **Activation checkpointing** (`TrainConfig(activation_checkpointing=True)`,
+# `minift finetune --activation-checkpointing`) removes that too: each block keeps only its input
+# (`checkpoints`) and reruns its forward in the backward, one block at a time, for the same
+# gradients.
 
 # %%
 from minift.tools.measure import memory_breakdown

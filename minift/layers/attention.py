@@ -51,18 +51,19 @@ def causal_mask(
     return allowed
 
 
-def _masked_scores(q5: Array, k: Array, allowed: Array, b: int, scale: float) -> Array:
-    """s = q kᵀ·scale of sequence b, −inf where ``allowed`` is False: (K, G·T, S), a fresh array.
+def _masked_scores(q5: Array, k: Array, allowed: Array, b: int, j: int, scale: float) -> Array:
+    """s = q kᵀ·scale of sequence b and kv head j, −inf where ``allowed`` is False: (G·T, S), a fresh
+    array.
 
-    The G query heads of a group are stacked as G·T rows, so each kv head is one (G·T, D) × (D, S)
+    The G query heads of the group are stacked as G·T rows, so the group is one (G·T, D) × (D, S)
     matmul. The scale goes on q (T·D values) rather than on the scores (T·S values).
     """
     xp = get_xp(q5)
-    _, K, G, T, D = q5.shape
+    B, K, G, T, D = q5.shape
     S = k.shape[2]
-    scores = (q5[b] * scale).reshape(K, G * T, D) @ k[b].swapaxes(-1, -2)  # (K, G·T, S)
-    mask_b = xp.broadcast_to(allowed, (q5.shape[0], K, G, T, S))[b]  # a view, whatever the mask's shape
-    xp.copyto(scores.reshape(K, G, T, S), -xp.inf, where=~mask_b)
+    scores = (q5[b, j] * scale).reshape(G * T, D) @ k[b, j].T  # (G·T, S)
+    mask = xp.broadcast_to(allowed, (B, K, G, T, S))[b, j]  # a view, whatever the mask's shape
+    xp.copyto(scores.reshape(G, T, S), -xp.inf, where=~mask)
     return scores
 
 
@@ -73,10 +74,11 @@ def attention_forward(
 
     ``scale`` defaults to 1/sqrt(D); Gemma 3 sets its own (1/sqrt(query_pre_attn_scalar)).
 
-    The probabilities are built one sequence at a time and not kept: the cache holds q, k, v and each
-    row's log-sum-exp ℓ = log Σ_j exp(s_j), from which the backward rebuilds p = exp(s − ℓ) with one
-    matmul and one exp per entry (as FlashAttention does, Dao et al. 2022, §3.1). A kept p would
-    cost B·H·T·S values per layer, the largest activation of a block at long T.
+    The probabilities are built one sequence and one key/value group at a time and not kept: the
+    cache holds q, k, v and each row's log-sum-exp ℓ = log Σ_j exp(s_j), from which the backward
+    rebuilds p = exp(s − ℓ) with one matmul and one exp per entry (as FlashAttention does, Dao et al.
+    2022, §3.1). A kept p would cost B·H·T·S values per layer, the largest activation of a block at
+    long T; one (G·T, S) block at a time is all that ever exists.
 
     NOTE: masked scores are −inf, and a query row with no visible key (a padding query under left
     padding) gets all-zero probabilities instead of NaN (its ℓ is +inf, so exp(s − ℓ) is 0 too);
@@ -94,29 +96,33 @@ def attention_forward(
     q5 = q.reshape(B, K, G, T, D)
     out = xp.empty((B, K, G * T, D), dtype=xp.result_type(q, v))
     lse = xp.empty((B, K, G * T, 1), dtype=out.dtype)
-    for b in range(B):  # one sequence's (K, G·T, S) scores at a time: never a (B, H, T, S) array
-        p = _masked_scores(q5, k, allowed, b, scale)  # in place from here on: p reuses the scores
-        m = p.max(axis=-1, keepdims=True)
-        m = xp.where(xp.isfinite(m), m, 0.0)  # fully masked rows: exp(−inf − 0) = 0
-        p -= m
-        xp.exp(p, out=p)
-        denom = p.sum(axis=-1, keepdims=True)
-        empty = denom == 0
-        p /= xp.where(empty, 1.0, denom)
-        xp.matmul(p, v[b], out=out[b])
-        lse[b] = xp.where(empty, xp.inf, m + xp.log(xp.where(empty, 1.0, denom)))
+    for b in range(B):
+        for j in range(K):  # one (G·T, S) block of scores at a time: never a (B, H, T, S) array
+            p = _masked_scores(q5, k, allowed, b, j, scale)  # in place from here on: p reuses the scores
+            m = p.max(axis=-1, keepdims=True)
+            m = xp.where(xp.isfinite(m), m, 0.0)  # fully masked rows: exp(−inf − 0) = 0
+            p -= m
+            xp.exp(p, out=p)
+            denom = p.sum(axis=-1, keepdims=True)
+            empty = denom == 0
+            p /= xp.where(empty, 1.0, denom)
+            xp.matmul(p, v[b, j], out=out[b, j])
+            lse[b, j] = xp.where(empty, xp.inf, m + xp.log(xp.where(empty, 1.0, denom)))
     return out.reshape(B, H, T, D), AttentionCache(q5, k, v, lse, allowed, scale)
 
 
-def attention_probabilities(cache: AttentionCache, b: int) -> Array:
-    """p = softmax of sequence b's masked scores, rebuilt from the cache as exp(s − ℓ).
+def attention_probabilities(cache: AttentionCache, b: int, j: int | None = None) -> Array:
+    """p = softmax of sequence b's masked scores, rebuilt from the cache as exp(s − ℓ): of kv head j's
+    group, or of every group when j is None.
 
     Shapes:
-        returns: (K, G·T, S)
+        returns: (G·T, S) for one group, (K, G·T, S) for all
     """
     xp = get_xp(cache.q)
-    p = _masked_scores(cache.q, cache.k, cache.allowed, b, cache.scale)
-    p -= cache.lse[b]
+    if j is None:
+        return xp.stack([attention_probabilities(cache, b, j) for j in range(cache.q.shape[1])])
+    p = _masked_scores(cache.q, cache.k, cache.allowed, b, j, cache.scale)
+    p -= cache.lse[b, j]
     return xp.exp(p, out=p)
 
 
@@ -126,7 +132,7 @@ def attention_backward(dout: Array, cache: AttentionCache) -> tuple[Array, Array
     forward: s = q kᵀ·scale, p = softmax(s), out = p v, so
     dv = Σ_G pᵀ dout,  dp = dout vᵀ,  ds = p ⊙ (dp − Σ_j dp ⊙ p),
     dq = ds k · scale,  dk = Σ_G dsᵀ q · scale   (Σ_G: the G query heads sharing a kv head).
-    p is rebuilt one sequence at a time (``attention_probabilities``).
+    p is rebuilt one sequence and one group at a time (``attention_probabilities``).
 
     Shapes:
         dout: (B, H, T, D)   returns dq: (B, H, T, D), dk, dv: (B, K, S, D)
@@ -137,19 +143,20 @@ def attention_backward(dout: Array, cache: AttentionCache) -> tuple[Array, Array
     dout = dout.reshape(B, K, G * T, D)  # the G heads of a group stacked, as in the forward
     # textbook:  dv = pᵀ dout;  dp = dout vᵀ;  ds = p ⊙ (dp − Σ_j dp ⊙ p);
     #            dq = ds k · scale;  dk = dsᵀ q · scale
-    # below, per sequence: p is rebuilt from q, k and the row log-sum-exp, and the dp buffer becomes ds
-    # in place (one (K, G·T, S) array instead of two)
+    # below, per sequence and group: p is rebuilt from q, k and the row log-sum-exp, and the dp
+    # buffer becomes ds in place (one (G·T, S) array instead of two)
     dq = xp.empty((B, K, G * T, D), dtype=dout.dtype)
     dk, dv = xp.empty_like(k, dtype=dout.dtype), xp.empty_like(v, dtype=dout.dtype)
     for b in range(B):
-        p = attention_probabilities(cache, b)  # (K, G·T, S)
-        xp.matmul(p.swapaxes(-1, -2), dout[b], out=dv[b])  # the matmul sums over the G heads
-        ds = dout[b] @ v[b].swapaxes(-1, -2)  # dp (K, G·T, S), turned into ds / scale in place
-        ds -= xp.einsum("...s,...s->...", ds, p)[..., None]  # Σ_j dp ⊙ p without an (…, S) temporary
-        ds *= p
-        del p
-        xp.matmul(ds, k[b], out=dq[b])
-        xp.matmul(ds.swapaxes(-1, -2), q5[b].reshape(K, G * T, D), out=dk[b])
+        for j in range(K):
+            p = attention_probabilities(cache, b, j)  # (G·T, S)
+            xp.matmul(p.T, dout[b, j], out=dv[b, j])  # the matmul sums over the G heads
+            ds = dout[b, j] @ v[b, j].T  # dp (G·T, S), turned into ds / scale in place
+            ds -= xp.einsum("ts,ts->t", ds, p)[:, None]  # Σ_j dp ⊙ p without a (G·T, S) temporary
+            ds *= p
+            del p
+            xp.matmul(ds, k[b, j], out=dq[b, j])
+            xp.matmul(ds.T, q5[b, j].reshape(G * T, D), out=dk[b, j])
     dq *= cache.scale  # the scale goes on dq and dk (T·D values each) rather than on ds
     dk *= cache.scale
     return dq.reshape(B, K * G, T, D), dk, dv

@@ -87,4 +87,11 @@ def rope_backward(dy: Array, cos: Array, sin: Array) -> Array:
     Shapes:
         dy: (B, H, T, D)   returns: like dy
     """
-    return (dy * cos - rotate_half(dy * sin)).astype(dy.dtype, copy=False)
+    # textbook: dy ⊙ cos − rotate_half(dy ⊙ sin); below, the rotation's two halves are subtracted
+    # in place (x − (−y) is x + y exactly), one (B, H, T, D) temporary instead of three
+    dx = (dy * cos).astype(dy.dtype, copy=False)
+    t = dy * sin
+    half = dy.shape[-1] // 2
+    dx[..., :half] += t[..., half:]
+    dx[..., half:] -= t[..., :half]
+    return dx

@@ -17,7 +17,8 @@ What is measured:
   allocator is not traced by ``tracemalloc``, so its records carry ``None``. ``memory_breakdown``
   splits it: weights, gradients, optimizer state and the kept activations by kind.
 - ``mfu``: model FLOPs of the step (``minift.tools.measure.step_flops``: the matmuls the method's backward
-  really does, partial backpropagation included) / step time / float32 GEMM throughput. The GEMM
+  really does, partial backpropagation included; products rerun to save memory, by a lean MLP or by
+  checkpointing, are not) / step time / float32 GEMM throughput. The GEMM
   takes its turn among the steps, so it is measured under the same load (``blas_gflops_in_run``);
   ``machine.blas_gflops`` is ``minift.tools.measure.gemm_gflops`` before the run. The optimizer's
   element-wise work is not counted.
@@ -91,7 +92,8 @@ DEFINITIONS = {
     "forward keeps for the backward by kind (minift.tools.measure.activation_bytes), the traced step "
     "peak and the total (= peak_bytes)",
     "mfu": "model FLOPs per step (minift.tools.measure.step_flops: the matmuls of forward and partial "
-    "backward) / step_seconds / blas_gflops_in_run (the median of a 1024³ GEMM's turns among the steps)",
+    "backward; products rerun to save memory are not counted) / step_seconds / blas_gflops_in_run (the "
+    "median of a 1024³ GEMM's turns among the steps)",
 }
 
 

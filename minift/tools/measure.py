@@ -17,6 +17,7 @@ from minift.model import (
     BlockCheckpoint,
     Model,
     ModelCache,
+    attention_backward_needed,
     loss_and_grads,
     lowest_trainable_block,
     model_forward,
@@ -126,7 +127,10 @@ class FlopReport:
 def step_flops(model: Model, batch_size: int, seq_len: int) -> FlopReport:
     """FLOPs of forward + backward for a (batch_size, seq_len) batch, following what the backward really
     computes: nothing below the lowest trainable block (partial backprop), no dx where nothing below
-    needs it, and each slot's own count (``slot.flops``).
+    needs it (nor the attention's backward, see ``minift.model.attention_backward_needed``), and
+    each slot's own count (``slot.flops``). Products rerun to save memory (a ``minift.model.lean_mlp``
+    rebuilding g and u, activation checkpointing) are not counted: these are model FLOPs, as in
+    model-FLOPs utilisation (Chowdhery et al. 2022, "PaLM", App. B), not the hardware's.
     """
     c = model.config
     B, T, N = batch_size, seq_len, batch_size * seq_len
@@ -146,13 +150,15 @@ def step_flops(model: Model, batch_size: int, seq_len: int) -> FlopReport:
     for i, block in enumerate(model.blocks):
         backprop = i >= lowest
         need_dh = (i > lowest or need_embed or block.attn_norm.requires_grad) if backprop else False
+        # the lowest block of S2FT on O and Down stops at O's weight gradient (no dx, no attention)
+        attention = backprop and attention_backward_needed(block, i > lowest or need_embed)
         for name, slot in block.slots():
-            need_dx = need_dh if name in ("q", "k", "v") else True
+            need_dx = need_dh if name in ("q", "k", "v") else (attention if name == "o" else True)
             fwd, bwd = slot.flops(N, need_dx=need_dx)
             add(type(slot).__name__, fwd, bwd if backprop else 0)
         # scores q kᵀ and output p v: 2 products of B·H·T·T·D MACs; the backward has 4 (dv, dp, dq, dk)
         att = 2 * B * H * T * T * D
-        add("attention", 2 * att, 4 * att if backprop else 0)
+        add("attention", 2 * att, 4 * att if attention else 0)
     if model.lm_head is None:  # tied: x Eᵀ, its dx, and dE when the embedding is trained
         head = 2 * N * C * V
         add("lm_head", head, head * (1 + int(model.embed.requires_grad)))

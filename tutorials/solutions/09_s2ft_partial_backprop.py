@@ -67,7 +67,8 @@ assert f_top.backward < 0.6 * f_all.backward
 #
 # Attention's score and value products have no weights: every method that backpropagates through a
 # block pays their backward (dq, dk, dv, dp), trainable or not. Only partial backprop *in depth*
-# (exercise 2) removes it.
+# (exercise 2) removes it, and S2FT's lowest block: nothing below it needs dx and its q, k, v are
+# frozen, so its backward stops at O's weight gradient.
 
 # %%
 methods = {
@@ -80,7 +81,9 @@ for name, model in methods.items():
     report = step_flops(model, 4, 32)
     attention[name] = report.by_kind["attention"]
     print(f"{name:>7}:", {k: (round(f / 1e6), round(b / 1e6)) for k, (f, b) in report.by_kind.items()})
-assert len(set(attention.values())) == 1
+assert attention["full FT"] == attention["LoRA"]
+assert attention["S2FT"][0] == attention["LoRA"][0]  # the same forward
+assert attention["S2FT"][1] < attention["LoRA"][1]  # one block fewer in the backward
 
 
 # %% [markdown]
