@@ -508,9 +508,9 @@ Given only --adapter, the base model the adapter records (minift_base.json) is l
   minift pretrain --out my-base                 the shipped model's recipe: its weights, byte for byte
   minift pretrain --out tiny --steps 200        a quick, weaker base""",
     "study": """examples:
-  minift study --out study          the default study (15 minutes on 2 busy cores); results.md, plots
-  minift study --quick              a smoke run, under a minute (its numbers mean nothing)
-  minift study --seeds 8 --jobs 4   more seeds, on 4 cores""",
+  minift study --out study                  the full study (about 30 minutes on 2 idle cores), with plots
+  minift study --quick --json quick.json    the same protocol, small (under 10 minutes on 2 idle cores)
+  minift study --seeds 8 --jobs 4           more seeds, on 4 cores""",
 }
 
 
@@ -527,7 +527,7 @@ def cmd_study(args: argparse.Namespace) -> int:
         QUICK if args.quick else StudyConfig(),
         **{k: getattr(args, k) for k in ("seeds", "steps") if getattr(args, k) is not None},
     )
-    jobs = args.jobs if args.jobs is not None else (1 if args.quick else min(2, os.cpu_count() or 1))
+    jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
     if jobs < 0:
         raise ConfigError(f"study --jobs must be ≥ 0 (0: no worker processes), got {jobs}")
     report = run_study(config, load_base(args.base), jobs=jobs)
@@ -542,13 +542,17 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def study_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="tiny splits, 4 steps, 2 seeds: a smoke run")
+    p.add_argument(
+        "--quick", action="store_true", help="the same protocol, small: 100 steps, 3 seeds, small splits"
+    )
     p.add_argument("--base", help="a Hugging Face model folder, or 'random' (default: the embedded base)")
     p.add_argument("--out", metavar="DIR", help="write results.md, results.json and PNG plots into DIR")
-    p.add_argument("--json", metavar="FILE", help="write the whole report (every run) as JSON")
-    p.add_argument("--seeds", type=int, help="seeds per setting (default 5)")
+    p.add_argument("--json", metavar="FILE", help="write the whole report as JSON: claims, matched_accuracy, "
+                   "lr_choice, every run")
+    p.add_argument("--seeds", type=int, help="reported seeds per arm (default 5; the ablation has its own)")
     p.add_argument("--steps", type=int, help="optimizer steps per run (default 300)")
-    p.add_argument("--jobs", type=int, help="worker processes (default: 2 at most; quick: 1; 0: none)")
+    p.add_argument("--jobs", type=int, help="worker processes, one BLAS thread each (default: 2 at most; "
+                   "0: none); the results do not depend on it")
 
 
 def cmd_spec(args: argparse.Namespace) -> int:
