@@ -132,6 +132,7 @@ def run_study(
         "final_runs": [r.to_dict() for r in final],
         "sweep_runs": [r.to_dict() for r in sweep_runs],
         "wall_s": time.perf_counter() - t0,
+        "cpu_s": sum(r.cpu_s for r in (*final, *sweep_runs)),  # the runs' CPU time (workers' included)
     }
     return json.loads(json.dumps(report))  # JSON types throughout (tuples become lists)
 

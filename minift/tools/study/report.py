@@ -552,7 +552,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "interior; reported seeds "
         f"1–{cfg['seeds']} (selection ablation 1–{cfg['ablation_seeds']}). Matched level: validation exact "
         f"match ≥ {100 * cfg['match_level']:.0f}%, checked every {cfg['eval_every']} steps. "
-        f"Wall time {report['wall_s'] / 60:.1f} min with {report['jobs']} worker(s), {report['runs']} runs.",
+        f"Wall time {report['wall_s'] / 60:.1f} min with {report['jobs']} worker(s), {report['runs']} runs "
+        f"using {report['cpu_s'] / 60:.1f} CPU-minutes.",
         "",
         "## Claims",
         "",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import multiprocessing
 import statistics
 import time
@@ -64,6 +65,7 @@ class RunResult:
     matched: dict[str, Any] | None  # every measure at the matched checkpoint; None: never reached
     svd: list[tuple[int, float, float]]  # (step, ΔΣ, ΔD), means over the trained projections
     wall_s: float
+    cpu_s: float  # this process's CPU time: what the run costs on an idle core
     diverged: str | None = None  # why training stopped; such a run has no measures
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,7 +145,7 @@ def _svd_curve(traj: SVDTrajectory) -> list[tuple[int, float, float]]:
 
 def execute(spec: RunSpec, base: Model, config: StudyConfig, adapter_dir: Path | None = None) -> RunResult:
     """Train a copy of ``base`` by ``spec`` and evaluate it (``base`` is not changed)."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     arm = ARM[spec.arm]
     sp = task_splits(config, config.task_of(arm))
     data = training_data(arm, config, sp, spec.seed)
@@ -177,18 +179,21 @@ def execute(spec: RunSpec, base: Model, config: StudyConfig, adapter_dir: Path |
         progress=False,
     )
     trainable = trainable_count(model)
-    try:
-        losses = train(model, data, train_config, eval_fn=checkpoint, grad_hooks=hooks).losses
-    except (TrainingError, np.linalg.LinAlgError) as e:  # non-finite loss or weights (SVD of inf)
-        # a learning rate too high for the arm: the run is flagged, and never chosen
-        return RunResult(spec, trainable, [], curve, {}, None, [], time.perf_counter() - t0, diverged=str(e))
+    # A rate too high for the arm blows the weights up before the loss turns non-finite: scoring such a
+    # checkpoint overflows (harmlessly: its scores are garbage), and the run is then flagged below.
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        try:
+            losses = train(model, data, train_config, eval_fn=checkpoint, grad_hooks=hooks).losses
+            nll = world.answer_nll(model, sp.validation)
+            if not math.isfinite(nll):
+                raise TrainingError(f"non-finite validation NLL after {config.steps} steps")
+        except (TrainingError, np.linalg.LinAlgError, OverflowError) as e:  # non-finite loss, weights or NLL
+            # a learning rate too high for the arm: the run is flagged, and never chosen
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            return RunResult(spec, trainable, [], curve, {}, None, [], wall, cpu, diverged=str(e))
     if arm.keep and adapter_dir is not None:
         write_adapter(model, adapter_dir / spec.key)
-    final = {
-        "validation": curve[-1][1],
-        "validation_nll": world.answer_nll(model, sp.validation),
-        **measure(model, sp),
-    }
+    final = {"validation": curve[-1][1], "validation_nll": nll, **measure(model, sp)}
     return RunResult(
         spec=spec,
         trainable=trainable,
@@ -198,6 +203,7 @@ def execute(spec: RunSpec, base: Model, config: StudyConfig, adapter_dir: Path |
         matched=matched,
         svd=[] if traj is None else _svd_curve(traj),
         wall_s=time.perf_counter() - t0,
+        cpu_s=time.process_time() - c0,
     )
 
 
