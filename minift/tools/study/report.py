@@ -464,6 +464,7 @@ def arm_table(final: Sequence[RunResult], lr: dict[str, float], config: StudyCon
             "seeds": len(runs),
             "diverged": sum(r.diverged is not None for r in runs),
             "trainable": runs[0].trainable if runs else None,
+            "setup": runs[0].setup if runs else None,
         }
         for m in (*FINAL_METRICS, "steps", "delta_d", "delta_sigma"):
             row[m] = _mean(value(r, m, extra) for r in runs)
@@ -619,6 +620,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             [
                 "arm",
                 "task",
+                "trains",
                 "trainable",
                 "lr",
                 "in-domain",
@@ -634,6 +636,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 [
                     r["label"] + (f" ({r['diverged']} diverged)" if r["diverged"] else ""),
                     r["task"],
+                    r["setup"] or "—",
                     f"{r['trainable']:,}" if r["trainable"] else "—",
                     f"{r['lr']:g}",
                     _pct(r["test"]),

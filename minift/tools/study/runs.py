@@ -28,7 +28,7 @@ from minift.data.datasets import BatchStream, encode_example
 from minift.data.tasks import task_tokenizer
 from minift.errors import TrainingError
 from minift.io.hub import load_pretrained, save_pretrained
-from minift.methods.registry import MethodSpec, apply_method
+from minift.methods.registry import MethodSpec, apply_method, get_method
 from minift.methods.s2ft import match_lora_budget
 from minift.methods.s2ft.budget import lora_parameter_count, s2ft_parameter_count
 from minift.methods.svd_analysis import SVDTrajectory
@@ -59,6 +59,7 @@ class RunSpec:
 class RunResult:
     spec: RunSpec
     trainable: int  # trainable parameters
+    setup: str  # what trains: "rank 4 on q, k, v, up, down", "1 heads (o) + 20 channels (down) per layer"
     losses: list[float]  # training loss per step
     curve: list[tuple[int, float]]  # (step, validation exact match) at every checkpoint
     final: dict[str, Any]  # every measure at the last step (``measure``), validation NLL included
@@ -110,6 +111,19 @@ def method_spec(arm: Arm, model: Model, config: StudyConfig) -> MethodSpec:
     )
 
 
+def describe_setup(spec: MethodSpec, model: Model) -> str:
+    """What the arm trains, in words: LoRA's rank and targets, S2FT's heads and channels per layer."""
+    if spec.method == "full":
+        return "every weight"
+    if spec.method != "s2ft":
+        return f"rank {spec.rank} on {', '.join(spec.targets)}"
+    s2 = get_method("s2ft").configure(spec, model.config)
+    return (
+        f"{s2.heads} heads ({', '.join(s2.head_targets) or '—'}) + {s2.channels} channels "
+        f"({', '.join(s2.channel_targets)}) per layer"
+    )
+
+
 def calibration(model: Model, data: BatchStream, n: int) -> list[tuple[Any, Any]]:
     """The first ``n`` training batches as (tokens, targets): S2FT's calibration set."""
     xp = get_xp(model.embed.weight)
@@ -151,7 +165,9 @@ def execute(spec: RunSpec, base: Model, config: StudyConfig, adapter_dir: Path |
     data = training_data(arm, config, sp, spec.seed)
     model = copy.deepcopy(base)
     calib = calibration(model, data, config.calib_batches) if arm.method == "s2ft" else None
-    hooks = apply_method(model, method_spec(arm, model, config), np.random.default_rng(spec.seed), calib)
+    mspec = method_spec(arm, model, config)
+    setup = describe_setup(mspec, model)
+    hooks = apply_method(model, mspec, np.random.default_rng(spec.seed), calib)
     traj = SVDTrajectory.start(model, every=config.eval_every) if arm.svd else None
     curve: list[tuple[int, float]] = []
     matched: dict[str, Any] | None = None
@@ -190,13 +206,14 @@ def execute(spec: RunSpec, base: Model, config: StudyConfig, adapter_dir: Path |
         except (TrainingError, np.linalg.LinAlgError, OverflowError) as e:  # non-finite loss, weights or NLL
             # a learning rate too high for the arm: the run is flagged, and never chosen
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-            return RunResult(spec, trainable, [], curve, {}, None, [], wall, cpu, diverged=str(e))
+            return RunResult(spec, trainable, setup, [], curve, {}, None, [], wall, cpu, diverged=str(e))
     if arm.keep and adapter_dir is not None:
         write_adapter(model, adapter_dir / spec.key)
     final = {"validation": curve[-1][1], "validation_nll": nll, **measure(model, sp)}
     return RunResult(
         spec=spec,
         trainable=trainable,
+        setup=setup,
         losses=[float(x) for x in losses],
         curve=curve,
         final=final,
