@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import string
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -393,3 +394,281 @@ def evaluate(model: Model, tokenizer: Tokenizer, examples: list[TaskExample]) ->
         pairs = [(p, ex) for p, ex in zip(preds, examples, strict=True) if ex.skill == skill]
         result[skill] = exact_match([p for p, _ in pairs], [ex for _, ex in pairs])
     return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# the study's world: a task that reuses pretrained skills in a new format, far-OOD splits, retention
+#
+# The papers fine-tune on data whose *skills* the base model already has (arithmetic for Math10K,
+# world knowledge for the commonsense sets) in an instruction *format* it has not seen, and ask what
+# the fine-tuned model keeps of everything else. ``instruct`` is that in miniature: four pretraining
+# skills, their questions exactly as pretraining asks them, behind an instruction frame the
+# pretraining corpus never contains,
+#
+#     Q: solve this: reverse abc\nA: cba        (pretraining: Q: reverse abc\nA: cba)
+#
+# so what fine-tuning has to learn is the format, and what it can reuse is the skill: a knowledge
+# question of the test (``solve this: color of kibt``) was never fine-tuned on, only pretrained.
+# Answers are of mixed types (a letter string, a digit, a number, a word from a closed vocabulary), so
+# no single answer format scores: a model that has learned "answer with a digit" gets at most the
+# number questions right. ``min`` (a new skill: new attention routing over a list) is the second task.
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One ``instruct`` question before it is framed: its skill, pretraining question and answer."""
+
+    skill: str
+    question: str
+    answer: str
+
+
+# the pretraining skills ``instruct`` reuses, and the type of every skill's answers
+INSTRUCT_SKILLS = ("reverse", "count", "add", "facts")
+ANSWER_TYPES: dict[str, str] = {
+    "reverse": "string",  # letters, as many as the input's
+    "shift": "string",
+    "last": "letter",
+    "after": "letter",
+    "count": "digit",
+    "max": "digit",
+    "min": "digit",
+    "add": "number",  # one or two digits
+    "facts": "word",  # a colour or a home, from a closed vocabulary
+}
+
+# The instruction frame of ``instruct``, and the far-OOD surface forms: the same question behind the
+# frame written another way. ``far_ood[i]`` is ``test[i]`` in form ``FAR_FORMS[i % 3]``, so the two
+# accuracies compare the same questions and differ only in how the instruction is written.
+FAR_FORMS = ("delimiter", "phrasing", "casing")
+_FRAMES: dict[str, Callable[[str], str]] = {
+    "in-domain": lambda q: f"solve this: {q}",
+    "delimiter": lambda q: f"solve this - {q}",
+    "phrasing": lambda q: f"please solve this: {q}",
+    "casing": lambda q: f"Solve this: {q}",
+}
+_MIN_FORMS: dict[str, Callable[[str], str]] = {  # of the list "3 1 4" in "min 3 1 4"
+    "delimiter": lambda digits: "min " + digits.replace(" ", ","),
+    "phrasing": lambda digits: f"min of {digits}",
+    "casing": lambda digits: f"Min {digits}",
+}
+
+
+def _instruct_algorithmic(skill: str, lo: int, hi: int) -> Callable[[np.random.Generator], _Item]:
+    def gen(rng: np.random.Generator) -> _Item:
+        w = _word(rng, lo, hi)
+        return _Item(skill, f"{skill} {w}", w[::-1] if skill == "reverse" else str(len(w)))
+
+    return gen
+
+
+# lengths: fine-tuning sees short inputs; near-OOD asks longer ones, still within the lengths the
+# pretraining mix taught (``reverse`` 2–5 letters, ``count`` 1–7), so the skill exists in the base and
+# near-OOD tests whether fine-tuning reused it or learned a narrower one of its own
+_INSTRUCT_IN_DOMAIN = {"reverse": (2, 4), "count": (1, 5)}
+_INSTRUCT_NEAR = {"reverse": (5, 5), "count": (6, 7)}
+
+
+def _quotas(n: int, caps: dict[str, int]) -> dict[str, int]:
+    """``n`` split evenly over ``INSTRUCT_SKILLS``; a knowledge skill takes at most its cap, and what it
+    cannot take goes to the algorithmic skills."""
+    k = len(INSTRUCT_SKILLS)
+    quota = {s: n // k + (i < n % k) for i, s in enumerate(INSTRUCT_SKILLS)}
+    for skill, cap in caps.items():
+        quota[skill] = min(quota[skill], cap)
+    algorithmic = [s for s in INSTRUCT_SKILLS if s not in caps]
+    for i in range(n - sum(quota.values())):
+        quota[algorithmic[i % len(algorithmic)]] += 1
+    return quota
+
+
+def _draw_items(
+    rng: np.random.Generator,
+    quota: dict[str, int],
+    gens: dict[str, Callable[[np.random.Generator], _Item]],
+    seen: set[str],
+) -> list[_Item]:
+    """``quota[skill]`` items of each skill in ``gens``, each with a question not in ``seen`` (which is
+    extended with them)."""
+    out: list[_Item] = []
+    for skill, gen in gens.items():
+        drawn = 0
+        for _ in range(200 * quota[skill] + 1000):
+            if drawn == quota[skill]:
+                break
+            item = gen(rng)
+            if item.question not in seen:
+                seen.add(item.question)
+                out.append(item)
+                drawn += 1
+        else:
+            raise ValueError(f"instruct: could not draw {quota[skill]} distinct {skill} questions")
+    return out
+
+
+def _framed(items: list[_Item], rng: np.random.Generator) -> list[TaskExample]:
+    """The items in a seeded random order (skills interleaved), behind the in-domain frame."""
+    ordered = [items[j] for j in rng.permutation(len(items))]
+    return [
+        TaskExample(format_prompt(_FRAMES["in-domain"](it.question)), it.answer, it.skill) for it in ordered
+    ]
+
+
+@dataclass(frozen=True)
+class StudySplits(TaskSplits):
+    """A study task's splits: ``TaskSplits`` (train, validation, in-domain test, near-OOD, retention)
+    and ``far_ood``, the in-domain test questions in surface forms fine-tuning never showed."""
+
+    far_ood: list[TaskExample]  # far_ood[i]: test[i] written in form FAR_FORMS[i % len(FAR_FORMS)]
+
+
+def _question(ex: TaskExample) -> str:
+    """The question of a ``Q: <question>\\nA: `` prompt."""
+    return ex.prompt[len("Q: ") : -len("\nA: ")]
+
+
+def _instruct_splits(seed: int, n_train: int, n_eval: int, n_retention: int) -> StudySplits:
+    rng = np.random.default_rng([seed, 4, 0])
+    # knowledge tables: a quarter of each for test, a quarter for validation, the rest for training,
+    # so test asks facts the base knows but fine-tuning never showed in the new format
+    tables = {s: [_Item(s, q, a) for q, a in KNOWLEDGE[s]()] for s in INSTRUCT_SKILLS if s in KNOWLEDGE}
+    tables = {s: [t[j] for j in rng.permutation(len(t))] for s, t in tables.items()}
+    q = {s: len(t) // 4 for s, t in tables.items()}
+    parts = {
+        "test": {s: t[: q[s]] for s, t in tables.items()},
+        "validation": {s: t[q[s] : 2 * q[s]] for s, t in tables.items()},
+        "train": {s: t[2 * q[s] :] for s, t in tables.items()},
+    }
+    # a question held out for retention is never a fine-tuning question of an algorithmic skill
+    seen = {_question(ex) for ex in pretrain_heldout(seed, 50) if ex.skill not in KNOWLEDGE}
+    gens = {s: _instruct_algorithmic(s, *_INSTRUCT_IN_DOMAIN[s]) for s in _INSTRUCT_IN_DOMAIN}
+    items: dict[str, list[_Item]] = {}
+    for name, n in (("test", n_eval), ("validation", n_eval), ("train", n_train)):
+        # evaluation asks each knowledge question once (its share capped at its part of the table);
+        # training repeats its part up to an even share, so the four skills weigh the same in the loss
+        caps = {} if name == "train" else {s: len(p) for s, p in parts[name].items()}
+        quota = _quotas(n, caps)
+        knowledge = [p[j % len(p)] for s, p in parts[name].items() for j in range(quota[s])]
+        items[name] = _draw_items(rng, quota, gens, seen) + knowledge
+    near_gens = {s: _instruct_algorithmic(s, *_INSTRUCT_NEAR[s]) for s in _INSTRUCT_NEAR}
+    near_quota = {s: n_eval // 2 + (i < n_eval % 2) for i, s in enumerate(_INSTRUCT_NEAR)}
+    near = _draw_items(rng, near_quota, near_gens, seen)
+    train, validation, test = (_framed(items[s], rng) for s in ("train", "validation", "test"))
+    frame = _FRAMES["in-domain"]("")
+    far = [
+        TaskExample(
+            format_prompt(_FRAMES[FAR_FORMS[i % 3]](_question(ex)[len(frame) :])), ex.answer, ex.skill
+        )
+        for i, ex in enumerate(test)
+    ]
+    retention = pretrain_heldout(seed, n_retention)
+    return StudySplits("instruct", train, validation, test, _framed(near, rng), retention, far)
+
+
+def _min_splits(seed: int, n_train: int, n_eval: int, n_retention: int) -> StudySplits:
+    s = task_splits("min", seed, n_train=n_train, n_eval=n_eval, n_retention=n_retention)
+    far = [
+        TaskExample(
+            format_prompt(_MIN_FORMS[FAR_FORMS[i % 3]](_question(ex)[len("min ") :])), ex.answer, ex.skill
+        )
+        for i, ex in enumerate(s.test)
+    ]
+    return StudySplits(s.name, s.train, s.validation, s.test, s.near_ood, s.retention, far)
+
+
+STUDY_TASKS: dict[str, Callable[[int, int, int, int], StudySplits]] = {
+    "instruct": _instruct_splits,
+    "min": _min_splits,
+}
+
+
+def study_splits(
+    name: str, seed: int = 0, *, n_train: int = 2000, n_eval: int = 100, n_retention: int = 20
+) -> StudySplits:
+    """The splits of study task ``name``, deterministic under ``seed``.
+
+    ``instruct``: the questions of the pretraining skills ``INSTRUCT_SKILLS`` (reverse, count, add,
+    facts), each behind the frame ``solve this: `` (``Q: solve this: 3+4\\nA: 7``). Each split is an
+    even mix of the four, shuffled; validation and test ask each of their knowledge questions once
+    (at most a quarter of the table each), training repeats its part of the tables (the other half)
+    to an even share. Train, validation and test share no question. ``near_ood``: reverse and count
+    of longer inputs than fine-tuning shows (within pretraining's lengths). ``far_ood``: the test
+    questions behind the frame written another way (``FAR_FORMS``: ``solve this - 3+4``, ``please
+    solve this: 3+4``, ``Solve this: 3+4``).
+
+    ``min``: ``task_splits("min", ...)`` unchanged, and its test written as ``min 3,1,4``, ``min of
+    3 1 4`` and ``Min 3 1 4``.
+
+    ``n_eval`` examples each for validation, test, near- and far-OOD; ``retention`` holds
+    ``n_retention`` held-out pretraining prompts per skill, in the pretraining format (see
+    ``retention_scores``).
+    """
+    if name not in STUDY_TASKS:
+        raise KeyError(f"unknown study task {name!r}; expected one of {sorted(STUDY_TASKS)}")
+    return STUDY_TASKS[name](seed, n_train, n_eval, n_retention)
+
+
+# ----------------------------------------------------------------------------------------------------
+# retention, three ways: exact match, teacher-forced answer NLL, wrong-format rate
+
+
+def answer_format(example: TaskExample) -> re.Pattern[str]:
+    """The pattern every answer of ``example``'s skill matches, right or wrong: its *format*.
+
+    A fine-tuned model that answers a retention prompt in the fine-tuning task's format (a digit for
+    ``reverse``, a letter string for ``add``) has forgotten more than one that answers in the right
+    format with the wrong content; exact match alone cannot tell the two apart. ``facts`` answers are
+    a colour for colour questions and a home for home questions (the category of the reference).
+    """
+    kind = ANSWER_TYPES.get(example.skill)
+    if kind == "word":
+        words = {a["color"] for a in _FACTS.values()}
+        if example.answer not in words:
+            words = {a["home"] for a in _FACTS.values()}
+        return re.compile("|".join(sorted(words)))
+    patterns = {"string": "[a-z]+", "letter": "[a-z]", "digit": "[0-9]", "number": "[0-9]{1,2}"}
+    if kind not in patterns:
+        raise KeyError(f"no answer format for skill {example.skill!r}")
+    return re.compile(patterns[kind])
+
+
+def has_expected_format(prediction: str, example: TaskExample) -> bool:
+    """Whether the extracted ``prediction`` has the format of ``example``'s skill (``answer_format``)."""
+    return answer_format(example).fullmatch(extract_answer(prediction)) is not None
+
+
+def wrong_format_rate(predictions: list[str], examples: list[TaskExample]) -> float:
+    """The fraction of predictions not in their skill's answer format."""
+    if not examples:
+        return 0.0
+    pairs = zip(predictions, examples, strict=True)
+    return sum(not has_expected_format(p, ex) for p, ex in pairs) / len(examples)
+
+
+def answer_nll(model: Model, tokenizer: Tokenizer, examples: list[TaskExample]) -> dict[str, float]:
+    """Teacher-forced negative log-likelihood (nats per token) of the reference answers and their EOS
+    given the prompts, overall ("all") and per skill: the log of ``perplexity``.
+
+    Unlike exact match it moves before an answer flips, so it sees forgetting that exact match, at
+    its floor or ceiling, hides.
+    """
+    result = {"all": math.log(perplexity(model, tokenizer, [ex.record for ex in examples]))}
+    for skill in dict.fromkeys(ex.skill for ex in examples):
+        records = [ex.record for ex in examples if ex.skill == skill]
+        result[skill] = math.log(perplexity(model, tokenizer, records))
+    return result
+
+
+def retention_scores(
+    model: Model, tokenizer: Tokenizer, examples: list[TaskExample]
+) -> dict[str, dict[str, float]]:
+    """Retention on ``examples`` (held-out pretraining prompts) three ways, each overall ("all") and
+    per skill: ``exact_match``, ``answer_nll`` (``answer_nll``) and ``wrong_format`` (the rate of
+    answers not in their skill's format, ``wrong_format_rate``). One greedy generation pass."""
+    preds = generate_answers(model, tokenizer, examples)
+    em, wrong = {"all": exact_match(preds, examples)}, {"all": wrong_format_rate(preds, examples)}
+    for skill in dict.fromkeys(ex.skill for ex in examples):
+        pairs = [(p, ex) for p, ex in zip(preds, examples, strict=True) if ex.skill == skill]
+        em[skill] = exact_match([p for p, _ in pairs], [ex for _, ex in pairs])
+        wrong[skill] = wrong_format_rate([p for p, _ in pairs], [ex for _, ex in pairs])
+    return {"exact_match": em, "answer_nll": answer_nll(model, tokenizer, examples), "wrong_format": wrong}

@@ -271,18 +271,26 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    """Rerun the embedded base model's pretraining recipe."""
-    from minift.tools.pretrain import PretrainRecipe, pretrain_single_threaded
+    """Rerun a shipped model's pretraining recipe (the tutorials' base unless --recipe names another)."""
+    import dataclasses
 
+    from minift.tools.pretrain import RECIPES, pretrain_single_threaded
+
+    named = RECIPES[args.recipe]
     overrides = {
         k: v
         for k, v in (("seed", args.seed), ("steps", args.steps), ("batch_size", args.batch_size))
         if v is not None
     }
-    recipe = PretrainRecipe(**overrides)
+    recipe = dataclasses.replace(named.recipe, **overrides)
     if recipe.warmup_steps > recipe.steps:
-        recipe = PretrainRecipe(**overrides, warmup_steps=recipe.steps // 10)
-    options = {"checkpoint_dir": args.checkpoint_dir, "resume": args.resume, "progress": not args.no_progress}
+        recipe = dataclasses.replace(recipe, warmup_steps=recipe.steps // 10)
+    options = {
+        "config": named.config,
+        "checkpoint_dir": args.checkpoint_dir,
+        "resume": args.resume,
+        "progress": not args.no_progress,
+    }
     steps = pretrain_single_threaded(recipe, args.out, **options)
     print(f"wrote {args.out} ({steps} steps)")
     return 0
@@ -460,7 +468,14 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
 
 def pretrain_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="the model folder to write")
-    p.add_argument("--steps", type=int, help="optimizer steps (default: the recipe's 2500)")
+    p.add_argument(
+        "--recipe",
+        default="base",
+        choices=("base", "study"),
+        help="base: the tutorials' model (minift/assets/base, the default); "
+        "study: minift study's model (minift/assets/study_base, 8 heads)",
+    )
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the recipe's, 2500 for base)")
     p.add_argument("--batch-size", type=int, help="examples per step (default 64)")
     p.add_argument("--seed", type=int, help="the recipe's seed (default 0: the shipped model)")
     p.add_argument("--checkpoint-dir", metavar="DIR", help="write checkpoints every 500 steps here")
@@ -506,7 +521,8 @@ full fine-tuning, merged/ (a Hugging Face model folder).""",
 Given only --adapter, the base model the adapter records (minift_base.json) is loaded and checked.""",
     "pretrain": """examples:
   minift pretrain --out my-base                 the shipped model's recipe: its weights, byte for byte
-  minift pretrain --out tiny --steps 200        a quick, weaker base""",
+  minift pretrain --out tiny --steps 200        a quick, weaker base
+  minift pretrain --recipe study --out study    minift study's base model, byte for byte""",
     "study": """examples:
   minift study --out study                  the full study (about 30 minutes on 2 idle cores), with plots
   minift study --quick --json quick.json    the same protocol, small (under 10 minutes on 2 idle cores)
@@ -580,7 +596,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
         cmd_export,
         "write an adapter as a PEFT folder and/or the merged model as a Hugging Face folder",
     ),
-    "pretrain": (cmd_pretrain, "rerun the embedded base model's pretraining recipe"),
+    "pretrain": (cmd_pretrain, "rerun a shipped base model's pretraining recipe"),
     "study": (cmd_study, "measure the S2FT and SORSA papers' claims in miniature (accuracy, OOD, SVD)"),
     "spec": (cmd_spec, "export the spec's cases as test vectors (safetensors + JSON) for any language"),
 }

@@ -1,7 +1,15 @@
-"""The recipe of the embedded base model (``minift/assets/base``): ``minift pretrain`` reruns it.
+"""The recipes of the shipped base models: ``minift pretrain`` reruns them.
 
-A small Llama with grouped-query attention (C=128, L=4, H=4 query heads sharing K=2 key/value heads,
-F=344, a 100-character vocabulary; 0.75 M parameters, 3 MB in float32) is trained from a seeded random
+Two models are shipped, both trained on the same pretraining mix of ``minift.data.tasks``:
+
+- ``base`` (``minift/assets/base``), the tutorials' model: C=128, 4 query heads of D=32;
+- ``study`` (``minift/assets/study_base``), the model ``minift study`` measures the papers on: the same
+  width with 8 query heads of D=16 (one head is 1/8 of an attention output, so S2FT can split its budget
+  between heads and channels as the paper does), trained longer (see ``STUDY_CONFIG``, ``RECIPES``).
+
+The tutorials' base is a small Llama with grouped-query attention (C=128, L=4, H=4 query heads
+sharing K=2 key/value heads, F=344, a 100-character vocabulary; 0.75 M parameters, 3 MB in float32),
+trained from a seeded random
 initialisation on the pretraining mix of ``minift.data.tasks`` by minift's own loop (``minift.train``,
 AdamW, cosine schedule), then saved in Hugging Face format with ``minift.io.hub.save_pretrained``.
 
@@ -43,6 +51,7 @@ from minift.model import Model, init_model, set_trainable
 from minift.train import TrainConfig, TrainResult, train
 
 EMBEDDED = Path(__file__).parents[1] / "assets" / "base"  # the shipped model folder
+STUDY_EMBEDDED = Path(__file__).parents[1] / "assets" / "study_base"  # the study's base model
 
 BASE_CONFIG = ModelConfig(
     vocab_size=len(SPECIALS) + 96,  # the specials and the 96 characters of tasks.CHARSET
@@ -78,27 +87,60 @@ class PretrainRecipe:
     init_std: float = 0.02
 
 
+# The study's base: the same width, FFN, depth and key/value width (K·D = 64) as BASE_CONFIG, so the
+# two have the same parameter count and cost per step; only the split into heads differs. H=8 query
+# heads of D=16 make one head 1/8 of O's input (the tutorials' base: 1/4), fine enough for S2FT to give
+# half its budget to heads and half to channels. K=4 keeps grouped-query attention at two query heads
+# per key/value head like BASE_CONFIG (K=2 would halve the key/value width, 32, and with it the room
+# for the new attention routing a fine-tuning task such as ``min`` has to learn in Q/K/V).
+STUDY_CONFIG = dataclasses.replace(BASE_CONFIG, n_heads=8, n_kv_heads=4, head_dim=16)
+
+
+@dataclass(frozen=True)
+class NamedRecipe:
+    """A shipped model: its architecture, its pretraining recipe and the folder it ships in."""
+
+    config: ModelConfig
+    recipe: PretrainRecipe
+    folder: Path
+
+
+RECIPES: dict[str, NamedRecipe] = {
+    "base": NamedRecipe(BASE_CONFIG, PretrainRecipe(), EMBEDDED),
+    # 4000 steps of 64 examples: 256,000 examples, so a study fine-tuning run (≤ 600 steps of 16, 9,600
+    # examples) is < 4% of what the model saw in pretraining, as a fine-tuning set is small for an LLM.
+    "study": NamedRecipe(STUDY_CONFIG, PretrainRecipe(steps=4000), STUDY_EMBEDDED),
+}
+
+
 def load_embedded() -> Model:
     """The shipped base model (float32 NumPy)."""
     return load_pretrained(EMBEDDED)
+
+
+def load_study_base() -> Model:
+    """The shipped base model of ``minift study`` (``RECIPES["study"]``, float32 NumPy)."""
+    return load_pretrained(STUDY_EMBEDDED)
 
 
 def pretrain(
     recipe: PretrainRecipe,
     out_dir: str | Path,
     *,
+    config: ModelConfig = BASE_CONFIG,
     eval_every: int = 500,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
 ) -> tuple[Model, TrainResult]:
-    """Train the base model by ``recipe`` and save it (with its tokenizer) as a Hugging Face folder.
+    """Train a model of architecture ``config`` by ``recipe`` and save it (with its tokenizer) as a
+    Hugging Face folder.
 
     Every ``eval_every`` steps the exact match on 10 held-out prompts per skill is shown. The folder also
     gets ``pretrain_recipe.json``: the recipe and the final held-out accuracy per skill.
     """
     tokenizer = task_tokenizer()
-    model = set_trainable(init_model(BASE_CONFIG, np.random.default_rng(recipe.seed), std=recipe.init_std))
+    model = set_trainable(init_model(config, np.random.default_rng(recipe.seed), std=recipe.init_std))
     n = recipe.steps * recipe.batch_size if recipe.corpus_size is None else recipe.corpus_size
     corpus = itertools.islice(pretrain_stream(recipe.seed, recipe.n_heldout), n)
     examples = [encode_example(tokenizer, ex.record) for ex in corpus]
