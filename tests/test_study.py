@@ -20,7 +20,6 @@ from minift.methods.s2ft.budget import lora_parameter_count, s2ft_parameter_coun
 from minift.model import init_model
 from minift.tools.cli import main
 from minift.tools.study import config as study_config
-from minift.tools.study import world
 from minift.tools.study.config import ARM, ARMS, LADDER_ARMS, QUICK, S2FT_TARGETS, StudyConfig
 from minift.tools.study.experiments import (
     choose,
@@ -170,16 +169,6 @@ def test_the_controls_have_the_budgets_they_claim(tiny):
     assert method_spec(ARM["s2ft-x4"], tiny, QUICK).rank == 4 * QUICK.rank
     assert method_spec(ARM["s2ft-down"], tiny, QUICK).head_targets == ()
     assert method_spec(ARM["sorsa"], tiny, QUICK).targets == ("q", "k", "v", "o", "gate", "up", "down")
-
-
-def test_answer_kinds_tell_a_number_from_a_word():
-    assert [world.answer_kind(a) for a in ("12", "abc", "", "a b", "A")] == [
-        "number",
-        "word",
-        "empty",
-        "other",
-        "other",
-    ]
 
 
 @pytest.mark.parametrize("arm", ["s2ft-a-small", "sorsa", "lora-replay"])

@@ -541,7 +541,11 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     config = replace(
         QUICK if args.quick else StudyConfig(),
-        **{k: getattr(args, k) for k in ("seeds", "steps") if getattr(args, k) is not None},
+        **{
+            k: getattr(args, k)
+            for k in ("seeds", "steps", "task", "second_task")
+            if getattr(args, k) is not None
+        },
     )
     jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
     if jobs < 0:
@@ -561,7 +565,17 @@ def study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quick", action="store_true", help="the same protocol, small: 100 steps, 3 seeds, small splits"
     )
-    p.add_argument("--base", help="a Hugging Face model folder, or 'random' (default: the embedded base)")
+    p.add_argument(
+        "--base",
+        help="a Hugging Face model folder, 'tutorial' (the tutorials' base), or 'random' "
+        "(default: the shipped study base)",
+    )
+    p.add_argument(
+        "--task", choices=("instruct", "min", "shift"), help="the fine-tuning task (default instruct)"
+    )
+    p.add_argument(
+        "--second-task", choices=("instruct", "min", "shift"), help="the fusion's other task (default min)"
+    )
     p.add_argument("--out", metavar="DIR", help="write results.md, results.json and PNG plots into DIR")
     p.add_argument("--json", metavar="FILE", help="write the whole report as JSON: claims, matched_accuracy, "
                    "lr_choice, every run")

@@ -147,14 +147,20 @@ def write_report(report: dict[str, Any], folder: str | Path) -> list[Path]:
 
 
 def load_base(source: str | None) -> Model:
-    """The study's base model: the embedded one (None), a Hugging Face folder, or ``"random"``: a
-    randomly initialised model of the embedded base's shape, for smoke tests (its numbers mean nothing)."""
-    from minift.tools.pretrain import BASE_CONFIG, EMBEDDED
+    """The study's base model: the shipped study base (None; ``minift pretrain --recipe study`` remakes
+    it), the tutorials' base (``"tutorial"``), a Hugging Face folder, or ``"random"``: a randomly
+    initialised model of the study base's shape, for smoke tests (its numbers mean nothing)."""
+    from minift.tools.pretrain import EMBEDDED, STUDY_CONFIG, STUDY_EMBEDDED
 
     if source == "random":
-        model = init_model(BASE_CONFIG, np.random.default_rng(0))
+        model = init_model(STUDY_CONFIG, np.random.default_rng(0))
         model.meta["source"] = "random initialisation"
         return model
-    if source is None and not (EMBEDDED / "config.json").is_file():
-        raise ConfigError(f"no embedded base model in {EMBEDDED}: run `minift pretrain` or pass --base PATH")
-    return load_pretrained(EMBEDDED if source is None else source)
+    folder = {None: STUDY_EMBEDDED, "tutorial": EMBEDDED}.get(source, source)
+    if source in (None, "tutorial") and not (Path(folder) / "config.json").is_file():
+        recipe = "study" if source is None else "base"
+        raise ConfigError(
+            f"no base model in {folder}: run `minift pretrain --recipe {recipe} --out {folder}` "
+            "or pass --base PATH"
+        )
+    return load_pretrained(folder)

@@ -117,8 +117,8 @@ LR_CENTERS = {
 class StudyConfig:
     """Everything that determines the study's numbers (besides the base model)."""
 
-    task: str = "min"  # the fine-tuning task of every comparison
-    second_task: str = "shift"  # the other adapter of the fusion experiment
+    task: str = "instruct"  # the fine-tuning task of every comparison (``tasks.study_splits``)
+    second_task: str = "min"  # the other adapter of the fusion experiment
     seeds: int = 5  # reported seeds 1 … seeds (seed 0 is the learning-rate sweep's, never reported)
     ablation_seeds: int = 10  # reported seeds of the selection ablation
     steps: int = 200  # optimizer steps per run
