@@ -57,8 +57,8 @@ def _solve(question: str) -> tuple[str, str]:
     words = question.split(" ")
     if words[0] == "reverse":
         return "reverse", words[1][::-1]
-    if words[0] == "count":
-        return "count", str(len(words[1]))
+    if words[0] == "max":
+        return "max", str(max(int(w) for w in words[1:]))
     if re.fullmatch(r"[0-9]\+[0-9]", question):
         return "add", str(int(question[0]) + int(question[2]))
     if words[0] in ("color", "home") and words[1] == "of":
@@ -141,14 +141,13 @@ def test_questions_held_out_for_retention_are_never_instruct_questions(instruct)
         assert _inner(ex) not in heldout
 
 
-def test_near_ood_inputs_are_longer_than_trained_but_within_pretraining_lengths(instruct):
-    for skill, pretrained_max in (("reverse", 5), ("count", 7)):
-        trained = max(len(_inner(ex).split(" ")[1]) for ex in instruct.train if ex.skill == skill)
-        near = [len(_inner(ex).split(" ")[1]) for ex in instruct.near_ood if ex.skill == skill]
-        assert near
-        assert trained < min(near)
-        assert max(near) <= pretrained_max
-    assert {ex.skill for ex in instruct.near_ood} == {"reverse", "count"}
+def test_near_ood_asks_max_of_longer_lists_than_fine_tuning_shows(instruct):
+    trained = max(len(_inner(ex).split(" ")) for ex in instruct.train if ex.skill == "max")
+    near = [len(_inner(ex).split(" ")) for ex in instruct.near_ood]
+    assert {ex.skill for ex in instruct.near_ood} == {"max"}
+    assert trained < min(near)
+    pretrained = max(len(_question(ex).split(" ")) for ex in pretrain_heldout(0, 50) if ex.skill == "max")
+    assert min(near) <= pretrained < max(near)  # some within pretraining's lengths, some beyond
 
 
 @pytest.mark.parametrize("name", sorted(STUDY_TASKS))

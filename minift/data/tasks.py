@@ -16,6 +16,20 @@ The world mirrors the setting of the S2FT and SORSA papers in miniature:
   like the papers' out-of-distribution arithmetic sets) and a **far-OOD retention** split (held-out
   pretraining prompts, like commonsense accuracy after math fine-tuning).
 
+``minift study`` uses a second world on the same skills (``study_splits``), built so that its
+measurements mean something:
+
+- ``instruct``, the main task, reuses pretrained skills in a new instruction format, as the papers'
+  Math10K and commonsense data do: the questions of four pretraining skills, verbatim, behind a frame
+  pretraining never shows (``Q: solve this: reverse abc\nA: cba``). Its answers are of mixed types (a
+  letter string, a digit, a number, a word), so a fine-tuned model cannot score by answering in one
+  format; ``min`` is the second task;
+- splits: train, validation, in-domain test, near-OOD (longer inputs) and **far-OOD**: the test
+  questions with the instruction written another way (delimiter, phrasing, casing), surface form only;
+- retention three ways (``retention_scores``): exact match, teacher-forced answer NLL (it moves
+  before an answer flips) and the wrong-format rate (``answer_format``: answers a fine-tuned model
+  gives in the new task's format instead of the skill's).
+
 Evaluation is exact match after answer extraction (greedy generation up to EOS or a newline) and
 perplexity over the answer tokens. The tokenizer is character-level (``build_tokenizer``).
 """
@@ -424,7 +438,7 @@ class _Item:
 
 
 # the pretraining skills ``instruct`` reuses, and the type of every skill's answers
-INSTRUCT_SKILLS = ("reverse", "count", "add", "facts")
+INSTRUCT_SKILLS = ("reverse", "max", "add", "facts")
 ANSWER_TYPES: dict[str, str] = {
     "reverse": "string",  # letters, as many as the input's
     "shift": "string",
@@ -455,18 +469,24 @@ _MIN_FORMS: dict[str, Callable[[str], str]] = {  # of the list "3 1 4" in "min 3
 
 
 def _instruct_algorithmic(skill: str, lo: int, hi: int) -> Callable[[np.random.Generator], _Item]:
+    """Questions of ``skill`` asked as pretraining asks them, of inputs with ``lo`` to ``hi`` elements."""
+
     def gen(rng: np.random.Generator) -> _Item:
+        if skill == "max":
+            d = _digits(rng, lo, hi)
+            return _Item(skill, "max " + " ".join(map(str, d)), str(max(d)))
         w = _word(rng, lo, hi)
         return _Item(skill, f"{skill} {w}", w[::-1] if skill == "reverse" else str(len(w)))
 
     return gen
 
 
-# lengths: fine-tuning sees short inputs; near-OOD asks longer ones, still within the lengths the
-# pretraining mix taught (``reverse`` 2–5 letters, ``count`` 1–7), so the skill exists in the base and
-# near-OOD tests whether fine-tuning reused it or learned a narrower one of its own
-_INSTRUCT_IN_DOMAIN = {"reverse": (2, 4), "count": (1, 5)}
-_INSTRUCT_NEAR = {"reverse": (5, 5), "count": (6, 7)}
+# lengths: fine-tuning sees short inputs (words of 2–4 letters, lists of 3 digits); near-OOD asks
+# ``max`` of longer lists, 4 digits (a length pretraining taught, 3–4) and 5–6 (longer than any seen),
+# like ``min``'s near-OOD. (Longer words for ``reverse`` would test nothing: a model fine-tuned on 2–4
+# letters stops after three whatever the method, though the base reverses five.)
+_INSTRUCT_IN_DOMAIN = {"reverse": (2, 4), "max": (3, 3)}
+_INSTRUCT_NEAR = {"max": (4, 6)}
 
 
 def _quotas(n: int, caps: dict[str, int]) -> dict[str, int]:
@@ -551,8 +571,7 @@ def _instruct_splits(seed: int, n_train: int, n_eval: int, n_retention: int) -> 
         knowledge = [p[j % len(p)] for s, p in parts[name].items() for j in range(quota[s])]
         items[name] = _draw_items(rng, quota, gens, seen) + knowledge
     near_gens = {s: _instruct_algorithmic(s, *_INSTRUCT_NEAR[s]) for s in _INSTRUCT_NEAR}
-    near_quota = {s: n_eval // 2 + (i < n_eval % 2) for i, s in enumerate(_INSTRUCT_NEAR)}
-    near = _draw_items(rng, near_quota, near_gens, seen)
+    near = _draw_items(rng, {"max": n_eval}, near_gens, seen)
     train, validation, test = (_framed(items[s], rng) for s in ("train", "validation", "test"))
     frame = _FRAMES["in-domain"]("")
     far = [
@@ -587,12 +606,13 @@ def study_splits(
 ) -> StudySplits:
     """The splits of study task ``name``, deterministic under ``seed``.
 
-    ``instruct``: the questions of the pretraining skills ``INSTRUCT_SKILLS`` (reverse, count, add,
+    ``instruct``: the questions of the pretraining skills ``INSTRUCT_SKILLS`` (reverse, max, add,
     facts), each behind the frame ``solve this: `` (``Q: solve this: 3+4\\nA: 7``). Each split is an
     even mix of the four, shuffled; validation and test ask each of their knowledge questions once
     (at most a quarter of the table each), training repeats its part of the tables (the other half)
-    to an even share. Train, validation and test share no question. ``near_ood``: reverse and count
-    of longer inputs than fine-tuning shows (within pretraining's lengths). ``far_ood``: the test
+    to an even share. Train, validation and test share no question (``max`` has 1000 lists of three
+    digits, so ``n_train`` stays below about 3,600). ``near_ood``: ``max`` of 4–6 digits, longer lists
+    than fine-tuning shows. ``far_ood``: the test
     questions behind the frame written another way (``FAR_FORMS``: ``solve this - 3+4``, ``please
     solve this: 3+4``, ``Solve this: 3+4``).
 
