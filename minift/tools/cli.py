@@ -524,7 +524,7 @@ Given only --adapter, the base model the adapter records (minift_base.json) is l
   minift pretrain --out tiny --steps 200        a quick, weaker base
   minift pretrain --recipe study --out study    minift study's base model, byte for byte""",
     "study": """examples:
-  minift study --out study                  the full study (about 30 minutes on 2 idle cores), with plots
+  minift study --out study                  the full study (about 25 min on 2 idle cores, estimated), plots
   minift study --quick --json quick.json    the same protocol, small (under 10 minutes on 2 idle cores)
   minift study --seeds 8 --jobs 4           more seeds, on 4 cores""",
 }
