@@ -268,6 +268,13 @@ def test_a_small_study_through_the_command_line_writes_the_promised_json(tiny, t
     if importlib.util.find_spec("matplotlib") is not None:
         for name in ("pareto.png", "matched.png", "convergence.png", "svd_deviation.png"):
             assert (out / name).stat().st_size > 0
+    # the report again from the JSON alone, without training
+    assert main(["study", "--report", str(js), "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "results.md").read_text(encoding="utf-8") == md
+    (tmp_path / "bad.json").write_text("[1,", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["study", "--report", str(tmp_path / "bad.json")]) == 2
+    assert "bad.json" in capsys.readouterr().err
 
 
 def test_a_missing_base_model_folder_is_a_one_line_error(tmp_path, capsys):

@@ -526,7 +526,8 @@ Given only --adapter, the base model the adapter records (minift_base.json) is l
     "study": """examples:
   minift study --out study                  the full study (about 25 min on 2 idle cores, estimated), plots
   minift study --quick --json quick.json    the same protocol, small (under 10 minutes on 2 idle cores)
-  minift study --seeds 8 --jobs 4           more seeds, on 4 cores""",
+  minift study --seeds 8 --jobs 4           more seeds, on 4 cores
+  minift study --report study/results.json --out study    the report and plots again, from a run's JSON""",
 }
 
 
@@ -536,9 +537,16 @@ def cmd_study(args: argparse.Namespace) -> int:
     import os
     from dataclasses import replace
 
+    from minift.io.jsonio import read_json_object
     from minift.tools.study import load_base, render_markdown, run_study, write_report
     from minift.tools.study.config import QUICK, StudyConfig
 
+    if args.report:  # re-render a finished run: no training
+        report = read_json_object(Path(args.report), error=ConfigError)
+        print(render_markdown(report))
+        for path in write_report(report, args.out) if args.out else []:
+            print(f"wrote {path}")
+        return 0
     config = replace(
         QUICK if args.quick else StudyConfig(),
         **{
@@ -580,7 +588,12 @@ def study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="FILE", help="write the whole report as JSON: claims, matched_accuracy, "
                    "lr_choice, every run")
     p.add_argument("--seeds", type=int, help="reported seeds per arm (default 5; the ablation has its own)")
-    p.add_argument("--steps", type=int, help="optimizer steps per run (default 300)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (default 200; quick 100)")
+    p.add_argument(
+        "--report",
+        metavar="FILE",
+        help="no training: print the report of a run's JSON (with --out: write its results.md and plots)",
+    )
     p.add_argument("--jobs", type=int, help="worker processes, one BLAS thread each (default: 2 at most; "
                    "0: none); the results do not depend on it")
 

@@ -134,7 +134,9 @@ def run_study(
         "wall_s": time.perf_counter() - t0,
         "cpu_s": sum(r.cpu_s for r in (*final, *sweep_runs)),  # the runs' CPU time (workers' included)
     }
-    return json.loads(json.dumps(report))  # JSON types throughout (tuples become lists)
+    # JSON types throughout (tuples become lists), and strict JSON: a non-finite number (the unbounded
+    # interval of a comparison with one seed) becomes null
+    return json.loads(json.dumps(report), parse_constant=lambda _: None)
 
 
 def write_report(report: dict[str, Any], folder: str | Path) -> list[Path]:

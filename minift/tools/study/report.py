@@ -536,8 +536,8 @@ def _num(d: dict[str, Any], fmt: str = ".3g") -> str:
     return f"{d['mean']:{fmt}} ± {d['std']:{fmt}}"
 
 
-def _g(x: float) -> str:
-    return f"{x:+.3g}" if math.isfinite(x) else "∞"
+def _g(x: float | None) -> str:
+    return "—" if x is None else f"{x:+.3g}"
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -784,7 +784,8 @@ def write_plots(report: dict[str, Any], folder: Path) -> list[Path]:
                 [statistics.fmean(c) for c in zip(*curves, strict=True)],
                 label=ARM[arm].label,
             )
-    ax.axhline(report["target_loss"], color="gray", linestyle=":", label="target")
+    if report["target_loss"] is not None:
+        ax.axhline(report["target_loss"], color="gray", linestyle=":", label="target")
     ax.set(
         xlabel="step",
         ylabel=f"training loss ({cfg['smooth']}-step mean)",
