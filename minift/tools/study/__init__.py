@@ -13,8 +13,10 @@ without its regularizer (Sec. 4).
 
 Protocol.
 
-- **Learning rates.** Every arm with its own ladder (every method, every selection strategy, every
-  control) first runs three rates a factor ``ladder`` apart with seed 0; the rate of lowest validation
+- **Learning rates.** Every arm with a ladder of its own (every method, selection strategy and
+  control; replay arms run at their method's rate, since replay changes the data and not the method,
+  and the fusion adapters at S2FT's rate on their task) first runs three rates a factor ``ladder``
+  apart with seed 0; the rate of lowest validation
   answer NLL at the last step is chosen, and while it is the lowest or the highest rate tried the
   ladder adds the next rate beyond it (at most ``max_extend``). ``lr_choice`` records each grid and
   whether the choice still sits at its edge. Seed 0 is never among the reported seeds.
