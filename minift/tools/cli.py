@@ -524,9 +524,10 @@ Given only --adapter, the base model the adapter records (minift_base.json) is l
   minift pretrain --out tiny --steps 200        a quick, weaker base
   minift pretrain --recipe study --out study    minift study's base model, byte for byte""",
     "study": """examples:
-  minift study --out study          the default study (15 minutes on 2 busy cores); results.md, plots
-  minift study --quick              a smoke run, under a minute (its numbers mean nothing)
-  minift study --seeds 8 --jobs 4   more seeds, on 4 cores""",
+  minift study --out study                  the full study (about 25 min on 2 idle cores, estimated), plots
+  minift study --quick --json quick.json    the same protocol, small (under 10 minutes on 2 idle cores)
+  minift study --seeds 8 --jobs 4           more seeds, on 4 cores
+  minift study --report study/results.json --out study    the report and plots again, from a run's JSON""",
 }
 
 
@@ -536,14 +537,25 @@ def cmd_study(args: argparse.Namespace) -> int:
     import os
     from dataclasses import replace
 
+    from minift.io.jsonio import read_json_object
     from minift.tools.study import load_base, render_markdown, run_study, write_report
     from minift.tools.study.config import QUICK, StudyConfig
 
+    if args.report:  # re-render a finished run: no training
+        report = read_json_object(Path(args.report), error=ConfigError)
+        print(render_markdown(report))
+        for path in write_report(report, args.out) if args.out else []:
+            print(f"wrote {path}")
+        return 0
     config = replace(
         QUICK if args.quick else StudyConfig(),
-        **{k: getattr(args, k) for k in ("seeds", "steps") if getattr(args, k) is not None},
+        **{
+            k: getattr(args, k)
+            for k in ("seeds", "steps", "task", "second_task")
+            if getattr(args, k) is not None
+        },
     )
-    jobs = args.jobs if args.jobs is not None else (1 if args.quick else min(2, os.cpu_count() or 1))
+    jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
     if jobs < 0:
         raise ConfigError(f"study --jobs must be ≥ 0 (0: no worker processes), got {jobs}")
     report = run_study(config, load_base(args.base), jobs=jobs)
@@ -558,13 +570,32 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def study_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="tiny splits, 4 steps, 2 seeds: a smoke run")
-    p.add_argument("--base", help="a Hugging Face model folder, or 'random' (default: the embedded base)")
+    p.add_argument(
+        "--quick", action="store_true", help="the same protocol, small: 100 steps, 3 seeds, small splits"
+    )
+    p.add_argument(
+        "--base",
+        help="a Hugging Face model folder, 'tutorial' (the tutorials' base), or 'random' "
+        "(default: the shipped study base)",
+    )
+    p.add_argument(
+        "--task", choices=("instruct", "min", "shift"), help="the fine-tuning task (default instruct)"
+    )
+    p.add_argument(
+        "--second-task", choices=("instruct", "min", "shift"), help="the fusion's other task (default min)"
+    )
     p.add_argument("--out", metavar="DIR", help="write results.md, results.json and PNG plots into DIR")
-    p.add_argument("--json", metavar="FILE", help="write the whole report (every run) as JSON")
-    p.add_argument("--seeds", type=int, help="seeds per setting (default 5)")
-    p.add_argument("--steps", type=int, help="optimizer steps per run (default 300)")
-    p.add_argument("--jobs", type=int, help="worker processes (default: 2 at most; quick: 1; 0: none)")
+    p.add_argument("--json", metavar="FILE", help="write the whole report as JSON: claims, matched_accuracy, "
+                   "lr_choice, every run")
+    p.add_argument("--seeds", type=int, help="reported seeds per arm (default 5; the ablation has its own)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (default 200; quick 100)")
+    p.add_argument(
+        "--report",
+        metavar="FILE",
+        help="no training: print the report of a run's JSON (with --out: write its results.md and plots)",
+    )
+    p.add_argument("--jobs", type=int, help="worker processes, one BLAS thread each (default: 2 at most; "
+                   "0: none); the results do not depend on it")
 
 
 def cmd_spec(args: argparse.Namespace) -> int:

@@ -1,43 +1,45 @@
 """``minift study``: the headline claims of the S2FT and SORSA papers, measured in miniature.
 
-On the embedded base model and tasks (``minift.tools.pretrain``, ``minift.data.tasks``) the study trains every
-method by one protocol and reports what the papers claim, next to what was measured:
+On a pretrained base model and the embedded task world (``minift.data.tasks``) the study trains many
+*arms* (``config.ARMS``: a method, its targets and budget, a selection strategy, replay or not) by one
+protocol and tests what the papers claim:
 
-S2FT (Yang et al. 2024, Sec. 5, Tables 1–2, Fig. 2, Table 4, Table 5)
-  - in-domain accuracy close to full FT and LoRA; **better near-OOD generalisation and far-OOD
-    retention** (less forgetting of the pretraining skills) than both;
-  - the selection-strategy ablation of Table 4: random, weight, activation, weight × activation and
-    gradient scores, each at the large and the small end (the paper found "smallest activation" best);
-  - adapter fusion (Table 5): two S2FT adapters trained on different tasks and merged by
-    W = W₀ + λ₁Δ₁ + λ₂Δ₂, on the same channels (overlapping) or on disjoint ones, against fused LoRA.
-    Overlap is controlled without a new selection rule: the weight score does not depend on the task,
-    so weight-large on both tasks selects the same heads and channels, and weight-large on one task
-    with weight-small on the other selects disjoint ones. Both pairings of each kind are averaged, so
-    the comparison does not favour one end of the score.
-SORSA (Cao et al. 2024, abstract and Sec. 5)
-  - **faster convergence than PiSSA and LoRA**: optimizer steps until the smoothed training loss first
-    reaches a target, the highest final smoothed loss of any run in the comparison (so every run
-    reaches it);
-  - smaller singular-value and singular-vector deviation (ΔΣ, ΔD; ``minift.methods.svd_analysis``) of
-    the adapted weights than full FT, LoRA and SORSA without its regularizer (γ = 0).
+S2FT (Yang et al. 2024): in-domain accuracy at least LoRA's (Table 2); better near-OOD and far-OOD
+generalisation (Tables 2–3) and less forgetting (Fig. 2) than LoRA and full FT; "smallest activation"
+as the best selection strategy (Table 4); disjoint-channel fusion losing less than overlapping or LoRA
+fusion (Table 5). SORSA (Cao et al. 2024): faster convergence and higher accuracy than PiSSA and LoRA
+(abstract), smaller singular-vector and singular-value deviation ΔD, ΔΣ than LoRA, full FT and SORSA
+without its regularizer (Sec. 4).
 
-Protocol. One task, ``min``, which every method learns in the steps given (``shift``, harder, is the
-second adapter of the fusion experiment), the same steps, batch size, warm-up and linear decay (the
-S2FT paper's schedule), AdamW with betas (0.9, 0.95) and no weight decay, clipping at 1.0. LoRA,
-PiSSA and SORSA have rank R and scaling 1 on the S2FT paper's LoRA targets (q, k, v, up, down), built
-as ``minift finetune`` builds them (``minift.tools.finetune``); S2FT trains O heads and Down channels with
-LoRA's parameter count (``match_lora_budget``, half to heads); SORSA trains R more (its singular
-values); full FT trains everything. Each method's learning rate is chosen from a small grid by
-validation exact match (validation perplexity breaks ties) with seed 0; then seeds 1 … n−1 run at that
-learning rate, and every table shows mean ± sample standard deviation over the n seeds. Variants (the
-other selection strategies, SORSA γ = 0, the second task) reuse their method's learning rate. Data
-splits are fixed; a seed changes the adapter initialisation, the random selection and the batch order.
-A sweep table shows what each learning rate buys in-domain and costs in retention.
+Protocol.
 
-Every run is independent and deterministic under its seed, so runs go to worker processes (``jobs``),
-each with one BLAS thread; rerunning with the same settings gives the same numbers. Outputs: a
-Markdown report (tables and the verdict on each claim), JSON with every run, and PNG plots when
-matplotlib is installed.
+- **Learning rates.** Every arm with a ladder of its own (every method, selection strategy and
+  control; replay arms run at their method's rate, since replay changes the data and not the method,
+  and the fusion adapters at S2FT's rate on their task) first runs three rates a factor ``ladder``
+  apart with seed 0; the rate of lowest validation
+  answer NLL at the last step is chosen, and while it is the lowest or the highest rate tried the
+  ladder adds the next rate beyond it (at most ``max_extend``). ``lr_choice`` records each grid and
+  whether the choice still sits at its edge. Seed 0 is never among the reported seeds.
+- **Reported runs.** Seeds 1 … n at the chosen rates (n = ``seeds``; ``ablation_seeds`` for the
+  selection ablation). A seed fixes the batch order, the adapter initialisation and the random
+  selection, the same for every arm, so arms are compared **paired by seed**.
+- **Matched accuracy.** Every ``eval_every`` steps the validation split is scored; OOD and retention
+  are compared at the first checkpoint whose validation exact match reaches ``match_level``, so a
+  faster or more aggressive learner is neither credited nor blamed for being further along. The
+  accuracy–retention **Pareto front** over learning rates (seed 0's ladder runs) shows the trade-off
+  each arm's rate choice makes.
+- **Retention** three ways (``world``): exact match, teacher-forced answer NLL, wrong-format rate.
+- **Statistics** (``stats``): per claim, the per-seed difference's mean, 95% t-interval and p-values
+  against zero and against the paper's effect, Holm-corrected across claims; verdicts *reproduced*,
+  *contradicted*, *inconclusive*. Controls (placement, variants, budget, replay) are reported with
+  paired intervals and no verdict.
+- **Fusion** only between adapters that reached the validation level on their own task; a claim with
+  fewer than two such seeds is reported as not measured, with why.
+
+Every run is deterministic under its seed; runs go to worker processes (``jobs``) with one BLAS
+thread each, and a ladder's extensions are decided between batches, so the result does not depend on
+the number of workers. Outputs: a Markdown report, JSON (``claims``, ``matched_accuracy``,
+``lr_choice``, every run) and PNG plots when matplotlib is installed.
 """
 
 from __future__ import annotations
@@ -54,15 +56,25 @@ import numpy as np
 from minift.errors import ConfigError
 from minift.io.hub import load_pretrained, model_state
 from minift.model import Model, init_model
-from minift.tools.study.config import LABELS, METHODS, StudyConfig
+from minift.tools.study.config import StudyConfig
 from minift.tools.study.experiments import (
     base_metrics,
-    choose_lr,
-    follow_up_specs,
+    chosen_rates,
     fusion_results,
-    sweep_specs,
+    lr_choice,
+    report_specs,
+    sweep,
 )
-from minift.tools.study.report import claims, render_markdown, summarize, write_plots
+from minift.tools.study.report import (
+    arm_table,
+    claims,
+    controls,
+    matched_table,
+    pareto,
+    render_markdown,
+    target_loss,
+    write_plots,
+)
 from minift.tools.study.runs import Runner
 
 
@@ -81,8 +93,7 @@ def run_study(
 ) -> dict[str, Any]:
     """Run the whole study on ``base`` and return the JSON-ready report (``render_markdown`` shows it).
 
-    ``jobs`` worker processes train the runs (0: this process does).
-    """
+    ``jobs`` worker processes train the runs (0: this process does)."""
     t0 = time.perf_counter()
     log(f"minift study: {describe(base)}")
     with tempfile.TemporaryDirectory(prefix="minift-study-") as tmp:
@@ -90,31 +101,44 @@ def run_study(
         try:
             log("base model")
             base_eval = base_metrics(base, config)
-            log(f"learning-rate sweep ({sum(len(config.lrs[m]) for m in METHODS)} runs, seed 0)")
-            sweep = runner.run(sweep_specs(config))
-            lr = {m: choose_lr([r for r in sweep if r.spec.method == m]) for m in METHODS}
-            log("chosen: " + ", ".join(f"{LABELS[m]} {lr[m]:g}" for m in METHODS))
-            follow = follow_up_specs(config, lr)
-            log(f"seeds, variants and the second task ({len(follow)} runs)")
-            final = [r for r in sweep if r.spec.lr == lr[r.spec.method]] + runner.run(follow)
+            log("learning-rate ladders (seed 0)")
+            rungs = sweep(config, runner.run, log)
+            choice = lr_choice(rungs)
+            lr = chosen_rates(choice)
+            log("chosen: " + ", ".join(f"{a} {c['chosen']:g}" for a, c in choice.items()))
+            specs = report_specs(config, lr)
+            log(f"reported seeds ({len(specs)} runs)")
+            final = runner.run(specs)
             log("fusion")
             fusion = fusion_results(base, config, final, runner.adapters)
         finally:
             runner.close()
-    tables = summarize(final, fusion, config, base_eval)
+    sweep_runs = [r for by_k in rungs.values() for _, r in sorted(by_k.items())]
+    judged = claims(final, fusion, config)
     report = {
         "config": config.to_dict(),
         "base_model": describe(base),
         "jobs": jobs,
+        "claims": judged["claims"],
+        "not_measured": judged["not_measured"],
+        "matched_accuracy": matched_table(final, config),
+        "lr_choice": choice,
         "lr": lr,
-        "tables": tables,
-        "claims": claims(tables),
-        "fusion_pairs": fusion,
+        "arms": arm_table(final, lr, config),
+        "controls": controls(final, config),
+        "pareto": pareto({a: [r for _, r in sorted(by_k.items())] for a, by_k in rungs.items()}),
+        "fusion": fusion,
+        "base": base_eval,
+        "target_loss": target_loss(final, config),
+        "runs": len(final) + len(sweep_runs),
         "final_runs": [r.to_dict() for r in final],
-        "sweep_runs": [r.to_dict() for r in sweep],
+        "sweep_runs": [r.to_dict() for r in sweep_runs],
         "wall_s": time.perf_counter() - t0,
+        "cpu_s": sum(r.cpu_s for r in (*final, *sweep_runs)),  # the runs' CPU time (workers' included)
     }
-    return json.loads(json.dumps(report))  # JSON types throughout (tuples become lists)
+    # JSON types throughout (tuples become lists), and strict JSON: a non-finite number (the unbounded
+    # interval of a comparison with one seed) becomes null
+    return json.loads(json.dumps(report), parse_constant=lambda _: None)
 
 
 def write_report(report: dict[str, Any], folder: str | Path) -> list[Path]:
@@ -127,14 +151,20 @@ def write_report(report: dict[str, Any], folder: str | Path) -> list[Path]:
 
 
 def load_base(source: str | None) -> Model:
-    """The study's base model: the embedded one (None), a Hugging Face folder, or ``"random"``: a
-    randomly initialised model of the embedded base's shape, for smoke tests (its numbers mean nothing)."""
-    from minift.tools.pretrain import BASE_CONFIG, EMBEDDED
+    """The study's base model: the shipped study base (None; ``minift pretrain --recipe study`` remakes
+    it), the tutorials' base (``"tutorial"``), a Hugging Face folder, or ``"random"``: a randomly
+    initialised model of the study base's shape, for smoke tests (its numbers mean nothing)."""
+    from minift.tools.pretrain import EMBEDDED, STUDY_CONFIG, STUDY_EMBEDDED
 
     if source == "random":
-        model = init_model(BASE_CONFIG, np.random.default_rng(0))
+        model = init_model(STUDY_CONFIG, np.random.default_rng(0))
         model.meta["source"] = "random initialisation"
         return model
-    if source is None and not (EMBEDDED / "config.json").is_file():
-        raise ConfigError(f"no embedded base model in {EMBEDDED}: run `minift pretrain` or pass --base PATH")
-    return load_pretrained(EMBEDDED if source is None else source)
+    folder = {None: STUDY_EMBEDDED, "tutorial": EMBEDDED}.get(source, source)
+    if source in (None, "tutorial") and not (Path(folder) / "config.json").is_file():
+        recipe = "study" if source is None else "base"
+        raise ConfigError(
+            f"no base model in {folder}: run `minift pretrain --recipe {recipe} --out {folder}` "
+            "or pass --base PATH"
+        )
+    return load_pretrained(folder)

@@ -1,81 +1,117 @@
-"""The study's experiments as lists of runs: learning-rate sweeps and the chosen rate, follow-up seeds,
-the selection-strategy ablation, adapter fusion, and the base model's own scores."""
+"""The study's experiments as lists of runs: learning-rate ladders extended until the choice is
+interior, the reported seeds at the chosen rates, and adapter fusion between adapters that learned."""
 
 from __future__ import annotations
 
 import copy
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from minift.data.tasks import evaluate, task_tokenizer
-from minift.errors import TrainingError
 from minift.io.peft import load_peft_adapter
 from minift.methods.lora import low_rank_slots
 from minift.methods.s2ft import load_adapter
 from minift.model import Model
 from minift.serving import LoraFactors, fuse_adapters, merge_adapter
-from minift.tools.study.config import ABLATION, METHODS, StudyConfig
-from minift.tools.study.runs import RunResult, RunSpec, splits
+from minift.tools.study import world
+from minift.tools.study.config import ARM, ARMS, LADDER_ARMS, StudyConfig
+from minift.tools.study.runs import RunResult, RunSpec, measure, task_splits
+
+# ----------------------------------------------------------------------------------------------------
+# learning-rate ladders
 
 
-def choose_lr(results: Sequence[RunResult]) -> float:
-    """The learning rate of the best run by validation exact match, then validation perplexity; runs
-    that diverged are never chosen."""
-    ok = [r for r in results if not r.diverged]
-    if not ok:
-        raise TrainingError(f"study: {results[0].spec.name} diverged at every learning rate of its grid")
-    return min(ok, key=lambda r: (-r.validation, r.validation_ppl)).spec.lr
+def ladder_rate(config: StudyConfig, arm: str, k: int) -> float:
+    """Rung ``k`` of the arm's ladder: center · ladderᵏ, to 6 significant digits."""
+    return float(f"{config.lr_centers[arm] * config.ladder**k:.6g}")
 
 
-def _seeds(config: StudyConfig, first: int = 0) -> range:
-    return range(first, config.seeds)
+def criterion(r: RunResult) -> float:
+    """What the choice minimises: the validation answer NLL at the last step (∞ if diverged).
+
+    Validation exact match saturates (every rate that learns scores 100%), NLL does not; the S2FT
+    scripts likewise keep the checkpoint of lowest validation loss."""
+    return float("inf") if r.diverged else float(r.final["validation_nll"])
 
 
-def sweep_specs(config: StudyConfig) -> list[RunSpec]:
-    """Seed 0 at every learning rate of every method."""
-    return [
-        RunSpec(m, config.task, lr, 0, svd=m != "s2ft", keep=m == "lora")
-        for m in METHODS
-        for lr in config.lrs[m]
-    ]
+def choose(runs: Sequence[RunResult]) -> RunResult:
+    """The run of lowest ``criterion``; on a tie the lower rate (the smaller change to the base)."""
+    return min(runs, key=lambda r: (criterion(r), r.spec.lr))
 
 
-def follow_up_specs(config: StudyConfig, lr: dict[str, float]) -> list[RunSpec]:
-    """Everything after the sweep, at each method's chosen learning rate."""
-    specs = [
-        RunSpec(m, config.task, lr[m], s, svd=m != "s2ft", keep=m == "lora")
-        for m in METHODS
-        for s in _seeds(config, 1)
-    ]
-    specs += [RunSpec("sorsa", config.task, lr["sorsa"], s, gamma=0.0, svd=True) for s in _seeds(config)]
-    specs += [
-        RunSpec("s2ft", config.task, lr["s2ft"], s, strategy, variant, keep=strategy == "weight")
-        for strategy, variant in ABLATION[1:]
-        for s in _seeds(config)
-    ]
-    specs += [
-        RunSpec("s2ft", config.second_task, lr["s2ft"], s, "weight", variant, keep=True)
-        for variant in ("large", "small")
-        for s in _seeds(config)
-    ]
-    specs += [RunSpec("lora", config.second_task, lr["lora"], s, keep=True) for s in _seeds(config)]
-    return specs
+def ladder_step(config: StudyConfig, arm: str, rungs: dict[int, RunResult]) -> int | None:
+    """The next rung to run, or None when the choice is interior (or the ladder is spent).
+
+    A choice at the lowest rung extends the ladder down, at the highest up; a ladder whose every run
+    diverged goes down. A diverged run above the choice counts as evidence that higher rates are
+    worse, so the choice is then interior."""
+    lo, hi = min(rungs), max(rungs)
+    if len(rungs) - 3 >= config.max_extend:
+        return None
+    if all(r.diverged for r in rungs.values()):
+        return lo - 1
+    best = next(k for k, r in rungs.items() if r is choose(list(rungs.values())))
+    if best == lo:
+        return lo - 1
+    if best == hi:
+        return hi + 1
+    return None
 
 
-def base_metrics(base: Model, config: StudyConfig) -> dict[str, Any]:
-    """The base model before fine-tuning, on the same splits."""
-    tok = task_tokenizer()
-    out: dict[str, Any] = {}
-    for task in (config.task, config.second_task):
-        sp = splits(config, task)
-        out[task] = {
-            "test": evaluate(base, tok, sp.test)["all"],
-            "near_ood": evaluate(base, tok, sp.near_ood)["all"],
+def sweep(
+    config: StudyConfig, run: Callable[[list[RunSpec]], list[RunResult]], log: Callable[[str], None]
+) -> dict[str, dict[int, RunResult]]:
+    """Seed 0 along every ladder: the first three rungs of all arms, then one more rung at a time for
+    each arm whose choice is at an edge, all arms' extensions in one batch (so the runs, and the result,
+    do not depend on how many workers run them)."""
+    rungs: dict[str, dict[int, RunResult]] = {a: {} for a in LADDER_ARMS}
+    pending = [(a, k) for a in LADDER_ARMS for k in (-1, 0, 1)]
+    while pending:
+        for (a, k), r in zip(
+            pending, run([RunSpec(a, ladder_rate(config, a, k), 0) for a, k in pending]), strict=True
+        ):
+            rungs[a][k] = r
+        pending = [(a, k) for a in LADDER_ARMS if (k := ladder_step(config, a, rungs[a])) is not None]
+        if pending:
+            log("extending: " + ", ".join(f"{a} → {ladder_rate(config, a, k):g}" for a, k in pending))
+    return rungs
+
+
+def lr_choice(rungs: dict[str, dict[int, RunResult]]) -> dict[str, dict[str, Any]]:
+    """Per ladder arm: the grid, the chosen rate, whether it is at the grid's edge, the criterion."""
+    out = {}
+    for arm, by_k in rungs.items():
+        ordered = [by_k[k] for k in sorted(by_k)]
+        best = choose(ordered)
+        out[arm] = {
+            "grid": [r.spec.lr for r in ordered],
+            "chosen": best.spec.lr,
+            "at_grid_edge": best is ordered[0] or best is ordered[-1],
+            "validation_nll": [None if r.diverged else r.final["validation_nll"] for r in ordered],
+            "validation": [None if r.diverged else r.final["validation"] for r in ordered],
         }
-    out["retention"] = evaluate(base, tok, splits(config, config.task).retention)
     return out
+
+
+def chosen_rates(choice: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Every arm's rate: its ladder's choice, or the choice of the arm it takes its rate from."""
+    return {a.name: choice[a.lr_from or a.name]["chosen"] for a in ARMS}
+
+
+def report_specs(config: StudyConfig, lr: dict[str, float]) -> list[RunSpec]:
+    """Every arm at its rate, seeds 1 … n (never the sweep's seed 0)."""
+    return [RunSpec(a.name, lr[a.name], s) for a in ARMS for s in config.report_seeds(a)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# fusion
+
+PAIRINGS = {
+    "lora": (("lora", "lora-2"),),
+    "s2ft-overlapping": (("s2ft-wl", "s2ft-wl-2"), ("s2ft-ws", "s2ft-ws-2")),
+    "s2ft-disjoint": (("s2ft-wl", "s2ft-ws-2"), ("s2ft-ws", "s2ft-wl-2")),
+}
 
 
 def _fused(base: Model, adapters: Sequence[Any], weights: Sequence[float]) -> Model:
@@ -107,48 +143,43 @@ def _overlap(a: Any, b: Any) -> float:
 def fusion_results(
     base: Model, config: StudyConfig, final: Sequence[RunResult], adapter_dir: Path
 ) -> list[dict[str, Any]]:
-    """Per seed and pairing: each adapter alone on its own task, the fused model on both, retention.
-
-    ``final`` holds the runs at the chosen learning rates; the adapters are those it kept.
-    """
-    tok = task_tokenizer()
+    """Per seed and pairing: whether both adapters learned their task (final validation exact match
+    ≥ ``match_level``); for those that did, each alone on its own task, the fused model on both, and
+    the fused model's retention. Fusing an adapter that never learned its task would measure nothing
+    about fusion."""
     t1, t2 = config.task, config.second_task
-    kept = {(r.spec.name, r.spec.task, r.spec.seed): r for r in final if r.spec.keep}
-    pairings = {
-        "lora": [("lora", "lora")],
-        "s2ft-overlapping": [("s2ft-weight-large",) * 2, ("s2ft-weight-small",) * 2],
-        "s2ft-disjoint": [
-            ("s2ft-weight-large", "s2ft-weight-small"),
-            ("s2ft-weight-small", "s2ft-weight-large"),
-        ],
-    }
+    by = {(r.spec.arm, r.spec.seed): r for r in final}
     out = []
-    for seed in _seeds(config):
-        for kind, pairs in pairings.items():
+    for seed in config.report_seeds(ARM["lora"]):
+        for kind, pairs in PAIRINGS.items():
             for n1, n2 in pairs:
-                singles = [kept[(n1, t1, seed)], kept[(n2, t2, seed)]]
-                folders = [adapter_dir / r.spec.key for r in singles]
-                if kind == "lora":
-                    adapters: list[Any] = [_lora_adapter(base, f) for f in folders]
-                    overlap = None
-                else:
-                    adapters = [load_adapter(f) for f in folders]
-                    overlap = _overlap(*adapters)
-                fused = _fused(base, adapters, config.fusion_weights)
-                out.append(
-                    {
-                        "kind": kind,
-                        "seed": seed,
-                        "adapters": [n1, n2],
-                        "overlap": overlap,
-                        "single": {t1: singles[0].test, t2: singles[1].test},
-                        "fused": {
-                            t1: evaluate(fused, tok, splits(config, t1).test)["all"],
-                            t2: evaluate(fused, tok, splits(config, t2).test)["all"],
-                        },
-                        "retention": evaluate(fused, tok, splits(config, t1).retention)["all"],
-                    }
-                )
+                singles = [by[(n1, seed)], by[(n2, seed)]]
+                learned = all(not r.diverged and r.final["validation"] >= config.match_level for r in singles)
+                row: dict[str, Any] = {
+                    "kind": kind,
+                    "seed": seed,
+                    "adapters": [n1, n2],
+                    "validation": [None if r.diverged else r.final["validation"] for r in singles],
+                    "learned": learned,
+                }
+                if learned:
+                    folders = [adapter_dir / r.spec.key for r in singles]
+                    if kind == "lora":
+                        adapters: list[Any] = [_lora_adapter(base, f) for f in folders]
+                        row["overlap"] = None
+                    else:
+                        adapters = [load_adapter(f) for f in folders]
+                        row["overlap"] = _overlap(*adapters)
+                    fused = _fused(base, adapters, config.fusion_weights)
+                    s1, s2 = task_splits(config, t1), task_splits(config, t2)
+                    row["single"] = {t1: singles[0].final["test"], t2: singles[1].final["test"]}
+                    row["fused"] = {t1: world.accuracy(fused, s1.test), t2: world.accuracy(fused, s2.test)}
+                    row["drop"] = statistics.fmean(row["fused"][t] - row["single"][t] for t in (t1, t2))
+                    row["retention"] = world.retention(fused, s1.retention)["em"]
+                out.append(row)
     return out
 
 
+def base_metrics(base: Model, config: StudyConfig) -> dict[str, Any]:
+    """The base model before fine-tuning, on the same splits."""
+    return {task: measure(base, task_splits(config, task)) for task in (config.task, config.second_task)}

@@ -1,10 +1,18 @@
-"""One run of the study (one method, one task, one learning rate, one seed: train it and measure it),
-and running many, in this process or in worker processes with one BLAS thread each."""
+"""One run of the study (one arm, one learning rate, one seed: train it and measure it), and running
+many, in this process or in worker processes with one BLAS thread each.
+
+A run is evaluated every ``eval_every`` steps on the validation split. The first checkpoint whose
+validation exact match reaches ``match_level`` is the run's **matched** checkpoint: there it is also
+measured on the test, near-OOD and far-OOD splits and for retention, so arms can be compared at the
+same in-domain accuracy (a faster or more aggressive learner is not credited or blamed for being
+further along). Every run is measured on everything again at its last step.
+"""
 
 from __future__ import annotations
 
 import copy
 import functools
+import math
 import multiprocessing
 import statistics
 import time
@@ -17,14 +25,17 @@ import numpy as np
 
 from minift.backend import get_xp, single_threaded_blas_children
 from minift.data.datasets import BatchStream, encode_example
-from minift.data.tasks import TaskSplits, evaluate, perplexity, task_splits, task_tokenizer
+from minift.data.tasks import task_tokenizer
 from minift.errors import TrainingError
 from minift.io.hub import load_pretrained, save_pretrained
-from minift.methods.registry import MethodSpec, apply_method
+from minift.methods.registry import MethodSpec, apply_method, get_method
+from minift.methods.s2ft import match_lora_budget
+from minift.methods.s2ft.budget import lora_parameter_count, s2ft_parameter_count
 from minift.methods.svd_analysis import SVDTrajectory
 from minift.model import Model
 from minift.tools.finetune import trainable_count, write_adapter
-from minift.tools.study.config import StudyConfig
+from minift.tools.study import world
+from minift.tools.study.config import ALL_TARGETS, ARM, S2FT_TARGETS, Arm, StudyConfig
 from minift.train import TrainConfig, train
 
 # ----------------------------------------------------------------------------------------------------
@@ -33,72 +44,83 @@ from minift.train import TrainConfig, train
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training run of the study."""
+    """One training run: an arm (``config.ARM``) at one learning rate and seed."""
 
-    method: str  # full | lora | pissa | sorsa | s2ft
-    task: str
+    arm: str
     lr: float
     seed: int
-    strategy: str = "random"  # S2FT selection
-    variant: str = "large"  # S2FT: the large or the small end of the score
-    gamma: float | None = None  # SORSA: γ, None = the study's
-    svd: bool = False  # record ΔΣ/ΔD of the target projections
-    keep: bool = False  # save the adapter (fusion experiment)
-
-    @property
-    def name(self) -> str:
-        """e.g. "s2ft-activation-small", "sorsa-gamma0", "lora"."""
-        if self.method == "s2ft":
-            return "s2ft" if self.strategy == "random" else f"s2ft-{self.strategy}-{self.variant}"
-        return "sorsa-gamma0" if self.method == "sorsa" and self.gamma == 0 else self.method
 
     @property
     def key(self) -> str:
-        return f"{self.name}_{self.task}_lr{self.lr:g}_seed{self.seed}"
+        return f"{self.arm}_lr{self.lr:g}_seed{self.seed}"
 
 
 @dataclass
 class RunResult:
     spec: RunSpec
     trainable: int  # trainable parameters
+    setup: str  # what trains: "rank 4 on q, k, v, up, down", "1 heads (o) + 20 channels (down) per layer"
     losses: list[float]  # training loss per step
-    validation: float  # exact match on the validation split
-    validation_ppl: float | None  # None when the run diverged
-    test: float  # in-domain exact match
-    near_ood: float
-    retention: dict[str, float]  # exact match on held-out pretraining prompts: "all" and per skill
-    svd: list[tuple[int, float, float]]  # (step, ΔΣ, ΔD), means over the target projections
+    curve: list[tuple[int, float]]  # (step, validation exact match) at every checkpoint
+    final: dict[str, Any]  # every measure at the last step (``measure``), validation NLL included
+    matched: dict[str, Any] | None  # every measure at the matched checkpoint; None: never reached
+    svd: list[tuple[int, float, float]]  # (step, ΔΣ, ΔD), means over the trained projections
     wall_s: float
-    diverged: str | None = None  # why training stopped; such a run has no losses and scores zero
+    cpu_s: float  # this process's CPU time: what the run costs on an idle core
+    diverged: str | None = None  # why training stopped; such a run has no measures
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunResult:
-        return cls(**(d | {"spec": RunSpec(**d["spec"]), "svd": [tuple(p) for p in d["svd"]]}))
+        return cls(
+            **(
+                d
+                | {
+                    "spec": RunSpec(**d["spec"]),
+                    "svd": [tuple(p) for p in d["svd"]],
+                    "curve": [tuple(p) for p in d["curve"]],
+                }
+            )
+        )
 
 
-@functools.lru_cache(maxsize=4)
-def _splits(task: str, n_train: int, n_eval: int, n_retention: int) -> TaskSplits:
-    return task_splits(task, 0, n_train=n_train, n_eval=n_eval, n_retention=n_retention)
+def task_splits(config: StudyConfig, task: str) -> world.Splits:
+    return world.splits(task, config.n_train, config.n_eval, config.n_retention)
 
 
-def splits(config: StudyConfig, task: str) -> TaskSplits:
-    """The task's splits; fixed (split seed 0) whatever the run's seed."""
-    return _splits(task, config.n_train, config.n_eval, config.n_retention)
-
-
-def method_spec(spec: RunSpec, config: StudyConfig) -> MethodSpec:
-    """The run's method at the study's budget (LoRA/PiSSA scaling 1, SORSA scale 1, as ``finetune``)."""
-    gamma = config.gamma if spec.gamma is None else spec.gamma
+def method_spec(arm: Arm, model: Model, config: StudyConfig) -> MethodSpec:
+    """The arm's method at the study's budget (LoRA/PiSSA scaling 1, SORSA scale 1, as ``finetune``)."""
+    targets = S2FT_TARGETS if arm.group == "s2ft" else ALL_TARGETS
+    rank = max(1, round(config.rank * arm.budget))
+    if arm.at_s2ft_budget:  # the rank whose count is closest to S2FT's (O heads + Down channels)
+        s2 = s2ft_parameter_count(
+            model.config, match_lora_budget(model.config, config.rank, lora_targets=targets)
+        )
+        rank = max(1, round(s2 / lora_parameter_count(model.config, 1, arm.lora_targets or targets)))
     return MethodSpec(
-        spec.method,
-        rank=config.rank,
-        targets=config.targets,
-        strategy=spec.strategy,
-        variant=spec.variant,
-        gamma=gamma,
+        arm.method,
+        rank=rank,
+        targets=arm.lora_targets or targets,
+        strategy=arm.strategy,
+        variant=arm.variant,
+        gamma=config.gamma if arm.gamma is None else arm.gamma,
+        head_targets=arm.head_targets,
+        channel_targets=arm.channel_targets,
+    )
+
+
+def describe_setup(spec: MethodSpec, model: Model) -> str:
+    """What the arm trains, in words: LoRA's rank and targets, S2FT's heads and channels per layer."""
+    if spec.method == "full":
+        return "every weight"
+    if spec.method != "s2ft":
+        return f"rank {spec.rank} on {', '.join(spec.targets)}"
+    s2 = get_method("s2ft").configure(spec, model.config)
+    return (
+        f"{s2.heads} heads ({', '.join(s2.head_targets) or '—'}) + {s2.channels} channels "
+        f"({', '.join(s2.channel_targets)}) per layer"
     )
 
 
@@ -108,76 +130,97 @@ def calibration(model: Model, data: BatchStream, n: int) -> list[tuple[Any, Any]
     return [(xp.asarray(b.tokens), xp.asarray(b.targets)) for b in map(data.batch, range(n))]
 
 
-def _svd_curve(traj: SVDTrajectory, paths: Sequence[str]) -> list[tuple[int, float, float]]:
-    """(step, ΔΣ, ΔD) means over ``paths``, starting at (0, 0, 0)."""
-    curve = [(0, 0.0, 0.0)]
-    for j, step in enumerate(traj.steps):
-        points = [traj.values[p][j] for p in paths]
-        curve.append(
-            (
-                step,
-                statistics.fmean(d.delta_sigma for d in points),
-                statistics.fmean(d.delta_d for d in points),
-            )
+def measure(model: Model, sp: world.Splits) -> dict[str, Any]:
+    """In-domain test, near- and far-OOD exact match and retention three ways (``world.retention``)."""
+    return {
+        "test": world.accuracy(model, sp.test),
+        "near_ood": world.accuracy(model, sp.near_ood),
+        "far_ood": world.accuracy(model, sp.far_ood) if sp.far_ood else None,
+        "retention": world.retention(model, sp.retention),
+    }
+
+
+def training_data(arm: Arm, config: StudyConfig, sp: world.Splits, seed: int) -> BatchStream:
+    tok = task_tokenizer()
+    examples = list(sp.train)
+    if arm.replay:  # replay/(1 − replay) of the task's count again, from the pretraining stream
+        examples += world.replay_examples(
+            round(len(sp.train) * config.replay / (1 - config.replay)), config.n_retention
         )
-    return curve
+    return BatchStream(
+        [encode_example(tok, ex.record) for ex in examples], config.batch_size, tok.pad_id, seed=seed
+    )
+
+
+def _svd_curve(traj: SVDTrajectory) -> list[tuple[int, float, float]]:
+    """(step, ΔΣ, ΔD) means over the recorded projections, starting at (0, 0, 0)."""
+    return [(0, 0.0, 0.0), *((int(s), float(a), float(b)) for s, a, b in traj.mean())]
 
 
 def execute(spec: RunSpec, base: Model, config: StudyConfig, adapter_dir: Path | None = None) -> RunResult:
-    """Train a copy of ``base`` by ``spec`` and evaluate it on every split (``base`` is not changed)."""
-    t0 = time.perf_counter()
-    tok = task_tokenizer()
-    data_splits = splits(config, spec.task)
-    examples = [encode_example(tok, ex.record) for ex in data_splits.train]
-    data = BatchStream(examples, config.batch_size, tok.pad_id, seed=spec.seed)
+    """Train a copy of ``base`` by ``spec`` and evaluate it (``base`` is not changed)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    arm = ARM[spec.arm]
+    sp = task_splits(config, config.task_of(arm))
+    data = training_data(arm, config, sp, spec.seed)
     model = copy.deepcopy(base)
-    calib = calibration(model, data, config.calib_batches) if spec.method == "s2ft" else None
-    hooks = apply_method(model, method_spec(spec, config), np.random.default_rng(spec.seed), calib)
-    paths = [f"blocks.{i}.{t}" for i in range(len(model.blocks)) for t in config.targets]
-    traj = SVDTrajectory.start(model, every=config.svd_every) if spec.svd else None
+    calib = calibration(model, data, config.calib_batches) if arm.method == "s2ft" else None
+    mspec = method_spec(arm, model, config)
+    setup = describe_setup(mspec, model)
+    hooks = apply_method(model, mspec, np.random.default_rng(spec.seed), calib)
+    traj = SVDTrajectory.start(model, every=config.eval_every) if arm.svd else None
+    curve: list[tuple[int, float]] = []
+    matched: dict[str, Any] | None = None
+
+    def checkpoint(m: Model, step: int) -> None:
+        nonlocal matched
+        if traj is not None:
+            traj.record(m, step)
+        v = world.accuracy(m, sp.validation)
+        curve.append((step, v))
+        if matched is None and v >= config.match_level:
+            matched = {"step": step, "validation": v, **measure(m, sp)}
+
+    betas = config.betas if arm.group == "s2ft" else config.sorsa_betas
     train_config = TrainConfig(
         steps=config.steps,
         lr=spec.lr,
         schedule="linear",
         warmup_steps=config.warmup_steps,
-        betas=config.betas,
+        betas=betas,
         weight_decay=0.0,
         max_grad_norm=1.0,
         seed=spec.seed,
-        eval_every=config.svd_every if traj else 0,
+        eval_every=config.eval_every,
         progress=False,
     )
-    record = None if traj is None else (lambda m, step: traj.record(m, step))
-    try:
-        losses = train(model, data, train_config, eval_fn=record, grad_hooks=hooks).losses
-    except (TrainingError, np.linalg.LinAlgError) as e:  # non-finite loss or weights (SVD of inf)
-        # a learning rate too high for the method: the run scores zero and the sweep goes on
-        return RunResult(
-            spec,
-            trainable_count(model),
-            [],
-            0.0,
-            None,
-            0.0,
-            0.0,
-            {"all": 0.0},
-            [],
-            time.perf_counter() - t0,
-            diverged=str(e),
-        )
-    if spec.keep and adapter_dir is not None:
+    trainable = trainable_count(model)
+    # A rate too high for the arm blows the weights up before the loss turns non-finite: scoring such a
+    # checkpoint overflows (harmlessly: its scores are garbage), and the run is then flagged below.
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        try:
+            losses = train(model, data, train_config, eval_fn=checkpoint, grad_hooks=hooks).losses
+            nll = world.answer_nll(model, sp.validation)
+            if not math.isfinite(nll):
+                raise TrainingError(f"non-finite validation NLL after {config.steps} steps")
+        except (TrainingError, np.linalg.LinAlgError, OverflowError) as e:  # non-finite loss, weights or NLL
+            # a learning rate too high for the arm: the run is flagged, and never chosen
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            return RunResult(spec, trainable, setup, [], curve, {}, None, [], wall, cpu, diverged=str(e))
+    if arm.keep and adapter_dir is not None:
         write_adapter(model, adapter_dir / spec.key)
+    final = {"validation": curve[-1][1], "validation_nll": nll, **measure(model, sp)}
     return RunResult(
         spec=spec,
-        trainable=trainable_count(model),
+        trainable=trainable,
+        setup=setup,
         losses=[float(x) for x in losses],
-        validation=evaluate(model, tok, data_splits.validation)["all"],
-        validation_ppl=perplexity(model, tok, [ex.record for ex in data_splits.validation]),
-        test=evaluate(model, tok, data_splits.test)["all"],
-        near_ood=evaluate(model, tok, data_splits.near_ood)["all"],
-        retention=evaluate(model, tok, data_splits.retention),
-        svd=[] if traj is None else _svd_curve(traj, paths),
+        curve=curve,
+        final=final,
+        matched=matched,
+        svd=[] if traj is None else _svd_curve(traj),
         wall_s=time.perf_counter() - t0,
+        cpu_s=time.process_time() - c0,
     )
 
 
@@ -227,11 +270,28 @@ class Runner:
         out = []
         for r in results:
             out.append(r)
-            loss = "diverged" if r.diverged else f"loss {r.losses[-1]:.3f}"
+            if r.diverged:
+                self.log(f"  {r.spec.key:<40} diverged ({r.wall_s:.0f} s)")
+                continue
+            f = f"matched@{r.matched['step']}" if r.matched else "not matched"
             self.log(
-                f"  {r.spec.key:<44} val {r.validation:6.1%}  test {r.test:6.1%}  near-OOD "
-                f"{r.near_ood:6.1%}  retention {r.retention['all']:6.1%}  {loss}  ({r.wall_s:.0f} s)"
+                f"  {r.spec.key:<40} val {r.final['validation']:6.1%} nll {r.final['validation_nll']:.3f}  "
+                f"test {r.final['test']:6.1%}  retention {r.final['retention']['em']:6.1%}  {f}  "
+                f"({r.wall_s:.0f} s)"
             )
         return out
 
 
+def mean_svd(runs: Sequence[RunResult]) -> list[tuple[int, float, float]]:
+    """The per-step mean of several runs' (step, ΔΣ, ΔD) curves."""
+    curves = [r.svd for r in runs if r.svd]
+    if not curves:
+        return []
+    return [
+        (
+            curves[0][j][0],
+            statistics.fmean(c[j][1] for c in curves),
+            statistics.fmean(c[j][2] for c in curves),
+        )
+        for j in range(min(len(c) for c in curves))
+    ]
