@@ -373,7 +373,8 @@ def attention_sublayer(
     past: tuple[Array, Array] | None = None,
     keep_attention: bool = True,
 ) -> tuple[Array, BlockCache | None, tuple[Array, Array]]:
-    """x + o(attention(rope(q(h)), rope(k(h)), v(h))), h = attn_norm(x): (x, the attention half of
+    """x + o(attention(rope(q(h)), rope(k(h)), v(h))), h = attn_norm(x) (Qwen3, Gemma 3: q/k norms
+    before RoPE; Gemma 3: post_attn_norm on o's output): (x, the attention half of
     the block's cache or None, this block's (k, v)). ``keep_attention=False``: keep only O's cache
     (see ``attention_backward_needed``).
 
