@@ -304,7 +304,8 @@ for key, g in plain.items():
 #    the memory-friendly one?
 # 2. **Partial in depth.** Apply S2FT to some layers only (`layers=(2, 3)`) and show with
 #    `step_flops` that the blocks below the lowest trained layer cost no backward at all. Through
-#    how many blocks does the backward run, for a given set of trained layers?
+#    how many blocks' attention (the softmax, q, k and v) does the backward run, for a given set of
+#    trained layers? (The memory section above says what the lowest trained block skips.)
 # 3. **Where the FLOPs go.** Print `step_flops(...).by_kind` for the three methods and explain
 #    the `attention` entry: why is it the same for all three? Give its forward and backward FLOPs
 #    per block (2 FLOPs per multiply-add) for B sequences of T tokens, H heads of width D.
@@ -347,8 +348,8 @@ check_kept_numbers(kept_numbers)
 
 # %%
 def backprop_blocks(n_layers, trained_layers):
-    """Exercise 2: through how many of the n_layers blocks the backward runs when S2FT trains only
-    the blocks `trained_layers`."""
+    """Exercise 2: through how many of the n_layers blocks' attention the backward runs when S2FT
+    trains only the blocks `trained_layers` (O heads and Down channels)."""
     return None  # your code here
 
 

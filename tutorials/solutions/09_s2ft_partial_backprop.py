@@ -95,7 +95,8 @@ def kept_numbers(kind, N, I, S):
 
 
 def backprop_blocks(n_layers, trained_layers):
-    return n_layers - min(trained_layers)  # every block from the lowest trained one up
+    # every block above the lowest trained one: that block's backward stops at O's weight gradient
+    return n_layers - min(trained_layers) - 1
 
 
 def attention_flops(B, T, H, D):
