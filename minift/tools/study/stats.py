@@ -20,8 +20,9 @@ Verdicts (α = 0.05 after correction):
 - **reproduced**: the effect is significantly positive (the claimed direction);
 - **contradicted**: the effect is significantly negative, or significantly smaller than the paper's
   (the data rule out an effect as large as claimed);
-- **inconclusive**: neither: the 95% interval covers both zero and the paper's effect, i.e. the study
-  has too little power to tell "no effect" from "the paper's effect".
+- **inconclusive**: neither, after the correction: the study has too little power to tell "no effect"
+  from "the paper's effect". The reported interval is the claim's own (unadjusted) 95% interval, so
+  one that excludes zero can still be inconclusive once Holm's correction across the claims applies.
 
 Degenerate samples: with n = 1 nothing can be concluded (p = 1, interval unbounded). With s = 0 the
 differences are exact: a nonzero one is decided by its sign (p = 0), while all-zero differences mean
