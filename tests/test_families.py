@@ -152,9 +152,10 @@ def test_the_window_changes_the_logits_past_it_and_not_before():
     assert np.abs(windowed[:, 3:] - full[:, 3:]).max() > 1e-6
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_the_loss_gradient_of_every_parameter_matches_finite_differences(name):
-    model, (tokens, targets, mask) = _model(CONFIGS[name]), _batch(T=5)
+def check_every_gradient(model, batch, expected=frozenset()):
+    """Finite differences of the masked loss against ``loss_and_grads`` for every trainable array of a
+    float64 model; ``expected`` names parameters that must be among them."""
+    tokens, targets, mask = batch
 
     def loss(**_params):
         logits, _ = model_forward(model, tokens, attention_mask=mask, train=False)
@@ -164,10 +165,15 @@ def test_the_loss_gradient_of_every_parameter_matches_finite_differences(name):
         return loss_and_grads(model, tokens, targets, attention_mask=mask, loss_scale=G)[1]
 
     params = trainable_parameters(model)
-    if CONFIGS[name].qk_norm:
-        assert {"blocks.0.q_norm.weight", "blocks.2.k_norm.weight"} <= set(params)
+    assert expected <= set(params)
     assert set(grads(1.0)) == set(params)
     check_grad(loss, grads, params, rng=np.random.default_rng(0), tol=1e-6, zero_floor=1e-3)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_the_loss_gradient_of_every_parameter_matches_finite_differences(name):
+    norms = {"blocks.0.q_norm.weight", "blocks.2.k_norm.weight"} if CONFIGS[name].qk_norm else set()
+    check_every_gradient(_model(CONFIGS[name]), _batch(T=5), norms)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

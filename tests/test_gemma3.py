@@ -40,7 +40,7 @@ from minift.model import (
 from minift.slots import Norm
 from minift.spec import reference
 from minift.testing import assert_close, check_grad
-from tests.test_families import CONFIGS, V, _batch, _model
+from tests.test_families import CONFIGS, V, _batch, _model, check_every_gradient
 from tests.test_s2ft_permute import _random_layouts
 
 GEMMA = ModelConfig(vocab_size=V, hidden_size=8, intermediate_size=6, n_layers=3, n_heads=4, n_kv_heads=2,
@@ -79,22 +79,9 @@ def test_a_unit_offset_norm_is_rmsnorm_scaled_by_one_plus_w_and_its_gradient_mat
 def test_the_loss_gradient_of_every_parameter_matches_finite_differences():
     small = GEMMA.replace(n_layers=2, n_heads=2, n_kv_heads=1, head_dim=4,
                           layer_types=("sliding_attention", "full_attention"))  # fewer entries to perturb
-    model, (tokens, targets, mask) = _model(small), _batch(T=5)
-
-    def loss(**_params):
-        from minift.layers.cross_entropy import cross_entropy_forward
-
-        logits, _ = model_forward(model, tokens, attention_mask=mask, train=False)
-        return cross_entropy_forward(logits.reshape(-1, V), targets.reshape(-1))[0]
-
-    def grads(G, **_params):
-        return loss_and_grads(model, tokens, targets, attention_mask=mask, loss_scale=G)[1]
-
-    params = trainable_parameters(model)
-    assert {"blocks.0.post_attn_norm.weight", "blocks.1.post_mlp_norm.weight", "blocks.1.q_norm.weight",
-            "embed.weight"} <= set(params)
-    assert set(grads(1.0)) == set(params)
-    check_grad(loss, grads, params, rng=np.random.default_rng(0), tol=1e-6, zero_floor=1e-3)
+    check_every_gradient(_model(small), _batch(T=5), {
+        "blocks.0.post_attn_norm.weight", "blocks.1.post_mlp_norm.weight", "blocks.1.q_norm.weight",
+        "embed.weight"})
 
 
 def test_the_kv_cache_forward_and_activation_checkpointing_equal_the_plain_ones_past_the_window():
