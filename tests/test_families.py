@@ -226,27 +226,35 @@ def test_s2ft_co_permutation_leaves_the_logits_unchanged_with_q_k_norms_shared_b
     assert_close(after, before, rtol=1e-10, atol=1e-12, what="logits")
 
 
-@pytest.mark.parametrize("method", ["lora", "s2ft"])
-def test_minift_finetune_runs_on_a_qwen3_folder_with_windows_and_saves_it_back(method, tmp_path):
+def finetune_a_saved_model(config, tmp_path, methods):
+    """Save a tiny random model of ``config`` as a Hugging Face folder, check it loads back as the same
+    config, and run ``minift finetune`` on it for two steps with each method: each leaves an adapter."""
     from minift.data.tasks import save_tokenizer, task_splits
     from minift.io.hub import load_pretrained, save_pretrained
     from minift.tools.cli import main
-    from tests.toy import task_world_config
 
-    base = task_world_config(16)
-    config = base.replace(arch="qwen3", qk_norm=True, sliding_window=3,
-                          layer_types=("sliding_attention",) * base.n_layers)
-    folder = save_pretrained(init_model(config, np.random.default_rng(0), std=0.1), tmp_path / "qwen3",
+    folder = save_pretrained(init_model(config, np.random.default_rng(0), std=0.1), tmp_path / "model",
                              tokenizer_path=save_tokenizer(tmp_path / "tok"))
     assert load_pretrained(folder).config == config
     data = tmp_path / "train.jsonl"
     records = task_splits("shift", 0, n_train=8, n_eval=2, n_retention=1).train
     data.write_text("".join(json.dumps(ex.record) + "\n" for ex in records))
-    code = main([str(a) for a in ["finetune", "--model", folder, "--data", data, "--method", method,
-                                  "--out", tmp_path / "run", "--steps", 2, "--batch-size", 2, "--rank", 2,
-                                  "--no-progress"]])
-    assert code == 0
-    assert (tmp_path / "run" / "adapter").is_dir()
+    for method in methods:
+        code = main([str(a) for a in ["finetune", "--model", folder, "--data", data, "--method", method,
+                                      "--out", tmp_path / method, "--steps", 2, "--batch-size", 2,
+                                      "--rank", 2, "--no-progress"]])
+        assert code == 0
+        assert (tmp_path / method / "adapter").is_dir()
+
+
+@pytest.mark.parametrize("method", ["lora", "s2ft"])
+def test_minift_finetune_runs_on_a_qwen3_folder_with_windows_and_saves_it_back(method, tmp_path):
+    from tests.toy import task_world_config
+
+    base = task_world_config(16)
+    config = base.replace(arch="qwen3", qk_norm=True, sliding_window=3,
+                          layer_types=("sliding_attention",) * base.n_layers)
+    finetune_a_saved_model(config, tmp_path, [method])
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -32,7 +32,6 @@ from minift.methods.sorsa import SORSAConfig, apply_sorsa
 from minift.model import (
     SLOT_NAMES,
     KVCache,
-    init_model,
     loss_and_grads,
     model_forward,
     trainable_parameters,
@@ -40,7 +39,7 @@ from minift.model import (
 from minift.slots import Norm
 from minift.spec import reference
 from minift.testing import assert_close, check_grad
-from tests.test_families import CONFIGS, V, _batch, _model, check_every_gradient
+from tests.test_families import CONFIGS, V, _batch, _model, check_every_gradient, finetune_a_saved_model
 from tests.test_s2ft_permute import _random_layouts
 
 GEMMA = ModelConfig(vocab_size=V, hidden_size=8, intermediate_size=6, n_layers=3, n_heads=4, n_kv_heads=2,
@@ -191,23 +190,9 @@ def test_what_minift_does_not_compute_is_refused_naming_the_key(changes, key):
 
 
 def test_minift_finetune_runs_on_a_gemma3_folder_and_saves_it_back(tmp_path):
-    from minift.data.tasks import save_tokenizer, task_splits
-    from minift.io.hub import load_pretrained, save_pretrained
-    from minift.tools.cli import main
     from tests.toy import task_world_config
 
     config = task_world_config(16).replace(arch="gemma3", qk_norm=True, sliding_window=3, head_dim=12,
                                            query_pre_attn_scalar=7.0, rope_local_theta=100.0,
                                            layer_types=("sliding_attention", "full_attention"))
-    folder = save_pretrained(init_model(config, np.random.default_rng(0), std=0.1), tmp_path / "gemma3",
-                             tokenizer_path=save_tokenizer(tmp_path / "tok"))
-    assert load_pretrained(folder).config == config
-    data = tmp_path / "train.jsonl"
-    records = task_splits("shift", 0, n_train=8, n_eval=2, n_retention=1).train
-    data.write_text("".join(json.dumps(ex.record) + "\n" for ex in records))
-    for method in ("lora", "s2ft"):
-        code = main([str(a) for a in ["finetune", "--model", folder, "--data", data, "--method", method,
-                                      "--out", tmp_path / method, "--steps", 2, "--batch-size", 2,
-                                      "--rank", 2, "--no-progress"]])
-        assert code == 0
-        assert (tmp_path / method / "adapter").is_dir()
+    finetune_a_saved_model(config, tmp_path, ["lora", "s2ft"])
