@@ -19,6 +19,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from minift.backend import to_numpy
+from minift.layers import attention
 from minift.layers.attention import attention_backward, attention_forward, causal_mask
 from minift.testing import assert_close, check_grad
 from tests import reference as ref
@@ -202,3 +203,37 @@ def test_the_backward_that_rebuilds_p_equals_the_one_that_keeps_it(shape, seed, 
     want = _attention_backward_keeping_p(q, k, v, allowed, dout)
     for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
         assert_close(g, w, rtol=1e-12, atol=1e-12, what=name)
+
+
+BLOCK_SIZES = [(1, 0), (2, 0), (0, 2), (0, 3), (0, 2**20)]  # (pairs, whole sequences) a block holds
+
+
+@given(attention_shapes(), st.integers(0, 2**32 - 1), st.sampled_from(BLOCK_SIZES))
+def test_how_many_pairs_a_block_holds_changes_no_output_and_no_gradient(shape, seed, size):
+    """The forward and the backward take (sequence, kv group) pairs ``SCORE_BLOCK`` scores at a time:
+    one pair, two pairs or two or three whole sequences a block (blocks that do not divide K or B
+    included), or everything at once, give the same outputs, log-sum-exps and gradients, to 1e-12,
+    under left padding and a sliding window."""
+    B, H, K, T, S, D = shape
+    pairs, sequences = size
+    rng = np.random.default_rng(seed)
+    q, k, v = _qkv(rng, B, H, K, T, S, D, scale=2.0)
+    key_mask = np.ones((B, S), dtype=np.int64)
+    key_mask[:, : rng.integers(0, S + 1)] = 0
+    allowed = causal_mask(T, S, key_mask, window=int(rng.integers(1, S + 1)))
+    dout = rng.standard_normal((B, H, T, D))
+
+    def run() -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        out, cache = attention_forward(q, k, v, allowed)
+        empty = np.isinf(cache.lse)  # rows with no visible key: +inf by design
+        dq, dk, dv = attention_backward(dout, cache)
+        return empty, {"out": out, "lse": np.where(empty, 0.0, cache.lse), "dq": dq, "dk": dk, "dv": dv}
+
+    want_empty, want = run()
+    with pytest.MonkeyPatch.context() as mp:
+        per_pair = (H // K) * T * S
+        mp.setattr(attention, "SCORE_BLOCK", per_pair * max(pairs, K * sequences))
+        got_empty, got = run()
+    assert np.array_equal(got_empty, want_empty)
+    for name in want:
+        assert_close(got[name], want[name], rtol=1e-12, atol=1e-12, what=name)

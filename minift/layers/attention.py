@@ -51,20 +51,53 @@ def causal_mask(
     return allowed
 
 
-def _masked_scores(q5: Array, k: Array, allowed: Array, b: int, j: int, scale: float) -> Array:
-    """s = q kᵀ·scale of sequence b and kv head j, −inf where ``allowed`` is False: (G·T, S), a fresh
-    array.
+SCORE_BLOCK = 2**17  # scores built at once, at most (unless one (sequence, kv group) pair holds more)
 
-    The G query heads of the group are stacked as G·T rows, so the group is one (G·T, D) × (D, S)
-    matmul. The scale goes on q (T·D values) rather than on the scores (T·S values).
+Block = tuple[slice, slice]  # (sequences, kv groups)
+
+
+def score_blocks(B: int, K: int, G: int, T: int, S: int) -> list[Block]:
+    """The (sequence, kv group) pairs in blocks of at most ``SCORE_BLOCK`` scores: several whole
+    sequences at a time when one sequence's K·G·T·S scores fit, else groups of one sequence (at
+    least one pair). The unit of work of the forward and of the backward.
+
+    Pairs are batched because one pair of a short sequence (or of one decoding step) is too small a
+    matmul for its Python overhead; they are bounded because B·H·T·S scores at once are what this
+    layer exists not to build. Either way a block is a contiguous slice of (B, K, …) arrays, so its
+    q, k, v, outputs and mask are views.
+    """
+    per_sequence = K * G * T * S
+    if per_sequence <= SCORE_BLOCK:
+        n = SCORE_BLOCK // per_sequence
+        return [(slice(b, min(b + n, B)), slice(0, K)) for b in range(0, B, n)]
+    n = max(1, SCORE_BLOCK // (G * T * S))
+    return [(slice(b, b + 1), slice(j, min(j + n, K))) for b in range(B) for j in range(0, K, n)]
+
+
+def _masked_scores(q5: Array, k: Array, hidden: Array, block: Block, scale: float) -> Array:
+    """s = q kᵀ·scale of a block of (sequence, kv group) pairs, −inf where ``hidden``: a fresh array.
+
+    The G query heads of a group are stacked as G·T rows, so a pair is one (G·T, D) × (D, S) matmul.
+    The scale goes on q (T·D values) rather than on the scores (T·S values).
+
+    Shapes:
+        q5: (B, K, G, T, D)   k: (B, K, S, D)   hidden: (B, K, G, T, S), a broadcast view of ~allowed
+        returns: (b, j, G·T, S) for a block of b sequences and j groups
     """
     xp = get_xp(q5)
-    B, K, G, T, D = q5.shape
-    S = k.shape[2]
-    scores = (q5[b, j] * scale).reshape(G * T, D) @ k[b, j].T  # (G·T, S)
-    mask = xp.broadcast_to(allowed, (B, K, G, T, S))[b, j]  # a view, whatever the mask's shape
-    xp.copyto(scores.reshape(G, T, S), -xp.inf, where=~mask)
+    seqs, groups = block
+    _, _, G, T, D = q5.shape
+    qb = q5[seqs, groups]  # (b, j, G, T, D), a view
+    nb, nj = qb.shape[:2]
+    kt = xp.ascontiguousarray(k[seqs, groups].swapaxes(-1, -2))  # (b, j, D, S): BLAS reads it faster
+    scores = (qb.reshape(nb, nj, G * T, D) * scale) @ kt  # (b, j, G·T, S)
+    xp.copyto(scores.reshape(hidden[seqs, groups].shape), -xp.inf, where=hidden[seqs, groups])
     return scores
+
+
+def _hidden(allowed: Array, shape: tuple[int, ...]) -> Array:
+    """~allowed broadcast to (B, K, G, T, S): built once per call at the mask's own size."""
+    return get_xp(allowed).broadcast_to(~allowed, shape)
 
 
 def attention_forward(
@@ -74,11 +107,12 @@ def attention_forward(
 
     ``scale`` defaults to 1/sqrt(D); Gemma 3 sets its own (1/sqrt(query_pre_attn_scalar)).
 
-    The probabilities are built one sequence and one key/value group at a time and not kept: the
-    cache holds q, k, v and each row's log-sum-exp ℓ = log Σ_j exp(s_j), from which the backward
-    rebuilds p = exp(s − ℓ) with one matmul and one exp per entry (as FlashAttention does, Dao et al.
-    2022, §3.1). A kept p would cost B·H·T·S values per layer, the largest activation of a block at
-    long T; one (G·T, S) block at a time is all that ever exists.
+    The probabilities are built a block of (sequence, key/value group) pairs at a time
+    (``score_blocks``) and not kept: the cache holds q, k, v and each row's log-sum-exp
+    ℓ = log Σ_j exp(s_j), from which the backward rebuilds p = exp(s − ℓ) with one matmul and one exp
+    per entry (as FlashAttention does, Dao et al. 2022, §3.1). A kept p would cost B·H·T·S values per
+    layer, the largest activation of a block at long T; one block of at most ``SCORE_BLOCK`` scores at
+    a time is all that ever exists.
 
     NOTE: masked scores are −inf, and a query row with no visible key (a padding query under left
     padding) gets all-zero probabilities instead of NaN (its ℓ is +inf, so exp(s − ℓ) is 0 too);
@@ -90,24 +124,24 @@ def attention_forward(
     """
     xp = get_xp(q)
     B, H, T, D = q.shape
-    K = k.shape[1]
+    K, S = k.shape[1], k.shape[2]
     G = H // K
     scale = D**-0.5 if scale is None else scale
     q5 = q.reshape(B, K, G, T, D)
+    hidden = _hidden(allowed, (B, K, G, T, S))
     out = xp.empty((B, K, G * T, D), dtype=xp.result_type(q, v))
     lse = xp.empty((B, K, G * T, 1), dtype=out.dtype)
-    for b in range(B):
-        for j in range(K):  # one (G·T, S) block of scores at a time: never a (B, H, T, S) array
-            p = _masked_scores(q5, k, allowed, b, j, scale)  # in place from here on: p reuses the scores
-            m = p.max(axis=-1, keepdims=True)
-            m = xp.where(xp.isfinite(m), m, 0.0)  # fully masked rows: exp(−inf − 0) = 0
-            p -= m
-            xp.exp(p, out=p)
-            denom = p.sum(axis=-1, keepdims=True)
-            empty = denom == 0
-            p /= xp.where(empty, 1.0, denom)
-            xp.matmul(p, v[b, j], out=out[b, j])
-            lse[b, j] = xp.where(empty, xp.inf, m + xp.log(xp.where(empty, 1.0, denom)))
+    for block in score_blocks(B, K, G, T, S):  # never a (B, H, T, S) array
+        p = _masked_scores(q5, k, hidden, block, scale)  # in place from here on: p reuses the scores
+        m = p.max(axis=-1, keepdims=True)
+        m = xp.where(xp.isfinite(m), m, 0.0)  # fully masked rows: exp(−inf − 0) = 0
+        p -= m
+        xp.exp(p, out=p)
+        denom = p.sum(axis=-1, keepdims=True)
+        empty = denom == 0
+        p /= xp.where(empty, 1.0, denom)
+        out[block] = p @ v[block]
+        lse[block] = xp.where(empty, xp.inf, m + xp.log(xp.where(empty, 1.0, denom)))
     return out.reshape(B, H, T, D), AttentionCache(q5, k, v, lse, allowed, scale)
 
 
@@ -118,11 +152,18 @@ def attention_probabilities(cache: AttentionCache, b: int, j: int | None = None)
     Shapes:
         returns: (G·T, S) for one group, (K, G·T, S) for all
     """
+    B, K, G, T, _ = cache.q.shape
+    hidden = _hidden(cache.allowed, (B, K, G, T, cache.k.shape[2]))
+    block = (slice(b, b + 1), slice(0, K) if j is None else slice(j, j + 1))
+    p = _block_probabilities(cache, hidden, block)[0]
+    return p if j is None else p[0]
+
+
+def _block_probabilities(cache: AttentionCache, hidden: Array, block: Block) -> Array:
+    """p = exp(s − ℓ) of a block of (sequence, kv group) pairs (``score_blocks``): (b, j, G·T, S)."""
     xp = get_xp(cache.q)
-    if j is None:
-        return xp.stack([attention_probabilities(cache, b, j) for j in range(cache.q.shape[1])])
-    p = _masked_scores(cache.q, cache.k, cache.allowed, b, j, cache.scale)
-    p -= cache.lse[b, j]
+    p = _masked_scores(cache.q, cache.k, hidden, block, cache.scale)
+    p -= cache.lse[block]
     return xp.exp(p, out=p)
 
 
@@ -132,7 +173,7 @@ def attention_backward(dout: Array, cache: AttentionCache) -> tuple[Array, Array
     forward: s = q kᵀ·scale, p = softmax(s), out = p v, so
     dv = Σ_G pᵀ dout,  dp = dout vᵀ,  ds = p ⊙ (dp − Σ_j dp ⊙ p),
     dq = ds k · scale,  dk = Σ_G dsᵀ q · scale   (Σ_G: the G query heads sharing a kv head).
-    p is rebuilt one sequence and one group at a time (``attention_probabilities``).
+    p is rebuilt one block of (sequence, group) pairs at a time, as the forward built it.
 
     Shapes:
         dout: (B, H, T, D)   returns dq: (B, H, T, D), dk, dv: (B, K, S, D)
@@ -140,23 +181,25 @@ def attention_backward(dout: Array, cache: AttentionCache) -> tuple[Array, Array
     xp = get_xp(dout)
     q5, k, v = cache.q, cache.k, cache.v
     B, K, G, T, D = q5.shape
+    S = k.shape[2]
+    q4 = q5.reshape(B, K, G * T, D)
     dout = dout.reshape(B, K, G * T, D)  # the G heads of a group stacked, as in the forward
+    hidden = _hidden(cache.allowed, (B, K, G, T, S))
     # textbook:  dv = pᵀ dout;  dp = dout vᵀ;  ds = p ⊙ (dp − Σ_j dp ⊙ p);
     #            dq = ds k · scale;  dk = dsᵀ q · scale
-    # below, per sequence and group: p is rebuilt from q, k and the row log-sum-exp, and the dp
-    # buffer becomes ds in place (one (G·T, S) array instead of two)
+    # below, per block of (sequence, group) pairs: p is rebuilt from q, k and the row log-sum-exp,
+    # and the dp buffer becomes ds in place (one block of scores instead of two)
     dq = xp.empty((B, K, G * T, D), dtype=dout.dtype)
     dk, dv = xp.empty_like(k, dtype=dout.dtype), xp.empty_like(v, dtype=dout.dtype)
-    for b in range(B):
-        for j in range(K):
-            p = attention_probabilities(cache, b, j)  # (G·T, S)
-            xp.matmul(p.T, dout[b, j], out=dv[b, j])  # the matmul sums over the G heads
-            ds = dout[b, j] @ v[b, j].T  # dp (G·T, S), turned into ds / scale in place
-            ds -= xp.einsum("ts,ts->t", ds, p)[:, None]  # Σ_j dp ⊙ p without a (G·T, S) temporary
-            ds *= p
-            del p
-            xp.matmul(ds, k[b, j], out=dq[b, j])
-            xp.matmul(ds.T, q5[b, j].reshape(G * T, D), out=dk[b, j])
+    for block in score_blocks(B, K, G, T, S):
+        p = _block_probabilities(cache, hidden, block)  # (b, j, G·T, S)
+        dv[block] = p.swapaxes(-1, -2) @ dout[block]  # the matmul sums over the G heads
+        ds = dout[block] @ v[block].swapaxes(-1, -2)  # dp, turned into ds / scale in place
+        ds -= xp.einsum("...ts,...ts->...t", ds, p)[..., None]  # Σ_j dp ⊙ p, no block-sized temporary
+        ds *= p
+        del p
+        dq[block] = ds @ k[block]
+        dk[block] = ds.swapaxes(-1, -2) @ q4[block]
     dq *= cache.scale  # the scale goes on dq and dk (T·D values each) rather than on ds
     dk *= cache.scale
     return dq.reshape(B, K * G, T, D), dk, dv
