@@ -39,14 +39,24 @@ def relative_error(a: Any, b: Any, scale: float = 0.0) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), scale, 1e-300))
 
 
+ARCHS = {  # tiny_model overrides: each family's own layers (Qwen3 and Gemma 3 with sliding windows)
+    "llama": {"head_dim": 12},
+    "gpt2": {"arch": "gpt2", "n_kv_heads": 4, "qkv_bias": True, "o_bias": True, "mlp_bias": True,
+             "max_position_embeddings": 16},
+    "qwen3": {"qk_norm": True, "head_dim": 12, "sliding_window": 4, "layer_types": ("full_attention",
+              "sliding_attention")},
+    "gemma3": {"arch": "gemma3", "qk_norm": True, "head_dim": 12, "tie_word_embeddings": True,
+               "query_pre_attn_scalar": 10.0, "rope_local_theta": 20.0, "sliding_window": 4,
+               "layer_types": ("sliding_attention", "full_attention")},
+}
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_logits_and_every_gradient_on_the_gpu_equal_the_host_results(dtype, arch):
     import cupy
 
-    overrides = {"arch": "gpt2", "n_kv_heads": 4, "qkv_bias": True, "o_bias": True, "mlp_bias": True,
-                 "max_position_embeddings": 16} if arch == "gpt2" else {"head_dim": 12}
-    host = tiny_model(50, seed=1, dtype=dtype, std=0.3, **overrides)
+    host = tiny_model(50, seed=1, dtype=dtype, std=0.3, **ARCHS[arch])
     gpu = to_device(copy.deepcopy(host), "cuda")
     rng = np.random.default_rng(0)
     tokens, targets = rng.integers(0, 50, (2, 9)), rng.integers(0, 50, (2, 9))
@@ -69,15 +79,21 @@ def test_logits_and_every_gradient_on_the_gpu_equal_the_host_results(dtype, arch
         assert relative_error(grads_gpu[name], g, scale) <= TOLERANCE[dtype], name
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("method", ["full", "lora", "pissa", "sorsa", "s2ft"])
-def test_training_steps_of_every_method_on_the_gpu_give_the_host_losses(method):
+def test_training_steps_of_every_method_on_the_gpu_give_the_host_losses(method, checkpointing):
+    """S2FT's MLP takes the lean path (gate and up frozen), with and without activation checkpointing."""
     host, hooks = prepare_model(method, QUICK, seed=0)
     gpu = to_device(copy.deepcopy(host), "cuda")
     micro_batches = [batch(QUICK, seed=0)]
     losses = []
     for model in (host, gpu):
         opt = AdamW(trainable_parameters(model))
-        losses.append([train_step(model, opt, micro_batches, 1e-3, grad_hooks=hooks).loss for _ in range(4)])
+        losses.append([
+            train_step(model, opt, micro_batches, 1e-3, grad_hooks=hooks,
+                       activation_checkpointing=checkpointing).loss
+            for _ in range(4)
+        ])
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-4)
     assert losses[0][-1] < losses[0][0]  # the steps did train
 
