@@ -44,6 +44,17 @@ def get_xp(*arrays: Any) -> ModuleType:
     return np
 
 
+GPU_BLOCK_FACTOR = 16
+
+
+def block_size(xp: ModuleType, host: int) -> int:
+    """The unit of work of a blocked computation (score entries of attention, rows of the LM head and
+    of a lean MLP): ``host`` on NumPy, where small blocks keep temporaries in cache and out of the
+    memory peak; ``GPU_BLOCK_FACTOR`` times that on CuPy, where a block costs mostly its kernel
+    launches (a dozen per block) and memory is plentiful."""
+    return host if xp is np else host * GPU_BLOCK_FACTOR
+
+
 def gpu_available() -> bool:
     """True only if cupy imports and sees at least one CUDA device."""
     if _cupy is None:

@@ -35,11 +35,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from minift.backend import Array, get_xp
+from minift.backend import Array, block_size, get_xp
 from minift.config import ModelConfig
 from minift.errors import DataError, ShapeError
 from minift.layers.attention import AttentionCache, attention_backward, attention_forward, causal_mask
@@ -331,7 +332,7 @@ def default_positions(tokens: Array, attention_mask: Array | None, past: int) ->
     return xp.maximum(pos, 0)[:, past:]
 
 
-ROW_CHUNK = 256  # tokens per chunk of a ``lean_mlp`` and of the fused LM head and loss
+ROW_CHUNK = 256  # tokens per chunk of a ``lean_mlp`` and of the fused LM head and loss (host; see block_size)
 
 
 def lean_mlp(block: Block) -> bool:
@@ -454,9 +455,11 @@ def mlp_sublayer(
     return x + y
 
 
-def _row_chunks(n: int) -> Iterator[slice]:
-    """Consecutive row ranges of ``ROW_CHUNK`` tokens covering n rows."""
-    return (slice(a, a + ROW_CHUNK) for a in range(0, n, ROW_CHUNK))
+def _row_chunks(n: int, xp: ModuleType) -> Iterator[slice]:
+    """Consecutive row ranges of ``ROW_CHUNK`` tokens (on a GPU, ``block_size``'s multiple) covering n
+    rows."""
+    size = block_size(xp, ROW_CHUNK)
+    return (slice(a, a + size) for a in range(0, n, size))
 
 
 def _lean_mlp_forward(block: Block, h: Array, rng: np.random.Generator | None) -> tuple[Array, list[Any]]:
@@ -469,7 +472,7 @@ def _lean_mlp_forward(block: Block, h: Array, rng: np.random.Generator | None) -
     assert block.gate is not None
     y = get_xp(h).empty_like(h)  # down maps back to the model width C
     downs = []
-    for rows in _row_chunks(h.shape[0]):
+    for rows in _row_chunks(h.shape[0], get_xp(h)):
         g, _ = block.gate.forward(h[rows], keep=False)  # frozen: nothing to keep, nothing drawn
         u, _ = block.up.forward(h[rows], keep=False)
         m, _ = swiglu_forward(g, u)
@@ -692,7 +695,7 @@ def lean_mlp_backward(
     x = c_norm.x  # (N, C) the norm's input
     dh = get_xp(dx).empty(x.shape, dtype=dx.dtype)
     local: Grads = {}
-    for i, rows in enumerate(_row_chunks(x.shape[0])):
+    for i, rows in enumerate(_row_chunks(x.shape[0], get_xp(x))):
         h, _ = block.mlp_norm.forward(x[rows], keep=False)
         g, _ = block.gate.forward(h, keep=False)
         u, _ = block.up.forward(h, keep=False)
@@ -976,8 +979,7 @@ def head_loss_and_backward(
     total, grads = 0.0, {}
     dx = xp.empty(x.shape, dtype=x.dtype) if backward else None
     tied = model.lm_head is None
-    for a in range(0, x.shape[0], ROW_CHUNK):
-        rows = slice(a, a + ROW_CHUNK)
+    for rows in _row_chunks(x.shape[0], xp):
         if tied:
             logits, c_head = linear_forward(x[rows], model.embed.weight), None  # tied: logits = x Eᵀ
         else:

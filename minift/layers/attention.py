@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from minift.backend import Array, get_xp
+from minift.backend import Array, block_size, get_xp
 
 
 class AttentionCache(NamedTuple):
@@ -51,13 +51,13 @@ def causal_mask(
     return allowed
 
 
-SCORE_BLOCK = 2**17  # scores built at once, at most (unless one (sequence, kv group) pair holds more)
+SCORE_BLOCK = 2**17  # scores built at once on the host, at most (``block_size``; one pair may hold more)
 
 Block = tuple[slice, slice]  # (sequences, kv groups)
 
 
-def score_blocks(B: int, K: int, G: int, T: int, S: int) -> list[Block]:
-    """The (sequence, kv group) pairs in blocks of at most ``SCORE_BLOCK`` scores: several whole
+def score_blocks(B: int, K: int, G: int, T: int, S: int, budget: int = SCORE_BLOCK) -> list[Block]:
+    """The (sequence, kv group) pairs in blocks of at most ``budget`` scores: several whole
     sequences at a time when one sequence's K·G·T·S scores fit, else groups of one sequence (at
     least one pair). The unit of work of the forward and of the backward.
 
@@ -67,10 +67,10 @@ def score_blocks(B: int, K: int, G: int, T: int, S: int) -> list[Block]:
     q, k, v, outputs and mask are views.
     """
     per_sequence = K * G * T * S
-    if per_sequence <= SCORE_BLOCK:
-        n = SCORE_BLOCK // per_sequence
+    if per_sequence <= budget:
+        n = budget // per_sequence
         return [(slice(b, min(b + n, B)), slice(0, K)) for b in range(0, B, n)]
-    n = max(1, SCORE_BLOCK // (G * T * S))
+    n = max(1, budget // (G * T * S))
     return [(slice(b, b + 1), slice(j, min(j + n, K))) for b in range(B) for j in range(0, K, n)]
 
 
@@ -112,7 +112,7 @@ def attention_forward(
     ℓ = log Σ_j exp(s_j), from which the backward rebuilds p = exp(s − ℓ) with one matmul and one exp
     per entry (as FlashAttention does, Dao et al. 2022, §3.1). A kept p would cost B·H·T·S values per
     layer, the largest activation of a block at long T; one block of at most ``SCORE_BLOCK`` scores at
-    a time is all that ever exists.
+    a time (on a GPU ``backend.GPU_BLOCK_FACTOR`` times as many) is all that ever exists.
 
     NOTE: masked scores are −inf, and a query row with no visible key (a padding query under left
     padding) gets all-zero probabilities instead of NaN (its ℓ is +inf, so exp(s − ℓ) is 0 too);
@@ -131,7 +131,7 @@ def attention_forward(
     hidden = _hidden(allowed, (B, K, G, T, S))
     out = xp.empty((B, K, G * T, D), dtype=xp.result_type(q, v))
     lse = xp.empty((B, K, G * T, 1), dtype=out.dtype)
-    for block in score_blocks(B, K, G, T, S):  # never a (B, H, T, S) array
+    for block in score_blocks(B, K, G, T, S, block_size(xp, SCORE_BLOCK)):  # no (B, H, T, S) array
         p = _masked_scores(q5, k, hidden, block, scale)  # in place from here on: p reuses the scores
         m = p.max(axis=-1, keepdims=True)
         m = xp.where(xp.isfinite(m), m, 0.0)  # fully masked rows: exp(−inf − 0) = 0
@@ -191,7 +191,7 @@ def attention_backward(dout: Array, cache: AttentionCache) -> tuple[Array, Array
     # and the dp buffer becomes ds in place (one block of scores instead of two)
     dq = xp.empty((B, K, G * T, D), dtype=dout.dtype)
     dk, dv = xp.empty_like(k, dtype=dout.dtype), xp.empty_like(v, dtype=dout.dtype)
-    for block in score_blocks(B, K, G, T, S):
+    for block in score_blocks(B, K, G, T, S, block_size(xp, SCORE_BLOCK)):
         p = _block_probabilities(cache, hidden, block)  # (b, j, G·T, S)
         dv[block] = p.swapaxes(-1, -2) @ dout[block]  # the matmul sums over the G heads
         ds = dout[block] @ v[block].swapaxes(-1, -2)  # dp, turned into ds / scale in place
