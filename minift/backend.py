@@ -44,15 +44,19 @@ def get_xp(*arrays: Any) -> ModuleType:
     return np
 
 
-GPU_BLOCK_FACTOR = 16
+GPU_BLOCK = 2**26  # elements of a blocked computation's largest temporary on a GPU: 256 MiB of float32
 
 
-def block_size(xp: ModuleType, host: int) -> int:
-    """The unit of work of a blocked computation (score entries of attention, rows of the LM head and
-    of a lean MLP): ``host`` on NumPy, where small blocks keep temporaries in cache and out of the
-    memory peak; ``GPU_BLOCK_FACTOR`` times that on CuPy, where a block costs mostly its kernel
-    launches (a dozen per block) and memory is plentiful."""
-    return host if xp is np else host * GPU_BLOCK_FACTOR
+def block_size(xp: ModuleType, host: int, width: int = 1) -> int:
+    """The unit of work of a blocked computation, in units of ``width`` elements (score entries of
+    attention: width 1; rows of the LM head's logits: V; of a lean MLP's g and u: F).
+
+    ``host`` on NumPy, where small blocks keep temporaries in cache and out of the memory peak. On
+    CuPy a block costs mostly its kernel launches, and one block of a few thousand scores ran ten
+    times slower per score than one of millions: there a block fills ``GPU_BLOCK`` elements (never
+    less than ``host``).
+    """
+    return host if xp is np else max(host, GPU_BLOCK // max(width, 1))
 
 
 def gpu_available() -> bool:

@@ -332,7 +332,7 @@ def default_positions(tokens: Array, attention_mask: Array | None, past: int) ->
     return xp.maximum(pos, 0)[:, past:]
 
 
-ROW_CHUNK = 256  # tokens per chunk of a ``lean_mlp`` and of the fused LM head and loss (host; see block_size)
+ROW_CHUNK = 256  # tokens per chunk of a ``lean_mlp`` and of the fused LM head and loss (on the host)
 
 
 def lean_mlp(block: Block) -> bool:
@@ -455,10 +455,10 @@ def mlp_sublayer(
     return x + y
 
 
-def _row_chunks(n: int, xp: ModuleType) -> Iterator[slice]:
-    """Consecutive row ranges of ``ROW_CHUNK`` tokens (on a GPU, ``block_size``'s multiple) covering n
-    rows."""
-    size = block_size(xp, ROW_CHUNK)
+def _row_chunks(n: int, xp: ModuleType, width: int) -> Iterator[slice]:
+    """Consecutive row ranges of ``ROW_CHUNK`` tokens covering n rows (on a GPU, ``block_size`` rows of
+    a ``width``-wide temporary)."""
+    size = block_size(xp, ROW_CHUNK, width)
     return (slice(a, a + size) for a in range(0, n, size))
 
 
@@ -472,7 +472,7 @@ def _lean_mlp_forward(block: Block, h: Array, rng: np.random.Generator | None) -
     assert block.gate is not None
     y = get_xp(h).empty_like(h)  # down maps back to the model width C
     downs = []
-    for rows in _row_chunks(h.shape[0], get_xp(h)):
+    for rows in _row_chunks(h.shape[0], get_xp(h), block.gate.out_features):
         g, _ = block.gate.forward(h[rows], keep=False)  # frozen: nothing to keep, nothing drawn
         u, _ = block.up.forward(h[rows], keep=False)
         m, _ = swiglu_forward(g, u)
@@ -695,7 +695,7 @@ def lean_mlp_backward(
     x = c_norm.x  # (N, C) the norm's input
     dh = get_xp(dx).empty(x.shape, dtype=dx.dtype)
     local: Grads = {}
-    for i, rows in enumerate(_row_chunks(x.shape[0], get_xp(x))):
+    for i, rows in enumerate(_row_chunks(x.shape[0], get_xp(x), block.gate.out_features)):
         h, _ = block.mlp_norm.forward(x[rows], keep=False)
         g, _ = block.gate.forward(h, keep=False)
         u, _ = block.up.forward(h, keep=False)
@@ -979,7 +979,7 @@ def head_loss_and_backward(
     total, grads = 0.0, {}
     dx = xp.empty(x.shape, dtype=x.dtype) if backward else None
     tied = model.lm_head is None
-    for rows in _row_chunks(x.shape[0], xp):
+    for rows in _row_chunks(x.shape[0], xp, model.config.vocab_size):
         if tied:
             logits, c_head = linear_forward(x[rows], model.embed.weight), None  # tied: logits = x Eᵀ
         else:

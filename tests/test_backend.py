@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from minift.backend import get_xp, scatter_add, to_numpy
+from minift.backend import GPU_BLOCK, block_size, get_xp, gpu_available, scatter_add, to_numpy
 
 
 @pytest.mark.parametrize("args", [(np.zeros(3),), (np.float32(1.0),), (None,), (2, 3.5, True), (),
@@ -34,3 +34,13 @@ def test_scatter_add_accumulates_repeated_indices(xp):
     values = xp.asarray([[1.0, 2.0], [5.0, 5.0], [10.0, 20.0], [100.0, 0.0]])
     scatter_add(target, xp.asarray([1, 3, 1, 1]), values)
     np.testing.assert_array_equal(to_numpy(target), [[0, 0], [111, 22], [0, 0], [5, 5]])
+
+
+def test_blocks_are_the_hosts_on_numpy_and_fill_the_gpu_block_on_cupy_never_smaller():
+    assert block_size(np, 256, width=4096) == 256  # the host keeps its small blocks
+    if gpu_available():
+        import cupy
+
+        assert block_size(cupy, 2**17) == GPU_BLOCK  # scores: one element each
+        assert block_size(cupy, 256, width=1376) == GPU_BLOCK // 1376  # rows of a (rows, F) temporary
+        assert block_size(cupy, 256, width=2**30) == 256  # never fewer than the host's

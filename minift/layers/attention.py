@@ -112,7 +112,7 @@ def attention_forward(
     ℓ = log Σ_j exp(s_j), from which the backward rebuilds p = exp(s − ℓ) with one matmul and one exp
     per entry (as FlashAttention does, Dao et al. 2022, §3.1). A kept p would cost B·H·T·S values per
     layer, the largest activation of a block at long T; one block of at most ``SCORE_BLOCK`` scores at
-    a time (on a GPU ``backend.GPU_BLOCK_FACTOR`` times as many) is all that ever exists.
+    a time (on a GPU, ``backend.GPU_BLOCK``) is all that ever exists.
 
     NOTE: masked scores are −inf, and a query row with no visible key (a padding query under left
     padding) gets all-zero probabilities instead of NaN (its ℓ is +inf, so exp(s − ℓ) is 0 too);
