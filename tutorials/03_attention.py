@@ -296,8 +296,8 @@ check_attention_backward_grouped(attention_backward_grouped)
 
 # %% [markdown]
 # The library's `attention_backward` is that function, with two economies: it rebuilds p instead
-# of receiving it (section 4), and it works one sequence at a time. It returns fresh arrays, so
-# calling it twice gives the same answer.
+# of receiving it (section 4), and it works a block of (sequence, group) pairs at a time. It
+# returns fresh arrays, so calling it twice gives the same answer.
 #
 # The gradient respects causality too: an upstream gradient on position t alone reaches only the
 # keys and values at positions ≤ t.
@@ -314,10 +314,10 @@ assert np.all(dv_t[:, :, t + 1 :] == 0)
 #
 # The backward needs `p`, but `AttentionCache` holds only q, k, v (each needed for another's
 # gradient) and one number per query row, the log-sum-exp ℓ = log Σ_j exp(s_j) of its masked
-# scores. The backward rebuilds `p = exp(s − ℓ)` one sequence at a time, at the cost of a second
-# `q kᵀ` matmul plus an `exp` per entry. What that buys is memory: `p` has B·H·T·S entries, which
-# grows with the square of the sequence length and would be the largest activation in a block at
-# long T:
+# scores. The backward rebuilds `p = exp(s − ℓ)` a block of sequences at a time, at the cost of a
+# second `q kᵀ` matmul plus an `exp` per entry. What that buys is memory: `p` has B·H·T·S entries,
+# which grows with the square of the sequence length and would be the largest activation in a block
+# at long T:
 
 # %%
 for T_ in (16, 256, 4096):
