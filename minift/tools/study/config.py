@@ -132,7 +132,9 @@ class StudyConfig:
     max_extend: int = 4  # rates a ladder may add beyond its first three before giving up
     gamma: float = 4e-4  # SORSA's γ (the paper's Llama-2 value)
     replay: float = 0.1  # fraction of a replay arm's training data drawn from pretraining
-    match_level: float = 0.7  # validation exact match of the matched-accuracy comparisons
+    # validation exact match of the matched-accuracy comparisons: a level every arm reaches in most
+    # seeds (no O+Down arm, S2FT's or LoRA's, reached 70% on the study base in 200 steps; 51% at most)
+    match_level: float = 0.35
     eval_every: int = 25  # steps between checkpoint evaluations (validation, ΔΣ/ΔD)
     fusion_weights: tuple[float, float] = (1.0, 1.0)  # λ₁, λ₂: W₀ + λ₁Δ₁ + λ₂Δ₂
     calib_batches: int = 2  # calibration batches of the data-driven S2FT selection strategies
@@ -177,5 +179,5 @@ QUICK = StudyConfig(
     n_retention=8,
     smooth=5,
     calib_batches=1,
-    match_level=0.5,  # what every arm reaches in 100 steps
+    match_level=0.3,  # what every arm reaches in 100 steps
 )
