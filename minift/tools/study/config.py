@@ -133,7 +133,7 @@ class StudyConfig:
     gamma: float = 4e-4  # SORSA's γ (the paper's Llama-2 value)
     replay: float = 0.1  # fraction of a replay arm's training data drawn from pretraining
     # validation exact match of the matched-accuracy comparisons: a level every arm reaches in most
-    # seeds (no O+Down arm, S2FT's or LoRA's, reached 70% on the study base in 200 steps; 51% at most)
+    # seeds (no S2FT arm and no LoRA on O+Down reached 70% on the study base in 200 steps; 55% at most)
     match_level: float = 0.35
     eval_every: int = 25  # steps between checkpoint evaluations (validation, ΔΣ/ΔD)
     fusion_weights: tuple[float, float] = (1.0, 1.0)  # λ₁, λ₂: W₀ + λ₁Δ₁ + λ₂Δ₂
