@@ -68,7 +68,7 @@ def score_blocks(B: int, K: int, G: int, T: int, S: int, budget: int = SCORE_BLO
     """
     per_sequence = K * G * T * S
     if per_sequence <= budget:
-        n = budget // per_sequence
+        n = budget // max(per_sequence, 1)  # an empty sequence (T = 0) is one empty block
         return [(slice(b, min(b + n, B)), slice(0, K)) for b in range(0, B, n)]
     n = max(1, budget // (G * T * S))
     return [(slice(b, b + 1), slice(j, min(j + n, K))) for b in range(B) for j in range(0, K, n)]
