@@ -140,7 +140,7 @@ def attention_forward(
         denom = p.sum(axis=-1, keepdims=True)
         empty = denom == 0
         p /= xp.where(empty, 1.0, denom)
-        out[block] = p @ v[block]
+        xp.matmul(p, v[block], out=out[block])  # a block of (B, K, …) arrays is a view: no copy
         lse[block] = xp.where(empty, xp.inf, m + xp.log(xp.where(empty, 1.0, denom)))
     return out.reshape(B, H, T, D), AttentionCache(q5, k, v, lse, allowed, scale)
 
@@ -193,13 +193,13 @@ def attention_backward(dout: Array, cache: AttentionCache) -> tuple[Array, Array
     dk, dv = xp.empty_like(k, dtype=dout.dtype), xp.empty_like(v, dtype=dout.dtype)
     for block in score_blocks(B, K, G, T, S, block_size(xp, SCORE_BLOCK)):
         p = _block_probabilities(cache, hidden, block)  # (b, j, G·T, S)
-        dv[block] = p.swapaxes(-1, -2) @ dout[block]  # the matmul sums over the G heads
+        xp.matmul(p.swapaxes(-1, -2), dout[block], out=dv[block])  # the matmul sums over the G heads
         ds = dout[block] @ v[block].swapaxes(-1, -2)  # dp, turned into ds / scale in place
         ds -= xp.einsum("...ts,...ts->...t", ds, p)[..., None]  # Σ_j dp ⊙ p, no block-sized temporary
         ds *= p
         del p
-        dq[block] = ds @ k[block]
-        dk[block] = ds.swapaxes(-1, -2) @ q4[block]
+        xp.matmul(ds, k[block], out=dq[block])
+        xp.matmul(ds.swapaxes(-1, -2), q4[block], out=dk[block])
     dq *= cache.scale  # the scale goes on dq and dk (T·D values each) rather than on ds
     dk *= cache.scale
     return dq.reshape(B, K * G, T, D), dk, dv
