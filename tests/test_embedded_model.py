@@ -26,11 +26,15 @@ def test_the_embedded_model_is_a_small_llama_with_grouped_query_attention(model)
     assert size <= 20 * 2**20
 
 
-def test_the_embedded_folder_holds_the_tasks_tokenizer():
-    shipped = Tokenizer.from_pretrained(EMBEDDED)
+def assert_the_folder_holds_the_tasks_tokenizer(folder):
+    shipped = Tokenizer.from_pretrained(folder)
     assert shipped.hf.get_vocab() == build_tokenizer().get_vocab()
     ours = task_tokenizer()
     assert (shipped.eos_ids, shipped.bos_id, shipped.pad_id) == (ours.eos_ids, ours.bos_id, ours.pad_id)
+
+
+def test_the_embedded_folder_holds_the_tasks_tokenizer():
+    assert_the_folder_holds_the_tasks_tokenizer(EMBEDDED)
 
 
 def test_the_embedded_model_was_made_by_the_default_recipe():

@@ -228,14 +228,21 @@ def test_s2ft_co_permutation_leaves_the_logits_unchanged_with_q_k_norms_shared_b
 
 def finetune_a_saved_model(config, tmp_path, methods):
     """Save a tiny random model of ``config`` as a Hugging Face folder, check it loads back as the same
-    config, and run ``minift finetune`` on it for two steps with each method: each leaves an adapter."""
-    from minift.data.tasks import save_tokenizer, task_splits
+    config, and run ``minift finetune`` on it with each method (``finetune_the_folder``)."""
+    from minift.data.tasks import save_tokenizer
     from minift.io.hub import load_pretrained, save_pretrained
-    from minift.tools.cli import main
 
     folder = save_pretrained(init_model(config, np.random.default_rng(0), std=0.1), tmp_path / "model",
                              tokenizer_path=save_tokenizer(tmp_path / "tok"))
     assert load_pretrained(folder).config == config
+    finetune_the_folder(folder, tmp_path, methods)
+
+
+def finetune_the_folder(folder, tmp_path, methods):
+    """``minift finetune`` on a model folder for two steps with each method: each leaves an adapter."""
+    from minift.data.tasks import task_splits
+    from minift.tools.cli import main
+
     data = tmp_path / "train.jsonl"
     records = task_splits("shift", 0, n_train=8, n_eval=2, n_retention=1).train
     data.write_text("".join(json.dumps(ex.record) + "\n" for ex in records))

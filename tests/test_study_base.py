@@ -11,13 +11,11 @@ import pytest
 
 from minift.data.tasks import (
     PRETRAIN_SKILLS,
-    build_tokenizer,
     evaluate,
     pretrain_heldout,
     study_splits,
     task_tokenizer,
 )
-from minift.data.tokenizer import Tokenizer
 from minift.io.hub import load_pretrained, model_state
 from minift.tools.cli import build_parser, main
 from minift.tools.pretrain import (
@@ -30,6 +28,7 @@ from minift.tools.pretrain import (
     load_embedded,
     load_study_base,
 )
+from tests.test_embedded_model import assert_the_folder_holds_the_tasks_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +47,7 @@ def test_the_study_base_has_eight_query_heads_at_the_tutorial_bases_width_and_si
 
 
 def test_the_study_base_folder_holds_the_tasks_tokenizer():
-    shipped = Tokenizer.from_pretrained(STUDY_EMBEDDED)
-    assert shipped.hf.get_vocab() == build_tokenizer().get_vocab()
-    ours = task_tokenizer()
-    assert (shipped.eos_ids, shipped.bos_id, shipped.pad_id) == (ours.eos_ids, ours.bos_id, ours.pad_id)
+    assert_the_folder_holds_the_tasks_tokenizer(STUDY_EMBEDDED)
 
 
 def test_the_study_base_was_made_by_the_study_recipe():

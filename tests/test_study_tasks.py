@@ -36,18 +36,13 @@ from minift.data.tasks import (
     wrong_format_rate,
 )
 from minift.model import init_model
+from tests.test_tasks import question_of
 from tests.toy import task_world_config
-
-
-def _question(ex: TaskExample) -> str:
-    assert ex.prompt.startswith("Q: ")
-    assert ex.prompt.endswith("\nA: ")
-    return ex.prompt[3:-4]
 
 
 def _inner(ex: TaskExample) -> str:
     """The pretraining question behind the frame of an in-domain ``instruct`` prompt."""
-    question = _question(ex)
+    question = question_of(ex)
     assert question.startswith("solve this: "), question
     return question[len("solve this: ") :]
 
@@ -136,7 +131,7 @@ def test_knowledge_questions_of_the_test_were_never_trained_in_the_new_format():
 
 
 def test_questions_held_out_for_retention_are_never_instruct_questions(instruct):
-    heldout = {_question(ex) for ex in pretrain_heldout(0, 50) if ex.skill not in KNOWLEDGE}
+    heldout = {question_of(ex) for ex in pretrain_heldout(0, 50) if ex.skill not in KNOWLEDGE}
     for ex in instruct.train + instruct.validation + instruct.test + instruct.near_ood:
         assert _inner(ex) not in heldout
 
@@ -146,7 +141,7 @@ def test_near_ood_asks_max_of_longer_lists_than_fine_tuning_shows(instruct):
     near = [len(_inner(ex).split(" ")) for ex in instruct.near_ood]
     assert {ex.skill for ex in instruct.near_ood} == {"max"}
     assert trained < min(near)
-    pretrained = max(len(_question(ex).split(" ")) for ex in pretrain_heldout(0, 50) if ex.skill == "max")
+    pretrained = max(len(question_of(ex).split(" ")) for ex in pretrain_heldout(0, 50) if ex.skill == "max")
     assert min(near) <= pretrained < max(near)  # some within pretraining's lengths, some beyond
 
 
@@ -160,12 +155,12 @@ def test_far_ood_is_the_test_in_another_surface_form_only(name):
     for i, (far, ex) in enumerate(zip(s.far_ood, s.test, strict=True)):
         assert (far.answer, far.skill) == (ex.answer, ex.skill)
         pattern = FAR_PATTERNS[FAR_FORMS[i % len(FAR_FORMS)]][name == "min"]
-        m = re.fullmatch(pattern, _question(far))
+        m = re.fullmatch(pattern, question_of(far))
         assert m, (far, pattern)
         if name == "instruct":
             assert m.group(1) == _inner(ex)
         else:
-            assert re.split("[ ,]", m.group(1)) == _question(ex).split(" ")[1:]
+            assert re.split("[ ,]", m.group(1)) == question_of(ex).split(" ")[1:]
     assert not {ex.prompt for ex in s.far_ood} & {ex.prompt for ex in s.train}
 
 

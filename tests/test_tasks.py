@@ -39,7 +39,7 @@ from minift.model import init_model
 from tests.toy import task_world_config
 
 
-def _question(ex: TaskExample) -> str:
+def question_of(ex: TaskExample) -> str:
     assert ex.prompt.startswith("Q: ")
     assert ex.prompt.endswith("\nA: ")
     return ex.prompt[3:-4]
@@ -79,7 +79,7 @@ def test_every_pretraining_answer_is_its_skill_applied_to_the_question():
     stream = list(itertools.islice(pretrain_stream(0, 10), 700))
     assert {ex.skill for ex in stream} == set(PRETRAIN_SKILLS)
     for ex in stream + pretrain_heldout(0, 10):
-        assert ex.answer == _solve(ex.skill, _question(ex)), ex
+        assert ex.answer == _solve(ex.skill, question_of(ex)), ex
 
 
 def test_every_finetuning_answer_is_its_skill_applied_to_the_question():
@@ -87,12 +87,12 @@ def test_every_finetuning_answer_is_its_skill_applied_to_the_question():
         s = task_splits(name, 0, n_train=200, n_eval=30, n_retention=3)
         for ex in s.train + s.validation + s.test + s.near_ood:
             assert ex.skill == name
-            assert ex.answer == _solve(name, _question(ex)), ex
+            assert ex.answer == _solve(name, question_of(ex)), ex
 
 
 def test_finetuning_skills_are_not_in_the_pretraining_mix():
     assert not set(FINETUNE_TASKS) & set(PRETRAIN_SKILLS)
-    prompts = {_question(ex).split(" ")[0] for ex in itertools.islice(pretrain_stream(0, 10), 700)}
+    prompts = {question_of(ex).split(" ")[0] for ex in itertools.islice(pretrain_stream(0, 10), 700)}
     assert "shift" not in prompts
     assert "min" not in prompts
 
@@ -101,14 +101,14 @@ def test_near_ood_inputs_are_longer_than_every_trained_input():
     for name in FINETUNE_TASKS:
         s = task_splits(name, 0, n_train=300, n_eval=30, n_retention=1)
         trained = (
-            max(len(_question(ex).split(" ")) for ex in s.train)
+            max(len(question_of(ex).split(" ")) for ex in s.train)
             if name == "min"
-            else max(len(_question(ex).split(" ")[1]) for ex in s.train)
+            else max(len(question_of(ex).split(" ")[1]) for ex in s.train)
         )
         shortest = (
-            min(len(_question(ex).split(" ")) for ex in s.near_ood)
+            min(len(question_of(ex).split(" ")) for ex in s.near_ood)
             if name == "min"
-            else min(len(_question(ex).split(" ")[1]) for ex in s.near_ood)
+            else min(len(question_of(ex).split(" ")[1]) for ex in s.near_ood)
         )
         assert shortest > trained
 

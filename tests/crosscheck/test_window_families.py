@@ -10,8 +10,6 @@ writes an adapter.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
@@ -64,18 +62,10 @@ def test_one_training_step_lowers_the_loss_and_the_method_keeps_the_logits(spec,
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_minift_finetune_runs_lora_and_s2ft_on_the_transformers_folder(spec, tmp_path):
-    from minift.data.tasks import save_tokenizer, task_splits
-    from minift.tools.cli import main
+    from minift.data.tasks import save_tokenizer
+    from tests.test_families import finetune_the_folder
 
     folder = tmp_path / spec
     build_hf_model(spec, seed=6, vocab=100).save_pretrained(folder)  # the tasks' 100-id vocabulary
     save_tokenizer(folder)
-    data = tmp_path / "train.jsonl"
-    records = task_splits("shift", 0, n_train=8, n_eval=2, n_retention=1).train
-    data.write_text("".join(json.dumps(ex.record) + "\n" for ex in records))
-    for method in METHODS:
-        code = main([str(a) for a in ["finetune", "--model", folder, "--data", data, "--method", method,
-                                      "--out", tmp_path / method, "--steps", 2, "--batch-size", 2,
-                                      "--rank", 2, "--no-progress"]])
-        assert code == 0
-        assert (tmp_path / method / "adapter").is_dir()
+    finetune_the_folder(folder, tmp_path, METHODS)
