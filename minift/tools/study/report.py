@@ -540,6 +540,15 @@ def _g(x: float | None) -> str:
     return "—" if x is None else f"{x:+.3g}"
 
 
+MEASURE_COLUMNS = ["near-OOD", "far-OOD", "retention EM", "retention NLL", "wrong format"]
+
+
+def _measure_cells(r: dict[str, Any]) -> list[str]:
+    """The ``MEASURE_COLUMNS`` of an arm's row, at matched accuracy or at the last step."""
+    return [_pct(r["near_ood"]), _pct(r["far_ood"]), _pct(r["retention"]), _num(r["retention_nll"]),
+            _pct(r["wrong_format"])]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The results as Markdown: setting, claims, matched accuracy, arms, controls, ladders, fusion."""
     cfg, arms, matched = report["config"], report["arms"], report["matched_accuracy"]
@@ -592,11 +601,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 "reached",
                 "step",
                 "validation",
-                "near-OOD",
-                "far-OOD",
-                "retention EM",
-                "retention NLL",
-                "wrong format",
+                *MEASURE_COLUMNS,
             ],
             [
                 [
@@ -604,11 +609,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                     f"{r['reached']}/{r['seeds']}",
                     _num(r["step"], ".0f"),
                     _pct(r["validation"]),
-                    _pct(r["near_ood"]),
-                    _pct(r["far_ood"]),
-                    _pct(r["retention"]),
-                    _num(r["retention_nll"]),
-                    _pct(r["wrong_format"]),
+                    *_measure_cells(r),
                 ]
                 for r in matched.values()
             ],
@@ -624,11 +625,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 "trainable",
                 "lr",
                 "in-domain",
-                "near-OOD",
-                "far-OOD",
-                "retention EM",
-                "retention NLL",
-                "wrong format",
+                *MEASURE_COLUMNS,
                 "ΔD",
                 "ΔΣ",
             ],
@@ -640,11 +637,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                     f"{r['trainable']:,}" if r["trainable"] else "—",
                     f"{r['lr']:g}",
                     _pct(r["test"]),
-                    _pct(r["near_ood"]),
-                    _pct(r["far_ood"]),
-                    _pct(r["retention"]),
-                    _num(r["retention_nll"]),
-                    _pct(r["wrong_format"]),
+                    *_measure_cells(r),
                     _num(r["delta_d"]),
                     _num(r["delta_sigma"]),
                 ]
