@@ -91,7 +91,8 @@ def _masked_scores(q5: Array, k: Array, hidden: Array, block: Block, scale: floa
     nb, nj = qb.shape[:2]
     kt = xp.ascontiguousarray(k[seqs, groups].swapaxes(-1, -2))  # (b, j, D, S): BLAS reads it faster
     scores = (qb.reshape(nb, nj, G * T, D) * scale) @ kt  # (b, j, G·T, S)
-    xp.copyto(scores.reshape(hidden[seqs, groups].shape), -xp.inf, where=hidden[seqs, groups])
+    mask = hidden[seqs, groups]  # (b, j, G, T, S), a view
+    xp.copyto(scores.reshape(mask.shape), -xp.inf, where=mask)
     return scores
 
 
